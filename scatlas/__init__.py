@@ -1,0 +1,29 @@
+"""scatlas: GPU-accelerated compute backend for atlas-scale single-cell analysis.
+
+Subpackages: ``kernels`` (array in, array out), ``models`` (JAX), ``search`` (cell index);
+scanpy-style layers ``pp`` and ``tl`` (AnnData in, results in ``.obsm`` / ``.varm`` / ``.uns``);
+``io`` for h5ad reading, chunked iteration and gene alignment; ``datasets`` for synthetic atlases.
+Submodules load on first use, so ``import scatlas`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+from .backend import gpu_available, resolve_device
+
+try:
+    __version__ = version("scatlas")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0+unknown"
+
+_SUBMODULES = ("backend", "datasets", "io", "kernels", "models", "pp", "search", "tl")
+
+__all__ = [*_SUBMODULES, "gpu_available", "resolve_device", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'scatlas' has no attribute {name!r}")

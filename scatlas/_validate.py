@@ -1,0 +1,112 @@
+"""Input checks shared by every public entry point.
+
+Each check raises at the API boundary with a message that names the problem (which argument,
+what shape, how many NaNs...), so that no kernel crashes deep inside or returns silently wrong
+output. Checks work on numpy, scipy.sparse, cupy and cupyx.scipy.sparse inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import backend
+
+
+class ScatlasInputError(ValueError):
+    """Bad input given to a public scatlas function."""
+
+
+def _values(X: Any):
+    """The stored values of a matrix (``.data`` for sparse) and its array module."""
+    xp = backend.array_module(X)
+    return (X.data if backend.issparse(X) else X), xp
+
+
+def check_matrix(
+    X: Any,
+    name: str = "X",
+    *,
+    allow_sparse: bool = True,
+    finite: bool = True,
+    nonnegative: bool = False,
+    min_rows: int = 1,
+    min_cols: int = 1,
+) -> Any:
+    """Validate a 2-D numeric matrix (cells x features) and return it unchanged.
+
+    Raises :class:`ScatlasInputError` for: not 2-D, fewer than ``min_rows`` rows or
+    ``min_cols`` columns (an empty matrix), a non-numeric dtype, NaN/inf values (``finite``),
+    negative values (``nonnegative``), or a sparse matrix where only dense is supported.
+    """
+    if X is None:
+        raise ScatlasInputError(f"{name} is None; expected a 2-D matrix (cells x features)")
+    is_sparse = backend.issparse(X)
+    if not is_sparse and not hasattr(X, "shape"):
+        X = np.asarray(X)
+    if is_sparse and not allow_sparse:
+        raise ScatlasInputError(f"{name} must be dense here, got a sparse matrix")
+    if len(X.shape) != 2:
+        raise ScatlasInputError(f"{name} must be 2-D (cells x features), got shape {X.shape}")
+    n, p = X.shape
+    if n < min_rows or p < min_cols:
+        raise ScatlasInputError(
+            f"{name} has shape {X.shape}; need at least {min_rows} row(s) and {min_cols} "
+            "column(s) (empty matrix?)"
+        )
+    vals, xp = _values(X)
+    kind = np.dtype(vals.dtype).kind
+    if kind not in "biuf":
+        raise ScatlasInputError(f"{name} must be numeric, got dtype {vals.dtype}")
+    if finite and kind == "f" and vals.size:
+        bad = int(xp.count_nonzero(~xp.isfinite(vals)))
+        if bad:
+            raise ScatlasInputError(f"{name} contains {bad} NaN or infinite value(s)")
+    if nonnegative and kind in "if" and vals.size:
+        neg = int(xp.count_nonzero(vals < 0))
+        if neg:
+            raise ScatlasInputError(
+                f"{name} contains {neg} negative value(s); non-negative values (counts) are "
+                "required here"
+            )
+    return X
+
+
+def check_counts(X: Any, name: str = "X") -> Any:
+    """Validate a raw-count matrix: finite, non-negative, not empty."""
+    return check_matrix(X, name, nonnegative=True)
+
+
+def check_positive_int(value: Any, name: str, *, upper: int | None = None, what: str = "") -> int:
+    """An integer >= 1 (and <= ``upper`` when given)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ScatlasInputError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < 1:
+        raise ScatlasInputError(f"{name} must be >= 1, got {value}")
+    if upper is not None and value > upper:
+        raise ScatlasInputError(f"{name}={value} exceeds {what or 'the allowed maximum'} ({upper})")
+    return value
+
+
+def check_same_features(mats: Sequence[Any], names: Sequence[str]) -> int:
+    """All matrices have the same number of columns; return it."""
+    widths = {name: m.shape[1] for m, name in zip(mats, names, strict=True)}
+    if len(set(widths.values())) != 1:
+        raise ScatlasInputError(
+            f"matrices must share the same features (columns); got widths {widths}. Align them "
+            "to a common gene list first (scatlas.io.align_genes)"
+        )
+    return next(iter(widths.values()))
+
+
+def check_obs_key(adata, key: str, what: str = "key") -> None:
+    """``key`` is a column of ``adata.obs``."""
+    if key not in adata.obs.columns:
+        cols = list(adata.obs.columns)
+        raise ScatlasInputError(
+            f"{what} {key!r} is not a column of adata.obs (available: {cols[:20]}"
+            f"{' ...' if len(cols) > 20 else ''})"
+        )

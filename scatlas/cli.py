@@ -1,0 +1,230 @@
+"""The ``scatlas`` command: a thin layer over :mod:`scatlas.tl`, :mod:`scatlas.pp` and friends.
+
+Subcommands (``scatlas SUBCOMMAND --help`` for each):
+
+- ``info``: version, backend and devices, optional components found.
+- ``pca IN.h5ad OUT.h5ad``: optional log-normalisation and HVG selection, then PCA.
+- ``cca IN.h5ad OUT.h5ad``: Seurat-style CCA between two batches.
+- ``synthetic OUT.h5ad``: write a synthetic atlas (the quickstart's data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__, backend
+
+OPTIONAL_COMPONENTS = (
+    ("cupy", "cupy", "GPU arrays (scatlas[gpu])"),
+    ("jax", "jax", "models"),
+    ("flax", "flax", "models"),
+    ("optax", "optax", "models"),
+    ("faiss", "faiss-cpu", "search (CPU)"),
+    ("rapids_singlecell", "rapids-singlecell", "GPU preprocessing"),
+    ("scanpy", "scanpy", "preprocessing"),
+    ("anndata", "anndata", "I/O"),
+    ("torch", "torch", "baselines"),
+)
+
+
+def _component_version(module: str, dist: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    for name in (dist, module, f"{dist}-cuda12x", f"{dist}-cuda13x", "faiss-gpu-cu12"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "installed"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = {
+        "scatlas": __version__,
+        "python": sys.version.split()[0],
+        "backend": backend.describe(),
+        "components": {
+            module: _component_version(module, dist) for module, dist, _ in OPTIONAL_COMPONENTS
+        },
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    be = info["backend"]
+    print(f"scatlas {info['scatlas']} (Python {info['python']})")
+    print(f"device: {be['resolved_device']}  (SCATLAS_DEVICE={be['device_env'] or 'unset'})")
+    if be["gpus"]:
+        for g in be["gpus"]:
+            print(f"  GPU {g['index']}: {g['name']}, {g['memory_gib']} GiB")
+    else:
+        print("  no usable GPU (CuPy missing or no CUDA device)")
+    print("optional components:")
+    for module, _dist, purpose in OPTIONAL_COMPONENTS:
+        ver = info["components"][module]
+        print(f"  {module:<18} {ver or 'not installed':<14} {purpose}")
+    return 0
+
+
+def _read(path: str):
+    from . import io
+
+    return io.read_h5ad(path)
+
+
+def _write(adata, path: str) -> None:
+    from . import io
+
+    io.write_h5ad(adata, path)
+
+
+def _preprocess(adata, args: argparse.Namespace, batch_key: str | None = None) -> None:
+    from . import pp
+
+    if args.normalize:
+        pp.normalize_log1p(adata, device=args.device)
+    if args.n_top_genes:
+        pp.highly_variable_genes(adata, n_top_genes=args.n_top_genes, batch_key=batch_key,
+                                 device=args.device)
+
+
+def _done(what: str, path: str, t0: float) -> None:
+    print(f"{what}: wrote {path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+
+
+def cmd_pca(args: argparse.Namespace) -> int:
+    from . import tl
+
+    t0 = time.perf_counter()
+    adata = _read(args.input)
+    _preprocess(adata, args)
+    tl.pca(adata, args.n_comps, layer=args.layer, zero_center=not args.no_center,
+           seed=args.seed, method=args.method, device=args.device, progress=args.progress)
+    _write(adata, args.output)
+    _done("pca", args.output, t0)
+    return 0
+
+
+def cmd_cca(args: argparse.Namespace) -> int:
+    from . import tl
+
+    t0 = time.perf_counter()
+    adata = _read(args.input)
+    _preprocess(adata, args, batch_key=args.batch_key)
+    if args.scale:
+        _scale_per_batch(adata, args.batch_key)
+    tl.cca(adata, args.batch_key, groups=tuple(args.groups) if args.groups else None, k=args.k,
+           layer=args.layer, key_added=args.key_added, method=args.method, seed=args.seed,
+           device=args.device, progress=args.progress)
+    _write(adata, args.output)
+    _done("cca", args.output, t0)
+    return 0
+
+
+def _scale_per_batch(adata, batch_key: str) -> None:
+    """Seurat's ScaleData per dataset (centre and scale each gene, clip at 10), via scanpy."""
+    import numpy as np
+    import scanpy as sc
+
+    from ._validate import check_obs_key
+
+    check_obs_key(adata, batch_key, "batch_key")
+    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.array(adata.X, dtype=np.float32)
+    for b in adata.obs[batch_key].unique():
+        rows = np.flatnonzero((adata.obs[batch_key] == b).to_numpy())
+        X[rows] = sc.pp.scale(X[rows], max_value=10, copy=True)
+    adata.X = X.astype(np.float32)
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from . import datasets
+
+    t0 = time.perf_counter()
+    datasets.write_synthetic_h5ad(args.output, args.n_cells, n_genes=args.n_genes,
+                                  n_batches=args.n_batches, n_cell_types=args.n_cell_types,
+                                  seed=args.seed)
+    _done("synthetic", args.output, t0)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "gpu", "auto"], default=None,
+                   help="where to compute (default: $SCATLAS_DEVICE, else auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show progress bars (default: when stderr is a terminal)")
+
+
+def _io_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="input .h5ad")
+    p.add_argument("output", help="output .h5ad (written atomically)")
+    p.add_argument("--layer", default=None, help="use adata.layers[LAYER] instead of .X")
+    p.add_argument("--normalize", action="store_true",
+                   help="log-normalise raw counts first (scanpy normalize_total + log1p)")
+    p.add_argument("--n-top-genes", type=int, default=0,
+                   help="select this many highly variable genes first (0: use all genes)")
+    p.add_argument("--method", choices=["auto", "randomized", "gram"], default="auto",
+                   help="SVD route: exact Gram eigh, randomized, or auto (cheaper)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scatlas",
+        description="GPU-accelerated single-cell integration, embedding and search.",
+    )
+    parser.add_argument("--version", action="version", version=f"scatlas {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="backend, devices and optional components")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("pca", help="PCA of an .h5ad (obsm['X_pca'], varm['PCs'], uns['pca'])")
+    _io_args(p)
+    p.add_argument("--n-comps", type=int, default=50, help="number of components (default 50)")
+    p.add_argument("--no-center", action="store_true", help="truncated SVD without centring")
+    _common(p)
+    p.set_defaults(func=cmd_pca)
+
+    p = sub.add_parser("cca", help="Seurat-style CCA between two batches (obsm['X_cca'])")
+    _io_args(p)
+    p.add_argument("--batch-key", default="batch", help="obs column with the batch (default batch)")
+    p.add_argument("--groups", nargs=2, metavar=("A", "B"),
+                   help="the two batches to pair (default: the only two present)")
+    p.add_argument("--k", type=int, default=20, help="canonical vectors (default 20)")
+    p.add_argument("--scale", action="store_true",
+                   help="scale each gene per batch (Seurat ScaleData; densifies)")
+    p.add_argument("--key-added", default="X_cca", help="obsm key (default X_cca)")
+    _common(p)
+    p.set_defaults(func=cmd_cca, seed=42)
+
+    p = sub.add_parser("synthetic", help="write a synthetic single-cell atlas (.h5ad)")
+    p.add_argument("output", help="output .h5ad")
+    p.add_argument("--n-cells", type=int, default=10_000)
+    p.add_argument("--n-genes", type=int, default=2_000)
+    p.add_argument("--n-batches", type=int, default=3)
+    p.add_argument("--n-cell-types", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synthetic)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``scatlas`` console script; returns the exit code."""
+    from ._validate import ScatlasInputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ScatlasInputError, backend.DeviceUnavailableError, FileNotFoundError) as err:
+        print(f"scatlas {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""JAX / Flax / Optax models (metric-learning encoder, multimodal VAE): later issues."""

@@ -1,0 +1,189 @@
+"""scanpy-style tools: AnnData in, results written to ``.obsm`` / ``.varm`` / ``.uns``.
+
+The matrix used is ``adata.X`` or ``adata.layers[layer]``: numpy / scipy.sparse on the CPU, or
+cupy / cupyx.scipy.sparse after ``scatlas.backend.anndata_to_device`` (rapids-singlecell's
+convention). Results are of the matrix's array kind unless ``device=`` moves the computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import backend
+from ._validate import ScatlasInputError, check_obs_key
+from .kernels import cca as _cca_kernel
+from .kernels import pca as _pca_kernel
+
+
+def _matrix(adata, layer: str | None):
+    if layer is None:
+        X = adata.X
+        if X is None:
+            raise ScatlasInputError("adata.X is empty (None); pass layer=...")
+        return X
+    if layer not in adata.layers:
+        raise ScatlasInputError(
+            f"layer {layer!r} not found in adata.layers (available: {list(adata.layers)})"
+        )
+    return adata.layers[layer]
+
+
+def _var_mask(adata, mask_var: Any, use_highly_variable: bool | None) -> np.ndarray | None:
+    """scanpy's rule: an explicit mask, else ``var['highly_variable']`` when present."""
+    if mask_var is not None and use_highly_variable is not None:
+        raise ScatlasInputError("give either mask_var or use_highly_variable, not both")
+    if isinstance(mask_var, str):
+        if mask_var not in adata.var.columns:
+            raise ScatlasInputError(f"mask_var {mask_var!r} is not a column of adata.var")
+        mask = np.asarray(adata.var[mask_var], dtype=bool)
+    elif mask_var is not None:
+        mask = np.asarray(mask_var, dtype=bool)
+        if mask.shape != (adata.n_vars,):
+            raise ScatlasInputError(f"mask_var must have shape ({adata.n_vars},), got {mask.shape}")
+    elif use_highly_variable or (use_highly_variable is None and "highly_variable" in adata.var):
+        if "highly_variable" not in adata.var:
+            raise ScatlasInputError(
+                "use_highly_variable=True but adata.var has no 'highly_variable' column; run "
+                "scatlas.pp.highly_variable_genes first"
+            )
+        mask = np.asarray(adata.var["highly_variable"], dtype=bool)
+    else:
+        return None
+    if not mask.any():
+        raise ScatlasInputError("the gene mask selects no genes")
+    return mask
+
+
+def pca(
+    adata,
+    n_comps: int = 50,
+    *,
+    layer: str | None = None,
+    zero_center: bool = True,
+    mask_var: Any = None,
+    use_highly_variable: bool | None = None,
+    key_added: str | None = None,
+    seed: int = 0,
+    method: str = "auto",
+    n_iter: int | str = "auto",
+    dtype: Any = None,
+    device: str | None = None,
+    progress: bool | None = None,
+    copy: bool = False,
+):
+    """PCA of an AnnData, written where scanpy writes it.
+
+    Writes ``.obsm['X_pca']`` (n_obs x n_comps), ``.varm['PCs']`` (n_vars x n_comps; zero rows
+    for genes outside the mask) and ``.uns['pca']`` with ``variance``, ``variance_ratio`` and
+    ``params``. With ``key_added`` the three keys are ``key_added`` instead, as in scanpy >= 1.10.
+    Genes: ``mask_var`` (bool array or ``.var`` column), else ``.var['highly_variable']`` when
+    present, else all. Computation: :func:`scatlas.kernels.pca` (sparse input implicitly centred).
+    """
+    adata = adata.copy() if copy else adata
+    X = _matrix(adata, layer)
+    mask = _var_mask(adata, mask_var, use_highly_variable)
+    if mask is not None:
+        X = X[:, _on_device_of(X, np.flatnonzero(mask))]
+    res = _pca_kernel(X, n_comps, center=zero_center, seed=seed, method=method, n_iter=n_iter,
+                      dtype=dtype, device=device, progress=progress)
+    xp = backend.array_module(res.components)
+    loadings = res.components.T
+    if mask is not None:
+        full = xp.zeros((adata.n_vars, loadings.shape[1]), dtype=loadings.dtype)
+        full[_on_device_of(loadings, np.flatnonzero(mask))] = loadings
+        loadings = full
+    obsm_key = key_added or "X_pca"
+    varm_key = key_added or "PCs"
+    uns_key = key_added or "pca"
+    adata.obsm[obsm_key] = res.scores
+    adata.varm[varm_key] = loadings
+    adata.uns[uns_key] = {
+        "params": {
+            "zero_center": zero_center,
+            "use_highly_variable": mask is not None and mask_var is None,
+            "mask_var": mask_var if isinstance(mask_var, str) else None,
+            "layer": layer,
+            "method": res.method,
+            "seed": seed,
+        },
+        "variance": backend.to_host(res.explained_variance),
+        "variance_ratio": backend.to_host(res.explained_variance_ratio),
+    }
+    return adata if copy else None
+
+
+def _on_device_of(arr, indices: np.ndarray):
+    """Integer indices (host) moved to the device of ``arr`` for fancy indexing."""
+    return backend.to_device(np.asarray(indices), backend.device_of(arr))
+
+
+def cca(
+    adata,
+    batch_key: str = "batch",
+    *,
+    groups: tuple[str, str] | None = None,
+    k: int = 20,
+    layer: str | None = None,
+    mask_var: Any = None,
+    use_highly_variable: bool | None = None,
+    l2_norm: bool = True,
+    key_added: str = "X_cca",
+    method: str = "auto",
+    seed: int = 42,
+    dtype: Any = None,
+    device: str | None = None,
+    progress: bool | None = None,
+    copy: bool = False,
+):
+    """Seurat-style CCA between two batches of one AnnData.
+
+    Cells of ``groups[0]`` and ``groups[1]`` (values of ``.obs[batch_key]``; default: its two
+    categories, an error when there are more) are embedded jointly by
+    :func:`scatlas.kernels.cca`. Writes ``.obsm[key_added]`` (n_obs x k; NaN for cells in
+    neither group) and ``.uns[key_added]`` with the canonical singular values and parameters.
+    Input is expected log-normalised (and gene-scaled per batch as Seurat's ``ScaleData`` does).
+    """
+    adata = adata.copy() if copy else adata
+    check_obs_key(adata, batch_key, "batch_key")
+    labels = adata.obs[batch_key].astype(str).to_numpy()
+    present = list(dict.fromkeys(labels))
+    if groups is None:
+        if len(present) != 2:
+            raise ScatlasInputError(
+                f"obs[{batch_key!r}] has {len(present)} groups {present[:10]}; CCA pairs two "
+                "datasets: pass groups=(a, b)"
+            )
+        groups = (present[0], present[1])
+    g1, g2 = (str(g) for g in groups)
+    if g1 == g2:
+        raise ScatlasInputError("groups must name two different batches")
+    idx = []
+    for g in (g1, g2):
+        sel = np.flatnonzero(labels == g)
+        if sel.size == 0:
+            raise ScatlasInputError(f"batch {g!r} has no cells in obs[{batch_key!r}]")
+        idx.append(sel)
+    X = _matrix(adata, layer)
+    mask = _var_mask(adata, mask_var, use_highly_variable)
+    cols = np.flatnonzero(mask) if mask is not None else None
+
+    def take(rows):
+        sub = X[_on_device_of(X, rows)]
+        return sub if cols is None else sub[:, _on_device_of(sub, cols)]
+
+    Z1, Z2, D = _cca_kernel(take(idx[0]), take(idx[1]), k, l2_norm=l2_norm, method=method,
+                            seed=seed, dtype=dtype, device=device, progress=progress,
+                            return_d=True)
+    xp = backend.array_module(Z1)
+    out = xp.full((adata.n_obs, Z1.shape[1]), np.nan, dtype=Z1.dtype)
+    out[_on_device_of(out, idx[0])] = Z1
+    out[_on_device_of(out, idx[1])] = Z2
+    adata.obsm[key_added] = out
+    adata.uns[key_added] = {
+        "params": {"batch_key": batch_key, "groups": [g1, g2], "k": k, "l2_norm": l2_norm,
+                   "layer": layer, "method": method, "seed": seed},
+        "singular_values": backend.to_host(D),
+    }
+    return adata if copy else None
