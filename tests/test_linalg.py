@@ -128,20 +128,22 @@ def test_pca_on_real_cellbench(cellbench):
     X.data = np.log1p(X.data)
     X = sp.csr_matrix(X)
     ref = PCA(20, svd_solver="full").fit(X.toarray().astype(np.float64))
-    res = pca(X, 20)  # defaults: float32, auto method (randomized: p > 8192)
-    assert res.method == "randomized"
+    assert pca(X, 20).method == "gram"  # auto: the 1021 x 1021 cell-side Gram is cheap and exact
+    res = pca(X, 20, method="randomized")  # float32, n_iter='auto' (7), 10 oversamples
     # leading components to 1e-3; the flat tail of real spectra is looser (measured 1.5% at
     # component 19 with scikit-learn's n_iter=7 / 10 oversamples, which we share)
     np.testing.assert_allclose(res.explained_variance[:15], ref.explained_variance_[:15],
                                rtol=1e-3)
     np.testing.assert_allclose(res.explained_variance, ref.explained_variance_, rtol=3e-2)
     assert subspace_cos(res.components[:10], ref.components_[:10]) > 0.99
-    # on 2,000 genes the exact Gram route is taken and agrees to float32 precision
+    # the exact routes (cell side for all genes, gene side for 2,000 genes) agree to float32
     top = np.argsort(-np.asarray(X.power(2).mean(axis=0)).ravel())[:2000]
     sub = X[:, top]
     ref2 = PCA(20, svd_solver="full").fit(sub.toarray().astype(np.float64))
     res2 = pca(sub, 20, method="gram")
     np.testing.assert_allclose(res2.explained_variance, ref2.explained_variance_, rtol=1e-4)
+    res3 = pca(X, 20)
+    np.testing.assert_allclose(res3.explained_variance, ref.explained_variance_, rtol=1e-4)
 
 
 def test_threaded_sparse_products_equal_serial(monkeypatch):

@@ -31,7 +31,13 @@ import numpy as np
 from .. import backend
 from .._validate import ScatlasInputError, check_positive_int, check_same_features
 from ._operator import ShiftedOperator
-from .linalg import _GRAM_MAX_FEATURES, _svd_randomized, _top_eigh, as_compute_matrix, resolve_n_iter
+from .linalg import (
+    _GRAM_MAX_FEATURES,
+    _svd_randomized,
+    _top_eigh,
+    as_compute_matrix,
+    resolve_n_iter,
+)
 
 
 def _per_cell_operator(X, name: str, scale: bool) -> ShiftedOperator:
@@ -75,12 +81,22 @@ class _CrossOperator:
 
 
 def _factor(op: ShiftedOperator, rel_tol: float):
-    """(W, s) with A^T A = W diag(s^2) W^T, tiny singular values dropped (rank deficiency)."""
+    """(W, s) with A^T A = W diag(s^2) W^T, tiny singular values dropped (rank deficiency).
+
+    Uses the Gram matrix of the smaller side: p x p accumulated over row chunks when p <= n,
+    else the n x n ``A A^T`` of the densified rows, with ``W = A^T U / s``.
+    """
     xp = op.xp
-    p = op.shape[1]
+    n, p = op.shape
+    if n < p:
+        C = op.dense_rows(0, n).astype(np.float64)
+        evals, U = _top_eigh(C @ C.T, n)
+        s = xp.sqrt(evals)
+        keep = s > s[0] * rel_tol
+        return (C.T @ U[:, keep]) / s[keep][None, :], s[keep]
     evals, W = _top_eigh(op.gram(), p)
     s = xp.sqrt(evals)
-    keep = s > s[0] * rel_tol if s.size else s > 0
+    keep = s > s[0] * rel_tol
     return W[:, keep], s[keep]
 
 

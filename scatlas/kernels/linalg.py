@@ -35,6 +35,7 @@ _GRAM_MAX_FEATURES = 8192
 # How much faster dense BLAS-3 runs than a sparse-times-dense product per flop (measured on CPU:
 # ~330 GFLOP/s dense GEMM vs ~15 GFLOP/s per thread for CSR @ dense with 60 columns).
 _DENSE_VS_SPARSE_RATE = {"cpu": 20.0, "gpu": 10.0}
+_ALWAYS_EXACT_FLOPS = 5e10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,22 +69,25 @@ def resolve_n_iter(n_iter: int | str, k: int, shape: tuple[int, int]) -> int:
 
 
 def choose_method(op: ShiftedOperator, k: int, n_oversamples: int, n_iter: int) -> str:
-    """'gram' when its estimated cost is lower than the randomized route's, else 'randomized'.
+    """'gram' (exact) when it is cheap or cheaper than the randomized route, else 'randomized'.
 
-    Cost model (flops, dense ones discounted by how much faster BLAS-3 runs than sparse products):
-    Gram = 2 n p^2 + 10 p^3 (chunked GEMM + eigh); randomized = (2q + 2) passes of 2 nnz l
-    plus the orthonormalisations (2q + 2) * 4 n l^2.
+    Cost model in flops, sparse ones weighted by how much slower they run than dense BLAS-3:
+    Gram = 2 n m^2 + 10 m^3 with m = min(n, p) (chunked GEMM + eigh on the smaller side);
+    randomized = (2q + 2) passes of 2 nnz l plus the orthonormalisations (2q + 2) 4 n l^2.
+    Problems whose Gram route costs under ~5e10 flops (well under a second) are always solved
+    exactly: small data gets exact answers, as scanpy's ARPACK path gives.
     """
     n, p = op.shape
-    if p > _GRAM_MAX_FEATURES:
+    m = min(n, p)
+    if m > _GRAM_MAX_FEATURES:
         return "randomized"
     ell = min(k + n_oversamples, n, p)
     nnz = op.X.nnz if op.sparse else n * p
     ratio = _DENSE_VS_SPARSE_RATE[backend.device_of(op.X)] if op.sparse else 1.0
     passes = 2 * n_iter + 2
     cost_random = passes * 2.0 * nnz * ell * ratio + passes * 4.0 * n * ell * ell
-    cost_gram = 2.0 * n * p * p + 10.0 * p**3
-    return "gram" if cost_gram <= cost_random else "randomized"
+    cost_gram = 2.0 * max(n, p) * m * m + 10.0 * m**3
+    return "gram" if cost_gram <= max(cost_random, _ALWAYS_EXACT_FLOPS) else "randomized"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,15 +161,33 @@ def _svd_randomized(op: ShiftedOperator, k: int, n_oversamples: int, n_iter: int
 
 
 def _svd_gram(op: ShiftedOperator, k: int):
+    """Exact truncated SVD from the Gram matrix of the smaller side.
+
+    p <= n: eigh of A^T A (p x p, accumulated over dense row chunks), U = A V S^-1.
+    n < p: eigh of A A^T (n x n) from the densified rows, Vt = S^-1 U^T A.
+    """
     xp = op.xp
-    G = op.gram()
-    evals, V = _top_eigh(G, k)
+    n, p = op.shape
+    if n < p:
+        C = op.dense_rows(0, n).astype(np.float64)
+        evals, U = _top_eigh(C @ C.T, k)
+        S = xp.sqrt(evals)
+        inv = _safe_inverse(S, op.shape)
+        Vt = (U.T @ C) * inv[:, None]
+        return U.astype(op.dtype), S.astype(op.dtype), Vt.astype(op.dtype)
+    evals, V = _top_eigh(op.gram(), k)
     S = xp.sqrt(evals)
-    tiny = S <= S[0] * np.finfo(np.float32).eps * max(op.shape) if S.size else S
-    inv = xp.where(tiny, 0.0, 1.0 / xp.where(tiny, 1.0, S))
+    inv = _safe_inverse(S, op.shape)
     V = V.astype(op.dtype)
     U = op.matmat(V) * inv.astype(op.dtype)[None, :]
     return U, S.astype(op.dtype), V.T
+
+
+def _safe_inverse(S, shape):
+    """1/S, with 0 for singular values at round-off level (rank-deficient data)."""
+    xp = backend.array_module(S)
+    tiny = S <= (S[0] if S.size else 0) * np.finfo(np.float32).eps * max(shape)
+    return xp.where(tiny, 0.0, 1.0 / xp.where(tiny, 1.0, S))
 
 
 def svd_operator(op: ShiftedOperator, k: int, *, method: Method = "auto", n_oversamples: int = 10,
@@ -188,7 +210,8 @@ def svd_operator(op: ShiftedOperator, k: int, *, method: Method = "auto", n_over
 
 
 def _check_k(k: Any, shape: tuple[int, int], name: str = "k") -> int:
-    return check_positive_int(k, name, upper=min(shape), what=f"min(n_cells, n_features) of {shape}")
+    what = f"min(n_cells, n_features) of {shape}"
+    return check_positive_int(k, name, upper=min(shape), what=what)
 
 
 # ----------------------------------------------------------------------------------------------

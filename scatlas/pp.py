@@ -1,0 +1,255 @@
+"""Preprocessing wrappers: scanpy on the CPU, rapids-singlecell on the GPU.
+
+Nothing here reimplements normalisation or highly-variable-gene selection. Each function
+validates its input at the boundary (finite, non-negative values; the batch column exists and
+every batch has cells and data), decides where to compute with :mod:`scatlas.backend`, and calls
+
+* ``scanpy.pp`` when the matrix is on the host (NumPy / SciPy), or
+* ``rapids_singlecell.pp`` (imported lazily) when the matrix is on the GPU (CuPy / cupyx).
+
+``device=None`` computes where the data live; ``device="cpu"`` / ``"gpu"`` / ``"auto"`` moves the
+matrix there for the call and moves results back to the caller's kind (host stays host, GPU stays
+GPU). When the GPU is chosen but rapids-singlecell is not installed, scanpy runs on a host copy
+(logged as a warning) and the result is moved back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from . import backend
+from ._validate import ScatlasInputError, check_counts, check_obs_key, check_positive_int
+
+__all__ = ["HVG_FLAVORS", "highly_variable_genes", "normalize_log1p"]
+
+log = logging.getLogger(__name__)
+
+HVGFlavor = Literal["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper"]
+#: Flavors accepted by :func:`highly_variable_genes` (scanpy's and rapids-singlecell's names).
+HVG_FLAVORS: tuple[str, ...] = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper")
+_COUNT_FLAVORS = ("seurat_v3", "seurat_v3_paper")
+
+
+def _rapids():
+    """The ``rapids_singlecell`` module, or None when it is not installed / not importable."""
+    try:
+        import rapids_singlecell  # noqa: PLC0415
+
+        return rapids_singlecell
+    except Exception:  # ImportError, or a CUDA / RAPIDS mismatch at import time
+        return None
+
+
+def _get_matrix(adata: ad.AnnData, layer: str | None) -> Any:
+    if layer is not None:
+        if layer not in adata.layers:
+            raise ScatlasInputError(
+                f"layer {layer!r} not found (available: {list(adata.layers.keys())})"
+            )
+        return adata.layers[layer]
+    return adata.X
+
+
+def _set_matrix(adata: ad.AnnData, layer: str | None, X: Any) -> None:
+    if layer is None:
+        adata.X = X
+    else:
+        adata.layers[layer] = X
+
+
+def _check_adata(adata: Any, layer: str | None, name: str) -> Any:
+    """Validated matrix (``X`` or the layer) of an in-memory AnnData."""
+    if not isinstance(adata, ad.AnnData):
+        raise ScatlasInputError(f"{name} needs an AnnData, got {type(adata)}")
+    if adata.isbacked:
+        raise ScatlasInputError(
+            f"{name} modifies data in memory; load the backed AnnData first (adata.to_memory())"
+        )
+    X = _get_matrix(adata, layer)
+    return check_counts(X, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
+
+
+def _target_device(X: Any, device: str | None) -> backend.Device:
+    return backend.device_of(X) if device is None else backend.resolve_device(device)
+
+
+@contextmanager
+def _matrix_on(
+    adata: ad.AnnData, layer: str | None, target: backend.Device, *, write_back: bool
+) -> Iterator[None]:
+    """Temporarily place the matrix on ``target``; afterwards restore the caller's kind.
+
+    With ``write_back`` the (modified) matrix is moved back to the original device; without it
+    the original object is put back unchanged.
+    """
+    original = _get_matrix(adata, layer)
+    caller = backend.device_of(original)
+    if caller == target:
+        yield
+        return
+    _set_matrix(adata, layer, backend.to_device(original, target))
+    try:
+        yield
+    except BaseException:
+        _set_matrix(adata, layer, original)
+        raise
+    if write_back:
+        _set_matrix(adata, layer, backend.to_device(_get_matrix(adata, layer), caller))
+    else:
+        _set_matrix(adata, layer, original)
+
+
+def _engine(target: backend.Device):
+    """``(pp module, where)``: rapids-singlecell on the GPU when installed, else scanpy."""
+    if target == "gpu":
+        rsc = _rapids()
+        if rsc is not None:
+            return rsc.pp, "gpu"
+        log.warning("rapids_singlecell is not installed; running scanpy on a host copy")
+    import scanpy as sc  # noqa: PLC0415
+
+    return sc.pp, "cpu"
+
+
+def normalize_log1p(
+    adata: ad.AnnData,
+    target_sum: float | None = 1e4,
+    layer: str | None = None,
+    device: str | None = None,
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Library-size normalise then ``log1p``: ``X[i, j] <- log1p(X[i, j] / sum_j X[i, j] * t)``.
+
+    Calls ``normalize_total(target_sum=t)`` and ``log1p`` of scanpy (host data) or
+    rapids-singlecell (GPU data). ``adata.X`` (or ``adata.layers[layer]``), shape
+    ``(n_obs, n_vars)``, dense or CSR, must hold finite, non-negative counts; integer input
+    becomes float32. Cells with zero counts stay zero. ``target_sum=None`` uses the median
+    count per cell. Modifies ``adata`` in place and returns None, or returns a modified copy
+    with ``copy=True``. Sets ``adata.uns["log1p"]`` as scanpy does.
+
+    Raises :class:`~scatlas._validate.ScatlasInputError` for an empty matrix, NaN/inf or
+    negative values, or a missing layer.
+    """
+    _check_adata(adata, layer, "normalize_log1p")
+    if target_sum is not None and not (np.isfinite(target_sum) and target_sum > 0):
+        raise ScatlasInputError(f"target_sum must be a positive number or None, got {target_sum}")
+    if copy:
+        adata = adata.copy()
+    target = _target_device(_get_matrix(adata, layer), device)
+    pp, where = _engine(target)
+    with _matrix_on(adata, layer, where, write_back=True):
+        pp.normalize_total(adata, target_sum=target_sum, layer=layer)
+        pp.log1p(adata, layer=layer)
+    return adata if copy else None
+
+
+def highly_variable_genes(
+    adata: ad.AnnData,
+    n_top_genes: int = 2000,
+    batch_key: str | None = None,
+    flavor: HVGFlavor = "seurat",
+    layer: str | None = None,
+    device: str | None = None,
+) -> None:
+    """Flag the ``n_top_genes`` most variable genes in ``adata.var`` (in place).
+
+    Calls ``highly_variable_genes`` of scanpy (host data) or rapids-singlecell (GPU data) with
+    ``n_top_genes``, ``flavor``, ``batch_key`` and ``layer``. Adds to ``adata.var`` the boolean
+    ``highly_variable`` column and the flavor's statistics (``means``, ``dispersions``,
+    ``dispersions_norm`` or ``variances``, ``variances_norm``, ``highly_variable_rank``; with a
+    batch key also ``highly_variable_nbatches`` ...). ``n_top_genes`` larger than ``n_vars``
+    is capped at ``n_vars`` (with a warning).
+
+    Flavor: the default ``"seurat"`` (scanpy's own default) needs only the core dependencies and
+    expects **log-normalised** data (run :func:`normalize_log1p` first); a warning is issued
+    when the input looks like raw integer counts. ``"cell_ranger"`` likewise. ``"seurat_v3"`` /
+    ``"seurat_v3_paper"`` rank genes on **raw counts** and are usually preferred on counts, but
+    scanpy needs the optional ``scikit-misc`` package for them (a binary wheel on PyPI:
+    ``pip install scikit-misc``); they are accepted when it is installed (or on the GPU), with a
+    clear ImportError otherwise. That optional dependency is why they are not the default.
+
+    Raises :class:`~scatlas._validate.ScatlasInputError` for an empty matrix, NaN/inf or negative
+    values, a ``batch_key`` missing from ``adata.obs``, cells without a batch (NaN), a batch
+    with no cells (an unused category) or with no data (all values zero), or an unknown flavor.
+    """
+    X = _check_adata(adata, layer, "highly_variable_genes")
+    n_top_genes = check_positive_int(n_top_genes, "n_top_genes")
+    if flavor not in HVG_FLAVORS:
+        raise ScatlasInputError(f"flavor must be one of {HVG_FLAVORS}, got {flavor!r}")
+    if n_top_genes > adata.n_vars:
+        warnings.warn(
+            f"n_top_genes={n_top_genes} exceeds the number of genes ({adata.n_vars}); "
+            "selecting all of them",
+            UserWarning,
+            stacklevel=2,
+        )
+        n_top_genes = adata.n_vars
+    if batch_key is not None:
+        _check_batches(adata, batch_key, X)
+    _check_flavor_input(X, flavor)
+    target = _target_device(X, device)
+    pp, where = _engine(target)
+    if where == "cpu" and flavor in _COUNT_FLAVORS and importlib.util.find_spec("skmisc") is None:
+        raise ImportError(
+            f"flavor={flavor!r} needs the scikit-misc package on the CPU (pip install "
+            "scikit-misc); or use flavor='seurat' on log-normalised data"
+        )
+    with _matrix_on(adata, layer, where, write_back=False):
+        pp.highly_variable_genes(
+            adata, n_top_genes=n_top_genes, flavor=flavor, batch_key=batch_key, layer=layer
+        )
+
+
+def _check_batches(adata: ad.AnnData, batch_key: str, X: Any) -> None:
+    """Every cell has a batch; every batch has cells and non-zero data."""
+    check_obs_key(adata, batch_key, "batch_key")
+    col = adata.obs[batch_key]
+    n_missing = int(col.isna().sum())
+    if n_missing:
+        raise ScatlasInputError(
+            f"{n_missing} cell(s) have no value in adata.obs[{batch_key!r}] (NaN); assign them "
+            "a batch or drop them"
+        )
+    cats = col if isinstance(col.dtype, pd.CategoricalDtype) else col.astype("category")
+    sizes = cats.value_counts(sort=False)
+    empty = sizes.index[sizes.to_numpy() == 0].astype(str).tolist()
+    if empty:
+        raise ScatlasInputError(
+            f"batch(es) {empty} of adata.obs[{batch_key!r}] have zero cells (unused "
+            "categories); drop them with adata.obs[batch_key].cat.remove_unused_categories()"
+        )
+    xp = backend.array_module(X)
+    row_sums = backend.to_host(xp.asarray(X.sum(axis=1)).ravel())
+    totals = np.bincount(cats.cat.codes.to_numpy(), weights=np.asarray(row_sums, np.float64),
+                         minlength=len(cats.cat.categories))
+    no_data = cats.cat.categories[totals == 0].astype(str).tolist()
+    if no_data:
+        raise ScatlasInputError(
+            f"batch(es) {no_data} of adata.obs[{batch_key!r}] have no data (every value is "
+            "zero); remove those cells or check how the batches were assembled"
+        )
+
+
+def _check_flavor_input(X: Any, flavor: str) -> None:
+    """Warn when dispersion flavors get raw counts (they expect log-normalised data)."""
+    if flavor in _COUNT_FLAVORS:
+        return
+    values = X.data if backend.issparse(X) else X.ravel()
+    sample = backend.to_host(values[:100_000])
+    if sample.size and np.all(sample == np.round(sample)) and float(sample.max()) > 1:
+        warnings.warn(
+            f"flavor={flavor!r} expects log-normalised data but the matrix looks like raw "
+            "integer counts; run scatlas.pp.normalize_log1p first (or use flavor='seurat_v3' "
+            "with scikit-misc installed)",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,70 @@
+"""The scatlas command, run in-process and as a console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from scatlas import cli
+from scatlas.kernels import pca
+
+
+def test_info_json(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backend"]["resolved_device"] in ("cpu", "gpu")
+    assert "faiss" in info["components"] and info["components"]["anndata"]
+
+
+def test_every_subcommand_has_help():
+    for cmd in ("info", "pca", "cca", "synthetic"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([cmd, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_pca_round_trip(tmp_path, mesc):
+    src = tmp_path / "in.h5ad"
+    mesc.write_h5ad(src)
+    out = tmp_path / "out.h5ad"
+    assert cli.main(["pca", str(src), str(out), "--normalize", "--n-comps", "10",
+                     "--method", "gram"]) == 0
+    res = ad.read_h5ad(out)
+    assert res.obsm["X_pca"].shape == (mesc.n_obs, 10)
+    # equals the kernel on the same log-normalised matrix
+    X = mesc.X.astype(np.float64)
+    X = X / X.sum(1, keepdims=True) * 1e4 if isinstance(X, np.ndarray) else X
+    ref = pca(res.X, 10, method="gram")
+    np.testing.assert_allclose(np.abs(res.obsm["X_pca"]), np.abs(ref.scores), rtol=1e-4,
+                               atol=1e-3)
+
+
+def test_cca_cli_and_clear_errors(tmp_path, mesc, capsys):
+    src = tmp_path / "in.h5ad"
+    mesc.write_h5ad(src)
+    out = tmp_path / "cca.h5ad"
+    assert cli.main(["cca", str(src), str(out), "--normalize", "--scale", "--k", "5"]) == 0
+    res = ad.read_h5ad(out)
+    assert res.obsm["X_cca"].shape == (mesc.n_obs, 5)
+    np.testing.assert_allclose(np.linalg.norm(res.obsm["X_cca"], axis=1), 1, rtol=1e-5)
+    code = cli.main(["cca", str(src), str(out), "--batch-key", "donor"])
+    assert code == 2
+    assert "donor" in capsys.readouterr().err
+    assert cli.main(["pca", str(tmp_path / "missing.h5ad"), str(out)]) == 2
+
+
+@pytest.mark.skipif(shutil.which("scatlas") is None and not (
+    __import__("pathlib").Path(sys.executable).parent / "scatlas").exists(),
+    reason="console script not installed")
+def test_console_script():
+    from pathlib import Path
+
+    exe = shutil.which("scatlas") or str(Path(sys.executable).parent / "scatlas")
+    run = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "device:" in run.stdout

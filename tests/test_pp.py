@@ -1,0 +1,192 @@
+"""Preprocessing wrappers: hand-checked normalisation, HVG through scanpy, boundary errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+from scatlas import backend, datasets, pp
+from scatlas._validate import ScatlasInputError
+
+
+@pytest.fixture(scope="module")
+def counts() -> ad.AnnData:
+    return datasets.synthetic(1200, 300, n_cell_types=4, n_batches=3, density=0.3, seed=21)
+
+
+def hand_log1p(X, target_sum=1e4) -> np.ndarray:
+    X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
+    return np.log1p(X / X.sum(1, keepdims=True) * target_sum)
+
+
+# ---------------------------------------------------------------------------- normalize_log1p
+
+
+@pytest.mark.parametrize("kind", ["csr", "dense", "int"])
+def test_normalize_log1p_matches_hand_computation(counts, kind):
+    X = counts.X.copy()  # scanpy normalises in place: never hand it the fixture's matrix
+    if kind == "dense":
+        X = X.toarray()
+    elif kind == "int":
+        X = X.astype(np.int32)
+    a = ad.AnnData(X)
+    assert pp.normalize_log1p(a) is None
+    assert a.X.dtype == np.float32
+    out = a.X.toarray() if sp.issparse(a.X) else a.X
+    np.testing.assert_allclose(out, hand_log1p(counts.X), rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_log1p_layer_copy_and_target_sum(counts):
+    a = counts.copy()
+    a.layers["raw"] = a.X.copy()
+    b = pp.normalize_log1p(a, target_sum=100.0, layer="raw", copy=True)
+    assert (a.layers["raw"] != counts.X).nnz == 0  # original untouched
+    np.testing.assert_allclose(b.layers["raw"].toarray(), hand_log1p(counts.X, 100.0),
+                               rtol=1e-5, atol=1e-5)
+    assert (b.X != counts.X).nnz == 0  # X untouched when a layer is given
+
+
+def test_normalize_log1p_real_mesc(mesc):
+    a = mesc.copy()
+    pp.normalize_log1p(a)
+    np.testing.assert_allclose(a.X.toarray(), hand_log1p(mesc.X), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.array([[1.0, np.nan], [2.0, 3.0]]), "NaN"),
+        (np.array([[1.0, np.inf], [2.0, 3.0]]), "NaN or infinite"),
+        (np.array([[1.0, -1.0], [2.0, 3.0]]), "negative"),
+        (np.zeros((0, 3)), "empty"),
+        (sp.csr_matrix(np.array([[1.0, -2.0], [0.0, 3.0]])), "negative"),
+    ],
+)
+def test_bad_counts_rejected(bad, match):
+    with pytest.raises(ScatlasInputError, match=match):
+        pp.normalize_log1p(ad.AnnData(bad))
+    with pytest.raises(ScatlasInputError, match=match):
+        pp.highly_variable_genes(ad.AnnData(bad), n_top_genes=1)
+
+
+def test_missing_layer_and_bad_target_sum(counts):
+    with pytest.raises(ScatlasInputError, match="layer 'nope'"):
+        pp.normalize_log1p(counts.copy(), layer="nope")
+    with pytest.raises(ScatlasInputError, match="target_sum"):
+        pp.normalize_log1p(counts.copy(), target_sum=-1)
+
+
+def test_gpu_request_without_gpu(counts):
+    if backend.gpu_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(backend.DeviceUnavailableError):
+        pp.normalize_log1p(counts.copy(), device="gpu")
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(counts):
+    cpu = counts.copy()
+    pp.normalize_log1p(cpu)
+    gpu = counts.copy()
+    pp.normalize_log1p(gpu, device="gpu")
+    assert not backend.is_gpu_array(gpu.X)  # result comes back as the caller's kind
+    np.testing.assert_allclose(gpu.X.toarray(), cpu.X.toarray(), rtol=1e-5, atol=1e-5)
+    pp.highly_variable_genes(gpu, n_top_genes=50, device="gpu")
+    assert gpu.var["highly_variable"].sum() == 50
+
+
+# ----------------------------------------------------------------------- highly_variable_genes
+
+
+@pytest.fixture(scope="module")
+def lognorm(counts) -> ad.AnnData:
+    a = counts.copy()
+    pp.normalize_log1p(a)
+    return a
+
+
+def program_gene_enrichment(a: ad.AnnData) -> float:
+    """P(program gene | HVG) / P(program gene | not HVG), program genes from the ground truth."""
+    info = a.uns["synthetic"]
+    prof = info["type_weights"] @ info["programs"]
+    spread = np.log(prof / prof.sum(1, keepdims=True)).std(0)  # variation across cell types
+    program = spread > 2 * np.median(spread)
+    hv = a.var["highly_variable"].to_numpy()
+    return program[hv].mean() / program[~hv].mean()
+
+
+def test_hvg_is_scanpy_and_finds_program_genes(lognorm):
+    a = lognorm.copy()
+    pp.highly_variable_genes(a, n_top_genes=60)
+    ref = lognorm.copy()
+    sc.pp.highly_variable_genes(ref, n_top_genes=60, flavor="seurat")
+    assert a.var["highly_variable"].sum() == 60
+    pd.testing.assert_frame_equal(a.var, ref.var)
+    assert program_gene_enrichment(a) > 1.5
+
+
+def test_hvg_batch_key(lognorm):
+    a = lognorm.copy()
+    pp.highly_variable_genes(a, n_top_genes=60, batch_key="batch")
+    assert a.var["highly_variable"].sum() == 60
+    assert a.var["highly_variable_nbatches"].max() <= 3
+    assert program_gene_enrichment(a) > 1.8
+
+
+def test_hvg_batch_errors(lognorm):
+    a = lognorm.copy()
+    with pytest.raises(ScatlasInputError, match="'donor' is not a column"):
+        pp.highly_variable_genes(a, n_top_genes=50, batch_key="donor")
+    a.obs["batch"] = a.obs["batch"].cat.add_categories(["batch_empty"])
+    with pytest.raises(ScatlasInputError, match=r"\['batch_empty'\].*zero cells"):
+        pp.highly_variable_genes(a, n_top_genes=50, batch_key="batch")
+    b = lognorm.copy()
+    b.obs["batch"] = b.obs["batch"].astype(object)
+    b.obs.iloc[:3, b.obs.columns.get_loc("batch")] = np.nan
+    with pytest.raises(ScatlasInputError, match="3 cell"):
+        pp.highly_variable_genes(b, n_top_genes=50, batch_key="batch")
+    c = lognorm.copy()
+    in_batch0 = (c.obs["batch"] == "batch0").to_numpy()
+    X = c.X.toarray()
+    X[in_batch0] = 0
+    c.X = sp.csr_matrix(X)
+    with pytest.raises(ScatlasInputError, match=r"\['batch0'\].*no data"):
+        pp.highly_variable_genes(c, n_top_genes=50, batch_key="batch")
+
+
+def test_hvg_flavor_and_size_checks(counts, lognorm):
+    with pytest.raises(ScatlasInputError, match="flavor"):
+        pp.highly_variable_genes(lognorm.copy(), flavor="magic")
+    with pytest.warns(UserWarning, match="raw integer counts"):
+        pp.highly_variable_genes(counts.copy(), n_top_genes=20)
+    a = lognorm.copy()
+    with pytest.warns(UserWarning, match="exceeds the number of genes"):
+        pp.highly_variable_genes(a, n_top_genes=10_000)
+    expressed = a.var["dispersions_norm"].notna()  # all-zero genes have no dispersion
+    assert expressed.sum() > 250 and a.var["highly_variable"][expressed].all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skmisc") is not None, reason="skmisc installed")
+def test_seurat_v3_needs_skmisc(counts):
+    with pytest.raises(ImportError, match="scikit-misc"):
+        pp.highly_variable_genes(counts.copy(), n_top_genes=50, flavor="seurat_v3")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skmisc") is None, reason="needs scikit-misc")
+def test_seurat_v3_on_counts(counts):
+    a = counts.copy()
+    pp.highly_variable_genes(a, n_top_genes=40, flavor="seurat_v3")
+    assert a.var["highly_variable"].sum() == 40
+
+
+def test_hvg_real_mesc_batches(mesc):
+    a = mesc.copy()
+    pp.normalize_log1p(a)
+    pp.highly_variable_genes(a, n_top_genes=200, batch_key="batch")
+    assert a.var["highly_variable"].sum() == 200
