@@ -1,0 +1,45 @@
+"""The README's quickstart runs as written (Python and CLI)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from scatlas import cli
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _blocks(lang: str) -> list[str]:
+    text = README.read_text()
+    quick = text[text.index("## Quickstart"):text.index("## Python API")]
+    return re.findall(rf"```{lang}\n(.*?)```", quick, flags=re.S)
+
+
+def test_quickstart_python_runs(capsys):
+    (code,) = _blocks("python")
+    namespace: dict = {}
+    exec(compile(code, "README quickstart", "exec"), namespace)  # noqa: S102
+    adata = namespace["adata"]
+    assert adata.obsm["X_pca"].shape == (20_000, 50)
+    assert np.isfinite(adata.obsm["X_cca"]).all()
+    # the embedding carries the generating cell types: nearest neighbours share them
+    Z = adata.obsm["X_pca"][:2000, :20]
+    d = ((Z[:, None, :] - Z[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    labels = adata.obs["cell_type"].to_numpy()[:2000]
+    assert (labels[d.argmin(1)] == labels).mean() > 0.8
+
+
+def test_quickstart_cli_runs(tmp_path, monkeypatch):
+    (script,) = _blocks("bash")
+    monkeypatch.chdir(tmp_path)
+    lines = [ln.split("#")[0].strip() for ln in script.splitlines()]
+    for line in filter(None, lines):
+        argv = shlex.split(line)
+        assert argv[0] == "scatlas"
+        assert cli.main(argv[1:]) == 0, line
+    assert (tmp_path / "atlas_pca.h5ad").exists() and (tmp_path / "atlas_cca.h5ad").exists()
