@@ -214,3 +214,14 @@ def test_gpu_equals_cpu(method):
                                atol=2e-3)
     via_arg = pca(X, 8, method=method, seed=1, device="gpu")
     assert isinstance(via_arg.scores, np.ndarray)
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
+def test_gram_route_on_rank_deficient_data(shape):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((shape[0], 3)) @ rng.standard_normal((3, shape[1]))
+    U, S, Vt = rsvd(X, 5, method="gram", dtype=np.float64)
+    S0 = np.linalg.svd(X, compute_uv=False)[:3]
+    np.testing.assert_allclose(S[:3], S0, rtol=1e-8)
+    assert not S[3:].any() and np.isfinite(U).all()
+    np.testing.assert_allclose((U * S) @ Vt, X, atol=1e-8)

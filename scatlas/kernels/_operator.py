@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import backend
+from .. import _progress, backend
 
 # Below this many stored values a sparse product is not worth splitting across threads.
 _THREAD_MIN_NNZ = 2_000_000
@@ -140,7 +140,8 @@ class ShiftedOperator:
             chunk *= self.r[lo:hi, None]
         return chunk
 
-    def gram(self, *, chunk_rows: int | None = None, accumulate_dtype=np.float64):
+    def gram(self, *, chunk_rows: int | None = None, accumulate_dtype=np.float64,
+             progress: bool | None = None):
         """A^T A (p, p), accumulated over dense row chunks in ``accumulate_dtype``.
 
         Each chunk product runs in the compute dtype (BLAS-3); partial sums are added in float64
@@ -151,7 +152,9 @@ class ShiftedOperator:
             # ~256 MiB of dense chunk at a time
             chunk_rows = max(256, int(2**28 // (max(p, 1) * np.dtype(self.dtype).itemsize)))
         G = self.xp.zeros((p, p), dtype=accumulate_dtype)
-        for lo in range(0, n, chunk_rows):
+        starts = range(0, n, chunk_rows)
+        for lo in _progress.track(starts, desc="Gram matrix", total=len(starts),
+                                  progress=progress, unit="chunk"):
             C = self.dense_rows(lo, min(n, lo + chunk_rows))
             G += (C.T @ C).astype(accumulate_dtype, copy=False)
         return G

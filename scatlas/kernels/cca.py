@@ -34,8 +34,8 @@ from ._operator import ShiftedOperator
 from .linalg import (
     _GRAM_MAX_FEATURES,
     _svd_randomized,
-    _top_eigh,
     as_compute_matrix,
+    gram_factor,
     resolve_n_iter,
 )
 
@@ -80,33 +80,12 @@ class _CrossOperator:
         return self.op2.matmat(self.op1.rmatmat(Q))
 
 
-def _factor(op: ShiftedOperator, rel_tol: float):
-    """(W, s) with A^T A = W diag(s^2) W^T, tiny singular values dropped (rank deficiency).
-
-    Uses the Gram matrix of the smaller side: p x p accumulated over row chunks when p <= n,
-    else the n x n ``A A^T`` of the densified rows, with ``W = A^T U / s``.
-    """
-    xp = op.xp
-    n, p = op.shape
-    if n < p:
-        C = op.dense_rows(0, n).astype(np.float64)
-        evals, U = _top_eigh(C @ C.T, n)
-        s = xp.sqrt(evals)
-        keep = s > s[0] * rel_tol
-        return (C.T @ U[:, keep]) / s[keep][None, :], s[keep]
-    evals, W = _top_eigh(op.gram(), p)
-    s = xp.sqrt(evals)
-    keep = s > s[0] * rel_tol
-    return W[:, keep], s[keep]
-
-
-def _cross_svd_exact(op1, op2, k: int, lam: tuple[float, float] | None):
+def _cross_svd_exact(op1, op2, k: int, lam: tuple[float, float] | None, progress=None):
     """Top-k left/right canonical vectors via the p x p cores (see module docstring)."""
     xp = op1.xp
     p = op1.shape[1]
-    rel_tol = np.finfo(np.float32).eps * p * 10
-    W1, s1 = _factor(op1, rel_tol)
-    W2, s2 = _factor(op2, rel_tol)
+    s1, W1 = gram_factor(op1, p, progress)
+    s2, W2 = gram_factor(op2, p, progress)
     if lam is None:  # cross-product: core = S1 W1^T W2 S2, vectors U_i = A_i W_i S_i^-1 A
         f1, f2, g1, g2 = s1, s2, 1.0 / s1, 1.0 / s2
     else:  # ridge: whitening by (s^2/(p-1) + lam)^-1/2
@@ -173,7 +152,7 @@ def _cross_decomposition(X1, X2, k, *, scale, lam, l2_norm, method, n_oversample
         raise ScatlasInputError("ridge_cca supports only method='gram'")
     with _per_cell_operator(X1d, "X1", scale) as op1, _per_cell_operator(X2d, "X2", scale) as op2:
         if method == "gram":
-            Z1, Z2, D = _cross_svd_exact(op1, op2, k, lam)
+            Z1, Z2, D = _cross_svd_exact(op1, op2, k, lam, progress)
         else:
             Z1, Z2, D = _cross_svd_randomized(op1, op2, k, n_oversamples, n_iter, seed, progress)
     out = _finish(Z1[:, :k], Z2[:, :k], D[:k], k, l2_norm, return_d)

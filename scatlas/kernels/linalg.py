@@ -160,34 +160,44 @@ def _svd_randomized(op: ShiftedOperator, k: int, n_oversamples: int, n_iter: int
     return U, S[:k].astype(op.dtype), Vt[:k].astype(op.dtype)
 
 
-def _svd_gram(op: ShiftedOperator, k: int):
-    """Exact truncated SVD from the Gram matrix of the smaller side.
+def gram_factor(op: ShiftedOperator, k: int, progress: bool | None = None):
+    """Top-k singular values and right singular vectors of A from the smaller side's Gram.
 
-    p <= n: eigh of A^T A (p x p, accumulated over dense row chunks), U = A V S^-1.
-    n < p: eigh of A A^T (n x n) from the densified rows, Vt = S^-1 U^T A.
+    p <= n: eigh of A^T A (p x p, accumulated over dense row chunks in float64).
+    n < p: eigh of A A^T (n x n) from the densified rows, then V = A^T U S^-1.
+    Returns ``S`` (r,) descending and ``V`` (p, r), float64, with r <= k: singular values at
+    round-off level (rank deficiency) are dropped.
     """
     xp = op.xp
     n, p = op.shape
     if n < p:
         C = op.dense_rows(0, n).astype(np.float64)
         evals, U = _top_eigh(C @ C.T, k)
-        S = xp.sqrt(evals)
-        inv = _safe_inverse(S, op.shape)
-        Vt = (U.T @ C) * inv[:, None]
-        return U.astype(op.dtype), S.astype(op.dtype), Vt.astype(op.dtype)
-    evals, V = _top_eigh(op.gram(), k)
+    else:
+        evals, V = _top_eigh(op.gram(progress=progress), k)
     S = xp.sqrt(evals)
-    inv = _safe_inverse(S, op.shape)
+    keep = S > (S[0] if S.size else 0) * np.finfo(np.float32).eps * max(n, p) * 10
+    if n < p:
+        return S[keep], (C.T @ U[:, keep]) / S[keep][None, :]
+    return S[keep], V[:, keep]
+
+
+def _svd_gram(op: ShiftedOperator, k: int, progress: bool | None = None):
+    """Exact truncated SVD via :func:`gram_factor`; U = A V S^-1.
+
+    For rank-deficient data the missing trailing triplets are returned as zeros.
+    """
+    xp = op.xp
+    S, V = gram_factor(op, k, progress)
     V = V.astype(op.dtype)
-    U = op.matmat(V) * inv.astype(op.dtype)[None, :]
+    U = op.matmat(V) / S.astype(op.dtype)[None, :]
+    r = S.shape[0]
+    if r < k:
+        n, p = op.shape
+        U = xp.concatenate([U, xp.zeros((n, k - r), dtype=op.dtype)], axis=1)
+        V = xp.concatenate([V, xp.zeros((p, k - r), dtype=op.dtype)], axis=1)
+        S = xp.concatenate([S, xp.zeros(k - r, dtype=S.dtype)])
     return U, S.astype(op.dtype), V.T
-
-
-def _safe_inverse(S, shape):
-    """1/S, with 0 for singular values at round-off level (rank-deficient data)."""
-    xp = backend.array_module(S)
-    tiny = S <= (S[0] if S.size else 0) * np.finfo(np.float32).eps * max(shape)
-    return xp.where(tiny, 0.0, 1.0 / xp.where(tiny, 1.0, S))
 
 
 def svd_operator(op: ShiftedOperator, k: int, *, method: Method = "auto", n_oversamples: int = 10,
@@ -200,7 +210,7 @@ def svd_operator(op: ShiftedOperator, k: int, *, method: Method = "auto", n_over
     if method == "auto":
         method = choose_method(op, k, n_oversamples, q)
     if method == "gram":
-        U, S, Vt = _svd_gram(op, k)
+        U, S, Vt = _svd_gram(op, k, progress)
     elif method == "randomized":
         U, S, Vt = _svd_randomized(op, k, n_oversamples, q, seed, progress)
     else:
