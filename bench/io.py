@@ -1,11 +1,12 @@
-"""Atomic file writes: write ``<path>.tmp`` in the same folder, then ``os.replace`` it."""
+"""Atomic file writes for results and caches, built on :func:`scatlas.io.atomic_write`."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from scatlas.io import atomic_write
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -19,17 +20,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_with(path: str | Path, writer: Callable[[BinaryIO], object]) -> Path:
-    """Call ``writer(file)`` on a temporary file beside ``path``, then move it into place."""
+    """Call ``writer(file)`` on a temporary file beside ``path`` (its folder created if
+    needed), then move it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            writer(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        writer(fh)
     return path
