@@ -4,6 +4,14 @@ Arrays are cells x features. Each kernel returns the caller's array kind.
 """
 
 from .cca import cca, pls, ridge_cca
-from .linalg import pca, rsvd
+from .linalg import PCAResult, pca, rsvd
+from .nmf import INMFResult, JNMFResult, inmf, inmf_objective, jnmf, uinmf
+from .nnls import nnls_bpp, nnls_hals
+from .online_nmf import OnlineINMFResult, online_inmf, project_inmf
+from .quantile import QuantileNormResult, quantile_norm
 
-__all__ = ["cca", "pca", "pls", "ridge_cca", "rsvd"]
+__all__ = [
+    "INMFResult", "JNMFResult", "OnlineINMFResult", "PCAResult", "QuantileNormResult", "cca",
+    "inmf", "inmf_objective", "jnmf", "nnls_bpp", "nnls_hals", "online_inmf", "pca", "pls",
+    "project_inmf", "quantile_norm", "ridge_cca", "rsvd", "uinmf",
+]
