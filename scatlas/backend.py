@@ -114,6 +114,11 @@ def sparse_module(X: Any = None):
     return sp
 
 
+def gpu_module():
+    """The ``cupy`` module (for code that creates GPU arrays from nothing); raises without a GPU."""
+    return _require_cupy()
+
+
 def _require_cupy():
     cp = _cupy()
     if cp is None:

@@ -11,6 +11,7 @@ Subcommands (``scatlas SUBCOMMAND --help`` for each):
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -19,6 +20,10 @@ import time
 from collections.abc import Sequence
 
 from . import __version__, backend
+
+# Modules that add subcommands: each defines ``register(subparsers, *, common, io_args)`` and
+# sets ``func`` on its parsers (``func(args) -> int``).
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 OPTIONAL_COMPONENTS = (
     ("cupy", "cupy", "GPU arrays (scatlas[gpu])"),
@@ -211,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-cell-types", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synthetic)
+
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(sub, common=_common, io_args=_io_args)
     return parser
 
 

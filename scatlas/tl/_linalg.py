@@ -1,9 +1,4 @@
-"""scanpy-style tools: AnnData in, results written to ``.obsm`` / ``.varm`` / ``.uns``.
-
-The matrix used is ``adata.X`` or ``adata.layers[layer]``: numpy / scipy.sparse on the CPU, or
-cupy / cupyx.scipy.sparse after ``scatlas.backend.anndata_to_device`` (rapids-singlecell's
-convention). Results are of the matrix's array kind unless ``device=`` moves the computation.
-"""
+"""``tl.pca`` and ``tl.cca``: the linear-algebra kernels on AnnData."""
 
 from __future__ import annotations
 
@@ -11,49 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from . import backend
-from ._validate import ScatlasInputError, check_obs_key
-from .kernels import cca as _cca_kernel
-from .kernels import pca as _pca_kernel
-
-
-def _matrix(adata, layer: str | None):
-    if layer is None:
-        X = adata.X
-        if X is None:
-            raise ScatlasInputError("adata.X is empty (None); pass layer=...")
-        return X
-    if layer not in adata.layers:
-        raise ScatlasInputError(
-            f"layer {layer!r} not found in adata.layers (available: {list(adata.layers)})"
-        )
-    return adata.layers[layer]
-
-
-def _var_mask(adata, mask_var: Any, use_highly_variable: bool | None) -> np.ndarray | None:
-    """scanpy's rule: an explicit mask, else ``var['highly_variable']`` when present."""
-    if mask_var is not None and use_highly_variable is not None:
-        raise ScatlasInputError("give either mask_var or use_highly_variable, not both")
-    if isinstance(mask_var, str):
-        if mask_var not in adata.var.columns:
-            raise ScatlasInputError(f"mask_var {mask_var!r} is not a column of adata.var")
-        mask = np.asarray(adata.var[mask_var], dtype=bool)
-    elif mask_var is not None:
-        mask = np.asarray(mask_var, dtype=bool)
-        if mask.shape != (adata.n_vars,):
-            raise ScatlasInputError(f"mask_var must have shape ({adata.n_vars},), got {mask.shape}")
-    elif use_highly_variable or (use_highly_variable is None and "highly_variable" in adata.var):
-        if "highly_variable" not in adata.var:
-            raise ScatlasInputError(
-                "use_highly_variable=True but adata.var has no 'highly_variable' column; run "
-                "scatlas.pp.highly_variable_genes first"
-            )
-        mask = np.asarray(adata.var["highly_variable"], dtype=bool)
-    else:
-        return None
-    if not mask.any():
-        raise ScatlasInputError("the gene mask selects no genes")
-    return mask
+from .. import backend
+from .._validate import ScatlasInputError, check_obs_key
+from ..kernels import cca as _cca_kernel
+from ..kernels import pca as _pca_kernel
+from ._common import get_matrix, on_device_of, var_mask
 
 
 def pca(
@@ -82,17 +39,17 @@ def pca(
     present, else all. Computation: :func:`scatlas.kernels.pca` (sparse input implicitly centred).
     """
     adata = adata.copy() if copy else adata
-    X = _matrix(adata, layer)
-    mask = _var_mask(adata, mask_var, use_highly_variable)
+    X = get_matrix(adata, layer)
+    mask = var_mask(adata, mask_var, use_highly_variable)
     if mask is not None:
-        X = X[:, _on_device_of(X, np.flatnonzero(mask))]
+        X = X[:, on_device_of(X, np.flatnonzero(mask))]
     res = _pca_kernel(X, n_comps, center=zero_center, seed=seed, method=method, n_iter=n_iter,
                       dtype=dtype, device=device, progress=progress)
     xp = backend.array_module(res.components)
     loadings = res.components.T
     if mask is not None:
         full = xp.zeros((adata.n_vars, loadings.shape[1]), dtype=loadings.dtype)
-        full[_on_device_of(loadings, np.flatnonzero(mask))] = loadings
+        full[on_device_of(loadings, np.flatnonzero(mask))] = loadings
         loadings = full
     obsm_key = key_added or "X_pca"
     varm_key = key_added or "PCs"
@@ -112,11 +69,6 @@ def pca(
         "variance_ratio": backend.to_host(res.explained_variance_ratio),
     }
     return adata if copy else None
-
-
-def _on_device_of(arr, indices: np.ndarray):
-    """Integer indices (host) moved to the device of ``arr`` for fancy indexing."""
-    return backend.to_device(np.asarray(indices), backend.device_of(arr))
 
 
 def cca(
@@ -165,21 +117,21 @@ def cca(
         if sel.size == 0:
             raise ScatlasInputError(f"batch {g!r} has no cells in obs[{batch_key!r}]")
         idx.append(sel)
-    X = _matrix(adata, layer)
-    mask = _var_mask(adata, mask_var, use_highly_variable)
+    X = get_matrix(adata, layer)
+    mask = var_mask(adata, mask_var, use_highly_variable)
     cols = np.flatnonzero(mask) if mask is not None else None
 
     def take(rows):
-        sub = X[_on_device_of(X, rows)]
-        return sub if cols is None else sub[:, _on_device_of(sub, cols)]
+        sub = X[on_device_of(X, rows)]
+        return sub if cols is None else sub[:, on_device_of(sub, cols)]
 
     Z1, Z2, D = _cca_kernel(take(idx[0]), take(idx[1]), k, l2_norm=l2_norm, method=method,
                             seed=seed, dtype=dtype, device=device, progress=progress,
                             return_d=True)
     xp = backend.array_module(Z1)
     out = xp.full((adata.n_obs, Z1.shape[1]), np.nan, dtype=Z1.dtype)
-    out[_on_device_of(out, idx[0])] = Z1
-    out[_on_device_of(out, idx[1])] = Z2
+    out[on_device_of(out, idx[0])] = Z1
+    out[on_device_of(out, idx[1])] = Z2
     adata.obsm[key_added] = out
     adata.uns[key_added] = {
         "params": {"batch_key": batch_key, "groups": [g1, g2], "k": k, "l2_norm": l2_norm,

@@ -1,0 +1,11 @@
+"""scanpy-style tools: AnnData in, results written to ``.obsm`` / ``.varm`` / ``.uns``.
+
+The matrix used is ``adata.X`` or ``adata.layers[layer]``: numpy / scipy.sparse on the CPU, or
+cupy / cupyx.scipy.sparse after ``scatlas.backend.anndata_to_device`` (rapids-singlecell's
+convention). Results are of the matrix's array kind unless ``device=`` moves the computation.
+One module per tool family; this package re-exports them.
+"""
+
+from ._linalg import cca, pca
+
+__all__ = ["cca", "pca"]

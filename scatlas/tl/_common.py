@@ -1,0 +1,55 @@
+"""Helpers shared by the tools: which matrix, which genes, index arrays on the right device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import backend
+from .._validate import ScatlasInputError
+
+
+def get_matrix(adata, layer: str | None):
+    """``adata.X`` or ``adata.layers[layer]``, with a clear error when it is missing."""
+    if layer is None:
+        X = adata.X
+        if X is None:
+            raise ScatlasInputError("adata.X is empty (None); pass layer=...")
+        return X
+    if layer not in adata.layers:
+        raise ScatlasInputError(
+            f"layer {layer!r} not found in adata.layers (available: {list(adata.layers)})"
+        )
+    return adata.layers[layer]
+
+
+def var_mask(adata, mask_var: Any, use_highly_variable: bool | None) -> np.ndarray | None:
+    """scanpy's rule: an explicit mask, else ``var['highly_variable']`` when present."""
+    if mask_var is not None and use_highly_variable is not None:
+        raise ScatlasInputError("give either mask_var or use_highly_variable, not both")
+    if isinstance(mask_var, str):
+        if mask_var not in adata.var.columns:
+            raise ScatlasInputError(f"mask_var {mask_var!r} is not a column of adata.var")
+        mask = np.asarray(adata.var[mask_var], dtype=bool)
+    elif mask_var is not None:
+        mask = np.asarray(mask_var, dtype=bool)
+        if mask.shape != (adata.n_vars,):
+            raise ScatlasInputError(f"mask_var must have shape ({adata.n_vars},), got {mask.shape}")
+    elif use_highly_variable or (use_highly_variable is None and "highly_variable" in adata.var):
+        if "highly_variable" not in adata.var:
+            raise ScatlasInputError(
+                "use_highly_variable=True but adata.var has no 'highly_variable' column; run "
+                "scatlas.pp.highly_variable_genes first"
+            )
+        mask = np.asarray(adata.var["highly_variable"], dtype=bool)
+    else:
+        return None
+    if not mask.any():
+        raise ScatlasInputError("the gene mask selects no genes")
+    return mask
+
+
+def on_device_of(arr, indices: np.ndarray):
+    """Integer indices (host) moved to the device of ``arr`` for fancy indexing."""
+    return backend.to_device(np.asarray(indices), backend.device_of(arr))
