@@ -225,3 +225,18 @@ def test_gram_route_on_rank_deficient_data(shape):
     np.testing.assert_allclose(S[:3], S0, rtol=1e-8)
     assert not S[3:].any() and np.isfinite(U).all()
     np.testing.assert_allclose((U * S) @ Vt, X, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gram_route_keeps_small_singular_values_of_tall_data(dtype):
+    """A dominant (mean-like) component must not push real ones below a rank cut-off."""
+    rng = np.random.default_rng(3)
+    n, p = 30_000, 40
+    X = rng.standard_normal((n, p)) * 0.5
+    X[:, :] += 20.0  # one dominant direction, like uncentred expression
+    X[:, 0] += np.repeat([0.0, 3.0], n // 2)  # a real but small second component
+    S0 = np.linalg.svd(X, compute_uv=False)[:10]
+    _, S, _ = rsvd(X.astype(dtype), 10, method="gram", dtype=dtype)
+    # float32 Gram: absolute error ~ eps32 * S0[0]^2 / S, i.e. ~1e-6 of S0[0] here
+    atol = 1e-6 * S0[0] if dtype == np.float32 else 1e-10 * S0[0]
+    np.testing.assert_allclose(S, S0, rtol=0, atol=atol)

@@ -179,7 +179,7 @@ def gram_factor(op: ShiftedOperator, k: int, progress: bool | None = None):
     p <= n: eigh of A^T A (p x p, accumulated over dense row chunks in float64).
     n < p: eigh of A A^T (n x n) from the densified rows, then V = A^T U S^-1.
     Returns ``S`` (r,) descending and ``V`` (p, r), float64, with r <= k: singular values at
-    round-off level (rank deficiency) are dropped.
+    round-off level (below 10 sqrt(eps) S[0] of the compute dtype: rank deficiency) are dropped.
     """
     xp = op.xp
     n, p = op.shape
@@ -189,7 +189,9 @@ def gram_factor(op: ShiftedOperator, k: int, progress: bool | None = None):
     else:
         evals, V = _top_eigh(op.gram(progress=progress), k)
     S = xp.sqrt(evals)
-    keep = S > (S[0] if S.size else 0) * np.finfo(np.float32).eps * max(n, p) * 10
+    # Eigenvalues of a Gram matrix carry an absolute error ~ eps * lambda_max, so singular values
+    # below ~sqrt(eps) * S[0] are round-off (rank deficiency), not signal.
+    keep = S > (S[0] if S.size else 0) * 10 * np.sqrt(np.finfo(op.dtype).eps)
     if n < p:
         return S[keep], (C.T @ U[:, keep]) / S[keep][None, :]
     return S[keep], V[:, keep]
