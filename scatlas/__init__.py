@@ -18,7 +18,9 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
-_SUBMODULES = ("backend", "datasets", "io", "kernels", "models", "pp", "search", "tl")
+_SUBMODULES = (
+    "backend", "datasets", "io", "kernels", "metrics", "models", "pp", "search", "tl",
+)
 
 __all__ = [*_SUBMODULES, "gpu_available", "resolve_device", "__version__"]
 

@@ -4,6 +4,7 @@ Arrays are cells x features. Each kernel returns the caller's array kind.
 """
 
 from .cca import cca, pls, ridge_cca
+from .knn import knn, mnn_pairs
 from .linalg import PCAResult, pca, rsvd
 from .nmf import INMFResult, JNMFResult, inmf, inmf_objective, jnmf, uinmf
 from .nnls import nnls_bpp, nnls_hals
@@ -12,6 +13,6 @@ from .quantile import QuantileNormResult, quantile_norm
 
 __all__ = [
     "INMFResult", "JNMFResult", "OnlineINMFResult", "PCAResult", "QuantileNormResult", "cca",
-    "inmf", "inmf_objective", "jnmf", "nnls_bpp", "nnls_hals", "online_inmf", "pca", "pls",
+    "inmf", "inmf_objective", "jnmf", "knn", "mnn_pairs", "nnls_bpp", "nnls_hals", "online_inmf", "pca", "pls",
     "project_inmf", "quantile_norm", "ridge_cca", "rsvd", "uinmf",
 ]

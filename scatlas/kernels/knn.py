@@ -16,31 +16,40 @@ Sources and conventions
 
 Metrics (results always sorted best first, i.e. by increasing "distance"):
 
-- ``"euclidean"``: true (not squared) distances ``sqrt(max(||q||^2 - 2 q.r + ||r||^2, 0))``.
+- ``"euclidean"``: true (not squared) distances.
 - ``"cosine"``: ``1 - cos(q, r)``, clipped at 0; an all-zero row has cosine 0 to everything
   (distance 1), as scikit-learn's ``cosine_distances`` gives.
 - ``"ip"``: the NEGATIVE inner product ``-q.r`` (so smaller is more similar and the order is the
   same as for the other metrics). faiss reports similarities for inner products instead; negate
   these distances to compare.
 
-Ties: among equal distances the smaller reference index comes first. The selection and the order
-are made on the exact computed key (squared distance for euclidean, ``-cos`` for cosine, ``-q.r``
-for ip), then re-sorted on the reported distances; two keys that differ only in the last bit can
-round to one reported distance (sqrt, ``1 + key``), and those keep their key order at the k-th
-boundary (a rounding-level deviation, never a wrong neighbour).
+Two stages per query block:
 
-Algorithm per query block: the reference is visited in a fixed pseudo-random row order (so that
-every block is a random sample of it, whatever the input's ordering), in blocks that grow from a
-few hundred rows up to the memory budget. A reference score is a candidate only when it is at most
-the row's current k-th best key; rows with more than ``cap`` candidates in a block first tighten
-their threshold to the block's own k-th smallest key (``partition``). Candidates are merged into
-the running top-k by a stable (key, index) sort of at most ``k + cap`` entries per row. With the
-random order the expected number of candidates per block is about 2k per row, so the cost is the
-GEMM plus a few cheap passes over each block.
+1. Search (GEMM): ranking keys ``||q||^2 - 2 q.r + ||r||^2`` (``-q.r`` on unit rows for cosine,
+   ``-q.r`` for ip) for ``k + 8`` candidates. The reference is visited in a fixed pseudo-random
+   row order (every block is then a random sample of it, whatever the input's ordering), in
+   blocks growing from a few hundred rows up to the memory budget. A key is a candidate only when
+   it is <= the row's current (k+8)-th best key; a row with more than ``cap`` candidates in a
+   block first tightens its threshold to the block's own (k+8)-th smallest key (partition).
+   Candidates merge into the running top list by a (key, index) sort of a few hundred entries per
+   row. With the random order a row meets about 2k candidates per block, so the cost is the GEMM
+   plus a few passes over each block. On the GPU one fused kernel reads each block once and
+   appends candidates to per-row buffers, merged when half full (``_GPU_FUSED``).
+2. Re-ranking: each candidate pair's key is recomputed on its own (``sum((q - r)^2)``, or the
+   products on unit rows), then sorted on (key, index) and cut to k. Identical reference rows
+   get bit-identical keys wherever the GEMM tiled them, and near-zero distances carry no
+   cancellation error (the expanded GEMM form has ~sqrt(eps) |x| absolute error there; 8 spare
+   candidates absorb its effect on the ranking).
+
+Ties: among equal keys the smaller reference index comes first (squared distance for
+euclidean, ``-cos`` for cosine). Two keys one ulp apart can round to one reported distance; they
+keep their key order.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -56,8 +65,9 @@ _METRICS = ("euclidean", "cosine", "ip")
 _ENGINES = ("auto", "brute", "faiss")
 # Bytes of scores (plus the boolean mask) per block on the CPU.
 _CPU_BLOCK_BYTES = 256 * 2**20
-# On the GPU: this fraction of the free device memory per block, within [2^22, 2^28] scores;
-# a block needs the scores, a mask and cupy.nonzero's int64 scan (about 14 bytes per score).
+# On the GPU: this fraction of the free device memory per block, within [2^22, 2^30] scores;
+# a block needs the scores, and on the generic path a mask and cupy.nonzero's int64 scan
+# (about 14 bytes per score).
 _GPU_FREE_FRACTION = 0.25
 _GPU_BYTES_PER_SCORE = 14
 # Query rows per block.
@@ -68,6 +78,10 @@ _CAP_FACTOR = 4
 _CAP_MIN = 64
 # Seed of the fixed reference visiting order.
 _ORDER_SEED = 0
+# The GEMM search keeps k + _SLACK candidates for the exact re-ranking.
+_SLACK = 8
+# Bytes of gathered pairs per re-ranking chunk.
+_RERANK_BYTES = 64 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +120,7 @@ def knn(
     block_size
         Force query and reference blocks of this many rows (tests, memory caps). ``None``: from a
         memory budget, ~256 MiB of scores per block on the CPU and a quarter of the free device
-        memory (at most 2^28 scores) on the GPU.
+        memory (at most 2^30 scores) on the GPU.
     engine
         ``"brute"`` (this blocked GEMM search), ``"faiss"`` (faiss ``IndexFlat*`` on the host,
         when faiss is installed; float32, dense) or ``"auto"`` (= ``"brute"``).
@@ -121,7 +135,8 @@ def knn(
     Returns
     -------
     distances : (n_query, k) compute dtype
-        Sorted ascending (best first) per row.
+        Sorted ascending (best first) per row; each recomputed from its own pair (no
+        cancellation error: a duplicate is at distance exactly 0).
     indices : (n_query, k) int64
         Reference row indices; among equal distances the smaller index first.
     """
@@ -261,26 +276,21 @@ def _operands(Q: Any, R: Any, metric: str, order: Any) -> tuple[Any, Any]:
     """(Qa, Ra) with ``Qa[i] . Ra[j]`` = the ranking key of (query i, reference order[j]).
 
     euclidean: [q, |q|^2, 1] . [-2 r, 1, |r|^2] = squared distance; cosine: q/|q| . -r/|r|
-    = -cos; ip: q . -r. ``Ra`` rows are permuted by ``order``.
+    = -cos (for cosine, Q and R arrive as unit rows); ip: q . -r. ``Ra`` rows are permuted by
+    ``order``.
     """
     xp = backend.array_module(Q)
     Rp = R[order]
     if metric == "euclidean":
         qn, rn = _row_sq_norms(Q), _row_sq_norms(Rp)
-        Qa = _hstack(Q, [qn, xp.ones_like(qn)])
-        Ra = _hstack(Rp * -2, [xp.ones_like(rn), rn])
-    elif metric == "cosine":
-        Qa = _scale_rows(Q, _inv_norms(Q))
-        Ra = _scale_rows(Rp, -_inv_norms(Rp))
-    else:
-        Qa, Ra = Q, Rp * -1
-    return Qa, Ra
+        return _hstack(Q, [qn, xp.ones_like(qn)]), _hstack(Rp * -2, [xp.ones_like(rn), rn])
+    return Q, Rp * -1
 
 
 def _inv_norms(X: Any) -> Any:
-    """1 / ||row||, 0 for all-zero rows."""
+    """1 / ||row|| (in float64, then cast), 0 for all-zero rows."""
     xp = backend.array_module(X)
-    n = xp.sqrt(_row_sq_norms(X))
+    n = xp.sqrt(_row_sq_norms(X).astype(np.float64))
     return xp.where(n > 0, 1 / xp.where(n > 0, n, 1), 0).astype(X.dtype)
 
 
@@ -302,19 +312,20 @@ def _score_budget(xp: Any, itemsize: int) -> int:
         return _CPU_BLOCK_BYTES // (itemsize + 1)
     free = xp.cuda.runtime.memGetInfo()[0] + xp.get_default_memory_pool().free_bytes()
     n = int(free * _GPU_FREE_FRACTION) // (_GPU_BYTES_PER_SCORE + itemsize)
-    return int(min(max(n, 2**22), 2**28))
+    return int(min(max(n, 2**22), 2**30))
 
 
 def _block_shape(Q: Any, R: Any, block_size: int | None) -> tuple[int, int]:
     """(query rows, maximum reference rows) per block."""
     nq, nr = Q.shape[0], R.shape[0]
+    xp = backend.array_module(Q)
+    qmax = nq if xp is np else min(nq, _GPU_MAX_GRID_Y)
     if block_size is not None:
         b = check_positive_int(block_size, "block_size")
-        return min(b, nq), min(b, nr)
-    xp = backend.array_module(Q)
+        return min(b, qmax), min(b, nr)
     itemsize = np.dtype(Q.dtype).itemsize
     budget = _score_budget(xp, itemsize)
-    bq = min(nq, _CPU_QUERY_ROWS if xp is np else _GPU_QUERY_ROWS)
+    bq = min(qmax, _CPU_QUERY_ROWS if xp is np else _GPU_QUERY_ROWS)
     br = max(1, budget // bq)
     if backend.issparse(R):  # reference blocks are densified: (br, p) must fit the budget too
         br = min(br, max(1, budget // R.shape[1]))
@@ -341,9 +352,21 @@ def _cap(k: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # brute-force engine
 # ----------------------------------------------------------------------------------------------
-def _knn_brute(Q, R, k, metric, exclude_self, block_size, progress):
+def _slack(k: int) -> int:
+    """Extra candidates kept by the GEMM search for the exact re-ranking."""
+    return _SLACK
+
+
+def _knn_brute(Q: Any, R: Any, k: int, metric: str, exclude_self: bool, block_size: int | None,
+               progress: bool | None) -> tuple[Any, Any]:
+    """Blocked GEMM search for ``k + slack`` candidates, then exact re-ranking of those."""
     xp = backend.array_module(Q)
     nq, nr = Q.shape[0], R.shape[0]
+    k_search = min(k + _slack(k), nr - 1 if exclude_self else nr)
+    if metric == "cosine":  # cosine = ip on unit rows, in the search and the re-ranking
+        same = R is Q
+        Q = _scale_rows(Q, _inv_norms(Q))
+        R = Q if same else _scale_rows(R, _inv_norms(R))
     order_host = np.random.default_rng(_ORDER_SEED).permutation(nr)
     order = xp.asarray(order_host)
     Qa, Ra = _operands(Q, R, metric, order)
@@ -353,62 +376,92 @@ def _knn_brute(Q, R, k, metric, exclude_self, block_size, progress):
         inv_host[order_host] = np.arange(nr)
         inv_order = xp.asarray(inv_host)
     bq, br = _block_shape(Qa, Ra, block_size)
-    blocks = _ref_blocks(nr, br, min(_cap(k), br))
+    blocks = _ref_blocks(nr, br, min(_cap(k_search), br))
     D = xp.empty((nq, k), dtype=Qa.dtype)
     idx = xp.empty((nq, k), dtype=np.int64)
     with _progress.bar(desc="knn", total=nq, progress=progress, unit="cell") as pb:
         for qs in range(0, nq, bq):
             qe = min(nq, qs + bq)
             self_pos = inv_order[qs:qe] if exclude_self else None
-            key, ids = _topk_block(Qa[qs:qe], Ra, order, blocks, k, self_pos)
-            D[qs:qe], idx[qs:qe] = _finalize(key, ids, metric)
+            _, ids = _topk_block(Qa[qs:qe], Ra, order, blocks, k_search, self_pos)
+            D[qs:qe], idx[qs:qe] = _rerank(Q[qs:qe], R, ids, k, metric)
             pb.update(qe - qs)
     return D, idx
 
 
-def _topk_block(Qb, Ra, order, blocks, k, self_pos):
+class _RunningTopK:
+    """Per-row best ``k`` (key, original index) pairs, sorted, and each row's threshold: its
+    current k-th best key, the float maximum until k are known. A key can enter only when it is
+    <= the threshold, and equal keys are ordered by index."""
+
+    def __init__(self, xp: Any, n: int, k: int, dtype: Any):
+        self.xp, self.k = xp, k
+        self.key = xp.full((n, k), xp.inf, dtype=dtype)
+        self.idx = xp.full((n, k), -1, dtype=np.int64)
+        self.thr = xp.full(n, np.finfo(dtype).max, dtype=dtype)
+
+    def absorb(self, rows: Any, ck: Any, ci: Any) -> None:
+        """Merge candidates ``ck``/``ci`` (len(rows), m), padded with (inf, -1), into ``rows``."""
+        xp, k = self.xp, self.k
+        keys = xp.concatenate([self.key[rows], ck], axis=1)
+        ids = xp.concatenate([self.idx[rows], ci], axis=1)
+        top = _lexsort_rows(keys, ids)[:, :k]
+        new_k = xp.take_along_axis(keys, top, axis=1)
+        self.key[rows] = new_k
+        self.idx[rows] = xp.take_along_axis(ids, top, axis=1)
+        kth = new_k[:, k - 1]
+        self.thr[rows] = xp.where(xp.isfinite(kth), kth, self.thr[rows])
+
+
+def _topk_block(Qb: Any, Ra: Any, order: Any, blocks: list[tuple[int, int]], k: int,
+                self_pos: Any) -> tuple[Any, Any]:
     """Running exact top-k (key, original index) of one query block over all reference blocks.
 
     ``self_pos[i]`` (exclude_self) is the position of query row i in the permuted reference.
+    Returns (keys, indices), (n, k) each.
     """
     xp = backend.array_module(Ra)
     n = Qb.shape[0]
-    dt = Qb.dtype
-    best_k = xp.full((n, k), xp.inf, dtype=dt)
-    best_i = xp.full((n, k), -1, dtype=np.int64)
-    thr = xp.full(n, np.finfo(dt).max, dtype=dt)
+    top = _RunningTopK(xp, n, k, Qb.dtype)
+    fused = _fused_kernel(xp, Qb.dtype)
+    buf = _CandidateBuffer(xp, n, _cap(k), Qb.dtype) if fused is not None else None
     rows = xp.arange(n)
     for rs, re_ in blocks:
         S = _scores(Qb, Ra[rs:re_])
         if self_pos is not None:
             inside = (self_pos >= rs) & (self_pos < re_)
             S[rows[inside], self_pos[inside] - rs] = xp.inf
-        _merge(S, order[rs:re_], best_k, best_i, thr, k)
-    return best_k, best_i
+        if buf is None:
+            _merge(S, order[rs:re_], top, rows)
+        else:
+            buf.collect(fused, S, order[rs:re_], top)
+    if buf is not None:
+        buf.flush(top)
+    return top.key, top.idx
 
 
-def _scores(Qb, Rb):
+def _scores(Qb: Any, Rb: Any) -> Any:
     """Ranking keys of a query block against a reference block: Qb @ Rb.T, dense (bq, br)."""
     xp = backend.array_module(Rb)
     if backend.issparse(Rb):
         Rb = Rb.toarray()
     if backend.issparse(Qb):
         return xp.ascontiguousarray(Qb @ xp.ascontiguousarray(Rb.T))
-    return Qb @ Rb.T
+    return xp.ascontiguousarray(Qb @ Rb.T)
 
 
-def _merge(S, col_ids, best_k, best_i, thr, k):
-    """Merge one block of keys ``S`` (n, w) into the running top-k, in place.
+def _merge(S: Any, col_ids: Any, top: _RunningTopK, rows: Any) -> None:
+    """Merge one block of keys ``S`` (len(rows), w) into the running top-k of ``rows``.
 
-    ``col_ids`` are the original reference indices of S's columns; ``thr`` holds each row's
-    current k-th best key (the float maximum until k are known). Only keys <= thr can enter.
+    ``col_ids`` are the original reference indices of S's columns. Rows with more than
+    ``cap`` candidates first tighten their threshold to the block's own k-th smallest key.
     """
-    xp = backend.array_module(S)
-    cap = _cap(k)
+    xp, k = top.xp, top.k
+    thr = top.thr[rows]
     mask = S <= thr[:, None]
     cnt = mask.sum(axis=1)
-    heavy = xp.nonzero(cnt > cap)[0]
-    if heavy.size:  # tighten to the block's own k-th smallest key (width > cap > k here)
+    heavy = xp.nonzero(cnt > _cap(k))[0]
+    if heavy.size:  # width > cap > k here
         Sh = S[heavy]
         kth = xp.partition(Sh, k - 1, axis=1)[:, k - 1]
         mh = Sh <= xp.minimum(thr[heavy], kth)[:, None]
@@ -416,6 +469,9 @@ def _merge(S, col_ids, best_k, best_i, thr, k):
         cnt[heavy] = mh.sum(axis=1)
     width = int(cnt.max())
     if width == 0:
+        return
+    if int(cnt.min()) == S.shape[1]:  # every key is a candidate (first blocks): no compaction
+        top.absorb(rows, S, xp.broadcast_to(col_ids, S.shape))
         return
     flat = xp.flatnonzero(mask)  # row-major: columns ascend within a row
     r = flat // mask.shape[1]
@@ -428,27 +484,172 @@ def _merge(S, col_ids, best_k, best_i, thr, k):
     ci = xp.full((act.size, width), -1, dtype=np.int64)
     ck[slot[r], pos] = S[r, c]
     ci[slot[r], pos] = col_ids[c]
-    keys = xp.concatenate([best_k[act], ck], axis=1)
-    ids = xp.concatenate([best_i[act], ci], axis=1)
-    top = _lexsort_rows(keys, ids)[:, :k]
-    new_k = xp.take_along_axis(keys, top, axis=1)
-    best_k[act] = new_k
-    best_i[act] = xp.take_along_axis(ids, top, axis=1)
-    kth = new_k[:, k - 1]
-    thr[act] = xp.where(xp.isfinite(kth), kth, thr[act])
+    top.absorb(rows[act], ck, ci)
 
 
-def _lexsort_rows(keys, ids):
-    """Per-row order by (key, id): indices (n, m) into each row."""
+# ----------------------------------------------------------------------------------------------
+# GPU: one fused pass per block appends candidates to per-row buffers (no mask, no scan)
+# ----------------------------------------------------------------------------------------------
+_GPU_FUSED = True  # False: the generic array-API merge on the GPU too
+_GPU_BUFFER_MIN = 256  # candidate slots per row: max(2 cap, this)
+_GPU_MAX_GRID_Y = 65535  # query rows per block (one grid row each)
+_APPEND_SRC = r"""
+extern "C" __global__ void knn_append(
+        const TYPE* __restrict__ S, const long long width, const TYPE* __restrict__ thr,
+        int* __restrict__ cnt, TYPE* __restrict__ buf_key, long long* __restrict__ buf_idx,
+        const long long* __restrict__ col_ids, const int cap) {
+    // grid: (column tiles, rows); row r's keys S[r, :] are read once, coalesced.
+    const long long r = blockIdx.y;
+    const TYPE t = thr[r];
+    const TYPE* row = S + r * width;
+    for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < width;
+         c += (long long)gridDim.x * blockDim.x) {
+        const TYPE s = row[c];
+        if (s <= t) {
+            const int p = atomicAdd(&cnt[r], 1);
+            if (p < cap) {
+                buf_key[r * cap + p] = s;
+                buf_idx[r * cap + p] = col_ids[c];
+            }
+        }
+    }
+}
+"""
+
+
+def _fused_kernel(xp: Any, dtype: Any):
+    """The compiled append kernel for ``dtype`` on the GPU; None on the CPU, when disabled, or
+    when compilation failed (then the generic path runs)."""
+    if xp is np or not _GPU_FUSED:
+        return None
+    return _compile_append(np.dtype(dtype).name)
+
+
+@functools.lru_cache(maxsize=4)
+def _compile_append(dtype_name: str):
+    cp = backend.gpu_module()  # only reached with CuPy arrays
+    ctype = {"float32": "float", "float64": "double"}[dtype_name]
+    try:
+        kernel = cp.RawKernel(_APPEND_SRC.replace("TYPE", ctype), "knn_append")
+        kernel.compile()
+        return kernel
+    except Exception as err:  # pragma: no cover - depends on the CUDA toolchain
+        warnings.warn(f"knn: fused GPU kernel unavailable ({err}); using the generic path",
+                      stacklevel=3)
+        return None
+
+
+class _CandidateBuffer:
+    """Per-row candidate buffers on the GPU, filled by the append kernel and merged into the
+    running top-k only when half full (so most blocks cost one GEMM and one read pass)."""
+
+    def __init__(self, xp: Any, n: int, cap: int, dtype: Any):
+        self.xp, self.n = xp, n
+        self.size = max(2 * cap, _GPU_BUFFER_MIN)
+        self.key = xp.empty((n, self.size), dtype=dtype)
+        self.idx = xp.empty((n, self.size), dtype=np.int64)
+        self.cnt = xp.zeros(n, dtype=np.int32)
+
+    def collect(self, kernel: Any, S: Any, col_ids: Any, top: _RunningTopK) -> None:
+        xp = self.xp
+        n, w = S.shape
+        before = self.cnt.copy()
+        threads = 256
+        grid = (min((w + threads - 1) // threads, 1024), n)
+        kernel(grid, (threads,), (S, np.int64(w), top.thr, self.cnt, self.key, self.idx,
+                                  xp.ascontiguousarray(col_ids), np.int32(self.size)))
+        most = int(self.cnt.max())
+        if most > self.size:  # some rows overflowed: redo this block for them, generically
+            over = xp.nonzero(self.cnt > self.size)[0]
+            self.cnt[over] = before[over]
+            self.flush(top)
+            _merge(S[over], col_ids, top, over)
+        elif most > self.size // 2:
+            self.flush(top)
+
+    def flush(self, top: _RunningTopK) -> None:
+        xp = self.xp
+        act = xp.nonzero(self.cnt > 0)[0]
+        if act.size:
+            valid = xp.arange(self.size)[None, :] < self.cnt[act][:, None]
+            ck = xp.where(valid, self.key[act], xp.inf)
+            ci = xp.where(valid, self.idx[act], -1)
+            top.absorb(act, ck, ci)
+        self.cnt[:] = 0
+
+
+def _lexsort_rows(keys: Any, ids: Any) -> Any:
+    """Per-row order by (key, id): indices (n, m) into each row.
+
+    NumPy: a plain (SIMD) argsort on the keys, and a lexsort only for the rows where two finite
+    keys tie (empty slots hold +inf and are interchangeable). CuPy: two stable sorts.
+    """
     xp = backend.array_module(keys)
     if xp is np:
-        return np.lexsort((ids, keys), axis=1)
+        o = np.argsort(keys, axis=1)
+        ks = np.take_along_axis(keys, o, axis=1)
+        tied = np.flatnonzero(((ks[:, 1:] == ks[:, :-1]) & np.isfinite(ks[:, 1:])).any(axis=1))
+        if tied.size:
+            o[tied] = np.lexsort((ids[tied], keys[tied]), axis=1)
+        return o
     o1 = xp.argsort(ids, axis=1)  # cupy sorts are stable
     o2 = xp.argsort(xp.take_along_axis(keys, o1, axis=1), axis=1)
     return xp.take_along_axis(o1, o2, axis=1)
 
 
-def _finalize(key, ids, metric):
+def _pair_keys(Qb: Any, R: Any, ids: Any, metric: str) -> Any:
+    """Exact keys of the pairs (query row i, reference row ids[i, j]), (n, m).
+
+    Each pair is computed on its own (differences for euclidean, products for cosine / ip,
+    summed along the features), so identical reference rows get identical keys wherever they
+    sit, and near-zero euclidean distances carry no cancellation error.
+    """
+    xp = backend.array_module(ids)
+    n, m = ids.shape
+    if backend.issparse(R):
+        spm = backend.sparse_module(R)
+        Qs = Qb if backend.issparse(Qb) else spm.csr_matrix(Qb)
+        Qg, Rg = Qs[xp.repeat(xp.arange(n), m)], R[ids.ravel()]
+        if metric == "euclidean":
+            diff = Qg - Rg
+            keys = diff.multiply(diff).sum(axis=1)
+        else:
+            keys = -Qg.multiply(Rg).sum(axis=1)
+        return xp.asarray(keys).reshape(n, m).astype(R.dtype)
+    Rg = R[ids]  # (n, m, p)
+    Qd = Qb.toarray() if backend.issparse(Qb) else Qb
+    if metric == "euclidean":
+        diff = Qd[:, None, :] - Rg
+        return (diff * diff).sum(axis=2)
+    return -(Qd[:, None, :] * Rg).sum(axis=2)
+
+
+def _rerank_rows(Qb: Any, R: Any, m: int) -> int:
+    """Query rows per re-ranking chunk, so that the gathered pairs stay within budget."""
+    itemsize = np.dtype(R.dtype).itemsize
+    if backend.issparse(Qb) and backend.issparse(R):
+        width = 2 * (Qb.nnz / max(Qb.shape[0], 1) + R.nnz / max(R.shape[0], 1)) + 1
+        per_row = m * width * (itemsize + 8)
+    else:
+        per_row = m * R.shape[1] * itemsize * 2
+    return max(1, int(_RERANK_BYTES // per_row))
+
+
+def _rerank(Qb: Any, R: Any, ids: Any, k: int, metric: str) -> tuple[Any, Any]:
+    """Distances (n, k) and indices of the k best of the candidate ``ids`` (n, m >= k), sorted
+    on (exact key, index)."""
+    xp = backend.array_module(ids)
+    n, m = ids.shape
+    step = _rerank_rows(Qb, R, m)
+    keys = xp.concatenate(
+        [_pair_keys(Qb[s : s + step], R, ids[s : s + step], metric) for s in range(0, n, step)]
+    )
+    o = _lexsort_rows(keys, ids)[:, :k]
+    D = _key_to_distance(xp.take_along_axis(keys, o, axis=1), metric)
+    return D, xp.take_along_axis(ids, o, axis=1)
+
+
+def _finalize(key: Any, ids: Any, metric: str) -> tuple[Any, Any]:
     """Reported distances, re-sorted per row on (distance, index)."""
     xp = backend.array_module(key)
     D = _key_to_distance(key, metric)
@@ -459,7 +660,7 @@ def _finalize(key, ids, metric):
 # ----------------------------------------------------------------------------------------------
 # faiss engine (optional)
 # ----------------------------------------------------------------------------------------------
-def _knn_faiss(Q, R, k, metric, exclude_self):
+def _knn_faiss(Q: Any, R: Any, k: int, metric: str, exclude_self: bool) -> tuple[Any, Any]:
     """Exact search with faiss ``IndexFlatL2`` / ``IndexFlatIP`` on the host (float32, dense).
 
     Inputs on the GPU or sparse are moved to host / densified. Results follow this module's
@@ -488,13 +689,13 @@ def _knn_faiss(Q, R, k, metric, exclude_self):
     return xp.asarray(D), xp.asarray(ids)
 
 
-def _dense_host32(X):
+def _dense_host32(X: Any) -> np.ndarray:
     X = backend.to_host(X)
     X = X.toarray() if backend.issparse(X) else X
     return np.ascontiguousarray(X, dtype=np.float32)
 
 
-def _drop_self(sim, ids, k):
+def _drop_self(sim: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """From k+1 results per row drop the row's own index (or the last one when absent)."""
     n = ids.shape[0]
     drop = ids == np.arange(n)[:, None]
