@@ -3,7 +3,7 @@
 Definitions follow scib-metrics (Luecken et al. 2022, "Benchmarking atlas-level data integration
 in single-cell genomics", Nat. Methods; YosefLab/scib-metrics, src/scib_metrics/metrics;
 ../shared/reference/cca_mnn_rsvd.md section 5). Neighbours come from the exact blocked search
-:func:`scatlas.kernels.knn.knn` (scib-metrics uses approximate pynndescent neighbours by default).
+:func:`scatlas.kernels.knn` (scib-metrics uses approximate pynndescent neighbours by default).
 Silhouettes, k-means, NMI and ARI are scikit-learn's; connected components are SciPy's.
 
 Inputs: ``X`` is an (n_cells, n_dims) dense embedding, numpy or cupy. Neighbour searches run where
@@ -30,7 +30,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 
 from . import backend
 from ._validate import ScatlasInputError, check_matrix, check_positive_int
-from .kernels.knn import knn
+from .kernels.neighbors import knn
 
 _LISI_ROWS = 65536  # cells per chunk of the perplexity calibration
 

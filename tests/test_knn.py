@@ -11,8 +11,8 @@ import scipy.sparse as sp
 
 from scatlas import backend
 from scatlas._validate import ScatlasInputError
-from scatlas.kernels import knn as knn_mod
-from scatlas.kernels.knn import knn, mnn_pairs
+from scatlas.kernels import neighbors as knn_mod
+from scatlas.kernels.neighbors import knn, mnn_pairs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ Arrays are cells x features. Each kernel returns the caller's array kind.
 """
 
 from .cca import cca, pls, ridge_cca
-from .knn import knn, mnn_pairs
 from .linalg import PCAResult, pca, rsvd
+from .neighbors import knn, mnn_pairs
 from .nmf import INMFResult, JNMFResult, inmf, inmf_objective, jnmf, uinmf
 from .nnls import nnls_bpp, nnls_hals
 from .online_nmf import OnlineINMFResult, online_inmf, project_inmf
@@ -13,6 +13,6 @@ from .quantile import QuantileNormResult, quantile_norm
 
 __all__ = [
     "INMFResult", "JNMFResult", "OnlineINMFResult", "PCAResult", "QuantileNormResult", "cca",
-    "inmf", "inmf_objective", "jnmf", "knn", "mnn_pairs", "nnls_bpp", "nnls_hals", "online_inmf", "pca", "pls",
-    "project_inmf", "quantile_norm", "ridge_cca", "rsvd", "uinmf",
+    "inmf", "inmf_objective", "jnmf", "knn", "mnn_pairs", "nnls_bpp", "nnls_hals",
+    "online_inmf", "pca", "pls", "project_inmf", "quantile_norm", "ridge_cca", "rsvd", "uinmf",
 ]
