@@ -146,6 +146,8 @@ def _row(record: Mapping[str, Any], size_key: str, name: str, metric_keys: Seque
         note = res.get("accuracy_error", "")
         if res.get("runs_on") and res["runs_on"] != record["device"]:
             note = (note + "; " if note else "") + f"runs on {res['runs_on']}"
+        if res.get("load_1m") is not None:
+            note = (note + "; " if note else "") + f"load {res['load_1m']:.1f}"
     else:
         cells += [res.get("status", "?"), "—", "—"] + ["—"] * len(metric_keys)
         note = res.get("reason") or res.get("error", "")

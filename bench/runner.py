@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -53,6 +54,14 @@ def _parse_size(item: Any) -> int:
 def result_path(out: str | Path, name: str, device: str) -> Path:
     """Where a benchmark's JSON for one device lives."""
     return Path(out) / f"{name}_{device}.json"
+
+
+def _load_1m() -> float | None:
+    """The 1-minute load average when the timing ended (other work on the machine skews it)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not available on this platform
+        return None
 
 
 def summarize(times: Sequence[float]) -> dict[str, Any]:
@@ -140,7 +149,8 @@ def run_method(
     except Exception as exc:  # noqa: BLE001 - record the failure, keep benchmarking
         traceback.print_exc(file=sys.stderr)
         return {**entry, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
-    entry.update(status="ok", times_s=times, warmup=warmup, **summarize(times))
+    entry.update(status="ok", times_s=times, warmup=warmup, load_1m=_load_1m(),
+                 **summarize(times))
     try:
         scores = bench.accuracy(workload, method, output)
         entry["accuracy"] = {k: v if isinstance(v, str) else _number(v)
