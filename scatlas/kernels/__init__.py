@@ -3,7 +3,16 @@
 Arrays are cells x features. Each kernel returns the caller's array kind.
 """
 
+from .anchors import (
+    Anchors,
+    SeuratIntegration,
+    find_anchors,
+    integrate_pair,
+    scale_data,
+    seurat_integrate,
+)
 from .cca import cca, pls, ridge_cca
+from .fastmnn import FastMNNResult, fastmnn
 from .linalg import PCAResult, pca, rsvd
 from .neighbors import knn, mnn_pairs
 from .nmf import INMFResult, JNMFResult, inmf, inmf_objective, jnmf, uinmf
@@ -12,6 +21,8 @@ from .online_nmf import OnlineINMFResult, online_inmf, project_inmf
 from .quantile import QuantileNormResult, quantile_norm
 
 __all__ = [
+    "Anchors", "FastMNNResult", "SeuratIntegration", "fastmnn", "find_anchors",
+    "integrate_pair", "scale_data", "seurat_integrate",
     "INMFResult", "JNMFResult", "OnlineINMFResult", "PCAResult", "QuantileNormResult", "cca",
     "inmf", "inmf_objective", "jnmf", "knn", "mnn_pairs", "nnls_bpp", "nnls_hals",
     "online_inmf", "pca", "pls", "project_inmf", "quantile_norm", "ridge_cca", "rsvd", "uinmf",

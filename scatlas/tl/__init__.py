@@ -6,6 +6,7 @@ convention). Results are of the matrix's array kind unless ``device=`` moves the
 One module per tool family; this package re-exports them.
 """
 
+from ._integrate import integrate
 from ._linalg import cca, pca
 
-__all__ = ["cca", "pca"]
+__all__ = ["cca", "integrate", "pca"]

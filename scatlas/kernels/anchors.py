@@ -1,0 +1,852 @@
+"""Seurat anchor-based integration (FindIntegrationAnchors -> IntegrateData) as array kernels.
+
+Follows ../shared/reference/cca_mnn_rsvd.md section 1 (Seurat v3/v4 ``R/integration.R`` and
+``src/integration.cpp``; line numbers from satijalab/seurat 17d6f4f):
+
+1. :func:`scale_data` - ``ScaleData`` per dataset: centre and scale every gene (sd with n - 1),
+   values above ``scale.max = 10`` clipped (upper side only, ``FastRowScale``).
+2. :func:`find_anchors` - ``FindAnchors`` (integration.R:132 defaults):
+   CCA of the two scaled matrices (``RunCCA``, :func:`scatlas.kernels.cca`, 30 canonical
+   vectors, never the n1 x n2 matrix), loadings ``ProjectDim`` = ``[X1; X2]^T [U; V]``,
+   L2-normalised cells (``L2Dim``); kNN (``FindNN``, integration.R:4411) within each dataset
+   (k + 1, the cell itself first) and across (k) with k = max(k.anchor, k.score); mutual pairs
+   within the first k.anchor = 5 (``FindAnchorPairs``, integration.R:4301); optional filtering
+   (``TopDimFeatures`` + ``FilterAnchors``, integration.R:5857, 3991): the ~200 genes with the
+   top balanced loadings, cells L2-normalised in the log-normalised ``data``, an anchor is kept
+   when its dataset-2 cell is among the k.filter = 200 nearest of its dataset-1 cell; scoring
+   (``ScoreAnchors``, integration.R:5803): shared neighbours of the two anchor cells among
+   ``nnaa[:30] + nnab[:30]`` and ``nnba[:30] + nnbb[:30]``, rescaled by the 0.01 / 0.90
+   quantiles (R's type-7 quantiles = NumPy's default) and clipped to [0, 1].
+3. :func:`integrate_pair` - ``FindIntegrationMatrix`` + ``FindWeights`` (integration.R:4360,
+   4538) + ``FindWeightsC`` / ``IntegrateDataC`` (integration.cpp:13, 89): per query cell its
+   k.weight = 100 nearest anchor query cells in the weight space, ``D = 1 - d / d_k``, walking
+   the neighbour list an anchor cell contributes one entry per anchor it is in, at most k.weight
+   entries in all, ``w = 1 - exp(-D score / (2 / sd.weight)^2)`` normalised per cell;
+   ``query - W (query[b] - ref[a])``.
+4. :func:`seurat_integrate` - the multi-dataset driver (``FindIntegrationAnchors`` over all
+   pairs, ``CountAnchors`` / ``BuildSampleTree`` (integration.R:3969, 3935), progressive merges
+   with the larger object as reference (``PairwiseIntegrateReference``, integration.R:4875ff)
+   and a fresh ``ScaleData`` + ``RunPCA`` (30 PCs) of each merged pair as weight space
+   (``RunIntegration``, integration.R:5628); or Seurat v5 ``CCAIntegration`` /
+   ``IntegrateEmbeddings`` (integration5.R:206, integration.R:1681) on a supplied embedding,
+   which is then both corrected and the weight space.
+
+Deviations from Seurat (documented, deliberate):
+
+- Exact neighbours (:func:`scatlas.kernels.knn`, ties to the smaller index) instead of Annoy
+  (50 trees); the within-dataset lists put each cell first, then its k nearest OTHER cells
+  (Annoy returns the cell first unless a duplicate ties with it).
+- The CCA is the exact (Gram-route) singular subspace, not irlba's approximation; signs follow
+  Seurat's rule. The weight-space PCA is exact too (not irlba); its signs do not matter.
+- ``TopFeatures(balanced=TRUE)`` with one feature per dimension is taken as Seurat < 4's
+  unbalanced top-1 (recent SeuratObject versions fail on ``round(1/2) = 0``); R's
+  ``round`` (half to even) is NumPy's.
+- Degenerate cases where Seurat divides by zero: a zero-variance gene scales to 0 (Seurat's
+  NaN), a cell whose k.weight-th anchor neighbour is at distance 0 gets D = 1 for all of them,
+  a cell whose weights are all 0 is left uncorrected (with a warning), and when the 0.90 and
+  0.01 score quantiles coincide an anchor's score is 1 if it reaches them, else 0.
+- Anchor order within a pair is Seurat's (dataset-1 cell, then its dataset-2 neighbours nearest
+  first); across pairs the order of ``FindIntegrationAnchors`` (pairs (i, j), i < j, ordered by
+  j then i, then the reversed copies), which fixes which anchors a cell keeps when the
+  k.weight entries are cut.
+- ``hclust`` ties (equal 1/similarity distances) may be broken differently by SciPy's
+  ``linkage``; infinite distances (datasets without anchors) are replaced by a finite value
+  larger than all others.
+
+No n1 x n2 matrix is ever formed: the CCA goes through p x p Gram matrices, neighbours are
+searched block-wise, weights are a sparse (n_query x n_anchors) matrix with k.weight entries per
+row and the correction is two sparse-times-data products.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from .. import _progress, backend
+from .._validate import ScatlasInputError, check_positive_int, check_same_features
+from ._operator import ShiftedOperator
+from .cca import cca as _cca
+from .linalg import as_compute_matrix
+from .linalg import pca as _pca
+from .neighbors import knn
+
+#: ScaleData's scale.max
+SCALE_MAX = 10.0
+#: TopDimFeatures' features.per.dim
+FEATURES_PER_DIM = 100
+#: ScoreAnchors' rescaling quantiles (low, high)
+SCORE_QUANTILES = (0.01, 0.90)
+# Anchors per chunk when counting shared neighbours (chunk x k x k booleans).
+_SCORE_CHUNK = 8192
+
+ScaleMode = Literal["dataset", "joint", "none"]
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers (also used by kernels.fastmnn)
+# ----------------------------------------------------------------------------------------------
+def l2_normalize_rows(X: Any, floor: float = 0.0) -> Any:
+    """Each row divided by its L2 norm (dense or CSR; same kind and dtype as X).
+
+    ``floor=0`` is Seurat's ``L2Norm`` (all-zero rows stay zero), ``floor=1e-8`` batchelor's
+    ``cosineNorm`` (norms floored at 1e-8).
+    """
+    xp = backend.array_module(X)
+    if backend.issparse(X):
+        sq = xp.asarray(X.multiply(X).sum(axis=1)).ravel().astype(np.float64)
+    else:
+        sq = xp.square(X).sum(axis=1, dtype=np.float64)
+    norm = xp.sqrt(sq)
+    norm = xp.maximum(norm, floor) if floor > 0 else norm
+    inv = xp.where(norm > 0, 1.0 / xp.where(norm > 0, norm, 1.0), 0.0).astype(X.dtype)
+    if not backend.issparse(X):
+        return X * inv[:, None]
+    return backend.sparse_module(X).diags(inv) @ X
+
+
+def stable_argsort(v: Any) -> Any:
+    """Stable argsort of a 1-D array (CuPy's sort is always stable and takes no ``kind``)."""
+    xp = backend.array_module(v)
+    return xp.argsort(v, kind="stable") if xp is np else xp.argsort(v)
+
+
+def to_dense(X: Any) -> Any:
+    """Dense copy of a sparse matrix; dense input is returned as is."""
+    return X.toarray() if backend.issparse(X) else X
+
+
+def split_batches(X: Any, batch: Any, name: str = "X") -> tuple[list[Any], list[Any], Any]:
+    """Rows of X grouped by batch label: (per-batch matrices, batch names, row indices).
+
+    Batches are ordered as R's ``factor`` levels (sorted unique values), the rows within a
+    batch keep their order; ``indices[b]`` (host int64) are batch b's rows in X.
+    """
+    labels = np.asarray(backend.to_host(batch.to_numpy() if hasattr(batch, "to_numpy")
+                                        else batch))
+    n = X.shape[0]
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ScatlasInputError(
+            f"batch must be 1-D with one label per row of {name} ({n}), got shape {labels.shape}"
+        )
+    missing = (any(v is None or v != v for v in labels) if labels.dtype == object else
+               labels.dtype.kind == "f" and bool(np.isnan(labels).any()))
+    if missing:
+        raise ScatlasInputError("batch contains missing values (None / NaN)")
+    names, codes = np.unique(labels.astype(str) if labels.dtype == object else labels,
+                             return_inverse=True)
+    idx = [np.flatnonzero(codes == b) for b in range(names.size)]
+    xp = backend.array_module(X)
+    return [X[xp.asarray(i)] for i in idx], list(names), idx
+
+
+def prepare_datasets(datasets: Sequence[Any], dtype: Any, device: str | None,
+                     what: str = "datasets") -> tuple[list[Any], Any]:
+    """Validated compute-dtype matrices on one device, and the caller's ``restore``.
+
+    Raises for fewer than two datasets, NaN/inf, different feature counts, mixed devices.
+    """
+    if not isinstance(datasets, Sequence) or isinstance(datasets, str | bytes):
+        raise ScatlasInputError(f"{what} must be a list of (cells x features) matrices")
+    if len(datasets) < 2:
+        raise ScatlasInputError(
+            f"integration needs at least 2 batches/datasets, got {len(datasets)} (a single "
+            "batch has nothing to integrate)"
+        )
+    out, restore = [], None
+    for i, X in enumerate(datasets):
+        Xd, rest = backend.on_device(X, device)
+        restore = rest if restore is None else restore
+        out.append(as_compute_matrix(Xd, dtype, f"{what}[{i}]"))
+    if len({backend.device_of(X) for X in out}) != 1:
+        raise ScatlasInputError(f"all {what} must live on the same device (or pass device=)")
+    check_same_features(out, [f"{what}[{i}]" for i in range(len(out))])
+    return out, restore
+
+
+def check_min_cells(sizes: Sequence[int], minimum: int, reason: str) -> None:
+    """Every dataset has at least ``minimum`` cells; else a 'fewer cells than k' error."""
+    small = {i: n for i, n in enumerate(sizes) if n < minimum}
+    if small:
+        raise ScatlasInputError(
+            f"fewer cells than k: {reason} needs at least {minimum} cells per dataset/batch, "
+            f"but {small} (index: cells) have fewer; lower it or drop those batches"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# ScaleData
+# ----------------------------------------------------------------------------------------------
+def scale_data(X: Any, *, clip: float | None = SCALE_MAX, dtype: Any = None) -> Any:
+    """Seurat ``ScaleData`` (``FastRowScale``): each gene centred and divided by its sd (n - 1).
+
+    X is (n_cells, n_genes), dense or sparse, numpy or cupy; returns a dense (n, p) array in the
+    compute dtype (float32 by default). Values above ``clip`` (``scale.max = 10``) are set to it
+    (Seurat clips the upper side only); ``clip=None`` disables it. Zero-variance genes give 0
+    (Seurat: NaN). Needs at least 2 cells.
+    """
+    X = as_compute_matrix(X, dtype, "X")
+    n = X.shape[0]
+    if n < 2:
+        raise ScatlasInputError("scale_data needs at least 2 cells (sd with n - 1)")
+    xp = backend.array_module(X)
+    if backend.issparse(X):
+        s1 = xp.asarray(X.sum(axis=0)).ravel().astype(np.float64)
+        s2 = xp.asarray(X.multiply(X).sum(axis=0)).ravel().astype(np.float64)
+    else:
+        s1 = X.sum(axis=0, dtype=np.float64)
+        s2 = xp.square(X).sum(axis=0, dtype=np.float64)
+    mean = s1 / n
+    var = xp.clip(s2 - n * mean**2, 0, None) / (n - 1)
+    sd = xp.sqrt(var)
+    flat = var <= 1e-12 * xp.maximum(s2 / n, 1e-300)  # constant gene (round-off variance)
+    inv = xp.where(flat, 0.0, 1.0 / xp.where(flat, 1.0, sd))
+    out = to_dense(X).astype(X.dtype, copy=True)
+    out -= mean.astype(X.dtype)[None, :]
+    out *= inv.astype(X.dtype)[None, :]
+    if clip is not None:
+        xp.minimum(out, X.dtype.type(clip), out=out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# anchors
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Anchors:
+    """Anchor pairs between two datasets, as ``FindIntegrationAnchors`` lists them.
+
+    ``cell1`` (m,) int64 rows of dataset 1, ``cell2`` (m,) int64 rows of dataset 2, ``score``
+    (m,) float64 in [0, 1]; iterating gives ``(cell1, cell2, score)``. ``n_mnn`` counts the
+    mutual pairs before filtering; ``filter_features`` are the gene columns used to filter
+    (host int64; None when filtering was skipped).
+    """
+
+    cell1: Any
+    cell2: Any
+    score: Any
+    n_mnn: int = 0
+    filter_features: np.ndarray | None = None
+    embeddings: tuple[Any, Any] | None = field(default=None, repr=False)
+
+    def __iter__(self):
+        return iter((self.cell1, self.cell2, self.score))
+
+    def __len__(self) -> int:
+        return int(self.cell1.shape[0])
+
+
+def top_dim_features(loadings: Any, max_features: int = 200,
+                     features_per_dim: int = FEATURES_PER_DIM) -> np.ndarray:
+    """Seurat ``TopDimFeatures(balanced=TRUE)`` on a (p, dims) loading matrix -> gene indices.
+
+    For y = 1..features_per_dim, the union over dimensions of the round(y/2) most positive and
+    round(y/2) most negative genes (``Top``; ties by position, R's stable ``order``) is counted;
+    the smallest y reaching the largest count below ``max(2 dims, max_features)`` (R's
+    ``which.max`` over the counts below the limit) is used. Returns sorted host int64 indices.
+    """
+    L = np.asarray(backend.to_host(loadings), dtype=np.float64)
+    p, n_dims = L.shape
+    limit = max(2 * n_dims, int(max_features))
+    order = np.argsort(-L, axis=0, kind="stable")  # decreasing, ties by position
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(p)[:, None], axis=0)
+    best = np.minimum(rank, p - 1 - rank).min(axis=1)  # best balanced rank over dims
+    top1 = np.unique(np.argmax(np.abs(L), axis=0))  # y = 1: unbalanced top-1 (Seurat < 4)
+    halves = np.round(np.minimum(np.arange(1, features_per_dim + 1), p) / 2).astype(np.int64)
+    counts = np.array([top1.size] + [int(np.count_nonzero(best < h)) for h in halves[1:]])
+    below = np.flatnonzero(counts < limit)
+    if below.size == 0:  # cannot happen for p >= 1 (count(1) <= dims < limit)
+        return top1
+    y_idx = below[np.argmax(counts[below])]  # first y with the largest count below the limit
+    if y_idx == 0:
+        return top1
+    return np.flatnonzero(best < halves[y_idx]).astype(np.int64)
+
+
+def _knn_self_first(E: Any, k: int, progress: bool | None) -> Any:
+    """(n, k + 1) indices: each cell, then its k nearest other cells (``FindNN`` nnaa/nnbb)."""
+    xp = backend.array_module(E)
+    _, idx = knn(E, None, k, exclude_self=True, dtype=E.dtype, progress=progress)
+    return xp.concatenate([xp.arange(E.shape[0], dtype=idx.dtype)[:, None], idx], axis=1)
+
+
+def _mutual_in_order(nnab: Any, nnba: Any, k_anchor: int) -> tuple[Any, Any]:
+    """``FindAnchorPairs``: (a, b) with b in nnab[a, :k] and a in nnba[b, :k], ordered by a,
+    then by b's rank in a's list."""
+    xp = backend.array_module(nnab)
+    cand = nnab[:, :k_anchor]
+    back = nnba[:, :k_anchor][cand]  # (n1, k, k)
+    rows = xp.arange(nnab.shape[0])[:, None]
+    mutual = (back == rows[:, :, None]).any(axis=2)
+    a, r = xp.nonzero(mutual)  # row-major: a ascending, then rank
+    return a.astype(np.int64), cand[a, r].astype(np.int64)
+
+
+def _shared_neighbours(set_a: Any, set_b: Any) -> Any:
+    """|set_a[i] & set_b[i]| per row for (m, s) integer arrays without repeats within a row."""
+    xp = backend.array_module(set_a)
+    m = set_a.shape[0]
+    out = xp.empty(m, dtype=np.int64)
+    for s in range(0, m, _SCORE_CHUNK):
+        e = min(m, s + _SCORE_CHUNK)
+        out[s:e] = (set_a[s:e, :, None] == set_b[s:e, None, :]).sum(axis=(1, 2))
+    return out
+
+
+def _score_anchors(a: Any, b: Any, nn: dict[str, Any], k_score: int) -> Any:
+    """``ScoreAnchors``: shared neighbours of the anchor cells, quantile-rescaled to [0, 1]."""
+    xp = backend.array_module(a)
+    if a.shape[0] == 0:
+        return xp.zeros(0, dtype=np.float64)
+    ks = k_score
+    n1 = nn["aa"].shape[0]
+    set_a = xp.concatenate([nn["aa"][a, :ks], nn["ab"][a, :ks] + n1], axis=1)
+    set_b = xp.concatenate([nn["ba"][b, :ks], nn["bb"][b, :ks] + n1], axis=1)
+    raw = _shared_neighbours(set_a, set_b).astype(np.float64)
+    lo = float(xp.quantile(raw, SCORE_QUANTILES[0]))
+    hi = float(xp.quantile(raw, SCORE_QUANTILES[1]))
+    if hi == lo:  # Seurat divides by zero here
+        return (raw >= hi).astype(np.float64)
+    return xp.clip((raw - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _filter_anchors(a: Any, b: Any, F1: Any, F2: Any, k_filter: int,
+                    progress: bool | None) -> Any:
+    """``FilterAnchors``: keep (a, b) when b is among the k_filter nearest F2 rows of F1[a]
+    (F1, F2 already restricted to the top features and L2-normalised)."""
+    xp = backend.array_module(a)
+    if a.shape[0] == 0:
+        return xp.zeros(0, dtype=bool)
+    cells, inv = xp.unique(a, return_inverse=True)
+    _, idx = knn(F1[cells], F2, k_filter, dtype=F1.dtype, progress=progress)
+    inv = inv.ravel()
+    keep = xp.empty(a.shape[0], dtype=bool)
+    for s in range(0, a.shape[0], _SCORE_CHUNK):
+        e = min(a.shape[0], s + _SCORE_CHUNK)
+        keep[s:e] = (idx[inv[s:e]] == b[s:e, None]).any(axis=1)
+    return keep
+
+
+def _check_anchor_args(n1: int, n2: int, p: int, dims: int, k_anchor: int, k_score: int,
+                       k_filter: int | None, max_features: int) -> tuple[int, ...]:
+    dims = check_positive_int(dims, "dims")
+    k_anchor = check_positive_int(k_anchor, "k_anchor")
+    k_score = check_positive_int(k_score, "k_score")
+    check_positive_int(max_features, "max_features")
+    if k_filter is not None:
+        k_filter = check_positive_int(k_filter, "k_filter")
+    if min(n1, n2) <= dims:  # Seurat: "Max dimension too large"
+        raise ScatlasInputError(
+            f"fewer cells than dims: the datasets have {n1} and {n2} cells but dims={dims} "
+            "canonical vectors need more cells than that; lower dims"
+        )
+    if dims > p:
+        raise ScatlasInputError(f"dims={dims} exceeds the number of shared features ({p})")
+    k = max(k_anchor, k_score)
+    check_min_cells([n1, n2], k + 1, f"max(k_anchor, k_score)={k} (plus the cell itself)")
+    return dims, k_anchor, k_score, k_filter
+
+
+def find_anchors(
+    X1: Any,
+    X2: Any,
+    *,
+    k_anchor: int = 5,
+    k_filter: int | None = 200,
+    k_score: int = 30,
+    dims: int = 30,
+    max_features: int = 200,
+    filter_data1: Any = None,
+    filter_data2: Any = None,
+    l2_norm: bool = True,
+    scale: bool = False,
+    cca_method: str = "auto",
+    seed: int = 42,
+    dtype: Any = None,
+    device: str | None = None,
+    progress: bool | None = None,
+) -> Anchors:
+    """Seurat ``FindIntegrationAnchors`` for one pair of datasets (reduction = "cca").
+
+    Parameters
+    ----------
+    X1, X2
+        (n1, p) and (n2, p) gene-scaled expression of the anchor features (Seurat's
+        ``scale.data``; pass log-normalised data with ``scale=True`` to run ``ScaleData`` per
+        dataset here). Dense or sparse, numpy or cupy.
+    k_anchor, k_score, k_filter, dims, max_features
+        Seurat's defaults 5, 30, 200, 30 (``dims = 1:30``), 200. ``k_filter=None`` skips the
+        filtering (Seurat's ``k.filter = NA``, the v5 ``CCAIntegration`` default); it is also
+        skipped, with a warning, when a dataset has fewer than ``k_filter`` cells.
+    filter_data1, filter_data2
+        (n1, p) / (n2, p) log-normalised expression of the same genes (Seurat's ``data``),
+        used by the filter; ``None`` uses X1 / X2.
+    l2_norm
+        L2-normalise the canonical vectors per cell before the neighbour searches (``L2Dim``).
+    scale
+        Run :func:`scale_data` on X1 and X2 first.
+    cca_method, seed
+        Passed to :func:`scatlas.kernels.cca` (``method`` / ``seed``).
+    dtype, device, progress
+        Compute dtype (float32 default), device override, progress bars.
+
+    Returns
+    -------
+    Anchors
+        ``cell1`` / ``cell2`` (m,) int64 and ``score`` (m,) float64 of the caller's array kind,
+        in Seurat's order; ``embeddings`` holds the (L2-normalised) canonical vectors.
+    """
+    (X1d, X2d), restore = prepare_datasets([X1, X2], dtype, device, "X")
+    n1, n2, p = X1d.shape[0], X2d.shape[0], X1d.shape[1]
+    dims, k_anchor, k_score, k_filter = _check_anchor_args(n1, n2, p, dims, k_anchor, k_score,
+                                                           k_filter, max_features)
+    if scale:
+        X1d, X2d = scale_data(X1d, dtype=X1d.dtype), scale_data(X2d, dtype=X2d.dtype)
+    Z1, Z2 = _cca(X1d, X2d, dims, l2_norm=False, method=cca_method, seed=seed,
+                  dtype=X1d.dtype, progress=progress)
+    E1, E2 = (l2_normalize_rows(Z1), l2_normalize_rows(Z2)) if l2_norm else (Z1, Z2)
+    k = max(k_anchor, k_score)
+    opts = dict(dtype=E1.dtype, progress=progress)
+    nn = {"aa": _knn_self_first(E1, k, progress), "bb": _knn_self_first(E2, k, progress),
+          "ab": knn(E1, E2, k, **opts)[1], "ba": knn(E2, E1, k, **opts)[1]}
+    a, b = _mutual_in_order(nn["ab"], nn["ba"], k_anchor)
+    n_mnn = int(a.shape[0])
+    features = None
+    if k_filter is not None and min(n1, n2) < k_filter:
+        warnings.warn(f"fewer cells than k_filter={k_filter} ({n1}, {n2}); retaining all "
+                      "anchors (as Seurat does)", UserWarning, stacklevel=2)
+    elif k_filter is not None:
+        loadings = to_dense(X1d).T @ Z1 + to_dense(X2d).T @ Z2  # ProjectDim on scale.data
+        features = top_dim_features(loadings, max_features)
+        F1, F2 = _filter_inputs(filter_data1, filter_data2, X1d, X2d, features, device)
+        keep = _filter_anchors(a, b, F1, F2, k_filter, progress)
+        a, b = a[keep], b[keep]
+    score = _score_anchors(a, b, nn, k_score)
+    return Anchors(cell1=restore(a), cell2=restore(b), score=restore(score), n_mnn=n_mnn,
+                   filter_features=features, embeddings=(restore(E1), restore(E2)))
+
+
+def _filter_inputs(F1: Any, F2: Any, X1: Any, X2: Any, features: np.ndarray,
+                   device: str | None) -> tuple[Any, Any]:
+    """The filter's matrices: log-normalised data (or X) on the top features, L2-normalised."""
+    if (F1 is None) != (F2 is None):
+        raise ScatlasInputError("give both filter_data1 and filter_data2, or neither")
+    if F1 is None:
+        F1, F2 = X1, X2
+    else:
+        (F1, F2), _ = prepare_datasets([F1, F2], X1.dtype, device, "filter_data")
+        for F, X, name in ((F1, X1, "filter_data1"), (F2, X2, "filter_data2")):
+            if F.shape != X.shape:
+                raise ScatlasInputError(f"{name} has shape {F.shape}; expected {X.shape}")
+    cols = backend.to_device(features, backend.device_of(F1))
+    return (l2_normalize_rows(to_dense(F[:, cols])) for F in (F1, F2))
+
+
+# ----------------------------------------------------------------------------------------------
+# integration of one pair
+# ----------------------------------------------------------------------------------------------
+def _anchor_arrays(anchors: Any, n_ref: int, n_query: int, xp: Any) -> tuple[Any, Any, Any]:
+    try:
+        a, b, s = anchors
+    except (TypeError, ValueError) as err:
+        raise ScatlasInputError("anchors must be an Anchors or a (cell1, cell2, score) "
+                                "triple") from err
+    a = xp.asarray(backend.to_host(a) if xp is np else a).astype(np.int64).ravel()
+    b = xp.asarray(backend.to_host(b) if xp is np else b).astype(np.int64).ravel()
+    s = xp.asarray(backend.to_host(s) if xp is np else s).astype(np.float64).ravel()
+    if not a.shape == b.shape == s.shape:
+        raise ScatlasInputError(
+            f"anchor arrays differ in length: {a.shape[0]}, {b.shape[0]}, {s.shape[0]}"
+        )
+    if a.shape[0] == 0:
+        raise ScatlasInputError("no anchors: nothing to integrate (are the datasets related?)")
+    for v, n, name in ((a, n_ref, "cell1"), (b, n_query, "cell2")):
+        if int(v.min()) < 0 or int(v.max()) >= n:
+            raise ScatlasInputError(f"anchors.{name} has indices outside [0, {n})")
+    if not bool(xp.all(xp.isfinite(s))):
+        raise ScatlasInputError("anchor scores contain NaN or infinite values")
+    return a, b, s
+
+
+def _first_appearance(v: Any) -> tuple[Any, Any]:
+    """Unique values of v in order of first appearance, and each element's position in it."""
+    xp = backend.array_module(v)
+    uniq, first, inv = xp.unique(v, return_index=True, return_inverse=True)
+    order = xp.argsort(first)
+    rank = xp.empty_like(order)
+    rank[order] = xp.arange(order.shape[0])
+    return uniq[order], rank[inv.ravel()]
+
+
+def anchor_weights(dist: Any, nbr: Any, anchor_pos: Any, score: Any, sd_weight: float) -> Any:
+    """``FindWeightsC``: the (n_query, n_anchors) CSR weight matrix, k entries per row.
+
+    ``dist`` / ``nbr`` (n, k): each query cell's k nearest anchor query cells (positions among
+    the unique anchor cells) and distances, nearest first; ``anchor_pos`` (m,): each anchor's
+    query-cell position; ``score`` (m,). Walking a cell's neighbours nearest first, a neighbour
+    contributes one entry per anchor it belongs to (in anchor order) until k entries are taken;
+    ``D = 1 - d / d_k``, ``w = 1 - exp(-D score / (2 / sd)^2)``, normalised per cell.
+    """
+    xp = backend.array_module(dist)
+    n, k = nbr.shape
+    n_cells = int(anchor_pos.max()) + 1
+    rows_sorted = stable_argsort(anchor_pos)  # anchors grouped by query cell, in anchor order
+    counts = xp.bincount(anchor_pos, minlength=n_cells)
+    ptr = xp.concatenate([xp.zeros(1, dtype=counts.dtype), xp.cumsum(counts)])
+    cnt = counts[nbr]
+    start = xp.cumsum(cnt, axis=1) - cnt  # first entry slot of each neighbour
+    mark = xp.zeros((n, k), dtype=np.int32)
+    r_idx, s_idx = xp.nonzero(start < k)
+    mark[r_idx, start[r_idx, s_idx]] = 1
+    slot = xp.cumsum(mark, axis=1) - 1  # the neighbour that fills entry t
+    rows = xp.arange(n)[:, None]
+    j = xp.arange(k)[None, :] - start[rows, slot]
+    anchor = rows_sorted[ptr[nbr[rows, slot]] + j]  # (n, k) anchor rows
+    d = dist.astype(np.float64)
+    dk = d[:, -1:]
+    D = xp.where(dk > 0, 1.0 - d / xp.where(dk > 0, dk, 1.0), 1.0)[rows, slot]
+    w = 1.0 - xp.exp(-D * score[anchor] / (2.0 / sd_weight) ** 2)
+    total = w.sum(axis=1, keepdims=True)
+    dead = int(xp.count_nonzero(total <= 0))
+    if dead:
+        warnings.warn(f"{dead} query cell(s) have all anchor weights 0 (scores 0); they are "
+                      "left uncorrected", UserWarning, stacklevel=3)
+    w = xp.where(total > 0, w / xp.where(total > 0, total, 1.0), 0.0)
+    indptr = xp.arange(0, n * k + 1, k, dtype=np.int64)
+    spm = backend.sparse_module(dist)
+    return spm.csr_matrix((w.ravel(), anchor.ravel(), indptr), shape=(n, score.shape[0]))
+
+
+def _relabel_columns(W: Any, cols: Any, n_cols: int) -> Any:
+    """W @ P with P the (m, n_cols) selection matrix of ``cols`` (duplicates summed)."""
+    spm = backend.sparse_module(W)
+    out = spm.csr_matrix((W.data.copy(), cols[W.indices], W.indptr.copy()),
+                         shape=(W.shape[0], n_cols))
+    out.sum_duplicates()  # in place: W's buffers must not be shared
+    return out
+
+
+def _product(W: Any, X: Any) -> Any:
+    """W (sparse, k entries per row) @ X (dense) -> dense; on the CPU split over row blocks on
+    a thread pool (:class:`~scatlas.kernels._operator.ShiftedOperator`)."""
+    with ShiftedOperator(W) as op:
+        return op.matmat(X)
+
+
+def integrate_pair(
+    ref_data: Any,
+    query_data: Any,
+    anchors: Any,
+    weight_space_query: Any,
+    *,
+    k_weight: int = 100,
+    sd_weight: float = 1.0,
+    dtype: Any = None,
+    device: str | None = None,
+    progress: bool | None = None,
+    return_weights: bool = False,
+) -> Any:
+    """Seurat ``IntegrateData`` for one reference / query pair: the corrected query.
+
+    Parameters
+    ----------
+    ref_data, query_data
+        (n1, g) and (n2, g): what is corrected (log-normalised expression of the features to
+        integrate, or an embedding on the v5 path). Dense or sparse, numpy or cupy.
+    anchors
+        :class:`Anchors` or a ``(cell1, cell2, score)`` triple: ``cell1`` rows of ref_data,
+        ``cell2`` rows of query_data (for a pair found as (query, reference) pass the arrays
+        swapped).
+    weight_space_query
+        (n2, d) query coordinates for the anchor weights (Seurat: the first 30 PCs of the
+        scaled merged pair, or the embedding itself).
+    k_weight, sd_weight
+        Seurat's 100 and 1. With fewer than k_weight anchors it is lowered to their number
+        (with a warning, as ``RunIntegration``); fewer distinct anchor query cells than
+        k_weight is an error (``FindWeights``).
+    return_weights
+        Also return the (n2, m) CSR weight matrix (float64).
+
+    Returns
+    -------
+    corrected : (n2, g) dense, compute dtype, caller's array kind (and the weights).
+    """
+    (R, Q), restore = prepare_datasets([ref_data, query_data], dtype, device, "data")
+    (Wq,), _ = _prepare_one(weight_space_query, Q.dtype, device, "weight_space_query")
+    if Wq.shape[0] != Q.shape[0]:
+        raise ScatlasInputError(
+            f"weight_space_query has {Wq.shape[0]} rows but query_data has {Q.shape[0]}"
+        )
+    xp = backend.array_module(Q)
+    a, b, s = _anchor_arrays(anchors, R.shape[0], Q.shape[0], xp)
+    k_weight = check_positive_int(k_weight, "k_weight")
+    if not (np.isfinite(sd_weight) and sd_weight > 0):
+        raise ScatlasInputError(f"sd_weight must be a positive number, got {sd_weight}")
+    if a.shape[0] < k_weight:
+        warnings.warn(f"number of anchors ({a.shape[0]}) is less than k_weight={k_weight}; "
+                      "lowering k_weight for this pair", UserWarning, stacklevel=2)
+        k_weight = int(a.shape[0])
+    cells, pos = _first_appearance(b)
+    if cells.shape[0] < k_weight:
+        raise ScatlasInputError(
+            f"number of anchor cells ({cells.shape[0]}) is less than k_weight={k_weight}; "
+            "lower k_weight or increase k_anchor"
+        )
+    Wd = to_dense(Wq)
+    dist, nbr = knn(Wd, Wd[cells], k_weight, dtype=Wd.dtype, progress=progress)
+    W = anchor_weights(dist, nbr, pos, s, sd_weight)
+    Wc = W.astype(Q.dtype)
+    Qd = to_dense(Q)  # sparse x dense products: cheaper than sparse x sparse here
+    corr = _product(_relabel_columns(Wc, b, Q.shape[0]), Qd)
+    corr -= _product(_relabel_columns(Wc, a, R.shape[0]), to_dense(R))
+    corrected = Qd - corr
+    return (restore(corrected), restore(W)) if return_weights else restore(corrected)
+
+
+def _prepare_one(X: Any, dtype: Any, device: str | None, name: str) -> tuple[list[Any], Any]:
+    Xd, restore = backend.on_device(X, device)
+    return [as_compute_matrix(Xd, dtype, name)], restore
+
+
+# ----------------------------------------------------------------------------------------------
+# several datasets
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SeuratIntegration:
+    """Output of :func:`seurat_integrate`.
+
+    corrected (n, g): integrated values, rows in input order (the concatenated datasets, or the
+    rows of the single input matrix); anchors: {(i, j): Anchors} for every pair i < j;
+    similarity (B, B): ``CountAnchors``; merges: per merge step, (reference datasets, query
+    datasets); batches: dataset names.
+    """
+
+    corrected: Any
+    anchors: dict[tuple[int, int], Anchors]
+    similarity: np.ndarray
+    merges: list[tuple[list[int], list[int]]]
+    batches: list[Any]
+
+
+def count_anchors(anchors: dict[tuple[int, int], Anchors], sizes: Sequence[int]) -> np.ndarray:
+    """``CountAnchors``: rows of the (doubled) anchor list between i and j / min(n_i, n_j)."""
+    B = len(sizes)
+    sim = np.zeros((B, B))
+    for (i, j), anc in anchors.items():
+        sim[i, j] = sim[j, i] = 2 * len(anc) / min(sizes[i], sizes[j])
+    return sim
+
+
+def sample_tree(similarity: np.ndarray) -> list[tuple[int, int]]:
+    """``BuildSampleTree``: ``hclust(as.dist(1 / similarity))$merge`` (complete linkage).
+
+    Rows in R's convention: -(i + 1) for dataset i, +s for the node made at step s (1-based);
+    within a row singletons first (smaller dataset first), then nodes (earlier first).
+    """
+    from scipy.cluster.hierarchy import linkage  # noqa: PLC0415
+    from scipy.spatial.distance import squareform  # noqa: PLC0415
+
+    B = similarity.shape[0]
+    with np.errstate(divide="ignore"):
+        dist = 1.0 / similarity
+    np.fill_diagonal(dist, 0.0)
+    finite = dist[np.isfinite(dist) & (dist > 0)]
+    big = 2.0 * finite.max() + 1.0 if finite.size else 1.0
+    dist[~np.isfinite(dist)] = big
+    Z = linkage(squareform(dist, checks=False), method="complete")
+    rows = []
+    for c1, c2 in Z[:, :2].astype(np.int64):
+        ids = [-(c + 1) if c < B else int(c - B + 1) for c in (c1, c2)]
+        ids.sort(key=lambda v: (v > 0, abs(v)))
+        rows.append((ids[0], ids[1]))
+    return rows
+
+
+@dataclass
+class _Node:
+    datasets: list[int]
+    data: Any
+    starts: dict[int, int]
+
+    @property
+    def n(self) -> int:
+        return self.data.shape[0]
+
+
+def _merge_anchors(anchors: dict[tuple[int, int], Anchors], ref: _Node, query: _Node,
+                   xp: Any) -> tuple[Any, Any, Any]:
+    """Anchors from reference-node to query-node datasets, as node row indices, in the order
+    of ``FindIntegrationAnchors`` (pairs by (j, i), then the reversed copies)."""
+    pairs = sorted(anchors, key=lambda ij: (ij[1], ij[0]))
+    parts = []
+    for flip in (False, True):
+        for i, j in pairs:
+            src, dst = (j, i) if flip else (i, j)
+            if src in ref.starts and dst in query.starts:
+                anc = anchors[(i, j)]
+                c_src, c_dst = (anc.cell2, anc.cell1) if flip else (anc.cell1, anc.cell2)
+                parts.append((c_src + ref.starts[src], c_dst + query.starts[dst], anc.score))
+    if not parts:
+        raise ScatlasInputError(
+            f"no anchors between datasets {ref.datasets} and {query.datasets}; cannot merge"
+        )
+    return tuple(xp.concatenate([p[t] for p in parts]) for t in range(3))
+
+
+def _weight_space(ref: _Node, query: _Node, n_pcs: int | None, seed: int,
+                  progress: bool | None) -> Any:
+    """Query rows of the weight space: ScaleData + RunPCA (n_pcs, uncentred, scores) of the
+    merged pair, or (n_pcs=None, the v5 embedding path) the query's current values."""
+    if n_pcs is None:
+        return query.data
+    xp = backend.array_module(query.data)
+    merged = xp.concatenate([to_dense(ref.data), to_dense(query.data)])
+    n_comp = min(n_pcs, max(merged.shape[1] - 1, 1), merged.shape[0] - 1)  # RunPCA's cap
+    res = _pca(scale_data(merged, dtype=merged.dtype), n_comp, center=False, seed=seed,
+               dtype=merged.dtype, progress=progress)
+    return res.scores[ref.n:]
+
+
+def _input_datasets(datasets: Any, batch: Any) -> tuple[list[Any], list[Any], list | None]:
+    """(per-dataset matrices, names, row indices into the single matrix or None)."""
+    if batch is not None:
+        if isinstance(datasets, Sequence) and not hasattr(datasets, "shape"):
+            raise ScatlasInputError("give either a list of datasets or one matrix with batch=")
+        parts, names, idx = split_batches(datasets, batch)
+        return parts, names, idx
+    if hasattr(datasets, "shape"):
+        raise ScatlasInputError("a single matrix needs batch= labels (one per row)")
+    return list(datasets), list(range(len(datasets))), None
+
+
+def _scaled_for_cca(data: list[Any], scale: str) -> list[Any]:
+    if scale == "dataset":
+        return [scale_data(X, dtype=X.dtype) for X in data]
+    if scale == "joint":  # v5: one ScaleData over all cells (by.layer = FALSE)
+        xp = backend.array_module(data[0])
+        S = scale_data(xp.concatenate([to_dense(X) for X in data]), dtype=data[0].dtype)
+        cuts = np.cumsum([X.shape[0] for X in data])[:-1]
+        return list(xp.split(S, cuts.tolist()))
+    if scale == "none":
+        return data
+    raise ScatlasInputError(f"scale must be 'dataset', 'joint' or 'none', got {scale!r}")
+
+
+def _assemble(node: _Node, sizes: list[int], idx: list | None, xp: Any) -> Any:
+    """Final rows in input order."""
+    blocks = [node.data[node.starts[i]: node.starts[i] + n] for i, n in enumerate(sizes)]
+    stacked = xp.concatenate(blocks)
+    if idx is None:
+        return stacked
+    order = np.concatenate(idx)
+    out = xp.empty_like(stacked)
+    out[xp.asarray(order)] = stacked
+    return out
+
+
+def seurat_integrate(
+    datasets: Any,
+    batch: Any = None,
+    *,
+    embeddings: Any = None,
+    scale: ScaleMode = "dataset",
+    dims: int = 30,
+    k_anchor: int = 5,
+    k_filter: int | None = 200,
+    k_score: int = 30,
+    max_features: int = 200,
+    k_weight: int = 100,
+    sd_weight: float = 1.0,
+    n_pcs: int | None = None,
+    preserve_order: bool = False,
+    l2_norm: bool = True,
+    seed: int = 42,
+    dtype: Any = None,
+    device: str | None = None,
+    progress: bool | None = None,
+) -> SeuratIntegration:
+    """Seurat CCA integration of several datasets (``FindIntegrationAnchors`` +
+    ``IntegrateData``, or v5 ``CCAIntegration`` with ``embeddings``).
+
+    Parameters
+    ----------
+    datasets
+        A list of (n_i, p) log-normalised expression matrices of the anchor features (same
+        genes, same order), or one (n, p) matrix with ``batch`` labels (datasets ordered as the
+        sorted labels; output rows in the input order).
+    embeddings
+        v5 path: a list of (n_i, e) embeddings (or one (n, e) matrix when ``batch`` is given),
+        e.g. a joint PCA. They are integrated instead of the expression, and their current
+        values are the weight space of every merge (``IntegrateEmbeddings``, dims = NULL).
+        Seurat's v5 defaults are ``scale='joint'`` and ``k_filter=None``.
+    scale
+        How the CCA input is scaled: ``'dataset'`` (v3 ``ScaleData`` per dataset),
+        ``'joint'`` (v5: one ``ScaleData`` over all cells) or ``'none'`` (datasets are used
+        as given).
+    dims, k_anchor, k_filter, k_score, max_features
+        :func:`find_anchors` (Seurat defaults 30, 5, 200, 30, 200).
+    k_weight, sd_weight
+        :func:`integrate_pair` (100, 1).
+    n_pcs
+        PCs of each merged pair's weight space (expression path); default ``dims``
+        (Seurat: ``npcs = max(dims)``).
+    preserve_order
+        Keep the tree's order instead of making the larger object the reference.
+
+    Returns
+    -------
+    SeuratIntegration
+        ``corrected`` is (n, p) expression (or (n, e) embedding) of the caller's array kind.
+    """
+    parts, names, idx = _input_datasets(datasets, batch)
+    data, restore = prepare_datasets(parts, dtype, device)
+    sizes = [X.shape[0] for X in data]
+    targets = data
+    if embeddings is not None:
+        emb_parts = _input_datasets(embeddings, batch)[0]
+        targets, _ = prepare_datasets(emb_parts, data[0].dtype, device, "embeddings")
+        if [E.shape[0] for E in targets] != sizes:
+            raise ScatlasInputError(
+                f"embeddings have {[E.shape[0] for E in targets]} cells per dataset, the "
+                f"datasets {sizes}"
+            )
+    n_pcs = None if embeddings is not None else (dims if n_pcs is None else
+                                                 check_positive_int(n_pcs, "n_pcs"))
+    scaled = _scaled_for_cca(data, scale)
+    B = len(data)
+    pairs = [(i, j) for j in range(B) for i in range(j)]
+    anchors: dict[tuple[int, int], Anchors] = {}
+    for i, j in _progress.track(pairs, desc="anchors", total=len(pairs), progress=progress,
+                                unit="pair"):
+        anchors[(i, j)] = find_anchors(
+            scaled[i], scaled[j], k_anchor=k_anchor, k_filter=k_filter, k_score=k_score,
+            dims=dims, max_features=max_features, filter_data1=data[i], filter_data2=data[j],
+            l2_norm=l2_norm, seed=seed, dtype=data[0].dtype, progress=progress)
+    sim = count_anchors(anchors, sizes)
+    xp = backend.array_module(data[0])
+    nodes: dict[int, _Node] = {-(i + 1): _Node([i], targets[i], {i: 0}) for i in range(B)}
+    merges = []
+    for step, (l_id, r_id) in enumerate(
+            _progress.track(sample_tree(sim), desc="merges", total=B - 1, progress=progress,
+                            unit="merge"), start=1):
+        ref, query = nodes.pop(l_id), nodes.pop(r_id)
+        if not preserve_order and query.n > ref.n:
+            ref, query = query, ref
+        a, b, s = _merge_anchors(anchors, ref, query, xp)
+        ws = _weight_space(ref, query, n_pcs, seed, progress)
+        corrected = integrate_pair(ref.data, query.data, (a, b, s), ws, k_weight=k_weight,
+                                   sd_weight=sd_weight, dtype=data[0].dtype, progress=progress)
+        merged = xp.concatenate([to_dense(ref.data), corrected])
+        starts = dict(ref.starts)
+        starts.update({d: st + ref.n for d, st in query.starts.items()})
+        nodes[step] = _Node(ref.datasets + query.datasets, merged, starts)
+        merges.append((list(ref.datasets), list(query.datasets)))
+    (final,) = nodes.values()
+    out = _assemble(final, sizes, idx, xp)
+    return SeuratIntegration(corrected=restore(out), anchors=anchors, similarity=sim,
+                             merges=merges, batches=names)

@@ -1,0 +1,236 @@
+"""``tl.integrate``: batch integration of an AnnData of raw counts (Seurat CCA, fastMNN, iNMF).
+
+Each method gets the preprocessing its reference implementation expects, done on a private
+copy of the counts (the caller's ``.X`` is not modified):
+
+* ``"cca"`` - Seurat v3/v4 (``NormalizeData`` -> features -> ``FindIntegrationAnchors`` ->
+  ``IntegrateData`` -> ``ScaleData`` -> ``RunPCA``): log-normalisation (1e4, log1p), 2000
+  batch-aware highly variable genes, per-batch gene scaling for the CCA
+  (:func:`scatlas.kernels.anchors.seurat_integrate`), then the PCA (``n_pcs`` = 30) of the
+  gene-scaled corrected expression. ``flavor="v5"`` runs Seurat v5's ``CCAIntegration``
+  instead: one joint ``ScaleData``, a joint PCA (``n_pcs``), CCA anchors without filtering,
+  and the anchor correction applied to the PCA itself.
+* ``"mnn"`` - batchelor ``fastMNN``: log-normalisation, batch-aware HVGs, then
+  :func:`scatlas.kernels.fastmnn.fastmnn` (cosine normalisation, multi-batch PCA, d = 50).
+* ``"inmf"`` - LIGER: delegated to :func:`scatlas.tl._inmf.inmf` (its own normalisation, gene
+  selection and scaling); see that function for its keys.
+
+Written (``key = key_added or f"X_{method}"``; ``name = key`` without a leading ``"X_"``):
+
+* ``.obsm[key]`` (n_obs, n_dims): the integrated embedding (cca: PCA of the corrected
+  expression, or the corrected PCA for v5; mnn: the corrected coordinates). For ``"inmf"``
+  these are tl.inmf's keys: ``obsm[key]`` the loadings, ``obsm[key + "_norm"]`` the integrated
+  (quantile-normalised) embedding.
+* ``.obsm[key + "_corrected"]`` (cca v3 only, n_obs x n_hvg, dense): the integrated
+  log-expression of the anchor features (Seurat's ``integrated`` assay). It is stored in
+  ``.obsm`` rather than as a layer because it covers the HVGs only; the gene names are
+  ``.uns[name]["genes"]``.
+* ``.varm[key]`` (mnn only, n_vars x d): the multi-batch PCA rotation, zero rows for genes not
+  used (like ``varm["PCs"]``).
+* ``.uns[name]``: ``method``, ``genes`` (the features used), ``batches``, ``merges`` (per merge
+  step the reference and query batches joined by ``";"``; mnn also ``n_pairs``, ``batch_size``,
+  ``skipped``), cca ``n_anchors`` per pair and ``flavor``, and ``params``.
+
+Deviations: features come from scanpy's ``highly_variable_genes(batch_key=...)`` (flavor
+``"seurat"``: genes ranked by the number of batches calling them variable, then by normalised
+dispersion) instead of Seurat's vst ``SelectIntegrationFeatures``; the rest is as documented in
+:mod:`scatlas.kernels.anchors` and :mod:`scatlas.kernels.fastmnn`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+
+from .. import backend, pp
+from .._validate import ScatlasInputError, check_obs_key, check_positive_int
+from ..kernels.anchors import scale_data, seurat_integrate
+from ..kernels.fastmnn import fastmnn
+from ..kernels.linalg import pca as _pca
+from ._common import get_matrix, on_device_of
+
+Method = Literal["cca", "mnn", "inmf"]
+_METHODS = ("cca", "mnn", "inmf")
+
+
+def integrate(
+    adata: ad.AnnData,
+    batch_key: str = "batch",
+    method: Method = "cca",
+    key_added: str | None = None,
+    *,
+    layer: str | None = None,
+    n_top_genes: int = 2000,
+    genes: Any = None,
+    hvg_flavor: str = "seurat",
+    n_pcs: int = 30,
+    flavor: Literal["v3", "v5"] = "v3",
+    seed: int = 0,
+    dtype: Any = None,
+    device: str | None = None,
+    progress: bool | None = None,
+    copy: bool = False,
+    **kwargs: Any,
+) -> ad.AnnData | None:
+    """Integrate the batches ``adata.obs[batch_key]`` of raw counts with one method.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes raw counts in ``.X`` (or ``layers[layer]``); numpy / scipy.sparse, or
+        cupy / cupyx on the GPU. Not modified except for the keys written.
+    batch_key
+        ``.obs`` column of the batches (>= 2).
+    method
+        ``"cca"`` (Seurat), ``"mnn"`` (fastMNN) or ``"inmf"`` (LIGER, via tl.inmf).
+    key_added
+        ``.obsm`` key of the embedding (default ``f"X_{method}"``).
+    n_top_genes, genes, hvg_flavor
+        Features for cca / mnn: ``genes`` (names, or a bool mask over ``var_names``) if given,
+        else the ``n_top_genes`` batch-aware HVGs of :func:`scatlas.pp.highly_variable_genes`.
+    n_pcs
+        cca: PCs of the corrected expression (v3) or of the joint PCA that is corrected (v5);
+        Seurat's 30.
+    flavor
+        cca only: ``"v3"`` (``IntegrateData`` on expression) or ``"v5"`` (``CCAIntegration``).
+    seed, dtype, device, progress
+        PCA seed, compute dtype, device override, progress bars.
+    kwargs
+        Passed to :func:`scatlas.kernels.anchors.seurat_integrate` (``dims``, ``k_anchor``,
+        ``k_filter``, ``k_score``, ``k_weight`` ...), :func:`scatlas.kernels.fastmnn.fastmnn`
+        (``k``, ``d``, ``ndist``, ``merge_order`` ...) or ``tl.inmf`` (``k``, ``lam`` ...).
+
+    Returns
+    -------
+    None (or the modified copy with ``copy=True``).
+    """
+    if method not in _METHODS:
+        raise ScatlasInputError(f"method must be one of {_METHODS}, got {method!r}")
+    adata = adata.copy() if copy else adata
+    check_obs_key(adata, batch_key, "batch_key")
+    key = key_added or f"X_{method}"
+    if method == "inmf":
+        _run_inmf(adata, batch_key, key, layer=layer, dtype=dtype, device=device,
+                  progress=progress, **kwargs)
+        return adata if copy else None
+    work, genes_used = _log_hvg(adata, batch_key, layer, n_top_genes, genes, hvg_flavor,
+                                device)
+    X = work.X
+    batch = work.obs[batch_key].astype(str).to_numpy()
+    common = dict(dtype=dtype, device=device, progress=progress)
+    name = key[2:] if key.startswith("X_") else key
+    if method == "mnn":
+        uns = _run_mnn(adata, key, X, batch, genes_used, common, kwargs)
+    else:
+        uns = _run_cca(adata, key, X, batch, n_pcs, flavor, seed, common, kwargs)
+    adata.uns[name] = {"method": method, "genes": np.asarray(adata.var_names[genes_used]),
+                       **uns}
+    return adata if copy else None
+
+
+def _log_hvg(adata: ad.AnnData, batch_key: str, layer: str | None, n_top_genes: int,
+             genes: Any, hvg_flavor: str, device: str | None) -> tuple[ad.AnnData, np.ndarray]:
+    """A private AnnData of log-normalised counts on the selected genes, and their positions."""
+    counts = get_matrix(adata, layer)
+    work = ad.AnnData(X=counts.copy(), obs=adata.obs[[batch_key]].copy(),
+                      var=adata.var.iloc[:, :0].copy())
+    n_batches = work.obs[batch_key].nunique(dropna=True)
+    if n_batches < 2:
+        raise ScatlasInputError(
+            f"obs[{batch_key!r}] has {n_batches} batch(es); integration needs at least 2"
+        )
+    pp.normalize_log1p(work, device=device)
+    if genes is not None:
+        pos = _gene_positions(adata, genes)
+    else:
+        pp.highly_variable_genes(work, check_positive_int(n_top_genes, "n_top_genes"),
+                                 batch_key=batch_key, flavor=hvg_flavor, device=device)
+        pos = np.flatnonzero(work.var["highly_variable"].to_numpy())
+    work = ad.AnnData(X=work.X[:, on_device_of(work.X, pos)], obs=work.obs)
+    return work, pos
+
+
+def _gene_positions(adata: ad.AnnData, genes: Any) -> np.ndarray:
+    arr = np.asarray(genes)
+    if arr.dtype == bool:
+        if arr.shape != (adata.n_vars,):
+            raise ScatlasInputError(f"genes mask must have shape ({adata.n_vars},)")
+        pos = np.flatnonzero(arr)
+    else:
+        idx = adata.var_names.get_indexer(arr.astype(str))
+        missing = arr[idx < 0]
+        if missing.size:
+            raise ScatlasInputError(f"{missing.size} gene(s) not in var_names: "
+                                    f"{list(missing[:5])}")
+        pos = idx
+    if pos.size < 2:
+        raise ScatlasInputError("genes selects fewer than 2 genes")
+    return pos
+
+
+def _run_mnn(adata: ad.AnnData, key: str, X: Any, batch: np.ndarray, genes: np.ndarray,
+             common: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    res = fastmnn(X, batch, **common, **kwargs)
+    adata.obsm[key] = res.corrected
+    xp = backend.array_module(res.rotation)
+    rot = xp.zeros((adata.n_vars, res.rotation.shape[1]), dtype=res.rotation.dtype)
+    rot[on_device_of(rot, genes)] = res.rotation
+    adata.varm[key] = rot
+    return {"batches": [str(b) for b in res.batches],
+            "merges": {"left": _joined(m.left for m in res.merges),
+                       "right": _joined(m.right for m in res.merges),
+                       "n_pairs": np.array([m.pairs[0].size for m in res.merges]),
+                       "batch_size": np.array([m.batch_size for m in res.merges]),
+                       "skipped": np.array([m.skipped for m in res.merges])},
+            "params": _plain(kwargs)}
+
+
+def _run_cca(adata: ad.AnnData, key: str, X: Any, batch: np.ndarray, n_pcs: int, flavor: str,
+             seed: int, common: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    n_pcs = check_positive_int(n_pcs, "n_pcs")
+    if flavor == "v3":
+        res = seurat_integrate(X, batch, **common, **kwargs)
+        corrected = res.corrected
+        S = scale_data(corrected, dtype=corrected.dtype)  # ScaleData + RunPCA
+        adata.obsm[key] = _pca(S, min(n_pcs, min(S.shape) - 1), center=False, seed=seed,
+                               dtype=S.dtype, progress=common["progress"]).scores
+        adata.obsm[key + "_corrected"] = corrected
+    elif flavor == "v5":
+        S = scale_data(X, dtype=common["dtype"])  # one ScaleData over all cells
+        emb = _pca(S, min(n_pcs, min(S.shape) - 1), center=False, seed=seed,
+                   dtype=S.dtype, progress=common["progress"]).scores
+        opts = {"scale": "joint", "k_filter": None, **kwargs}
+        res = seurat_integrate(X, batch, embeddings=emb, **common, **opts)
+        adata.obsm[key] = res.corrected
+    else:
+        raise ScatlasInputError(f"flavor must be 'v3' or 'v5', got {flavor!r}")
+    return {"batches": [str(b) for b in res.batches], "flavor": flavor,
+            "merges": {"reference": _joined([res.batches[d] for d in ref] for ref, _ in res.merges),
+                       "query": _joined([res.batches[d] for d in q] for _, q in res.merges)},
+            "n_anchors": {f"{res.batches[i]}|{res.batches[j]}": len(a)
+                          for (i, j), a in res.anchors.items()},
+            "params": {"n_pcs": n_pcs, **_plain(kwargs)}}
+
+
+def _joined(groups: Any) -> np.ndarray:
+    """Per merge step, its batches joined by ';' (an h5ad-writable string array)."""
+    return np.array([";".join(str(b) for b in g) for g in groups], dtype=str)
+
+
+def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as h5ad-writable values (others as their repr)."""
+    out = {}
+    for k, v in kwargs.items():
+        out[k] = v if isinstance(v, int | float | str | bool) else repr(v)
+    return out
+
+
+def _run_inmf(adata: ad.AnnData, batch_key: str, key: str, **kwargs: Any) -> None:
+    if importlib.util.find_spec("scatlas.tl._inmf") is None:
+        raise ScatlasInputError("method='inmf' needs scatlas.tl._inmf, which is not available")
+    from ._inmf import inmf  # noqa: PLC0415
+
+    inmf(adata, batch_key, key_added=key, **kwargs)
