@@ -20,6 +20,10 @@ from .spec import Benchmark, Method, Metric, Workload
 REGISTRY: dict[str, tuple[str, str]] = {
     "rsvd": ("bench.rsvd", "truncated SVD and PCA (k=50) of log-normalised sparse counts"),
     "cca": ("bench.cca", "Seurat-style CCA (k=20): implicit kernel vs explicit n1 x n2 matrix"),
+    "inmf": ("bench.inmf", "LIGER batch iNMF (k=20, lambda=5, 30 it.): ours vs pyplanc, pyliger"),
+    "online_inmf": ("bench.online_inmf", "online iNMF streamed from a backed .h5ad, peak RSS"),
+    "integrate": ("bench.integrate",
+                  "batch integration: fastMNN, Seurat CCA vs harmonypy, scanorama (metrics)"),
 }
 
 

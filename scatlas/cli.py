@@ -6,6 +6,7 @@ Subcommands (``scatlas SUBCOMMAND --help`` for each):
 - ``pca IN.h5ad OUT.h5ad``: optional log-normalisation and HVG selection, then PCA.
 - ``cca IN.h5ad OUT.h5ad``: Seurat-style CCA between two batches.
 - ``synthetic OUT.h5ad``: write a synthetic atlas (the quickstart's data).
+- ``integrate``: batch integration (:mod:`scatlas.cli_integrate`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from . import __version__, backend
 
 # Modules that add subcommands: each defines ``register(subparsers, *, common, io_args)`` and
 # sets ``func`` on its parsers (``func(args) -> int``).
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("scatlas.cli_integrate",)
 
 OPTIONAL_COMPONENTS = (
     ("cupy", "cupy", "GPU arrays (scatlas[gpu])"),

@@ -23,7 +23,7 @@ def test_info_json(capsys):
 
 
 def test_every_subcommand_has_help():
-    for cmd in ("info", "pca", "cca", "synthetic"):
+    for cmd in ("info", "pca", "cca", "synthetic", "integrate"):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([cmd, "--help"])
         assert exit_info.value.code == 0

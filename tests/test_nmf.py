@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
-from scipy.stats import norm
 
 from scatlas._validate import ScatlasInputError
+from scatlas.kernels.liger_prep import GeneMoments, excess_variance, liger_transform, row_totals
 from scatlas.kernels.nmf import INMFResult, inmf, inmf_objective, jnmf, uinmf
 from scatlas.kernels.quantile import quantile_norm
 
@@ -411,37 +411,27 @@ def test_jnmf_hals_and_restarts():
 
 
 def liger_preprocess(adata, batch_key="batch", n_genes=1500, alpha=0.99, thresh=0.1):
-    """rliger's pipeline in brief: normalize (no log), selectGenes (Poisson excess variance,
-    ranked, union over batches), scaleNotCenter (per-batch gene RMS). Returns per-batch CSR
-    matrices (cells x genes) and the cell indices of each batch."""
+    """rliger's pipeline (scatlas.kernels.liger_prep): normalize (no log), Poisson excess
+    variance per batch, scaleNotCenter (per-batch gene RMS); the genes are the ``n_genes``
+    passing in some batch with the highest score (max over batches), the set the libplanc
+    objective below was measured on. Returns per-batch CSR float64 matrices (cells x genes) and
+    the cell indices of each batch."""
     X = sp.csr_matrix(adata.X, dtype=np.float64)
     batches = list(adata.obs[batch_key].astype("category").cat.categories)
     parts, idx = [], []
     for b in batches:
         sel = np.flatnonzero((adata.obs[batch_key] == b).to_numpy())
-        lib = np.asarray(X[sel].sum(1)).ravel()
-        sel = sel[lib > 0]
-        parts.append(sp.csr_matrix(sp.diags(1.0 / lib[lib > 0]) @ X[sel]))
+        sel = sel[row_totals(X[sel]) > 0]
+        parts.append(X[sel])
         idx.append(sel)
+    moments = [GeneMoments.from_counts(P) for P in parts]
     score = np.zeros(X.shape[1])
-    for Nb, sel in zip(parts, idx, strict=True):
-        n = Nb.shape[0]
-        mu = np.asarray(Nb.mean(0)).ravel()
-        var = (np.asarray(Nb.multiply(Nb).sum(0)).ravel() - n * mu**2) / (n - 1)
-        nolan = np.mean(1.0 / np.asarray(X[sel].sum(1)).ravel())
-        with np.errstate(divide="ignore", invalid="ignore"):
-            base = np.log10(mu * nolan)
-            upper = mu + norm.ppf(1 - alpha / X.shape[1] / 2) * np.sqrt(mu * nolan / n)
-            ok = (var / nolan > upper) & (np.log10(var) > base + thresh)
-            s = np.where(ok, np.log10(var) - base, -np.inf)
-        score = np.maximum(score, np.nan_to_num(s, neginf=0))
+    for m in moments:
+        s, above = excess_variance(m, alpha=alpha, n_tests=X.shape[1])
+        score = np.maximum(score, np.where(above & (s > thresh), s, 0.0))
     genes = np.argsort(-score)[:n_genes]
-    out = []
-    for Nb in parts:
-        Nb = Nb[:, genes]
-        rms = np.sqrt(np.asarray(Nb.multiply(Nb).sum(0)).ravel() / (Nb.shape[0] - 1))
-        inv = np.where(rms > 0, 1 / np.where(rms > 0, rms, 1), 0)
-        out.append(sp.csr_matrix(Nb @ sp.diags(inv)))
+    out = [liger_transform(P, genes, m.rms[genes], dtype=np.float64)
+           for P, m in zip(parts, moments, strict=True)]
     return out, idx
 
 

@@ -26,6 +26,8 @@ def test_quickstart_python_runs(capsys):
     adata = namespace["adata"]
     assert adata.obsm["X_pca"].shape == (20_000, 50)
     assert np.isfinite(adata.obsm["X_cca"]).all()
+    raw = namespace["raw"]
+    assert raw.obsm["X_mnn"].shape[0] == raw.n_obs and np.isfinite(raw.obsm["X_mnn"]).all()
     # the embedding carries the generating cell types: nearest neighbours share them
     Z = adata.obsm["X_pca"][:2000, :20]
     d = ((Z[:, None, :] - Z[None, :, :]) ** 2).sum(-1)
@@ -42,4 +44,5 @@ def test_quickstart_cli_runs(tmp_path, monkeypatch):
         argv = shlex.split(line)
         assert argv[0] == "scatlas"
         assert cli.main(argv[1:]) == 0, line
-    assert (tmp_path / "atlas_pca.h5ad").exists() and (tmp_path / "atlas_cca.h5ad").exists()
+    for out in ("atlas_pca.h5ad", "atlas_cca.h5ad", "atlas_inmf.h5ad"):
+        assert (tmp_path / out).exists(), out

@@ -13,6 +13,15 @@ from .anchors import (
 )
 from .cca import cca, pls, ridge_cca
 from .fastmnn import FastMNNResult, fastmnn
+from .liger_prep import (
+    GeneMoments,
+    excess_variance,
+    liger_preprocess,
+    liger_transform,
+    normalize_rows,
+    scale_not_center,
+    select_genes,
+)
 from .linalg import PCAResult, pca, rsvd
 from .neighbors import knn, mnn_pairs
 from .nmf import INMFResult, JNMFResult, inmf, inmf_objective, jnmf, uinmf
@@ -23,6 +32,8 @@ from .quantile import QuantileNormResult, quantile_norm
 __all__ = [
     "Anchors", "FastMNNResult", "SeuratIntegration", "fastmnn", "find_anchors",
     "integrate_pair", "scale_data", "seurat_integrate",
+    "GeneMoments", "excess_variance", "liger_preprocess", "liger_transform", "normalize_rows",
+    "scale_not_center", "select_genes",
     "INMFResult", "JNMFResult", "OnlineINMFResult", "PCAResult", "QuantileNormResult", "cca",
     "inmf", "inmf_objective", "jnmf", "knn", "mnn_pairs", "nnls_bpp", "nnls_hals",
     "online_inmf", "pca", "pls", "project_inmf", "quantile_norm", "ridge_cca", "rsvd", "uinmf",

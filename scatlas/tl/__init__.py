@@ -6,7 +6,8 @@ convention). Results are of the matrix's array kind unless ``device=`` moves the
 One module per tool family; this package re-exports them.
 """
 
+from ._inmf import inmf, online_inmf, online_inmf_add, project_inmf
 from ._integrate import integrate
 from ._linalg import cca, pca
 
-__all__ = ["cca", "integrate", "pca"]
+__all__ = ["cca", "inmf", "integrate", "online_inmf", "online_inmf_add", "pca", "project_inmf"]

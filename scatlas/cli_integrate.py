@@ -1,0 +1,202 @@
+"""``scatlas integrate``: batch integration of .h5ad files, one method per ``--method``.
+
+Usage::
+
+    scatlas integrate IN.h5ad OUT.h5ad --method inmf --batch-key batch --k 20 --lam 5 --seed 1
+    scatlas integrate OUT.h5ad --inputs A.h5ad B.h5ad --method online-inmf --k 20
+    scatlas integrate IN.h5ad OUT.h5ad --method online-inmf --batch-key batch
+    scatlas integrate OUT.h5ad --inputs C.h5ad --method online-inmf --add-to REF.h5ad
+    scatlas integrate OUT.h5ad --inputs Q.h5ad --method online-inmf --project-onto REF.h5ad
+
+Options common to every method: the input(s) and output, ``--batch-key``, ``--k``,
+``--seed``, ``--key-added``, ``--device``, ``--progress``. Each method adds its own argument group
+and a runner to :data:`METHODS`; later methods (Harmony, scVI ...) plug in there without touching
+the common options. Outputs are written atomically (:func:`scatlas.io.write_h5ad`).
+
+``online-inmf`` streams every input from disk (backed): with ``--inputs`` each file is one
+dataset (or is split by ``--batch-key``) and the output holds all their cells (no ``X``), with the
+same keys as ``inmf``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._validate import ScatlasInputError
+
+
+@dataclass(frozen=True)
+class IntegrationMethod:
+    """One ``--method``: its option group and its runner ``run(args) -> exit code``."""
+
+    help: str
+    add_arguments: Callable[[argparse._ArgumentGroup], None]
+    run: Callable[[argparse.Namespace], int]
+    multi_input: bool = False  # accepts --inputs (several files, streamed)
+
+
+# --------------------------------------------------------------------------------------------
+# iNMF
+# --------------------------------------------------------------------------------------------
+
+
+def _inmf_common(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--lam", type=float, default=5.0,
+                   help="[inmf, online-inmf] penalty on dataset-specific metagenes (default 5)")
+    g.add_argument("--n-genes", type=int, default=None,
+                   help="[inmf, online-inmf] rliger nGenes: top variable genes per batch "
+                        "(default: all passing the test)")
+    g.add_argument("--var-thresh", type=float, default=0.1,
+                   help="[inmf, online-inmf] rliger var.thresh of selectGenes (default 0.1)")
+    g.add_argument("--no-quantile", action="store_true",
+                   help="[inmf, online-inmf] skip quantile normalisation")
+    g.add_argument("--reference", default=None,
+                   help="[inmf, online-inmf] batch/dataset to align to (default: largest)")
+
+
+def _inmf_args(g: argparse._ArgumentGroup) -> None:
+    _inmf_common(g)
+    g.add_argument("--n-iter", type=int, default=30, help="[inmf] iterations (default 30)")
+    g.add_argument("--solver", choices=["bpp", "hals"], default="bpp",
+                   help="[inmf] block solver (default bpp, libplanc's)")
+    g.add_argument("--n-restarts", type=int, default=1, help="[inmf] restarts (default 1)")
+    g.add_argument("--layer", default=None, help="[inmf] use adata.layers[LAYER] (raw counts)")
+
+
+def _online_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--max-epochs", type=int, default=5,
+                   help="[online-inmf] epochs (default 5)")
+    g.add_argument("--minibatch-size", type=int, default=5000,
+                   help="[online-inmf] cells per mini-batch over all datasets (default 5000)")
+    g.add_argument("--chunk-size", type=int, default=1000,
+                   help="[online-inmf] contiguous cells shuffled together (default 1000)")
+    g.add_argument("--add-to", metavar="REF.h5ad", default=None,
+                   help="[online-inmf] scenario 2: refine the online result in REF.h5ad with "
+                        "the inputs as new datasets")
+    g.add_argument("--project-onto", metavar="REF.h5ad", default=None,
+                   help="[online-inmf] scenario 3: project the inputs onto the metagenes of "
+                        "the iNMF result in REF.h5ad")
+
+
+def _run_inmf(args: argparse.Namespace) -> int:
+    from . import io
+    from .tl._inmf import inmf
+
+    adata = io.read_h5ad(args.inputs[0])
+    inmf(adata, args.batch_key, k=args.k, lam=args.lam, layer=args.layer, seed=args.seed,
+         n_iter=args.n_iter, solver=args.solver, n_restarts=args.n_restarts,
+         thresh=args.var_thresh, n_genes=args.n_genes, quantile=not args.no_quantile,
+         reference=args.reference, key_added=args.key_added, device=args.device,
+         progress=args.progress)
+    io.write_h5ad(adata, args.output)
+    return 0
+
+
+def _run_online(args: argparse.Namespace) -> int:
+    from . import io
+    from .tl import _inmf as tl_inmf
+
+    if args.add_to and args.project_onto:
+        raise ScatlasInputError("give --add-to or --project-onto, not both")
+    common = dict(key_added=args.key_added, device=args.device, progress=args.progress)
+    quantile = not args.no_quantile
+    if args.add_to or args.project_onto:
+        ref = io.read_h5ad(args.add_to or args.project_onto)
+        if args.add_to:
+            out = tl_inmf.online_inmf_add(
+                ref, args.inputs, args.batch_key, seed=args.seed, max_epochs=args.max_epochs,
+                minibatch_size=args.minibatch_size, chunk_size=args.chunk_size,
+                quantile=quantile, quantile_reference=args.reference, **common)
+        else:
+            out = tl_inmf.project_inmf(ref, args.inputs, args.batch_key, seed=args.seed,
+                                       quantile=quantile, quantile_reference=args.reference,
+                                       **common)
+    else:
+        out = tl_inmf.online_inmf(
+            args.inputs, args.batch_key, k=args.k, lam=args.lam, seed=args.seed,
+            max_epochs=args.max_epochs, minibatch_size=args.minibatch_size,
+            chunk_size=args.chunk_size, thresh=args.var_thresh, n_genes=args.n_genes,
+            quantile=quantile, reference=args.reference, **common)
+    io.write_h5ad(out, args.output)
+    return 0
+
+
+#: ``--method`` name -> method. Later issues add entries (and their option groups) here.
+METHODS: dict[str, IntegrationMethod] = {
+    "inmf": IntegrationMethod(
+        "LIGER integrative NMF, in memory (obsm X_inmf, X_inmf_norm)", _inmf_args, _run_inmf),
+    "online-inmf": IntegrationMethod(
+        "online iNMF streamed from disk (several --inputs; --add-to, --project-onto)",
+        _online_args, _run_online, multi_input=True),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# the subcommand
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_files(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``files`` is IN OUT, or OUT alone with ``--inputs``; set ``args.inputs``/``output``."""
+    method = METHODS[args.method]
+    if args.inputs:
+        if len(args.files) != 1:
+            parser.error("with --inputs give exactly one positional file, the output "
+                         f"(got {args.files}); put OUT.h5ad before --inputs")
+        if len(args.inputs) > 1 and not method.multi_input:
+            parser.error(f"--method {args.method} takes one input file; several --inputs need "
+                         "a streaming method (online-inmf)")
+        args.output = args.files[0]
+    else:
+        if len(args.files) != 2:
+            parser.error(f"expected IN.h5ad OUT.h5ad, got {args.files}")
+        args.inputs, args.output = [args.files[0]], args.files[1]
+    if args.output in args.inputs:
+        parser.error("the output must differ from the inputs")
+
+
+def cmd_integrate(args: argparse.Namespace) -> int:
+    """Run the chosen method and write the output."""
+    _resolve_files(args, args._parser)
+    t0 = time.perf_counter()
+    code = METHODS[args.method].run(args)
+    print(f"integrate ({args.method}): wrote {args.output} in {time.perf_counter() - t0:.2f} s",
+          file=sys.stderr)
+    return code
+
+
+def register(subparsers: Any, *, common: Callable[[argparse.ArgumentParser], None],
+             io_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Add ``scatlas integrate`` (``io_args`` is not used: its ``--method`` is the SVD route)."""
+    p = subparsers.add_parser(
+        "integrate", help="integrate batches (iNMF, online iNMF)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="IN.h5ad OUT.h5ad, or only OUT.h5ad when --inputs is given")
+    p.add_argument("--inputs", nargs="+", metavar="IN.h5ad", default=None,
+                   help="several input files (each a dataset, or split by --batch-key)")
+    p.add_argument("--method", choices=sorted(METHODS), default="inmf",
+                   help="; ".join(f"{name}: {m.help}" for name, m in METHODS.items()))
+    p.add_argument("--batch-key", default=None,
+                   help="obs column with the batch (default 'batch' for a single input; none "
+                        "with --inputs: each file is one dataset)")
+    p.add_argument("--k", type=int, default=20, help="number of factors (default 20)")
+    p.add_argument("--key-added", default="X_inmf",
+                   help="obsm key of the result; other keys derive from it (default X_inmf)")
+    common(p)
+    for name, method in METHODS.items():
+        method.add_arguments(p.add_argument_group(f"{name} options"))
+    p.set_defaults(func=_with_defaults, seed=1, _parser=p)
+
+
+def _with_defaults(args: argparse.Namespace) -> int:
+    """Fill method-dependent defaults, then run."""
+    if args.batch_key is None and not args.inputs:
+        args.batch_key = "batch"
+    return cmd_integrate(args)

@@ -1,0 +1,90 @@
+"""``scatlas integrate`` (scatlas.cli_integrate): round trips on small synthetic .h5ad files."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from scatlas import cli, datasets
+from scatlas.tl._inmf import inmf
+
+
+@pytest.fixture
+def main(monkeypatch):
+    """``cli.main`` with the integrate command registered (whatever cli.py lists itself)."""
+    modules = tuple(cli._COMMAND_MODULES)
+    if "scatlas.cli_integrate" not in modules:
+        monkeypatch.setattr(cli, "_COMMAND_MODULES", (*modules, "scatlas.cli_integrate"))
+    return cli.main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two synthetic atlases (2 batches each, raw counts) written to .h5ad."""
+    d = tmp_path_factory.mktemp("integrate")
+    a, b = d / "a.h5ad", d / "b.h5ad"
+    datasets.write_synthetic_h5ad(a, 1500, 300, n_batches=2, seed=0)
+    datasets.write_synthetic_h5ad(b, 1000, 300, n_batches=2, seed=1)
+    return a, b
+
+
+def test_help(main, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["integrate", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--method" in out and "online-inmf" in out and "--inputs" in out
+
+
+def test_inmf_round_trip_equals_the_tool(main, files, tmp_path):
+    src, _ = files
+    out = tmp_path / "out.h5ad"
+    assert main(["integrate", str(src), str(out), "--method", "inmf", "--batch-key", "batch",
+                 "--k", "5", "--lam", "5", "--seed", "1", "--n-iter", "10"]) == 0
+    res = ad.read_h5ad(out)
+    expect = ad.read_h5ad(src)
+    inmf(expect, "batch", k=5, lam=5.0, seed=1, n_iter=10)
+    for key in ("X_inmf", "X_inmf_norm"):
+        np.testing.assert_array_equal(res.obsm[key], expect.obsm[key])
+    np.testing.assert_array_equal(res.varm["inmf_W"], expect.varm["inmf_W"])
+    assert res.X is not None and res.uns["inmf"]["params"]["n_iter"] == 10
+
+
+def test_online_from_two_files_then_add_and_project(main, files, tmp_path):
+    a, b = files
+    out = tmp_path / "online.h5ad"
+    assert main(["integrate", str(out), "--inputs", str(a), str(b), "--method", "online-inmf",
+                 "--k", "5", "--minibatch-size", "1000", "--max-epochs", "2"]) == 0
+    res = ad.read_h5ad(out)
+    assert res.n_obs == 2500 and res.X is None
+    assert list(res.uns["inmf"]["datasets"]) == ["a", "b"]
+    assert res.obsm["X_inmf_norm"].shape == (2500, 5)
+    assert res.obs["inmf_dataset"].value_counts().to_dict() == {"a": 1500, "b": 1000}
+    # scenario 2: b's batches as new datasets; scenario 3: projection onto the result
+    added = tmp_path / "added.h5ad"
+    assert main(["integrate", str(added), "--inputs", str(b), "--method", "online-inmf",
+                 "--batch-key", "batch", "--add-to", str(out), "--minibatch-size", "500"]) == 0
+    both = ad.read_h5ad(added)
+    assert both.n_obs == 3500
+    assert list(both.uns["inmf"]["datasets"]) == ["a", "b", "batch0", "batch1"]
+    proj = tmp_path / "proj.h5ad"
+    assert main(["integrate", str(b), str(proj), "--method", "online-inmf",
+                 "--project-onto", str(out)]) == 0
+    assert ad.read_h5ad(proj).obsm["X_inmf"].shape == (1000, 5)
+
+
+def test_clear_errors(main, files, tmp_path, capsys):
+    a, b = files
+    out = tmp_path / "o.h5ad"
+    assert main(["integrate", str(a), str(out), "--batch-key", "donor"]) == 2
+    assert "donor" in capsys.readouterr().err
+    assert main(["integrate", str(tmp_path / "missing.h5ad"), str(out)]) == 2
+    with pytest.raises(SystemExit) as info:  # several inputs need a streaming method
+        main(["integrate", str(out), "--inputs", str(a), str(b), "--method", "inmf"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):  # OUT must come before --inputs
+        main(["integrate", "--inputs", str(a), str(b), "--method", "online-inmf"])
+    with pytest.raises(SystemExit):
+        main(["integrate", str(a), str(a)])
+    assert not out.exists()
