@@ -3,6 +3,8 @@
 Usage::
 
     scatlas integrate IN.h5ad OUT.h5ad --method inmf --batch-key batch --k 20 --lam 5 --seed 1
+    scatlas integrate IN.h5ad OUT.h5ad --method mnn --report report/ --label-key cell_type
+    scatlas integrate IN.h5ad OUT.h5ad --method cca --flavor v5
     scatlas integrate OUT.h5ad --inputs A.h5ad B.h5ad --method online-inmf --k 20
     scatlas integrate IN.h5ad OUT.h5ad --method online-inmf --batch-key batch
     scatlas integrate OUT.h5ad --inputs C.h5ad --method online-inmf --add-to REF.h5ad
@@ -126,8 +128,46 @@ def _run_online(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# Seurat CCA anchors and fastMNN (through tl.integrate)
+# --------------------------------------------------------------------------------------------
+
+
+def _anchor_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--n-top-genes", type=int, default=2000,
+                   help="[cca, mnn] batch-aware highly variable genes used (default 2000)")
+    g.add_argument("--flavor", choices=["v3", "v5"], default="v3",
+                   help="[cca] v3: IntegrateData on expression; v5: correct the joint PCA")
+    g.add_argument("--n-pcs", type=int, default=30, help="[cca] PCs / CCA dims (default 30)")
+    g.add_argument("--k-weight", type=int, default=100, help="[cca] k.weight (default 100)")
+
+
+def _mnn_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--mnn-k", type=int, default=20,
+                   help="[mnn] neighbours for mutual nearest neighbours (default 20)")
+    g.add_argument("--mnn-d", type=int, default=50, help="[mnn] multi-batch PCs (default 50)")
+
+
+def _run_tl_integrate(args: argparse.Namespace) -> int:
+    from . import io
+    from .tl._integrate import integrate
+
+    adata = io.read_h5ad(args.inputs[0])
+    extra = ({"k_weight": args.k_weight, "dims": args.n_pcs} if args.method == "cca"
+             else {"k": args.mnn_k, "d": args.mnn_d})
+    integrate(adata, args.batch_key, method=args.method, key_added=args.key_added,
+              n_top_genes=args.n_top_genes, n_pcs=args.n_pcs, flavor=args.flavor,
+              seed=args.seed, device=args.device, progress=args.progress, **extra)
+    io.write_h5ad(adata, args.output)
+    return 0
+
+
 #: ``--method`` name -> method. Later issues add entries (and their option groups) here.
 METHODS: dict[str, IntegrationMethod] = {
+    "cca": IntegrationMethod(
+        "Seurat CCA anchors + IntegrateData (obsm X_cca, X_cca_corrected)", _anchor_args,
+        _run_tl_integrate),
+    "mnn": IntegrationMethod("fastMNN as batchelor (obsm X_mnn)", _mnn_args, _run_tl_integrate),
     "inmf": IntegrationMethod(
         "LIGER integrative NMF, in memory (obsm X_inmf, X_inmf_norm)", _inmf_args, _run_inmf),
     "online-inmf": IntegrationMethod(
@@ -167,6 +207,12 @@ def cmd_integrate(args: argparse.Namespace) -> int:
     code = METHODS[args.method].run(args)
     print(f"integrate ({args.method}): wrote {args.output} in {time.perf_counter() - t0:.2f} s",
           file=sys.stderr)
+    if code == 0 and args.report:
+        from .report import integration_report
+
+        where = integration_report(args.output, args.report, batch_key=args.batch_key or "batch",
+                                   label_key=args.label_key, key=args.key_added)
+        print(f"integrate ({args.method}): report in {where}", file=sys.stderr)
     return code
 
 
@@ -174,7 +220,7 @@ def register(subparsers: Any, *, common: Callable[[argparse.ArgumentParser], Non
              io_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Add ``scatlas integrate`` (``io_args`` is not used: its ``--method`` is the SVD route)."""
     p = subparsers.add_parser(
-        "integrate", help="integrate batches (iNMF, online iNMF)",
+        "integrate", help="integrate batches (Seurat CCA, fastMNN, iNMF, online iNMF)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("files", nargs="+", metavar="FILE",
@@ -187,8 +233,13 @@ def register(subparsers: Any, *, common: Callable[[argparse.ArgumentParser], Non
                    help="obs column with the batch (default 'batch' for a single input; none "
                         "with --inputs: each file is one dataset)")
     p.add_argument("--k", type=int, default=20, help="number of factors (default 20)")
-    p.add_argument("--key-added", default="X_inmf",
-                   help="obsm key of the result; other keys derive from it (default X_inmf)")
+    p.add_argument("--key-added", default=None,
+                   help="obsm key of the result; other keys derive from it (default X_METHOD, "
+                        "X_inmf for online-inmf)")
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help="write metrics (JSON) and UMAP plots before/after, by batch and label")
+    p.add_argument("--label-key", default=None,
+                   help="obs column with cell labels for the report's bio-conservation metrics")
     common(p)
     for name, method in METHODS.items():
         method.add_arguments(p.add_argument_group(f"{name} options"))
@@ -199,4 +250,6 @@ def _with_defaults(args: argparse.Namespace) -> int:
     """Fill method-dependent defaults, then run."""
     if args.batch_key is None and not args.inputs:
         args.batch_key = "batch"
+    if args.key_added is None:
+        args.key_added = "X_inmf" if args.method == "online-inmf" else f"X_{args.method}"
     return cmd_integrate(args)

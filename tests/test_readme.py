@@ -44,5 +44,6 @@ def test_quickstart_cli_runs(tmp_path, monkeypatch):
         argv = shlex.split(line)
         assert argv[0] == "scatlas"
         assert cli.main(argv[1:]) == 0, line
-    for out in ("atlas_pca.h5ad", "atlas_cca.h5ad", "atlas_inmf.h5ad"):
+    assert (tmp_path / "report" / "metrics.json").exists()
+    for out in ("atlas_pca.h5ad", "atlas_cca.h5ad", "atlas_inmf.h5ad", "atlas_mnn.h5ad"):
         assert (tmp_path / out).exists(), out
