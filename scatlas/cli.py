@@ -133,18 +133,19 @@ def cmd_cca(args: argparse.Namespace) -> int:
 
 
 def _scale_per_batch(adata, batch_key: str) -> None:
-    """Seurat's ScaleData per dataset (centre and scale each gene, clip at 10), via scanpy."""
+    """Seurat's ScaleData per dataset (:func:`scatlas.kernels.scale_data`; densifies)."""
     import numpy as np
-    import scanpy as sc
 
     from ._validate import check_obs_key
+    from .kernels import scale_data
 
     check_obs_key(adata, batch_key, "batch_key")
-    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.array(adata.X, dtype=np.float32)
-    for b in adata.obs[batch_key].unique():
-        rows = np.flatnonzero((adata.obs[batch_key] == b).to_numpy())
-        X[rows] = sc.pp.scale(X[rows], max_value=10, copy=True)
-    adata.X = X.astype(np.float32)
+    batches = adata.obs[batch_key].to_numpy()
+    X = np.empty(adata.shape, dtype=np.float32)
+    for b in np.unique(batches):
+        rows = np.flatnonzero(batches == b)
+        X[rows] = scale_data(adata.X[rows])
+    adata.X = X
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:

@@ -22,16 +22,17 @@ _N_PCS = 30
 
 
 def _uncorrected_pca(adata, batch_key: str) -> np.ndarray | None:
-    """PCA (30) of log-normalised batch-aware HVGs of the raw counts; None without ``.X``."""
-    from . import pp, tl
+    """PCA (30) of log-normalised batch-aware HVGs of the raw counts; None without ``.X``.
+
+    The same normalisation and gene selection as :func:`scatlas.tl.integrate` uses.
+    """
+    from .kernels import pca
+    from .tl._integrate import _log_hvg
 
     if adata.X is None:
         return None
-    work = adata.copy()
-    pp.normalize_log1p(work)
-    pp.highly_variable_genes(work, n_top_genes=min(2000, work.n_vars), batch_key=batch_key)
-    tl.pca(work, min(_N_PCS, work.n_obs - 1, int(work.var["highly_variable"].sum())))
-    return np.asarray(work.obsm["X_pca"])
+    work, genes = _log_hvg(adata, batch_key, None, min(2000, adata.n_vars), None, "seurat", None)
+    return np.asarray(pca(work.X, min(_N_PCS, work.n_obs - 1, genes.size)).scores)
 
 
 def _metrics(X: np.ndarray, batch: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:

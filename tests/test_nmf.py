@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from scipy.optimize import linear_sum_assignment
+from inmf_models import matched_cosines, planted_inmf
 
 from scatlas._validate import ScatlasInputError
 from scatlas.kernels.liger_prep import GeneMoments, excess_variance, liger_transform, row_totals
@@ -17,27 +17,6 @@ from scatlas.kernels.quantile import quantile_norm
 # --------------------------------------------------------------------------------------------
 
 
-def _planted(
-    n_cells=(120, 90, 150), m=60, k=4, noise=0.0, v_scale=0.3, seed=0
-) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """Non-negative iNMF model: X_i = H_i (W + V_i)^T (+ noise), sparse-ish factors."""
-    rng = np.random.default_rng(seed)
-    W = rng.gamma(0.4, 1.0, (m, k)) * (rng.random((m, k)) < 0.6)
-    W[np.arange(m), rng.integers(0, k, m)] += 0.5  # every gene used
-    Xs, Vs, Hs = [], [], []
-    for n in n_cells:
-        V = v_scale * rng.gamma(0.4, 1.0, (m, k)) * (rng.random((m, k)) < 0.3)
-        H = rng.gamma(1.0, 1.0, (n, k)) * (rng.random((n, k)) < 0.5)
-        H[np.arange(n), rng.integers(0, k, n)] += 1.0  # no empty cell
-        X = H @ (W + V).T
-        if noise:
-            X = np.abs(X + noise * rng.normal(size=X.shape) * X.std())
-        Xs.append(X)
-        Vs.append(V)
-        Hs.append(H)
-    return Xs, W, Vs, Hs
-
-
 def _dense_objective(Xs, W, Vs, Hs, lam, Ps=None, Us=None) -> float:
     total = 0.0
     for i, (X, V, H) in enumerate(zip(Xs, Vs, Hs, strict=True)):
@@ -47,15 +26,6 @@ def _dense_objective(Xs, W, Vs, Hs, lam, Ps=None, Us=None) -> float:
             P = Ps[i].toarray() if sp.issparse(Ps[i]) else Ps[i]
             total += ((P - H @ Us[i].T) ** 2).sum() + lam * ((H @ Us[i].T) ** 2).sum()
     return float(total)
-
-
-def _matched_cosines(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Cosine similarity of the columns of A and B after Hungarian matching."""
-    An = A / np.maximum(np.linalg.norm(A, axis=0), 1e-300)
-    Bn = B / np.maximum(np.linalg.norm(B, axis=0), 1e-300)
-    S = An.T @ Bn
-    r, c = linear_sum_assignment(-S)
-    return S[r, c]
 
 
 def _assert_monotone(obj: np.ndarray, rtol: float) -> None:
@@ -70,7 +40,7 @@ def _assert_monotone(obj: np.ndarray, rtol: float) -> None:
 
 @pytest.mark.parametrize("solver", ["bpp", "hals"])
 def test_objective_never_increases_float64(solver):
-    Xs, *_ = _planted(noise=0.2, seed=1)
+    Xs, *_ = planted_inmf(noise=0.2, seed=1)
     res = inmf(Xs, k=6, lam=5.0, n_iter=40, solver=solver, dtype=np.float64)
     assert isinstance(res, INMFResult) and res.objective.shape == (40,)
     _assert_monotone(res.objective, 1e-12)
@@ -79,7 +49,7 @@ def test_objective_never_increases_float64(solver):
 
 @pytest.mark.parametrize("solver", ["bpp", "hals"])
 def test_objective_never_increases_float32(solver):
-    Xs, *_ = _planted(noise=0.2, seed=2)
+    Xs, *_ = planted_inmf(noise=0.2, seed=2)
     res = inmf([sp.csr_matrix(X) for X in Xs], k=5, n_iter=30, solver=solver)
     assert res.W.dtype == np.float32 and res.H[0].dtype == np.float32
     _assert_monotone(res.objective, 1e-5)
@@ -87,7 +57,7 @@ def test_objective_never_increases_float32(solver):
 
 @pytest.mark.parametrize("lam", [0.0, 5.0])
 def test_efficient_objective_equals_dense_formula(lam):
-    Xs, *_ = _planted(noise=0.3, seed=3)
+    Xs, *_ = planted_inmf(noise=0.3, seed=3)
     res = inmf(Xs, k=5, lam=lam, n_iter=7, dtype=np.float64)
     dense = _dense_objective(Xs, res.W, res.V, res.H, lam)
     assert res.objective[-1] == pytest.approx(dense, rel=1e-10)
@@ -103,7 +73,7 @@ def test_efficient_objective_equals_dense_formula(lam):
 
 
 def test_per_dataset_lambda():
-    Xs, *_ = _planted(noise=0.3, seed=4)
+    Xs, *_ = planted_inmf(noise=0.3, seed=4)
     lams = [0.5, 5.0, 20.0]
     res = inmf(Xs, k=5, lam=lams, n_iter=10, dtype=np.float64)
     assert res.lam == lams
@@ -123,25 +93,25 @@ def test_per_dataset_lambda():
 
 def test_recovers_planted_shared_factors_noiseless():
     """V_i = 0 planted: the global minimum is 0 for any lam; W is identifiable (sparse H)."""
-    Xs, W, _, _ = _planted(n_cells=(150, 120), m=80, k=5, v_scale=0.0, seed=5)
+    Xs, W, _, _ = planted_inmf(n_cells=(150, 120), m=80, k=5, v_scale=0.0, seed=5)
     res = inmf(Xs, k=5, lam=5.0, n_iter=150, dtype=np.float64)
     total = sum((X**2).sum() for X in Xs)
     assert res.objective[-1] / total < 1e-8
-    assert _matched_cosines(res.W, W).min() > 0.999
+    assert matched_cosines(res.W, W).min() > 0.999
     assert max(np.abs(V).max() for V in res.V) < 1e-3 * np.abs(res.W).max()
 
 
 def test_recovers_planted_factors_low_noise_hals():
-    Xs, W, _, _ = _planted(n_cells=(200, 160), m=80, k=5, noise=0.01, v_scale=0.0, seed=6)
+    Xs, W, _, _ = planted_inmf(n_cells=(200, 160), m=80, k=5, noise=0.01, v_scale=0.0, seed=6)
     res = inmf(Xs, k=5, lam=5.0, n_iter=300, solver="hals", dtype=np.float64)
     total = sum((X**2).sum() for X in Xs)
     assert res.objective[-1] / total < 1e-3
-    assert _matched_cosines(res.W, W).min() > 0.99
+    assert matched_cosines(res.W, W).min() > 0.99
 
 
 def test_bpp_blocks_are_exact_minimisers():
     """After a BPP iteration, H_i satisfies the KKT conditions of its own NNLS block."""
-    Xs, *_ = _planted(noise=0.2, seed=7)
+    Xs, *_ = planted_inmf(noise=0.2, seed=7)
     res = inmf(Xs, k=5, lam=5.0, n_iter=3, dtype=np.float64)
     # H_i was computed with the V_i, W of the previous step; check V_i's block instead, which
     # was computed with the final H_i and the W of before the W update: check W's block, the
@@ -160,7 +130,7 @@ def test_bpp_blocks_are_exact_minimisers():
 
 
 def test_restarts_really_restart_and_keep_the_best():
-    Xs, *_ = _planted(noise=0.5, seed=8)
+    Xs, *_ = planted_inmf(noise=0.5, seed=8)
     res = inmf(Xs, k=6, n_iter=8, n_restarts=3, seed=10, dtype=np.float64)
     finals = res.restart_objectives
     assert len(finals) == 3 and len(set(finals)) == 3  # three different fits
@@ -175,7 +145,7 @@ def test_restarts_really_restart_and_keep_the_best():
 
 
 def test_same_seed_identical_different_seed_differs():
-    Xs, *_ = _planted(noise=0.3, seed=9)
+    Xs, *_ = planted_inmf(noise=0.3, seed=9)
     a = inmf(Xs, k=4, n_iter=5, seed=3)
     b = inmf(Xs, k=4, n_iter=5, seed=3)
     c = inmf(Xs, k=4, n_iter=5, seed=4)
@@ -187,7 +157,7 @@ def test_same_seed_identical_different_seed_differs():
 
 
 def test_sparse_input_equals_dense_input():
-    Xs, *_ = _planted(noise=0.3, seed=10)
+    Xs, *_ = planted_inmf(noise=0.3, seed=10)
     Xs = [X * (X > np.quantile(X, 0.5)) for X in Xs]  # half zeros
     dense = inmf(Xs, k=5, n_iter=10, dtype=np.float64)
     for fmt in ("csr", "csc"):
@@ -200,7 +170,7 @@ def test_sparse_input_equals_dense_input():
 
 
 def test_dtypes_and_shapes():
-    Xs, *_ = _planted(seed=11)
+    Xs, *_ = planted_inmf(seed=11)
     ints = [np.rint(10 * X).astype(np.int64) for X in Xs]
     r32 = inmf(ints, k=3, n_iter=2)
     r64 = inmf(ints, k=3, n_iter=2, dtype="float64")
@@ -213,7 +183,7 @@ def test_dtypes_and_shapes():
 
 
 def test_user_init_replaces_the_draws():
-    Xs, *_ = _planted(noise=0.2, seed=12)
+    Xs, *_ = planted_inmf(noise=0.2, seed=12)
     rng = np.random.default_rng(0)
     init = {"W": rng.uniform(0, 2, (60, 4)), "V": [rng.uniform(0, 2, (60, 4)) for _ in Xs],
             "H": [rng.uniform(0, 2, (X.shape[0], 4)) for X in Xs]}
@@ -227,7 +197,7 @@ def test_user_init_replaces_the_draws():
 
 
 def test_tolerance_stops_early():
-    Xs, *_ = _planted(noise=0.2, seed=13)
+    Xs, *_ = planted_inmf(noise=0.2, seed=13)
     res = inmf(Xs, k=4, n_iter=200, tol=1e-4, dtype=np.float64)
     assert res.converged and res.n_iter < 200
     o = res.objective
@@ -237,7 +207,7 @@ def test_tolerance_stops_early():
 
 
 def test_single_dataset_is_plain_nmf_with_penalty():
-    Xs, *_ = _planted(n_cells=(100,), noise=0.1, seed=14)
+    Xs, *_ = planted_inmf(n_cells=(100,), noise=0.1, seed=14)
     res = inmf(Xs, k=4, n_iter=20, dtype=np.float64)
     _assert_monotone(res.objective, 1e-12)
     assert len(res.H) == 1
@@ -249,7 +219,7 @@ def test_single_dataset_is_plain_nmf_with_penalty():
 
 
 def test_validation_errors():
-    Xs, *_ = _planted(seed=15)
+    Xs, *_ = planted_inmf(seed=15)
     bad = [X.copy() for X in Xs]
     bad[1][0, 0] = -1.0
     with pytest.raises(ScatlasInputError, match=r"Xs\[1\].*negative"):
@@ -292,7 +262,7 @@ def test_validation_errors():
 
 
 def test_gene_zero_in_one_dataset_only_is_allowed():
-    Xs, *_ = _planted(noise=0.1, seed=16)
+    Xs, *_ = planted_inmf(noise=0.1, seed=16)
     Xs[0][:, :4] = 0.0
     res = inmf(Xs, k=4, n_iter=10, dtype=np.float64)
     _assert_monotone(res.objective, 1e-12)
@@ -320,7 +290,7 @@ def _unshared(Xs, Hs, u=(15, None, 10), seed=0):
 
 @pytest.mark.parametrize("solver", ["bpp", "hals"])
 def test_uinmf_descends_and_objective_matches_dense(solver):
-    Xs, W, Vs, Hs = _planted(noise=0.1, seed=17)
+    Xs, W, Vs, Hs = planted_inmf(noise=0.1, seed=17)
     Ps, _ = _unshared(Xs, Hs)
     res = uinmf(Xs, Ps, k=4, lam=[5.0, 1.0, 5.0], n_iter=25, solver=solver, dtype=np.float64)
     _assert_monotone(res.objective, 1e-12)
@@ -336,7 +306,7 @@ def test_uinmf_descends_and_objective_matches_dense(solver):
 
 
 def test_uinmf_without_unshared_features_is_inmf():
-    Xs, *_ = _planted(noise=0.2, seed=18)
+    Xs, *_ = planted_inmf(noise=0.2, seed=18)
     rng = np.random.default_rng(1)
     init = {"W": rng.uniform(0, 2, (60, 4)), "V": [rng.uniform(0, 2, (60, 4)) for _ in Xs],
             "H": [rng.uniform(0, 2, (X.shape[0], 4)) for X in Xs]}
@@ -347,7 +317,7 @@ def test_uinmf_without_unshared_features_is_inmf():
 
 
 def test_uinmf_unshared_features_help_the_fit_and_validate():
-    Xs, W, Vs, Hs = _planted(noise=0.05, seed=19)
+    Xs, W, Vs, Hs = planted_inmf(noise=0.05, seed=19)
     Ps, _ = _unshared(Xs, Hs)
     sparse_P = [None if P is None else sp.csr_matrix(P) for P in Ps]
     res = uinmf([sp.csr_matrix(X) for X in Xs], sparse_P, k=4, lam=0.0, n_iter=60)
@@ -388,7 +358,7 @@ def test_jnmf_recovers_shared_cell_factors():
     _assert_monotone(res.objective, 1e-12)
     total = sum((X**2).sum() for X in Xs)
     assert res.objective[-1] / total < 1e-7
-    assert _matched_cosines(res.H, H).min() > 0.999
+    assert matched_cosines(res.H, H).min() > 0.999
     dense = sum(((X - res.H @ W.T) ** 2).sum() for X, W in zip(Xs, res.W, strict=True))
     assert res.objective[-1] == pytest.approx(dense, rel=1e-6, abs=1e-9 * total)
     with pytest.raises(ScatlasInputError, match="same cells"):
@@ -505,7 +475,7 @@ def test_gpu_inmf_uinmf_jnmf_match_cpu():
     cp = pytest.importorskip("cupy")
     import cupyx.scipy.sparse as csp  # noqa: PLC0415
 
-    Xs, _, _, Hs = _planted(noise=0.2, seed=30)
+    Xs, _, _, Hs = planted_inmf(noise=0.2, seed=30)
     cpu = inmf(Xs, k=5, n_iter=10, dtype=np.float64)
     gpu = inmf([csp.csr_matrix(sp.csr_matrix(X)) for X in Xs], k=5, n_iter=10, dtype=np.float64)
     assert isinstance(gpu.W, cp.ndarray) and isinstance(gpu.H[0], cp.ndarray)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from inmf_models import matched_cosines, planted_inmf
 from scipy.optimize import nnls as scipy_nnls
 
 from scatlas._validate import ScatlasInputError
@@ -13,36 +14,9 @@ from scatlas.kernels.nnls import nnls_bpp
 from scatlas.kernels.online_nmf import OnlineINMFResult, online_inmf, project_inmf
 
 
-def _planted(n_cells, m, k, noise=0.0, v_scale=0.3, seed=0):
-    """Non-negative iNMF model X_i = H_i (W + V_i)^T (+ noise), as in test_nmf.py."""
-    rng = np.random.default_rng(seed)
-    W = rng.gamma(0.4, 1.0, (m, k)) * (rng.random((m, k)) < 0.6)
-    W[np.arange(m), rng.integers(0, k, m)] += 0.5
-    Xs, Vs, Hs = [], [], []
-    for n in n_cells:
-        V = v_scale * rng.gamma(0.4, 1.0, (m, k)) * (rng.random((m, k)) < 0.3)
-        H = rng.gamma(1.0, 1.0, (n, k)) * (rng.random((n, k)) < 0.5)
-        H[np.arange(n), rng.integers(0, k, n)] += 1.0
-        X = H @ (W + V).T
-        if noise:
-            X = np.abs(X + noise * rng.normal(size=X.shape) * X.std())
-        Xs.append(X)
-        Vs.append(V)
-        Hs.append(H)
-    return Xs, W, Vs, Hs
-
-
-def _matched_cosines(A, B):
-    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415
-
-    S = (A / np.linalg.norm(A, axis=0)).T @ (B / np.linalg.norm(B, axis=0))
-    r, c = linear_sum_assignment(-S)
-    return S[r, c]
-
-
 @pytest.fixture(scope="module")
 def planted():
-    return _planted(n_cells=(1500, 1200, 1000), m=80, k=5, noise=0.05, v_scale=0.1, seed=0)
+    return planted_inmf(n_cells=(1500, 1200, 1000), m=80, k=5, noise=0.05, v_scale=0.1, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +32,7 @@ def test_scenario1_matches_batch_inmf(planted, batch_fit):
     res = online_inmf(Xs, k=5, minibatch_size=300, max_epochs=10, dtype=np.float64)
     assert isinstance(res, OnlineINMFResult)
     assert res.objective <= 1.03 * batch_fit.objective[-1]
-    assert _matched_cosines(res.W, W).min() > 0.99
+    assert matched_cosines(res.W, W).min() > 0.99
     assert [H.shape for H in res.H] == [(1500, 5), (1200, 5), (1000, 5)]
     assert [A.shape for A in res.A] == [(5, 5)] * 3 and [B.shape for B in res.B] == [(80, 5)] * 3
     assert res.minibatch_sizes == [122, 97, 81]  # round(n_i / sum(n) * 300)
@@ -80,7 +54,7 @@ def test_final_h_and_objective_are_exact_for_the_final_factors(planted):
 def test_epochs_iterations_and_dropped_last_minibatch():
     """libplanc's schedule: n=1000, b=300, 3 epochs -> iterations 1..9 run, the 10th would
     complete epoch 3 and stops the run."""
-    Xs, *_ = _planted(n_cells=(1000,), m=40, k=3, seed=1)
+    Xs, *_ = planted_inmf(n_cells=(1000,), m=40, k=3, seed=1)
     res = online_inmf(Xs, k=3, minibatch_size=300, max_epochs=3)
     assert res.n_iter == 9 and res.epochs == 3
 

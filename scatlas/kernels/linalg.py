@@ -32,8 +32,9 @@ Method = Literal["auto", "randomized", "gram"]
 
 # The Gram route holds a p x p matrix and runs a p x p eigh; beyond this it is never chosen.
 _GRAM_MAX_FEATURES = 8192
-# How much faster dense BLAS-3 runs than a sparse-times-dense product per flop (measured on CPU:
-# ~330 GFLOP/s dense GEMM vs ~15 GFLOP/s per thread for CSR @ dense with 60 columns).
+# How much faster dense BLAS-3 runs than a sparse-times-dense product per flop. CPU: measured on
+# the 2-core dev machine (~330 GFLOP/s float32 GEMM vs ~15 GFLOP/s per thread for CSR @ dense
+# with 60 columns, 1e5 x 2000 at 10%). GPU: an unmeasured placeholder until a GPU run tunes it.
 _DENSE_VS_SPARSE_RATE = {"cpu": 20.0, "gpu": 10.0}
 _ALWAYS_EXACT_FLOPS = 5e10
 _EXACT_PREMIUM = 2.0
