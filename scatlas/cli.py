@@ -19,12 +19,19 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__, backend
 
-# Modules that add subcommands: each defines ``register(subparsers, *, common, io_args)`` and
-# sets ``func`` on its parsers (``func(args) -> int``).
-_COMMAND_MODULES: tuple[str, ...] = ("scatlas.cli_integrate",)
+
+def _command_modules() -> list[str]:
+    """Modules that add subcommands: every ``scatlas/cli_*.py``, in name order.
+
+    Each defines ``register(subparsers, *, common, io_args)`` and sets ``func`` on its parsers
+    (``func(args) -> int``).
+    """
+    package = Path(__file__).parent
+    return [f"scatlas.{path.stem}" for path in sorted(package.glob("cli_*.py"))]
 
 OPTIONAL_COMPONENTS = (
     ("cupy", "cupy", "GPU arrays (scatlas[gpu])"),
@@ -219,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synthetic)
 
-    for module in _COMMAND_MODULES:
+    for module in _command_modules():
         importlib.import_module(module).register(sub, common=_common, io_args=_io_args)
     return parser
 
