@@ -1,0 +1,358 @@
+"""``scatlas index`` / ``search`` / ``annotate`` / ``serve``: cell search from the command line.
+
+Usage::
+
+    scatlas index build REF.h5ad --out ref_index/ --obsm-key X_scatlas --metric cosine
+    scatlas index build emb.npy --out ref_index/ --metadata cells.parquet --engine faiss-ivf
+    scatlas index info ref_index/
+    scatlas search --index ref_index/ QUERY.h5ad --k 10 --out hits.parquet
+    scatlas search --index ref_index/ --model model/ RAW.h5ad --k 10 --out hits.csv
+    scatlas annotate --index ref_index/ --model model/ RAW.h5ad --label-key cell_type \\
+        --out annotated.h5ad
+    scatlas serve --index ref_index/ --model model/ --host 127.0.0.1 --port 8000
+
+``index build`` takes the embeddings from ``obsm[--obsm-key]`` of an ``.h5ad`` (metadata: its
+``obs``) or from an ``.npy`` (metadata: ``--metadata`` CSV / parquet, optional). ``search``
+writes one row per (query, rank): ``query``, ``rank``, ``id``, ``distance`` and the hit's
+metadata columns (CSV or parquet by the ``--out`` suffix; CSV on stdout without ``--out``).
+``annotate`` embeds raw counts with ``--model`` (or reads ``obsm[--obsm-key]``) and writes
+``obs['scatlas_label' | '_confidence' | '_vs_second' | '_min_dist' | '_is_ood']``.
+``serve`` runs the HTTP service (:mod:`scatlas.search.service`) under uvicorn until SIGTERM /
+SIGINT, then drains in-flight requests and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._validate import ScatlasInputError
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _read_table(path: str):
+    import pandas as pd
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file: {path!r}")
+    if p.suffix == ".parquet":
+        return pd.read_parquet(p)
+    if p.suffix in (".csv", ".gz"):
+        return pd.read_csv(p, index_col=0)
+    if p.suffix == ".tsv":
+        return pd.read_csv(p, sep="\t", index_col=0)
+    raise ScatlasInputError(f"--metadata must be .csv, .tsv or .parquet, got {path!r}")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        X = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise ScatlasInputError(f"could not read {str(path)!r} as a .npy array: {err}") from err
+    if X.ndim != 2:
+        raise ScatlasInputError(f"{str(path)!r} must hold a 2-D (cells x dims) array, got shape "
+                                f"{X.shape}")
+    return np.ascontiguousarray(X, dtype=np.float32)
+
+
+def _embeddings(path: str, obsm_key: str, model: Any = None):
+    """``(embeddings float32 (n, d), obs DataFrame or None, AnnData or None)`` from a file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file: {path!r}")
+    if p.suffix == ".npy":
+        if model is not None:
+            raise ScatlasInputError("--model needs an .h5ad of raw counts, not an .npy")
+        return _load_npy(p), None, None
+    if p.suffix != ".h5ad":
+        raise ScatlasInputError(f"expected an .h5ad or .npy file, got {path!r}")
+    from . import io
+    from .search.pipeline import query_embeddings
+
+    adata = io.read_h5ad(p)
+    emb = query_embeddings(adata, model, obsm_key=obsm_key, store=False)
+    return np.ascontiguousarray(emb, dtype=np.float32), adata.obs, adata
+
+
+def _parse_filter(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # a pandas query string
+
+
+def _write_table(table, out: str | None) -> None:
+    from .io import atomic_write
+
+    if out is None:
+        table.to_csv(sys.stdout, index=False)
+        return
+    path = Path(out)
+    if path.suffix not in (".csv", ".parquet", ".tsv"):
+        raise ScatlasInputError(f"--out must end in .csv, .tsv or .parquet, got {out!r}")
+    with atomic_write(path) as tmp:
+        if path.suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False, sep="\t" if path.suffix == ".tsv" else ",")
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from .search import CellIndex
+
+    t0 = time.perf_counter()
+    emb, obs, _ = _embeddings(args.input, args.obsm_key)
+    metadata = obs
+    if args.metadata:
+        metadata = _read_table(args.metadata)
+        if len(metadata) != emb.shape[0]:
+            raise ScatlasInputError(f"--metadata has {len(metadata)} rows but there are "
+                                    f"{emb.shape[0]} embeddings")
+    kwargs: dict[str, Any] = {"metric": args.metric, "engine": args.engine}
+    if args.nlist is not None:
+        kwargs["nlist"] = args.nlist
+    if args.nprobe is not None:
+        kwargs["nprobe"] = args.nprobe
+    if args.device is not None:
+        kwargs["device"] = args.device
+    index = CellIndex.build(emb, metadata, **kwargs)
+    index.save(args.out)
+    _log(f"index build: {index.ntotal} vectors of dimension {index.dim} ({index.engine}, "
+         f"{index.metric}) -> {args.out} in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from .search import CellIndex
+
+    index = CellIndex.load(args.index)
+    meta = index.metadata
+    info = {"ntotal": int(index.ntotal), "dim": int(index.dim), "metric": index.metric,
+            "engine": index.engine, "nprobe": getattr(index, "nprobe", None),
+            "metadata_columns": [] if meta is None else [str(c) for c in meta.columns]}
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .search import CellIndex
+    from .search.pipeline import load_model
+
+    t0 = time.perf_counter()
+    index = CellIndex.load(args.index, device=args.device)
+    emb, obs, _ = _embeddings(args.query, args.obsm_key, load_model(args.model))
+    if emb.shape[1] != index.dim:
+        raise ScatlasInputError(f"the queries have dimension {emb.shape[1]} but the index holds "
+                                f"{index.dim}-dimensional vectors")
+    kwargs: dict[str, Any] = {"k": args.k}
+    if args.nprobe is not None:
+        kwargs["nprobe"] = args.nprobe
+    filt = _parse_filter(args.filter)
+    if filt is not None:
+        kwargs["filter"] = filt
+    distances, ids = index.search(emb, **kwargs)
+    m, k = ids.shape
+    names = (np.asarray(obs.index, dtype=object) if obs is not None
+             else np.arange(m).astype(str).astype(object))
+    table = pd.DataFrame({
+        "query": np.repeat(names, k),
+        "rank": np.tile(np.arange(k), m),
+        "id": ids.ravel(),
+        "distance": distances.ravel(),
+    })
+    table = table[table["id"] >= 0].reset_index(drop=True)
+    meta = index.metadata
+    if args.metadata and meta is not None and meta.shape[1]:
+        cols = meta.columns if not args.columns else pd.Index(args.columns)
+        missing = [c for c in cols if c not in meta.columns]
+        if missing:
+            raise ScatlasInputError(f"--columns {missing} are not index metadata columns "
+                                    f"({list(meta.columns)[:20]})")
+        hits = meta.loc[table["id"].to_numpy(), cols].reset_index(drop=True)
+        hits.columns = [c if c not in table.columns else f"hit_{c}" for c in hits.columns]
+        table = pd.concat([table, hits], axis=1)
+    _write_table(table, args.out)
+    _log(f"search: {m} queries, k={k} in {time.perf_counter() - t0:.2f} s"
+         + (f" -> {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from . import io
+    from .search import CellIndex
+    from .search.pipeline import annotate_adata, load_model
+
+    t0 = time.perf_counter()
+    index = CellIndex.load(args.index, device=args.device)
+    adata = io.read_h5ad(args.input)
+    table = annotate_adata(adata, index, load_model(args.model), label_key=args.label_key,
+                           k=args.k, weighting=args.weighting, ood_distance=args.ood_distance,
+                           obsm_key=args.obsm_key, key_added=args.key_added)
+    if args.out:
+        io.write_h5ad(adata, args.out)
+    else:
+        cols = [f"{args.key_added}_{f}" for f in ("label", "confidence", "min_dist", "is_ood")
+                if f"{args.key_added}_{f}" in adata.obs.columns]
+        adata.obs[cols].to_csv(sys.stdout)
+    n_ood = int(np.asarray(table["is_ood"]).sum()) if "is_ood" in table.columns else 0
+    _log(f"annotate: {adata.n_obs} cells, {table['label'].nunique()} labels, {n_ood} flagged "
+         f"out-of-distribution, in {time.perf_counter() - t0:.2f} s"
+         + (f" -> {args.out}" if args.out else ""))
+    return 0
+
+
+class _Stop(Exception):
+    """Raised by our signal handlers once uvicorn has shut down gracefully."""
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop(signum)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .search.service import create_app
+
+    t0 = time.perf_counter()
+    app = create_app(args.index, args.model, max_batch=args.max_batch,
+                     max_wait_ms=args.max_wait_ms, max_queries_per_request=args.max_queries,
+                     max_k=args.max_k, max_body_bytes=int(args.max_body_mb * 2**20),
+                     label_key=args.label_key, device=args.device)
+    service = app.state.service
+    _log(f"serve: loaded {service.ntotal} vectors (dim {service.dim}) in "
+         f"{time.perf_counter() - t0:.2f} s; listening on http://{args.host}:{args.port}")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=args.access_log, lifespan="on",
+                            timeout_graceful_shutdown=args.graceful_timeout)
+    server = uvicorn.Server(config)
+    # uvicorn catches SIGINT/SIGTERM, shuts down gracefully, then re-raises the signal with the
+    # previous handlers restored: ours turn that into a clean exit instead of a kill / traceback.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    except _Stop:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise ScatlasInputError(f"could not start the server on {args.host}:{args.port} "
+                                "(port in use?)")
+    _log("serve: stopped")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parsers
+# --------------------------------------------------------------------------------------------
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "gpu", "auto"], default=None,
+                   help="where the index runs (default: $SCATLAS_DEVICE, else auto)")
+
+
+def register(subparsers, *, common, io_args) -> None:  # noqa: ARG001 - shared signature
+    """Add ``index``, ``search``, ``annotate`` and ``serve``."""
+    p = subparsers.add_parser("index", help="build or inspect a cell search index")
+    sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+
+    b = sub.add_parser("build", help="build an index from embeddings (.h5ad obsm or .npy)")
+    b.add_argument("input", help=".h5ad (embeddings in obsm, metadata in obs) or .npy")
+    b.add_argument("--out", required=True, help="index folder to write")
+    b.add_argument("--obsm-key", default="X_scatlas", help="obsm key (default X_scatlas)")
+    b.add_argument("--metadata", default=None,
+                   help="metadata table for an .npy (.csv / .tsv / .parquet, one row per vector)")
+    b.add_argument("--metric", choices=["cosine", "euclidean", "ip"], default="cosine")
+    b.add_argument("--engine", default="auto",
+                   help="auto, exact, faiss-ivf, faiss-ivfpq, native-ivf, faiss-gpu")
+    b.add_argument("--nlist", type=int, default=None, help="IVF lists (default: from n)")
+    b.add_argument("--nprobe", type=int, default=None, help="default lists probed per query")
+    _device(b)
+    b.set_defaults(func=cmd_index_build, command="index build")
+
+    i = sub.add_parser("info", help="describe a saved index (JSON)")
+    i.add_argument("index", help="index folder")
+    i.set_defaults(func=cmd_index_info, command="index info")
+
+    s = subparsers.add_parser("search", help="k nearest reference cells of each query cell")
+    s.add_argument("query", help="queries: .h5ad (obsm embeddings, or raw counts with --model) "
+                                 "or .npy")
+    s.add_argument("--index", required=True, help="index folder")
+    s.add_argument("--model", default=None, help="model folder: embed the raw counts first")
+    s.add_argument("--obsm-key", default="X_scatlas", help="obsm key (default X_scatlas)")
+    s.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    s.add_argument("--nprobe", type=int, default=None, help="IVF lists probed")
+    s.add_argument("--filter", default=None,
+                   help='metadata filter: JSON {"column": [values], "exclude": {...}} or a '
+                        "pandas query string")
+    s.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the hits' metadata columns (default yes)")
+    s.add_argument("--columns", nargs="+", default=None, help="only these metadata columns")
+    s.add_argument("--out", default=None, help="results .csv / .tsv / .parquet (default stdout)")
+    _device(s)
+    s.set_defaults(func=cmd_search)
+
+    a = subparsers.add_parser("annotate", help="label cells from their nearest reference cells")
+    a.add_argument("input", help=".h5ad (raw counts with --model, else obsm embeddings)")
+    a.add_argument("--index", required=True, help="index folder (metadata holds the labels)")
+    a.add_argument("--model", default=None, help="model folder (embed raw counts)")
+    a.add_argument("--label-key", required=True, help="metadata column with the labels")
+    a.add_argument("--k", type=int, default=50, help="neighbours voting (default 50)")
+    a.add_argument("--weighting", default="distance", help="vote weighting (default distance)")
+    a.add_argument("--ood-distance", type=float, default=None,
+                   help="min_dist above which a cell is flagged out-of-distribution")
+    a.add_argument("--obsm-key", default="X_scatlas", help="obsm key (default X_scatlas)")
+    a.add_argument("--key-added", default="scatlas", help="obs column prefix (default scatlas)")
+    a.add_argument("--out", default=None, help="output .h5ad (default: obs table on stdout)")
+    _device(a)
+    a.set_defaults(func=cmd_annotate)
+
+    v = subparsers.add_parser("serve", help="HTTP search service (JSON; uvicorn)")
+    v.add_argument("--index", required=True, help="index folder")
+    v.add_argument("--model", default=None, help="model folder (enables expression queries)")
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--max-batch", type=int, default=256,
+                   help="queries per batched index call (default 256)")
+    v.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="longest wait for a batch to fill, ms (default 2)")
+    v.add_argument("--max-queries", type=int, default=4096,
+                   help="queries per request (default 4096)")
+    v.add_argument("--max-k", type=int, default=1000, help="largest k (default 1000)")
+    v.add_argument("--max-body-mb", type=float, default=64, help="request size limit (MiB)")
+    v.add_argument("--label-key", default=None, help="default label_key of /annotate")
+    v.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    v.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
+                   help="log every request (default no)")
+    v.add_argument("--graceful-timeout", type=float, default=30,
+                   help="seconds to wait for running requests on shutdown (default 30)")
+    _device(v)
+    v.set_defaults(func=cmd_serve)

@@ -1,0 +1,816 @@
+"""HTTP search service over a :class:`~scatlas.search.CellIndex` (Starlette app, served by uvicorn).
+
+``create_app(index, model=None, ...)`` returns an ASGI app with JSON endpoints:
+
+* ``POST /search``: ``{"embeddings": [[...], ...], "k": 10, "nprobe": null, "filter": {...},
+  "include_metadata": true, "metadata_columns": null}`` -> ``{"k", "distances", "ids",
+  "metadata"}`` (``distances`` / ``ids`` are ``(m, k)`` lists exactly as
+  ``index.search(queries, k, nprobe=..., filter=...)`` returns them, with ``+inf`` / ``-1``
+  padding sent as ``null`` / ``-1``; ``metadata[i][j]`` is the metadata row of hit ``ids[i][j]``).
+* ``POST /search/expression``: ``{"genes": [...], "counts": [[...]]}`` (cells x genes, raw counts)
+  or ``{"genes": [...], "sparse": {"shape": [n, g], "row": [...], "col": [...], "data": [...]}}``
+  (COO triplets; ``indptr`` / ``indices`` / ``data`` CSR is accepted too), plus the ``/search``
+  options; the cells are embedded with the loaded model (``model.embed``), then searched.
+  ``"return_embeddings": true`` adds the embeddings. 404 when the service has no model.
+* ``POST /annotate``: ``{"embeddings": ...}`` or the expression fields, ``"label_key"``,
+  ``"k": 50``,
+  ``"weighting"``, ``"ood_distance"`` -> ``{"label_key", "predictions": [{"label", "confidence",
+  "vs_second", "min_dist", "is_ood", "hits"}, ...]}`` (:func:`scatlas.search.annotate`).
+* ``GET /health``: ``{"status": "ok", "ntotal", "dim", "metric", "engine", "nprobe",
+  "model_loaded", ...}``.
+* ``GET /metrics``: request and error counts per endpoint, latency quantiles (last 10,000
+  requests per endpoint), batch-size histograms, queue depth; ``?format=prometheus`` gives the
+  Prometheus text format.
+
+Micro-batching (:mod:`scatlas.search._batcher`): concurrent ``/search`` and
+``/search/expression`` requests with the same ``(k, nprobe, filter)`` are answered by one
+``index.search`` call in a worker thread. ``/annotate`` calls :func:`~scatlas.search.annotate`
+on the same worker thread without batching (its requests are usually many cells at once).
+Embedding runs on a second worker thread, so it overlaps with searches.
+
+Validation: every bad request gets a 4xx JSON ``{"error": "..."}`` naming the problem: malformed
+JSON (NaN / Infinity literals are rejected), a body over ``max_body_bytes`` (413), a missing,
+empty, ragged, non-numeric or non-finite matrix, the wrong dimension, more than
+``max_queries_per_request`` rows, ``k`` outside ``[1, max_k]``, an unknown filter or label column.
+Filters are ``{column: value or [values]}`` (keep) with ``{"exclude": {column: [values]}}``
+(drop); pandas query strings are not accepted over HTTP. Unexpected errors give 500 and are
+logged; the service keeps running.
+
+Shutdown: the app's lifespan drains the batcher (every request already submitted is answered);
+uvicorn stops accepting connections on SIGTERM / SIGINT and waits for running requests first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from .._validate import ScatlasInputError
+from ._batcher import BatcherClosedError, MicroBatcher
+
+__all__ = ["ServiceConfig", "create_app"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+LATENCY_WINDOW = 10_000
+QUANTILES = (0.5, 0.9, 0.99)
+MAX_GENES = 200_000
+
+
+class _HTTPError(Exception):
+    """A request error with its status code (turned into ``{"error": message}``)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _bad(message: str) -> _HTTPError:
+    return _HTTPError(400, message)
+
+
+class ServiceConfig:
+    """Limits of one service instance (see :func:`create_app`)."""
+
+    def __init__(
+        self,
+        *,
+        max_batch: int = 256,
+        max_wait_ms: float = 2.0,
+        max_queries_per_request: int = 4096,
+        max_k: int = 1000,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        default_k: int = 10,
+        default_label_key: str | None = None,
+    ) -> None:
+        for name, value in (("max_batch", max_batch),
+                            ("max_queries_per_request", max_queries_per_request),
+                            ("max_k", max_k), ("max_body_bytes", max_body_bytes),
+                            ("default_k", default_k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ScatlasInputError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(max_wait_ms, int | float) and max_wait_ms >= 0):
+            raise ScatlasInputError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
+        self.max_batch = max_batch
+        self.max_wait_ms = float(max_wait_ms)
+        self.max_queries_per_request = max_queries_per_request
+        self.max_k = max_k
+        self.max_body_bytes = max_body_bytes
+        self.default_k = min(default_k, max_k)
+        self.default_label_key = default_label_key
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Request counts, error counts and latency windows per endpoint (event-loop thread only)."""
+
+    def __init__(self, window: int = LATENCY_WINDOW) -> None:
+        self.window = window
+        self.started = time.time()
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.latency: dict[str, deque[float]] = {}
+        self.latency_sum: Counter[str] = Counter()
+
+    def record(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests[(endpoint, status)] += 1
+        self.latency.setdefault(endpoint, deque(maxlen=self.window)).append(seconds)
+        self.latency_sum[endpoint] += seconds
+
+    def snapshot(self, batcher: MicroBatcher) -> dict[str, Any]:
+        endpoints: dict[str, Any] = {}
+        for (endpoint, status), n in sorted(self.requests.items()):
+            e = endpoints.setdefault(endpoint, {"requests": 0, "errors": 0, "status": {}})
+            e["requests"] += n
+            e["status"][str(status)] = n
+            if status >= 400:
+                e["errors"] += n
+        for endpoint, window in self.latency.items():
+            lat = np.fromiter(window, dtype=np.float64)
+            e = endpoints[endpoint]
+            e["latency_ms"] = {f"p{round(q * 100)}": round(float(np.quantile(lat, q)) * 1e3, 3)
+                               for q in QUANTILES}
+            e["latency_ms"]["mean"] = round(float(lat.mean()) * 1e3, 3)
+            e["latency_ms"]["window"] = int(lat.size)
+        stats = batcher.stats
+        return {
+            "uptime_s": round(time.time() - self.started, 3),
+            "requests": sum(self.requests.values()),
+            "errors": sum(n for (_, s), n in self.requests.items() if s >= 400),
+            "endpoints": endpoints,
+            "batches": {
+                "index_calls": stats.calls,
+                "queries": stats.queries,
+                "requests": stats.requests,
+                "mean_queries_per_call": round(stats.queries / stats.calls, 3)
+                if stats.calls else None,
+                "busy_s": round(stats.busy_s, 6),
+                "queries_per_call_hist": {f"<={b}": n for b, n in sorted(stats.size_hist.items())},
+                "requests_per_call_hist": {
+                    f"<={b}": n for b, n in sorted(stats.requests_hist.items())
+                },
+                "queue_depth": batcher.queue_depth,
+                "in_flight": batcher.in_flight,
+            },
+        }
+
+    def prometheus(self, batcher: MicroBatcher) -> str:
+        lines = ["# TYPE scatlas_requests_total counter"]
+        for (endpoint, status), n in sorted(self.requests.items()):
+            lines.append(f'scatlas_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+        lines.append("# TYPE scatlas_request_latency_seconds summary")
+        for endpoint, window in sorted(self.latency.items()):
+            lat = np.fromiter(window, dtype=np.float64)
+            for q in QUANTILES:
+                lines.append(f'scatlas_request_latency_seconds{{endpoint="{endpoint}",'
+                             f'quantile="{q}"}} {float(np.quantile(lat, q)):.6g}')
+            count = sum(n for (e, _), n in self.requests.items() if e == endpoint)
+            lines.append(f'scatlas_request_latency_seconds_sum{{endpoint="{endpoint}"}} '
+                         f"{self.latency_sum[endpoint]:.6g}")
+            lines.append(f'scatlas_request_latency_seconds_count{{endpoint="{endpoint}"}} {count}')
+        stats = batcher.stats
+        lines.append("# TYPE scatlas_index_calls_total counter")
+        lines.append(f"scatlas_index_calls_total {stats.calls}")
+        lines.append("# TYPE scatlas_index_queries_total counter")
+        lines.append(f"scatlas_index_queries_total {stats.queries}")
+        lines.append("# TYPE scatlas_batch_queries histogram")
+        cumulative = 0
+        for bucket, n in sorted(stats.size_hist.items()):
+            cumulative += n
+            lines.append(f'scatlas_batch_queries_bucket{{le="{bucket}"}} {cumulative}')
+        lines.append(f'scatlas_batch_queries_bucket{{le="+Inf"}} {stats.calls}')
+        lines.append(f"scatlas_batch_queries_sum {stats.queries}")
+        lines.append(f"scatlas_batch_queries_count {stats.calls}")
+        lines.append("# TYPE scatlas_queue_depth gauge")
+        lines.append(f"scatlas_queue_depth {batcher.queue_depth}")
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Request parsing and validation
+# ------------------------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed (JSON numbers must be finite)")
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object; 413 above ``limit`` bytes, 400 when malformed."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise _bad(f"invalid Content-Length header {length!r}") from None
+        if declared > limit:
+            raise _HTTPError(413, f"request body of {declared} bytes exceeds the limit of "
+                                  f"{limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _HTTPError(413, f"request body exceeds the limit of {limit} bytes")
+    if not body:
+        raise _bad("empty request body; send a JSON object")
+    try:
+        obj = json.loads(bytes(body), parse_constant=_reject_constant)
+    except RecursionError:
+        raise _bad("malformed JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _bad(f"malformed JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise _bad(f"the request body must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _get_int(body: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise _bad(f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise _bad(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _get_bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise _bad(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def parse_matrix(value: Any, name: str, *, n_cols: int | None, max_rows: int,
+                 nonnegative: bool = False) -> np.ndarray:
+    """A JSON list of rows -> ``(m, n_cols)`` float32, finite; a flat list is one row.
+
+    Raises ``_HTTPError`` (400) for a missing / empty / ragged / non-numeric / non-finite matrix,
+    the wrong width or more than ``max_rows`` rows.
+    """
+    if value is None:
+        raise _bad(f"{name!r} is missing")
+    if not isinstance(value, list):
+        raise _bad(f"{name!r} must be a list of rows (a 2-D list), got {type(value).__name__}")
+    if not value:
+        raise _bad(f"{name!r} is empty; send at least one row")
+    if not isinstance(value[0], list):
+        value = [value]
+    if len(value) > max_rows:
+        raise _bad(f"{name!r} has {len(value)} rows; at most {max_rows} per request")
+    try:
+        arr = np.array(value)
+    except (ValueError, TypeError) as err:
+        raise _bad(f"{name!r} is not a rectangular numeric matrix ({err})") from None
+    if arr.dtype.kind not in "iuf":
+        raise _bad(f"{name!r} must contain only numbers (got entries of kind "
+                   f"{arr.dtype.kind!r}: strings, nulls, booleans or nested lists?)")
+    if arr.ndim != 2:
+        raise _bad(f"{name!r} must be 2-D (rows x columns), got shape {list(arr.shape)}")
+    if arr.shape[1] == 0:
+        raise _bad(f"{name!r} has empty rows")
+    if n_cols is not None and arr.shape[1] != n_cols:
+        raise _bad(f"{name!r} rows have {arr.shape[1]} values; the index expects {n_cols}")
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(out)))
+    if bad:
+        raise _bad(f"{name!r} has {bad} non-finite value(s) (too large for float32?)")
+    if nonnegative and (out < 0).any():
+        raise _bad(f"{name!r} has {int((out < 0).sum())} negative value(s); raw counts are "
+                   "non-negative")
+    return out
+
+
+_SCALAR = (str, int, float, bool)
+
+
+def _check_filter_values(column: str, values: Any) -> None:
+    items = values if isinstance(values, list) else [values]
+    if not items:
+        raise _bad(f"filter values for {column!r} are an empty list")
+    for v in items:
+        if v is not None and not isinstance(v, _SCALAR):
+            raise _bad(f"filter values for {column!r} must be strings, numbers or booleans, "
+                       f"got {v!r}")
+
+
+def parse_filter(value: Any, columns: Sequence[str]) -> tuple[dict[str, Any] | None, str]:
+    """Validate a ``{column: value(s)}`` filter (with optional ``"exclude"``); returns it and a
+    canonical string (the batching key)."""
+    if value is None or value == {}:
+        return None, ""
+    if not isinstance(value, dict):
+        raise _bad("filter must be an object {column: value or [values]}, optionally with "
+                   "\"exclude\": {column: [values]} (query strings are not accepted over HTTP)")
+    known = set(map(str, columns))
+
+    def check_columns(spec: dict[str, Any], where: str) -> None:
+        for column, values in spec.items():
+            if column not in known:
+                shown = sorted(known)[:20]
+                raise _bad(f"unknown filter column {column!r}{where} (metadata columns: {shown})")
+            _check_filter_values(column, values)
+
+    keep = {c: v for c, v in value.items() if c != "exclude"}
+    check_columns(keep, "")
+    if "exclude" in value:
+        exclude = value["exclude"]
+        if not isinstance(exclude, dict) or not exclude:
+            raise _bad("filter 'exclude' must be a non-empty object {column: [values]}")
+        check_columns(exclude, " in 'exclude'")
+    return value, json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def parse_expression(body: dict[str, Any], *, max_rows: int):
+    """``genes`` + ``counts`` (dense) or ``sparse`` (COO or CSR) -> an AnnData (cells x genes)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    genes = body.get("genes")
+    if not isinstance(genes, list) or not genes:
+        raise _bad("'genes' must be a non-empty list of gene names")
+    if len(genes) > MAX_GENES:
+        raise _bad(f"'genes' has {len(genes)} names; at most {MAX_GENES}")
+    if not all(isinstance(g, str) for g in genes):
+        raise _bad("'genes' must contain only strings")
+    if len(set(genes)) != len(genes):
+        raise _bad("'genes' has duplicated names")
+    g = len(genes)
+    if "counts" in body and "sparse" in body:
+        raise _bad("send either 'counts' (dense) or 'sparse', not both")
+    if "counts" in body:
+        X = sp.csr_matrix(parse_matrix(body["counts"], "counts", n_cols=g, max_rows=max_rows,
+                                       nonnegative=True))
+    elif "sparse" in body:
+        X = _parse_sparse(body["sparse"], g, max_rows)
+    else:
+        raise _bad("expression input needs 'counts' (cells x genes) or 'sparse' "
+                   "({shape, row, col, data} or {shape, indptr, indices, data})")
+    adata = ad.AnnData(X=X)
+    adata.var_names = pd.Index(genes)
+    adata.obs_names = [str(i) for i in range(X.shape[0])]
+    return adata
+
+
+def _int_vector(spec: dict[str, Any], name: str, length: int | None = None) -> np.ndarray:
+    value = spec.get(name)
+    if not isinstance(value, list):
+        raise _bad(f"sparse {name!r} must be a list of integers")
+    try:
+        arr = np.array(value)
+    except (ValueError, TypeError):
+        raise _bad(f"sparse {name!r} must be a flat list of integers") from None
+    if arr.size and (arr.ndim != 1 or arr.dtype.kind not in "iu"):
+        raise _bad(f"sparse {name!r} must be a flat list of integers")
+    if length is not None and arr.size != length:
+        raise _bad(f"sparse {name!r} has {arr.size} entries, expected {length}")
+    return arr.astype(np.int64)
+
+
+def _parse_sparse(spec: Any, n_genes: int, max_rows: int):
+    import scipy.sparse as sp
+
+    if not isinstance(spec, dict):
+        raise _bad("'sparse' must be an object {shape, row, col, data} or "
+                   "{shape, indptr, indices, data}")
+    shape = spec.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+        raise _bad("sparse 'shape' must be [n_cells, n_genes]")
+    n, g = shape
+    if g != n_genes:
+        raise _bad(f"sparse shape has {g} genes but 'genes' has {n_genes} names")
+    if not 1 <= n <= max_rows:
+        raise _bad(f"sparse shape has {n} cells; need 1 to {max_rows} per request")
+    data = spec.get("data")
+    if not isinstance(data, list):
+        raise _bad("sparse 'data' must be a list of numbers")
+    values = (parse_matrix([data], "sparse data", n_cols=None, max_rows=1, nonnegative=True)[0]
+              if data else np.zeros(0, np.float32))
+    nnz = values.size
+    if "indptr" in spec:
+        indptr = _int_vector(spec, "indptr", n + 1)
+        indices = _int_vector(spec, "indices", nnz)
+        if indptr[0] != 0 or indptr[-1] != nnz or (np.diff(indptr) < 0).any():
+            raise _bad("sparse 'indptr' must start at 0, be non-decreasing and end at len(data)")
+        if nnz and (indices.min() < 0 or indices.max() >= g):
+            raise _bad(f"sparse 'indices' must be in [0, {g})")
+        return sp.csr_matrix((values, indices, indptr), shape=(n, g))
+    row = _int_vector(spec, "row", nnz)
+    col = _int_vector(spec, "col", nnz)
+    if nnz and (row.min() < 0 or row.max() >= n):
+        raise _bad(f"sparse 'row' must be in [0, {n})")
+    if nnz and (col.min() < 0 or col.max() >= g):
+        raise _bad(f"sparse 'col' must be in [0, {g})")
+    return sp.coo_matrix((values, (row, col)), shape=(n, g)).tocsr()
+
+
+# ------------------------------------------------------------------------------------------------
+# Response building
+# ------------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types: NaN / inf / NA -> null, numpy scalars -> Python, timestamps -> ISO."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, _dt.datetime | _dt.date | pd.Timestamp):
+        return value.isoformat()
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(value)
+
+
+def _matrix_json(values: np.ndarray) -> list[list[Any]]:
+    """float32 ``(m, k)`` -> nested lists (exact float32 values; non-finite -> null)."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.isfinite(values).all():
+        return values.tolist()
+    return [[v if math.isfinite(v) else None for v in row] for row in values.tolist()]
+
+
+def metadata_rows(metadata: pd.DataFrame | None, ids: np.ndarray,
+                  columns: Sequence[str] | None) -> list[list[dict[str, Any] | None]] | None:
+    """Metadata row (a dict) of every hit in ``ids`` (``(m, k)``; the frame is indexed by id;
+    -1 and unknown ids -> null)."""
+    if metadata is None or metadata.shape[1] == 0:
+        return None
+    frame = metadata if columns is None else metadata[list(columns)]
+    flat = ids.ravel()
+    rows_at = frame.index.get_indexer(flat) if flat.size else np.zeros(0, np.int64)
+    valid = (flat >= 0) & (rows_at >= 0)
+    records = frame.iloc[rows_at[valid]].to_dict("records")
+    rows: list[dict[str, Any] | None] = [None] * flat.size
+    for pos, rec in zip(np.flatnonzero(valid).tolist(), records, strict=True):
+        rows[pos] = {str(c): _jsonable(v) for c, v in rec.items()}
+    k = ids.shape[1]
+    return [rows[i * k:(i + 1) * k] for i in range(ids.shape[0])]
+
+
+# ------------------------------------------------------------------------------------------------
+# The service
+# ------------------------------------------------------------------------------------------------
+
+
+class SearchService:
+    """Index, optional model, micro-batcher and metrics behind the HTTP endpoints."""
+
+    def __init__(self, index: Any, model: Any, config: ServiceConfig) -> None:
+        self.index = index
+        self.model = model
+        self.config = config
+        self.dim = int(index.dim)
+        self.ntotal = int(index.ntotal)
+        metadata = getattr(index, "metadata", None)
+        self.metadata: pd.DataFrame | None = metadata
+        self.columns: list[str] = [] if metadata is None else [str(c) for c in metadata.columns]
+        if model is not None:
+            latent = int(getattr(model, "latent_dim", self.dim))
+            if latent != self.dim:
+                raise ScatlasInputError(
+                    f"the model embeds into {latent} dimensions but the index holds "
+                    f"{self.dim}-dimensional vectors; build the index from this model's embeddings"
+                )
+        self.batcher = MicroBatcher(self._search, max_batch=config.max_batch,
+                                    max_wait_ms=config.max_wait_ms)
+        self._embed_executor: ThreadPoolExecutor | None = None
+        self.metrics = Metrics()
+        self.started = time.time()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        await self.batcher.start()
+        log.info("scatlas search service: %d vectors of dimension %d (%s), model: %s",
+                 self.ntotal, self.dim, getattr(self.index, "engine", "?"),
+                 "yes" if self.model is not None else "no")
+
+    async def shutdown(self) -> None:
+        """Answer every pending search, then release the worker threads."""
+        await self.batcher.close()
+        self.batcher.shutdown_executor()
+        executor, self._embed_executor = self._embed_executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+        log.info("scatlas search service stopped after %d requests",
+                 sum(self.metrics.requests.values()))
+
+    # -- index and model calls ---------------------------------------------------------------
+
+    def _search(self, queries: np.ndarray, *, k: int, nprobe: int | None,
+                filter: Any) -> tuple[np.ndarray, np.ndarray]:  # noqa: A002 - the index's name
+        kwargs: dict[str, Any] = {}
+        if nprobe is not None:
+            kwargs["nprobe"] = nprobe
+        if filter is not None:
+            kwargs["filter"] = filter
+        return self.index.search(queries, k=k, **kwargs)
+
+    async def embed(self, adata) -> np.ndarray:
+        if self.model is None:
+            raise _HTTPError(404, "no model is loaded: start the service with a model "
+                                  "(scatlas serve --model DIR) to send expression data")
+        if self._embed_executor is None:
+            self._embed_executor = ThreadPoolExecutor(max_workers=1,
+                                                      thread_name_prefix="scatlas-embed")
+        loop = asyncio.get_running_loop()
+        emb = await loop.run_in_executor(self._embed_executor, self.model.embed, adata)
+        emb = np.asarray(emb, dtype=np.float32)
+        if emb.shape != (adata.n_obs, self.dim):
+            raise RuntimeError(f"model.embed returned shape {emb.shape}, expected "
+                               f"{(adata.n_obs, self.dim)}")
+        return emb
+
+    # -- request pieces ------------------------------------------------------------------------
+
+    def queries_from(self, body: dict[str, Any]) -> np.ndarray:
+        return parse_matrix(body.get("embeddings"), "embeddings", n_cols=self.dim,
+                            max_rows=self.config.max_queries_per_request)
+
+    def search_options(self, body: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        k = _get_int(body, "k", cfg.default_k, 1, cfg.max_k)
+        nprobe = _get_int(body, "nprobe", None, 1, 1 << 20)
+        filt, filter_key = parse_filter(body.get("filter"), self.columns)
+        include = _get_bool(body, "include_metadata", True)
+        columns = body.get("metadata_columns")
+        if columns is not None:
+            if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+                raise _bad("metadata_columns must be a list of column names")
+            unknown = [c for c in columns if c not in self.columns]
+            if unknown:
+                raise _bad(f"unknown metadata column(s) {unknown} (available: "
+                           f"{self.columns[:20]})")
+        return {"k": k, "nprobe": nprobe, "filter": filt, "filter_key": filter_key,
+                "include_metadata": include, "metadata_columns": columns}
+
+    async def search(self, queries: np.ndarray, opts: dict[str, Any]) -> dict[str, Any]:
+        k, nprobe, filt = opts["k"], opts["nprobe"], opts["filter"]
+        distances, ids = await self.batcher.submit(
+            queries, key=(k, nprobe, opts["filter_key"]), k=k, nprobe=nprobe, filter=filt)
+        out: dict[str, Any] = {"k": k, "distances": _matrix_json(distances),
+                               "ids": np.asarray(ids, dtype=np.int64).tolist()}
+        if opts["include_metadata"]:
+            out["metadata"] = metadata_rows(self.metadata, np.asarray(ids),
+                                            opts["metadata_columns"])
+        return out
+
+    async def annotate(self, queries: np.ndarray, body: dict[str, Any]) -> dict[str, Any]:
+        from . import annotate as annotate_fn
+
+        label_key = body.get("label_key", self.config.default_label_key)
+        if not isinstance(label_key, str) or not label_key:
+            raise _bad("label_key (the metadata column holding the labels) is required")
+        if label_key not in self.columns:
+            raise _bad(f"unknown label_key {label_key!r} (metadata columns: {self.columns[:20]})")
+        k = _get_int(body, "k", 50, 1, self.config.max_k)
+        kwargs: dict[str, Any] = {"k": k, "label_key": label_key}
+        if "weighting" in body:
+            weighting = body["weighting"]
+            if not isinstance(weighting, str):
+                raise _bad(f"weighting must be a string, got {weighting!r}")
+            kwargs["weighting"] = weighting
+        ood = body.get("ood_distance")
+        if ood is not None:
+            if isinstance(ood, bool) or not isinstance(ood, int | float) or ood < 0:
+                raise _bad(f"ood_distance must be a non-negative number, got {ood!r}")
+            kwargs["ood_distance"] = float(ood)
+        table = await self.batcher.run(annotate_fn, self.index, queries, **kwargs)
+        table = pd.DataFrame(table)
+        predictions = [{str(c): _jsonable(v) for c, v in rec.items()}
+                       for rec in table.to_dict("records")]
+        return {"label_key": label_key, "k": k, "predictions": predictions}
+
+    def health(self) -> dict[str, Any]:
+        idx = self.index
+        model = self.model
+        return {
+            "status": "shutting down" if self.batcher.closing else "ok",
+            "ntotal": self.ntotal,
+            "dim": self.dim,
+            "metric": getattr(idx, "metric", None),
+            "engine": getattr(idx, "engine", None),
+            "nprobe": _jsonable(getattr(idx, "nprobe", None)),
+            "metadata_columns": self.columns,
+            "model_loaded": model is not None,
+            "model_genes": None if model is None else len(model.genes),
+            "model_latent_dim": None if model is None else int(model.latent_dim),
+            "uptime_s": round(time.time() - self.started, 3),
+            "limits": self.config.as_dict(),
+        }
+
+
+Handler = Callable[[Request, SearchService], Awaitable[Response | dict[str, Any]]]
+
+
+def _endpoint(name: str, service: SearchService, handler: Handler) -> Callable[[Request], Any]:
+    """Wrap a handler: JSON errors, metrics, never an unhandled exception."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            result = await handler(request, service)
+            response = result if isinstance(result, Response) else JSONResponse(result)
+            status = response.status_code
+            return response
+        except _HTTPError as err:
+            status = err.status
+            return JSONResponse({"error": err.message}, status_code=status)
+        except ScatlasInputError as err:
+            status = 400
+            return JSONResponse({"error": str(err)}, status_code=status)
+        except BatcherClosedError as err:
+            status = 503
+            return JSONResponse({"error": str(err)}, status_code=status)
+        except Exception as err:  # noqa: BLE001 - the service must survive anything
+            log.exception("%s failed", name)
+            status = 500
+            return JSONResponse({"error": f"internal error: {type(err).__name__}: {err}"},
+                                status_code=status)
+        finally:
+            service.metrics.record(name, status, time.perf_counter() - t0)
+
+    return wrapped
+
+
+async def _health(request: Request, service: SearchService) -> dict[str, Any]:
+    return service.health()
+
+
+async def _metrics(request: Request, service: SearchService) -> Response | dict[str, Any]:
+    fmt = request.query_params.get("format", "json")
+    if fmt == "prometheus":
+        return PlainTextResponse(service.metrics.prometheus(service.batcher),
+                                 media_type="text/plain; version=0.0.4")
+    if fmt != "json":
+        raise _bad(f"format must be json or prometheus, got {fmt!r}")
+    return service.metrics.snapshot(service.batcher)
+
+
+async def _search(request: Request, service: SearchService) -> dict[str, Any]:
+    body = await _read_json(request, service.config.max_body_bytes)
+    queries = service.queries_from(body)
+    opts = service.search_options(body)
+    return await service.search(queries, opts)
+
+
+async def _search_expression(request: Request, service: SearchService) -> dict[str, Any]:
+    if service.model is None:
+        raise _HTTPError(404, "no model is loaded: start the service with a model "
+                              "(scatlas serve --model DIR) to send expression data")
+    body = await _read_json(request, service.config.max_body_bytes)
+    adata = parse_expression(body, max_rows=service.config.max_queries_per_request)
+    opts = service.search_options(body)
+    return_embeddings = _get_bool(body, "return_embeddings", False)
+    queries = await service.embed(adata)
+    out = await service.search(queries, opts)
+    if return_embeddings:
+        out["embeddings"] = queries.astype(np.float64).tolist()
+    return out
+
+
+async def _annotate(request: Request, service: SearchService) -> dict[str, Any]:
+    body = await _read_json(request, service.config.max_body_bytes)
+    if "embeddings" in body:
+        if "genes" in body:
+            raise _bad("send either 'embeddings' or expression ('genes' + counts), not both")
+        queries = service.queries_from(body)
+    elif "genes" in body:
+        if service.model is None:
+            raise _HTTPError(404, "no model is loaded: send 'embeddings', or start the service "
+                                  "with a model (scatlas serve --model DIR)")
+        adata = parse_expression(body, max_rows=service.config.max_queries_per_request)
+        queries = await service.embed(adata)
+    else:
+        raise _bad("send 'embeddings' or expression data ('genes' + 'counts' or 'sparse')")
+    return await service.annotate(queries, body)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", None) or str(exc)
+    return JSONResponse({"error": f"{detail} ({request.method} {request.url.path})"},
+                        status_code=status)
+
+
+def _resolve_index(index: Any, device: str | None) -> Any:
+    if isinstance(index, str | os.PathLike):
+        from . import CellIndex
+
+        return CellIndex.load(index, device=device)
+    for attr in ("search", "dim", "ntotal"):
+        if not hasattr(index, attr):
+            raise ScatlasInputError(f"index must be a CellIndex (or a saved index folder), got "
+                                    f"{type(index).__name__} without .{attr}")
+    return index
+
+
+def _resolve_model(model: Any) -> Any:
+    if model is None:
+        return None
+    if isinstance(model, str | os.PathLike):
+        from .. import models
+
+        return models.load(model)
+    for attr in ("embed", "genes", "latent_dim"):
+        if not hasattr(model, attr):
+            raise ScatlasInputError(f"model must have .embed, .genes and .latent_dim; "
+                                    f"{type(model).__name__} lacks .{attr}")
+    return model
+
+
+def create_app(
+    index: Any,
+    model: Any = None,
+    *,
+    max_batch: int = 256,
+    max_wait_ms: float = 2.0,
+    max_queries_per_request: int = 4096,
+    max_k: int = 1000,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    default_k: int = 10,
+    label_key: str | None = None,
+    device: str | None = None,
+) -> Starlette:
+    """The search service as an ASGI app (Starlette; serve with uvicorn).
+
+    ``index``: a :class:`~scatlas.search.CellIndex` or a folder saved by ``CellIndex.save``
+    (loaded with ``device``). ``model``: ``None`` (embeddings only), a loaded model
+    (``.embed(adata) -> (n, latent_dim)``, ``.genes``, ``.latent_dim``) or a model folder
+    (:func:`scatlas.models.load`). ``max_batch``: queries per batched index call;
+    ``max_wait_ms``: longest wait for a batch to fill (0: batch only what queued during the
+    previous call); ``max_queries_per_request``, ``max_k``, ``max_body_bytes``: request limits;
+    ``label_key``: default ``label_key`` of ``/annotate``. ``app.state.service`` holds the
+    :class:`SearchService` (its ``metrics``, ``batcher``).
+    """
+    config = ServiceConfig(max_batch=max_batch, max_wait_ms=max_wait_ms,
+                           max_queries_per_request=max_queries_per_request, max_k=max_k,
+                           max_body_bytes=max_body_bytes, default_k=default_k,
+                           default_label_key=label_key)
+    service = SearchService(_resolve_index(index, device), _resolve_model(model), config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await service.startup()
+        try:
+            yield
+        finally:
+            await service.shutdown()
+
+    routes = [
+        Route("/health", _endpoint("health", service, _health), methods=["GET"]),
+        Route("/metrics", _endpoint("metrics", service, _metrics), methods=["GET"]),
+        Route("/search", _endpoint("search", service, _search), methods=["POST"]),
+        Route("/search/expression", _endpoint("search_expression", service, _search_expression),
+              methods=["POST"]),
+        Route("/annotate", _endpoint("annotate", service, _annotate), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_exception})
+    app.state.service = service
+    return app
