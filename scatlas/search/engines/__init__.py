@@ -1,0 +1,106 @@
+"""Search engines behind :class:`scatlas.search.CellIndex`.
+
+Every engine works on *prepared* float32 vectors (unit rows for cosine) and ranks by an internal
+key, smaller is better:
+
+- ``kind == "ip"`` (metrics ``cosine`` and ``ip``): ``key = -q.x``;
+- ``kind == "l2"`` (metric ``euclidean``): ``key = ||q - x||^2``.
+
+:class:`CellIndex` turns keys into the reported distances (``1 + key`` for cosine, ``sqrt`` for
+euclidean). An engine stores stable int64 ids beside the vectors and returns them.
+
+Engine interface (duck-typed):
+
+``name``, ``kind``, ``d``, ``ntotal``, ``nlist`` (None for exact), ``is_trained``,
+``train(sample)``, ``add(X, ids)``, ``search(Q, k, nprobe, allowed) -> (keys, ids)`` sorted by
+(key, id) with (+inf, -1) padding, ``range_search(Q, max_key, nprobe, allowed) -> list[(keys,
+ids)]``, ``remove(ids) -> int``, ``save(folder) -> list[str]`` (file names written),
+``load(folder, meta, device) -> engine`` (classmethod), ``meta() -> dict`` (JSON facts for the
+manifest). ``allowed`` is None or a boolean mask over the id space (host numpy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ... import backend
+
+ENGINES = ("exact", "faiss-ivf", "faiss-ivfpq", "native-ivf", "faiss-gpu")
+
+
+def lexsort_rows(keys: Any, ids: Any) -> Any:
+    """Per-row order by (key, id), indices (m, w) into each row (numpy or cupy)."""
+    xp = backend.array_module(keys)
+    if xp is np:
+        o = np.argsort(keys, axis=1, kind="stable")
+        ks = np.take_along_axis(keys, o, axis=1)
+        tied = np.flatnonzero(((ks[:, 1:] == ks[:, :-1]) & np.isfinite(ks[:, 1:])).any(axis=1))
+        if tied.size:
+            o[tied] = np.lexsort((ids[tied], keys[tied]), axis=1)
+        return o
+    o1 = xp.argsort(ids, axis=1)  # cupy sorts are stable
+    o2 = xp.argsort(xp.take_along_axis(keys, o1, axis=1), axis=1)
+    return xp.take_along_axis(o1, o2, axis=1)
+
+
+def smallest_k(keys: Any, ids: Any, k: int) -> tuple[Any, Any]:
+    """The k best (key, id) per row of (m, w) candidates, sorted; pads with (inf, -1) if w < k.
+
+    All candidates tied with the k-th key enter the final (key, id) sort, so ties at the cut are
+    resolved by the smaller id, deterministically.
+    """
+    xp = backend.array_module(keys)
+    m, w = keys.shape
+    if w > k:
+        kth = xp.partition(keys, k - 1, axis=1)[:, k - 1 : k]
+        inside = keys <= kth
+        width = int(inside.sum(axis=1).max())
+        if width < w:
+            # keep the candidates <= kth (at least k per row), drop the rest cheaply
+            sel = xp.argsort(xp.where(inside, 0, 1).astype(np.int8), axis=1, kind="stable")
+            sel = sel[:, :width]
+            keys = xp.take_along_axis(keys, sel, axis=1)
+            ids = xp.take_along_axis(ids, sel, axis=1)
+            keys = xp.where(xp.take_along_axis(inside, sel, axis=1), keys, xp.inf)
+    o = lexsort_rows(keys, ids)[:, :k]
+    keys = xp.take_along_axis(keys, o, axis=1)
+    ids = xp.take_along_axis(ids, o, axis=1)
+    ids = xp.where(xp.isfinite(keys), ids, -1)
+    if keys.shape[1] < k:
+        pad = k - keys.shape[1]
+        keys = xp.concatenate([keys, xp.full((m, pad), xp.inf, dtype=keys.dtype)], axis=1)
+        ids = xp.concatenate([ids, xp.full((m, pad), -1, dtype=ids.dtype)], axis=1)
+    return keys, ids
+
+
+def pair_keys(Q: Any, X: Any, qrows: Any, xrows: Any, kind: str) -> Any:
+    """Exact keys of the pairs (Q[qrows[i]], X[xrows[i]]), each summed on its own (no GEMM
+    tiling effects: identical vectors get bit-identical keys). 1-D inputs of equal length."""
+    xp = backend.array_module(Q)
+    out = xp.empty(qrows.shape[0], dtype=np.float32)
+    step = max(1, (32 * 2**20) // (4 * Q.shape[1]))
+    for s in range(0, qrows.shape[0], step):
+        a, b = Q[qrows[s : s + step]], X[xrows[s : s + step]]
+        if kind == "l2":
+            diff = a - b
+            out[s : s + step] = (diff * diff).sum(axis=1)
+        else:
+            out[s : s + step] = -(a * b).sum(axis=1)
+    return out
+
+
+def get_engine_class(name: str):
+    """The engine class for a name in :data:`ENGINES`."""
+    if name == "exact":
+        from .exact import ExactEngine  # noqa: PLC0415
+
+        return ExactEngine
+    if name == "native-ivf":
+        from .ivf_native import NativeIVF  # noqa: PLC0415
+
+        return NativeIVF
+    from .faiss_ivf import FaissIVF  # noqa: PLC0415
+
+    return FaissIVF

@@ -1,0 +1,201 @@
+"""Exact blocked search: the ground truth and the small-data default engine.
+
+Algorithm (as faiss ``IndexFlat``, Johnson, Douze & Jegou 2019, with an exact re-ranking as in
+:mod:`scatlas.kernels.neighbors`): query rows in blocks; for each block the stored vectors are
+visited in row blocks, each block's ranking keys come from one GEMM (``-Q X^T``, or ``||x||^2 -
+2 Q X^T`` for euclidean), filtered rows get +inf, and the block's best ``k + 8`` (all ties at the
+cut included) merge into a running candidate list. The candidates are then re-scored pair by pair
+(exact keys, independent of the GEMM's tiling) and sorted on (key, id), so equal distances are
+ordered by the smaller id and results do not depend on the query batch.
+
+Vectors live in one (n, d) float32 array (NumPy or CuPy); :meth:`ExactEngine.remove` deletes rows
+(a copy), :meth:`add` appends (a copy): this engine is meant for up to a few million cells.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ... import backend
+from . import pair_keys, smallest_k
+
+SLACK = 8
+_BLOCK_SCORES = 32 * 2**20  # scores per (query block x reference block) on the CPU
+_QUERY_ROWS = 1024
+
+
+def _xp_device(device: str):
+    return backend.gpu_module() if device == "gpu" else np
+
+
+def blocked_topk(Q: Any, X: Any, k: int, kind: str, *, ids: Any = None, allowed_rows: Any = None,
+                 sqnorms: Any = None, progress_bar: Any = None) -> tuple[Any, Any]:
+    """Exact k best rows of ``X`` for every row of ``Q``: (keys (m, k) float32, ids (m, k) int64).
+
+    ``X`` may be a NumPy memmap (read block by block) or a CuPy array (``Q`` then too);
+    ``ids`` maps rows to ids (default: the row numbers); ``allowed_rows`` is a boolean mask over
+    rows; ``sqnorms`` the precomputed ``||x||^2`` for euclidean. Keys are exact pair keys
+    (``-q.x`` or ``||q - x||^2``), padded with (+inf, -1) when fewer than k rows qualify.
+    """
+    xp = backend.array_module(Q)
+    m, n = Q.shape[0], X.shape[0]
+    kk = min(k + SLACK, max(n, 1))
+    gpu = xp is not np
+    br = max(1024, (_BLOCK_SCORES * (8 if gpu else 1)) // max(min(m, _QUERY_ROWS), 1))
+    bq = _QUERY_ROWS * (8 if gpu else 1)
+    best_k = xp.full((m, kk), xp.inf, dtype=np.float32)
+    best_r = xp.full((m, kk), -1, dtype=np.int64)
+    for rs in range(0, n, br):
+        re_ = min(n, rs + br)
+        Xb = xp.asarray(X[rs:re_], dtype=np.float32)
+        if kind == "l2":
+            nb = sqnorms[rs:re_] if sqnorms is not None else (Xb * Xb).sum(axis=1)
+            nb = xp.asarray(nb, dtype=np.float32)
+        rows = xp.arange(rs, re_, dtype=np.int64)
+        mask = None if allowed_rows is None else xp.asarray(allowed_rows[rs:re_])
+        for qs in range(0, m, bq):
+            qe = min(m, qs + bq)
+            S = Q[qs:qe] @ Xb.T
+            S = (nb[None, :] - 2.0 * S) if kind == "l2" else -S
+            if mask is not None:
+                S[:, ~mask] = xp.inf
+            keys = xp.concatenate([best_k[qs:qe], S], axis=1)
+            cand = xp.concatenate([best_r[qs:qe], xp.broadcast_to(rows, S.shape)], axis=1)
+            best_k[qs:qe], best_r[qs:qe] = smallest_k(keys, cand, kk)
+        if progress_bar is not None:
+            progress_bar.update(re_ - rs)
+    # exact re-ranking of the candidates
+    valid = best_r >= 0
+    qrows = xp.broadcast_to(xp.arange(m)[:, None], best_r.shape)[valid]
+    rr = best_r[valid]
+    exact = xp.full(best_r.shape, xp.inf, dtype=np.float32)
+    if rr.size:
+        Xg = xp.asarray(X[rr], dtype=np.float32)
+        exact[valid] = pair_keys(Q, Xg, qrows, xp.arange(rr.shape[0]), kind)
+    out_ids = best_r if ids is None else xp.where(valid, ids[xp.maximum(best_r, 0)], -1)
+    return smallest_k(exact, out_ids, k)
+
+
+class ExactEngine:
+    """Brute-force engine over one contiguous (n, d) float32 array."""
+
+    name = "exact"
+    nlist = None
+    is_trained = True
+
+    def __init__(self, d: int, kind: str, device: str = "cpu"):
+        self.d, self.kind, self.device = d, kind, device
+        xp = _xp_device(device)
+        self.X = xp.empty((0, d), dtype=np.float32)
+        self.ids = xp.empty(0, dtype=np.int64)
+        self.sqnorms = xp.empty(0, dtype=np.float32)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.X.shape[0])
+
+    def train(self, sample: Any) -> None:  # nothing to train
+        return None
+
+    def reserve(self, n: int) -> None:
+        """Pre-allocate for a build of known size (one copy of the data, filled in place)."""
+        xp = _xp_device(self.device)
+        self._buf = xp.empty((n, self.d), dtype=np.float32)
+        self._buf_ids = xp.empty(n, dtype=np.int64)
+        self._fill = 0
+
+    def add(self, X: Any, ids: Any) -> None:
+        xp = _xp_device(self.device)
+        X = xp.asarray(X, dtype=np.float32)
+        ids = xp.asarray(ids, dtype=np.int64)
+        buf = getattr(self, "_buf", None)
+        if buf is not None and self._fill + X.shape[0] <= buf.shape[0] and self.ntotal == 0:
+            buf[self._fill : self._fill + X.shape[0]] = X
+            self._buf_ids[self._fill : self._fill + X.shape[0]] = ids
+            self._fill += X.shape[0]
+            if self._fill == buf.shape[0]:
+                self.X, self.ids = buf, self._buf_ids
+                del self._buf, self._buf_ids
+                self.sqnorms = (self.X * self.X).sum(axis=1)
+            return
+        self.finish()
+        self.X = xp.concatenate([self.X, X])
+        self.ids = xp.concatenate([self.ids, ids])
+        self.sqnorms = xp.concatenate([self.sqnorms, (X * X).sum(axis=1)])
+
+    def finish(self) -> None:
+        """Close a reserved build that received fewer rows than reserved."""
+        buf = getattr(self, "_buf", None)
+        if buf is not None:
+            self.X, self.ids = buf[: self._fill], self._buf_ids[: self._fill]
+            del self._buf, self._buf_ids
+            self.sqnorms = (self.X * self.X).sum(axis=1)
+
+    def _allowed_rows(self, allowed: Any) -> Any:
+        if allowed is None:
+            return None
+        xp = _xp_device(self.device)
+        return xp.asarray(allowed)[self.ids]
+
+    def search(self, Q: Any, k: int, nprobe: int | None = None, allowed: Any = None):
+        return blocked_topk(Q, self.X, k, self.kind, ids=self.ids,
+                            allowed_rows=self._allowed_rows(allowed), sqnorms=self.sqnorms)
+
+    def range_search(self, Q: Any, max_key: float, nprobe: int | None = None,
+                     allowed: Any = None) -> list[tuple[Any, Any]]:
+        xp = _xp_device(self.device)
+        rows_ok = self._allowed_rows(allowed)
+        out = []
+        step = max(1, _BLOCK_SCORES // max(self.ntotal, 1))
+        for qs in range(0, Q.shape[0], step):
+            Qb = Q[qs : qs + step]
+            S = Qb @ self.X.T
+            S = (self.sqnorms[None, :] - 2.0 * S + (Qb * Qb).sum(axis=1)[:, None]
+                 if self.kind == "l2" else -S)
+            # candidates by the GEMM with a small margin, then exact pair keys decide
+            margin = 1e-4 * (1.0 + abs(float(max_key)))
+            hit = S <= max_key + margin
+            if rows_ok is not None:
+                hit &= rows_ok[None, :]
+            qi, ri = xp.nonzero(hit)
+            keys = pair_keys(Qb, self.X, qi, ri, self.kind)
+            keep = keys <= max_key
+            qi, ri, keys = qi[keep], ri[keep], keys[keep]
+            ids = self.ids[ri]
+            order = xp.lexsort(xp.stack([ids, keys, qi]))
+            qi, keys, ids = qi[order], keys[order], ids[order]
+            bounds = backend.to_host(xp.searchsorted(qi, xp.arange(Qb.shape[0] + 1)))
+            out.extend((keys[bounds[i] : bounds[i + 1]], ids[bounds[i] : bounds[i + 1]])
+                       for i in range(Qb.shape[0]))
+        return out
+
+    def remove(self, ids: Any) -> int:
+        self.finish()
+        xp = _xp_device(self.device)
+        drop = xp.isin(self.ids, xp.asarray(ids, dtype=np.int64))
+        n = int(drop.sum())
+        if n:
+            keep = ~drop
+            self.X, self.ids, self.sqnorms = self.X[keep], self.ids[keep], self.sqnorms[keep]
+        return n
+
+    def meta(self) -> dict[str, Any]:
+        return {}
+
+    def save(self, folder: Path) -> list[str]:
+        self.finish()
+        np.save(folder / "vectors.npy", backend.to_host(self.X))
+        np.save(folder / "ids.npy", backend.to_host(self.ids))
+        return ["vectors.npy", "ids.npy"]
+
+    @classmethod
+    def load(cls, folder: Path, meta: dict[str, Any], device: str) -> ExactEngine:
+        eng = cls(int(meta["dim"]), meta["kind"], device)
+        xp = _xp_device(device)
+        eng.X = xp.asarray(np.load(folder / "vectors.npy"))
+        eng.ids = xp.asarray(np.load(folder / "ids.npy"))
+        eng.sqnorms = (eng.X * eng.X).sum(axis=1)
+        return eng

@@ -1,0 +1,552 @@
+"""``CellIndex``: a k-NN index over cell embeddings with stable ids, metadata and filters.
+
+Engines (``engine=``; see :mod:`scatlas.search.engines`):
+
+- ``"exact"``: blocked brute force (GEMM + exact re-ranking), the ground truth; the default
+  below 50,000 cells (IVF's lists would be tiny there and brute force is fast enough).
+- ``"faiss-ivf"``: faiss ``IndexIVFFlat`` on the CPU (the default on the CPU above 50k cells).
+- ``"faiss-ivfpq"``: faiss ``IndexIVFPQ`` (``d/4`` bytes per vector, 8-bit codes), for when the
+  full float32 vectors do not fit in memory; lower recall at equal ``nprobe``.
+- ``"native-ivf"``: our IVF-Flat on CuPy (GPU) or NumPy (its CPU twin): k-means coarse quantiser,
+  inverted lists as one contiguous list-sorted array plus offsets, batched probing; the GPU
+  default when faiss has no GPU support.
+- ``"faiss-gpu"``: faiss ``GpuIndexIVFFlat`` (needs a faiss build with GPU support); sharded
+  over all GPUs (``IndexShards``) when there are several. The GPU default when available.
+
+Defaults (overridable; see ``docs/search.md``):
+
+- ``nlist = 4 * sqrt(N)`` (the faiss guideline "IVF K, K = 4..16 sqrt(N)"), capped so that each
+  list has ~39 training points on average;
+- ``train_size = min(N, max(50 * nlist, 20_000), 1_000_000)`` training vectors (faiss warns below
+  39 and subsamples above 256 per centroid);
+- ``nprobe``: :func:`default_nprobe`, measured for recall@10 >= 0.95 on clustered embeddings.
+
+Metrics and reported distances (same conventions as :func:`scatlas.kernels.knn`): ``"cosine"``
+(vectors are L2-normalised and searched by inner product; distance ``1 - cos``), ``"ip"``
+(``-q.x``), ``"euclidean"`` (true L2 distance). Results are sorted ascending with ties broken by
+the smaller id; missing hits are padded with ``(+inf, -1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import _progress, backend
+from .._validate import ScatlasInputError, check_positive_int
+from . import engines as _engines
+from ._source import Source, _check_chunk, _check_finite
+
+__all__ = ["CellIndex", "default_nlist", "default_nprobe", "default_train_size"]
+
+METRICS = ("cosine", "ip", "euclidean")
+EXACT_BELOW = 50_000
+_OOD_SAMPLE = 1000
+_OOD_QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
+
+
+def default_nlist(n: int) -> int:
+    """``round(4 sqrt(n))``, at least 1 and at most ``n / 39`` (faiss' minimum training points
+    per centroid)."""
+    return int(max(1, min(round(4.0 * math.sqrt(max(n, 1))), n // 39)))
+
+
+def default_train_size(n: int, nlist: int) -> int:
+    """Training vectors for the coarse quantiser: ``min(n, max(50 nlist, 20000), 1e6)``."""
+    return int(min(n, max(50 * nlist, 20_000), 1_000_000))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists probed per query: ``max(8, ceil(nlist / 64))``, at most ``nlist``.
+
+    Measured on :func:`scatlas.search.synthetic.clustered_embeddings` (300 anisotropic clusters,
+    128-d, unit rows) with ``nlist = 4 sqrt(N)``: recall@10 vs exact >= 0.95 at 1e5 and 1e6 cells
+    (tests/test_search_index.py, bench/results/search_cpu.md). Tune it on your own data with
+    exact search on a sample of queries (``CellIndex.build(..., engine="exact")``).
+    """
+    return int(min(nlist, max(8, math.ceil(nlist / 64))))
+
+
+def _metric_kind(metric: str) -> str:
+    if metric not in METRICS:
+        raise ScatlasInputError(f"metric must be one of {METRICS}, got {metric!r}")
+    return "l2" if metric == "euclidean" else "ip"
+
+
+def faiss_gpu_available() -> bool:
+    """True when faiss imports with GPU support and sees a GPU."""
+    try:
+        import faiss  # noqa: PLC0415
+    except ImportError:
+        return False
+    return (hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "index_cpu_to_gpu")
+            and faiss.get_num_gpus() > 0)
+
+
+def _faiss_available() -> bool:
+    try:
+        import faiss  # noqa: PLC0415, F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_engine(engine: str, n: int, device: str, nlist: int | None = None) -> str:
+    """Resolve ``engine="auto"`` (see the module docstring) and check an explicit choice."""
+    if engine != "auto":
+        if engine not in _engines.ENGINES:
+            raise ScatlasInputError(f"engine must be 'auto' or one of {_engines.ENGINES}, "
+                                    f"got {engine!r}")
+        if engine.startswith("faiss") and not _faiss_available():
+            raise ScatlasInputError(f"engine={engine!r} needs faiss (pip install faiss-cpu)")
+        if engine == "faiss-gpu" and not faiss_gpu_available():
+            raise ScatlasInputError("engine='faiss-gpu' needs a faiss build with GPU support "
+                                    "and a visible GPU; use engine='native-ivf' on the GPU")
+        return engine
+    if n < EXACT_BELOW or (nlist is not None and nlist < 16):
+        return "exact"
+    if device == "gpu":
+        return "faiss-gpu" if faiss_gpu_available() else "native-ivf"
+    return "faiss-ivf" if _faiss_available() else "native-ivf"
+
+
+class CellIndex:
+    """A searchable collection of cell embeddings; build with :meth:`build`, or :meth:`load`.
+
+    Cell ids are the row numbers at build time and continue for :meth:`add`; removed ids are
+    never reused. :attr:`metadata` holds one row per live cell, indexed by id.
+    """
+
+    def __init__(self, engine: Any, *, metric: str, device: str, next_id: int = 0,
+                 alive: np.ndarray | None = None, metadata: pd.DataFrame | None = None,
+                 nprobe: int | None = None, stats: Mapping[str, Any] | None = None):
+        self._engine = engine
+        self._metric = metric
+        self._kind = _metric_kind(metric)
+        self._device = device
+        self._next_id = int(next_id)
+        self._alive = np.zeros(self._next_id, bool) if alive is None else alive
+        self._meta = metadata if metadata is not None else _empty_meta(self._next_id)
+        self._nprobe = nprobe if nprobe is not None else (
+            default_nprobe(engine.nlist) if engine.nlist else None)
+        self.stats: dict[str, Any] = dict(stats or {})
+
+    # ------------------------------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, embeddings: Any, metadata: Any = None, *, metric: str = "cosine",
+              engine: str = "auto", nlist: int | None = None, nprobe: int | None = None,
+              train_size: int | None = None, chunk_size: int = 100_000,
+              device: str | None = None, seed: int = 0, progress: bool | None = None,
+              obsm_key: str = "X_scatlas") -> CellIndex:
+        """Build an index over ``embeddings``.
+
+        Parameters
+        ----------
+        embeddings
+            (n, d) float array (NumPy, a NumPy memmap, CuPy), an AnnData (``.obsm[obsm_key]``,
+            metadata defaults to ``.obs``), or an iterable of (n_i, d) chunks (read once; then
+            ``metadata`` is an iterable of DataFrames or None).
+        metadata
+            DataFrame with one row per cell (its index is discarded: ids are row numbers).
+        metric, engine, nlist, nprobe, train_size
+            See the module docstring; ``None`` means the documented default.
+        chunk_size
+            Rows per add step (bounds the temporary memory of normalisation and assignment).
+        device
+            ``"cpu"``, ``"gpu"``, ``"auto"``/None (GPU when present, or when the data are CuPy).
+        seed
+            Seed of the training sample and of k-means.
+        progress
+            Progress bar over the added rows (see :mod:`scatlas._progress`).
+        """
+        kind = _metric_kind(metric)
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+        src = Source(embeddings, metadata, chunk_size=chunk_size, obsm_key=obsm_key)
+        if device is None and src.X is not None and backend.is_gpu_array(src.X):
+            device = "gpu"
+        dev = backend.resolve_device(device)
+        if nlist is not None:
+            nlist = check_positive_int(nlist, "nlist")
+        # the size decides the engine and the defaults; a stream is read until known or large
+        if src.n is None:
+            src.sample(max(EXACT_BELOW, train_size or 0), seed)
+            n_known = src.buffered
+            if not src.exhausted:
+                n_known = max(n_known, src.buffered)
+        else:
+            n_known = src.n
+        name = choose_engine(engine, n_known, dev, nlist)
+        if name == "exact":
+            eng = _engines.get_engine_class(name)(src.d, kind, dev)
+            if src.n is not None:
+                eng.reserve(src.n)
+            nlist_used = None
+        else:
+            nlist_used = nlist or default_nlist(n_known)
+            if nlist_used > n_known:
+                raise ScatlasInputError(f"nlist={nlist_used} exceeds the number of cells "
+                                        f"({n_known})")
+            eng = _engines.get_engine_class(name).create(
+                src.d, kind, nlist_used, device=dev, variant=name, seed=seed)
+        self = cls(eng, metric=metric, device=dev, nprobe=None)
+        if nprobe is not None:
+            self.nprobe = nprobe
+        ts = train_size or default_train_size(n_known, nlist_used or 1)
+        ts = check_positive_int(ts, "train_size")
+        sample = self._prepare(src.sample(ts if nlist_used else min(ts, _OOD_SAMPLE), seed),
+                               "embeddings")
+        if nlist_used:
+            if sample.shape[0] < nlist_used:
+                raise ScatlasInputError(f"train_size={sample.shape[0]} is below nlist="
+                                        f"{nlist_used}; need at least one point per list")
+            eng.train(sample)
+        self._add_source(src, progress, desc=f"build {name}")
+        if hasattr(eng, "finish"):
+            eng.finish()
+        ood_rows = sample[np.random.default_rng(seed).permutation(sample.shape[0])[:_OOD_SAMPLE]]
+        self._update_ood_stats(ood_rows)
+        return self
+
+    def _prepare(self, X: Any, name: str) -> Any:
+        """float32, finite, unit rows for cosine (zero rows stay zero); on the engine device."""
+        _check_finite(X, name)
+        X = backend.to_device(X, self._device) if self._device == "gpu" else backend.to_host(X)
+        xp = backend.array_module(X)
+        X = xp.ascontiguousarray(X, dtype=np.float32)
+        if self._metric == "cosine":
+            norms = xp.sqrt((X * X).sum(axis=1, keepdims=True))
+            X = X / xp.where(norms > 0, norms, 1.0).astype(np.float32)
+        return X
+
+    def _add_source(self, src: Source, progress: bool | None, desc: str) -> np.ndarray:
+        start = self._next_id
+        metas: list[pd.DataFrame | None] = []
+        counts: list[int] = []
+        eng = self._engine
+        with _progress.bar(desc=desc, total=src.n, progress=progress, unit="cell") as pb:
+            def prepared(record: bool):
+                nid = start
+                for X, meta in src.chunks():
+                    Xp = self._prepare(X, "embeddings")
+                    m = Xp.shape[0]
+                    if record:
+                        metas.append(meta)
+                        counts.append(m)
+                        pb.update(m)
+                    yield Xp, np.arange(nid, nid + m, dtype=np.int64)
+                    nid += m
+
+            if hasattr(eng, "bulk_add"):
+                eng.bulk_add(prepared, reiterable=src.reiterable)
+            else:
+                for Xp, ids in prepared(True):
+                    eng.add(Xp, ids)
+        n_new = sum(counts)
+        self._next_id = start + n_new
+        self._alive = np.concatenate([self._alive, np.ones(n_new, bool)])
+        self._meta = _append_meta(self._meta, metas, counts, start)
+        return np.arange(start, start + n_new, dtype=np.int64)
+
+    def _update_ood_stats(self, sample: Any) -> None:
+        """1-NN distances (self excluded) of a sample of indexed cells, as quantiles."""
+        if sample.shape[0] < 2 or self.ntotal < 2:
+            return
+        D, _ = self._search_prepared(sample, 2, None, None)
+        nn1 = backend.to_host(D[:, 1])
+        nn1 = nn1[np.isfinite(nn1)]
+        if nn1.size:
+            self.stats["nn1_quantiles"] = {str(q): float(np.quantile(nn1, q))
+                                           for q in _OOD_QUANTILES}
+            self.stats["nn1_sample"] = int(nn1.size)
+
+    # ------------------------------------------------------------------------------------------
+    # properties
+    # ------------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """Embedding dimension d."""
+        return int(self._engine.d)
+
+    @property
+    def ntotal(self) -> int:
+        """Number of live (not removed) cells."""
+        return int(self._alive.sum())
+
+    @property
+    def metric(self) -> str:
+        return self._metric
+
+    @property
+    def engine(self) -> str:
+        """The engine's name (one of :data:`scatlas.search.engines.ENGINES`)."""
+        return self._engine.name
+
+    @property
+    def nlist(self) -> int | None:
+        """Inverted lists (None for the exact engine)."""
+        return self._engine.nlist
+
+    @property
+    def nprobe(self) -> int | None:
+        """Lists probed per query by default (None for the exact engine)."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if self._engine.nlist is None:
+            self._nprobe = None
+            return
+        self._nprobe = check_positive_int(value, "nprobe", upper=self._engine.nlist,
+                                          what="nlist")
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def next_id(self) -> int:
+        """The id the next added cell will get."""
+        return self._next_id
+
+    @property
+    def metadata(self) -> pd.DataFrame:
+        """One row per live cell, indexed by id."""
+        if self._alive.all():
+            return self._meta
+        return self._meta[self._alive[self._meta.index.to_numpy()]]
+
+    def ood_distance(self, quantile: float = 0.99) -> float | None:
+        """A high quantile of the index's own 1-NN distances (measured on a sample at build)."""
+        qs = self.stats.get("nn1_quantiles") or {}
+        return qs.get(str(quantile))
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def __repr__(self) -> str:
+        extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self.nlist else ""
+        return (f"CellIndex(engine={self.engine!r}, metric={self.metric!r}, dim={self.dim}, "
+                f"ntotal={self.ntotal}{extra}, device={self.device!r})")
+
+    # ------------------------------------------------------------------------------------------
+    # queries
+    # ------------------------------------------------------------------------------------------
+    def _check_queries(self, queries: Any) -> Any:
+        if queries is None:
+            raise ScatlasInputError("queries is None; expected an (m, d) array")
+        if not hasattr(queries, "shape"):
+            try:
+                queries = np.asarray(queries, dtype=np.float32)
+            except (TypeError, ValueError) as err:
+                raise ScatlasInputError(f"queries must be numeric: {err}") from err
+        if len(queries.shape) == 1:
+            raise ScatlasInputError(
+                f"queries must be 2-D (m, {self.dim}), got a 1-D array of shape "
+                f"{tuple(queries.shape)}; use queries[None] for one query")
+        queries = _check_chunk(queries, "queries", self.dim)
+        if queries.shape[0] < 1:
+            raise ScatlasInputError("queries has no rows")
+        return queries
+
+    def _nprobe_for(self, nprobe: int | None) -> int | None:
+        if self._engine.nlist is None:
+            return None
+        if nprobe is None:
+            return self._nprobe
+        return check_positive_int(nprobe, "nprobe", upper=self._engine.nlist, what="nlist")
+
+    def _to_distance(self, keys: Any) -> Any:
+        xp = backend.array_module(keys)
+        if self._metric == "cosine":
+            return xp.clip(1.0 + keys, 0.0, 2.0).astype(np.float32) if keys.size else keys
+        if self._metric == "euclidean":
+            return xp.sqrt(xp.maximum(keys, 0.0)).astype(np.float32)
+        return keys.astype(np.float32)
+
+    def _to_key(self, radius: float) -> float:
+        if self._metric == "cosine":
+            return float(radius) - 1.0
+        if self._metric == "euclidean":
+            return float(radius) ** 2 if radius >= 0 else -1.0
+        return float(radius)
+
+    def _search_prepared(self, Q: Any, k: int, nprobe: int | None, allowed: Any,
+                         batch_size: int | None = None) -> tuple[Any, Any]:
+        m = Q.shape[0]
+        step = batch_size or m
+        parts = [self._engine.search(Q[s : s + step], k, nprobe, allowed)
+                 for s in range(0, m, step)]
+        xp = backend.array_module(parts[0][0])
+        keys = parts[0][0] if len(parts) == 1 else xp.concatenate([p[0] for p in parts])
+        ids = parts[0][1] if len(parts) == 1 else xp.concatenate([p[1] for p in parts])
+        return self._to_distance(keys), ids
+
+    def search(self, queries: Any, k: int = 10, *, nprobe: int | None = None,
+               filter: Any = None, batch_size: int | None = None) -> tuple[Any, Any]:
+        """The k nearest cells of every query row.
+
+        Returns ``(distances, ids)``, float32 and int64 arrays of shape (m, k), sorted ascending
+        (ties by smaller id), padded with (+inf, -1); CuPy arrays when ``queries`` is CuPy.
+        ``filter``: None, a boolean mask over ids (length :attr:`next_id`), an integer array of
+        allowed ids, a pandas query string on :attr:`metadata`, or a dict ``{column: value or
+        list}`` of values to keep, with ``{"exclude": {column: values}}`` to drop.
+        """
+        queries = self._check_queries(queries)
+        k = check_positive_int(k, "k")
+        if batch_size is not None:
+            batch_size = check_positive_int(batch_size, "batch_size")
+        caller_gpu = backend.is_gpu_array(queries)
+        Q = self._prepare(queries, "queries")
+        allowed = self.filter_mask(filter)
+        D, ids = self._search_prepared(Q, k, self._nprobe_for(nprobe), allowed, batch_size)
+        return _to_caller(D, caller_gpu), _to_caller(ids, caller_gpu)
+
+    def range_search(self, queries: Any, radius: float, *, nprobe: int | None = None,
+                     filter: Any = None) -> list[tuple[Any, Any]]:
+        """All cells within ``radius`` (distance <= radius, same units as :meth:`search`) of each
+        query: a list of ``(distances, ids)`` per query, sorted ascending (IVF engines search
+        the ``nprobe`` nearest lists only)."""
+        queries = self._check_queries(queries)
+        if not np.isfinite(radius):
+            raise ScatlasInputError(f"radius must be finite, got {radius}")
+        caller_gpu = backend.is_gpu_array(queries)
+        Q = self._prepare(queries, "queries")
+        allowed = self.filter_mask(filter)
+        res = self._engine.range_search(Q, self._to_key(radius), self._nprobe_for(nprobe),
+                                        allowed)
+        return [(_to_caller(self._to_distance(kk), caller_gpu), _to_caller(ii, caller_gpu))
+                for kk, ii in res]
+
+    def filter_mask(self, filter: Any) -> np.ndarray | None:
+        """The boolean mask over ids (length :attr:`next_id`) that ``filter`` allows (live cells
+        only), or None for no filter. See :meth:`search` for the accepted forms."""
+        if filter is None:
+            return None
+        n = self._next_id
+        if isinstance(filter, str):
+            try:
+                kept = self.metadata.query(filter).index.to_numpy()
+            except Exception as err:
+                raise ScatlasInputError(f"filter query {filter!r} failed on the metadata "
+                                        f"(columns {list(self._meta.columns)}): {err}") from err
+            mask = np.zeros(n, bool)
+            mask[kept.astype(np.int64)] = True
+        elif isinstance(filter, Mapping):
+            mask = self._dict_mask(filter)
+        else:
+            arr = backend.to_host(filter)
+            arr = np.asarray(arr)
+            if arr.dtype == bool:
+                if arr.shape != (n,):
+                    raise ScatlasInputError(f"a boolean filter must have one entry per id "
+                                            f"(length {n}), got shape {arr.shape}")
+                mask = arr.copy()
+            elif arr.dtype.kind in "iu":
+                mask = np.zeros(n, bool)
+                ok = (arr >= 0) & (arr < n)
+                mask[arr[ok]] = True
+            else:
+                raise ScatlasInputError(
+                    "filter must be None, a boolean mask over ids, an array of ids, a pandas "
+                    f"query string or a dict of column values; got {type(filter).__name__}")
+        return mask & self._alive
+
+    def _dict_mask(self, spec: Mapping[str, Any]) -> np.ndarray:
+        meta = self._meta
+        keep = np.ones(len(meta), bool)
+
+        def column(col: str) -> pd.Series:
+            if col not in meta.columns:
+                raise ScatlasInputError(f"filter column {col!r} is not in the metadata "
+                                        f"(columns {list(meta.columns)})")
+            return meta[col]
+
+        def values(v: Any) -> list[Any]:
+            return list(v) if isinstance(v, list | tuple | set | np.ndarray | pd.Index) else [v]
+
+        for col, v in spec.items():
+            if col == "exclude":
+                if not isinstance(v, Mapping):
+                    raise ScatlasInputError("filter['exclude'] must be a dict {column: values}")
+                for ecol, ev in v.items():
+                    keep &= ~column(ecol).isin(values(ev)).to_numpy()
+            else:
+                keep &= column(col).isin(values(v)).to_numpy()
+        mask = np.zeros(self._next_id, bool)
+        mask[meta.index.to_numpy()[keep]] = True
+        return mask
+
+    # ------------------------------------------------------------------------------------------
+    # updates
+    # ------------------------------------------------------------------------------------------
+    def add(self, embeddings: Any, metadata: Any = None, *, progress: bool | None = None,
+            obsm_key: str = "X_scatlas") -> np.ndarray:
+        """Add cells; returns their new ids (int64, consecutive from :attr:`next_id`)."""
+        src = Source(embeddings, metadata, chunk_size=100_000, obsm_key=obsm_key, d=self.dim)
+        return self._add_source(src, progress, desc="add")
+
+    def remove(self, ids: Any) -> int:
+        """Remove cells by id; returns how many live cells were removed (unknown or already
+        removed ids are ignored). Removed ids are never returned again nor reused."""
+        arr = np.unique(np.asarray(backend.to_host(ids), dtype=np.int64).ravel())
+        arr = arr[(arr >= 0) & (arr < self._next_id)]
+        arr = arr[self._alive[arr]]
+        if arr.size == 0:
+            return 0
+        self._engine.remove(arr)
+        self._alive[arr] = False
+        return int(arr.size)
+
+    # ------------------------------------------------------------------------------------------
+    # persistence
+    # ------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write the index to ``directory`` atomically (see :mod:`scatlas.search.persist`)."""
+        from .persist import save_index  # noqa: PLC0415
+
+        return save_index(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | None = None, *,
+             verify: bool = True) -> CellIndex:
+        """Load an index saved by :meth:`save` (checksums verified unless ``verify=False``);
+        onto the GPU when ``device`` resolves to it (native IVF, faiss GPU, exact)."""
+        from .persist import load_index  # noqa: PLC0415
+
+        return load_index(directory, device=device, verify=verify)
+
+
+def _empty_meta(n: int) -> pd.DataFrame:
+    return pd.DataFrame(index=pd.RangeIndex(n, name="id"))
+
+
+def _append_meta(old: pd.DataFrame, metas: list[pd.DataFrame | None], counts: list[int],
+                 start: int) -> pd.DataFrame:
+    frames = []
+    pos = start
+    for meta, m in zip(metas, counts, strict=True):
+        idx = pd.RangeIndex(pos, pos + m, name="id")
+        frames.append(_empty_meta(0).reindex(idx) if meta is None else
+                      meta.reset_index(drop=True).set_axis(idx, axis=0))
+        pos += m
+    if not frames:
+        return old
+    parts = [old, *frames] if len(old) or len(old.columns) else frames
+    out = pd.concat(parts, axis=0)
+    out.index = pd.Index(out.index.to_numpy(np.int64), name="id")
+    return out
+
+
+def _to_caller(x: Any, gpu: bool) -> Any:
+    return backend.to_device(x, "gpu") if gpu else backend.to_host(x)
+
+
+# re-exported for engines that need a progress-aware callable type
+PreparedChunks = Callable[[bool], Any]
