@@ -4,18 +4,18 @@
 
 * ``POST /search``: ``{"embeddings": [[...], ...], "k": 10, "nprobe": null, "filter": {...},
   "include_metadata": true, "metadata_columns": null}`` -> ``{"k", "distances", "ids",
-  "metadata"}`` (``distances`` / ``ids`` are ``(m, k)`` lists exactly as
-  ``index.search(queries, k, nprobe=..., filter=...)`` returns them, with ``+inf`` / ``-1``
-  padding sent as ``null`` / ``-1``; ``metadata[i][j]`` is the metadata row of hit ``ids[i][j]``).
-* ``POST /search/expression``: ``{"genes": [...], "counts": [[...]]}`` (cells x genes, raw counts)
-  or ``{"genes": [...], "sparse": {"shape": [n, g], "row": [...], "col": [...], "data": [...]}}``
-  (COO triplets; ``indptr`` / ``indices`` / ``data`` CSR is accepted too), plus the ``/search``
-  options; the cells are embedded with the loaded model (``model.embed``), then searched.
-  ``"return_embeddings": true`` adds the embeddings. 404 when the service has no model.
+  "metadata"}``. ``distances`` / ``ids`` are ``(m, k)`` lists exactly as ``index.search(queries,
+  k, nprobe=..., filter=...)`` returns them; padding (fewer than ``k`` hits, e.g. under a filter)
+  has id ``-1`` and distance ``null``; ``metadata[i][j]`` is the metadata row of ``ids[i][j]``.
+* ``POST /search/expression``: ``{"genes": [...], "counts": [[...]]}`` (cells x genes, raw
+  counts) or ``{"genes": [...], "sparse": {"shape": [n, g], "row": [...], "col": [...],
+  "data": [...]}}`` (COO triplets; ``indptr`` / ``indices`` / ``data`` CSR is accepted too), plus
+  the ``/search`` options; the cells are embedded with the loaded model (``model.embed``), then
+  searched. ``"return_embeddings": true`` adds the embeddings. 404 when there is no model.
 * ``POST /annotate``: ``{"embeddings": ...}`` or the expression fields, ``"label_key"``,
-  ``"k": 50``,
-  ``"weighting"``, ``"ood_distance"`` -> ``{"label_key", "predictions": [{"label", "confidence",
-  "vs_second", "min_dist", "is_ood", "hits"}, ...]}`` (:func:`scatlas.search.annotate`).
+  ``"k": 50``, ``"weighting"``, ``"ood_distance"`` -> ``{"label_key", "k", "predictions":
+  [{"label", "confidence", "vs_second", "min_dist", "is_ood", "hits"}, ...]}``
+  (:func:`scatlas.search.annotate`).
 * ``GET /health``: ``{"status": "ok", "ntotal", "dim", "metric", "engine", "nprobe",
   "model_loaded", ...}``.
 * ``GET /metrics``: request and error counts per endpoint, latency quantiles (last 10,000
@@ -464,12 +464,15 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _matrix_json(values: np.ndarray) -> list[list[Any]]:
-    """float32 ``(m, k)`` -> nested lists (exact float32 values; non-finite -> null)."""
+def _distances_json(values: np.ndarray, ids: np.ndarray) -> list[list[Any]]:
+    """float32 ``(m, k)`` -> nested lists (exact float32 values); padding (id -1) and
+    non-finite values -> null."""
     values = np.asarray(values, dtype=np.float64)
-    if np.isfinite(values).all():
+    ok = np.isfinite(values) & (ids >= 0)
+    if ok.all():
         return values.tolist()
-    return [[v if math.isfinite(v) else None for v in row] for row in values.tolist()]
+    return [[v if good else None for v, good in zip(row, okrow, strict=True)]
+            for row, okrow in zip(values.tolist(), ok.tolist(), strict=True)]
 
 
 def metadata_rows(metadata: pd.DataFrame | None, ids: np.ndarray,
@@ -591,8 +594,9 @@ class SearchService:
         k, nprobe, filt = opts["k"], opts["nprobe"], opts["filter"]
         distances, ids = await self.batcher.submit(
             queries, key=(k, nprobe, opts["filter_key"]), k=k, nprobe=nprobe, filter=filt)
-        out: dict[str, Any] = {"k": k, "distances": _matrix_json(distances),
-                               "ids": np.asarray(ids, dtype=np.int64).tolist()}
+        ids = np.asarray(ids, dtype=np.int64)
+        out: dict[str, Any] = {"k": k, "distances": _distances_json(distances, ids),
+                               "ids": ids.tolist()}
         if opts["include_metadata"]:
             out["metadata"] = metadata_rows(self.metadata, np.asarray(ids),
                                             opts["metadata_columns"])
