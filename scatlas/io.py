@@ -272,6 +272,39 @@ def align_genes(
     return out
 
 
+def gene_positions(
+    source: Sequence[str] | pd.Index,
+    genes: Sequence[str] | pd.Index,
+    *,
+    min_overlap: float = 0.5,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Column of ``source`` for every gene of ``genes`` (-1: absent), with the overlap checks of
+    :func:`align_genes`; returns ``(positions int64 (len(genes),), info)``.
+
+    Use with :func:`align_matrix` to align row chunks of a large (backed) matrix one at a time.
+    """
+    target = _target_index(genes)
+    source = pd.Index(source)
+    if not 0 <= min_overlap <= 1:
+        raise ScatlasInputError(f"min_overlap must be in [0, 1], got {min_overlap!r}")
+    dup = _duplicates(source)
+    if dup:
+        raise ScatlasInputError(
+            f"the input has {len(dup)} duplicated gene name(s), e.g. {dup[:5]}; make them "
+            "unique first (adata.var_names_make_unique()) or aggregate the duplicates"
+        )
+    positions = np.asarray(source.get_indexer(target), dtype=np.int64)
+    info = _overlap_info(source, target, positions)
+    _check_overlap(info, min_overlap, source, target)
+    return positions, info
+
+
+def align_matrix(X: Any, positions: np.ndarray, fill: float = 0) -> Any:
+    """Columns ``positions`` of ``X`` (from :func:`gene_positions`; -1: a column of ``fill``),
+    keeping the matrix kind (CSR -> CSR, dense -> dense, CPU or GPU)."""
+    return _align_matrix(X, np.asarray(positions), fill)
+
+
 def _overlap_info(source: pd.Index, target: pd.Index, positions: np.ndarray) -> dict[str, Any]:
     found = positions >= 0
     n_found = int(found.sum())
@@ -363,7 +396,9 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
 
     The temporary path (``.<name>.<random>.tmp<suffix>`` in the same folder, so ``os.replace``
     is atomic and the suffix is kept for writers that check it) does not exist yet: the writer
-    creates it as a file (or a folder, when ``path`` does not exist). If the ``with`` body raises
+    creates it as a file or a folder. A folder replacing an existing folder is swapped in by two
+    renames (old folder aside, new one in, old one deleted), so ``path`` is at every moment
+    either the complete old folder or the complete new one. If the ``with`` body raises
     (including ``KeyboardInterrupt``), the temporary file or folder is removed and ``path`` is
     left as it was. The folder of ``path`` must exist.
 
@@ -384,10 +419,24 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"atomic_write: nothing was written to {str(tmp)!r}")
-        os.replace(tmp, path)
+        if tmp.is_dir() and path.is_dir():
+            _swap_folders(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _swap_folders(new: Path, path: Path) -> None:
+    old = new.with_name(new.name + ".old")
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    _remove(old)
 
 
 def _remove(tmp: Path) -> None:

@@ -9,5 +9,9 @@ One module per tool family; this package re-exports them.
 from ._inmf import inmf, online_inmf, online_inmf_add, project_inmf
 from ._integrate import integrate
 from ._linalg import cca, pca
+from ._models import embed, train_metric
 
-__all__ = ["cca", "inmf", "integrate", "online_inmf", "online_inmf_add", "pca", "project_inmf"]
+__all__ = [
+    "cca", "embed", "inmf", "integrate", "online_inmf", "online_inmf_add", "pca", "project_inmf",
+    "train_metric",
+]

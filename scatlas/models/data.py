@@ -1,0 +1,367 @@
+"""Mini-batch streaming for training: sources, balanced sampling, densifying, prefetching.
+
+A :class:`CellBatches` turns a cells x genes matrix (in memory, a backed ``.h5ad``, a zarr store,
+or the synthetic generator) into an endless, **indexable** stream of mini-batches: batch ``t`` is
+a pure function of ``(seed, t)``. That is what makes checkpoint-and-resume exact (a resumed run
+asks for batch ``t`` and gets the batch the uninterrupted run saw) and lets a background thread
+prepare batches ahead of the training step (:meth:`CellBatches.iterate`).
+
+Sampling follows SCimilarity's ``scSampler`` (Heimberg et al. 2025; ``scimilarity`` 0.4,
+``tiledb_data_models.py``): cells are drawn with replacement across batches and without repeats
+within a batch, with weight ``1 / log1p(label_count / 1e4) * 1 / log1p(study_count / 1e6)``,
+clipped at twice the 99.9th percentile. ``balance="label"`` keeps only the label factor,
+``balance=None`` samples uniformly.
+
+Each batch is a dict of numpy arrays: ``x`` float32 (B, n_genes) (log-normalised when
+``transform="lognorm"``: counts scaled to 1e4 per cell, then ``log1p``, as SCimilarity and
+scanpy's ``normalize_total`` + ``log1p``), ``label`` int32 (B,) codes (-1: none), ``study``
+int32 (B,) codes (-1: none), ``index`` int64 (B,) source rows.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._validate import ScatlasInputError, check_positive_int
+
+Batch = dict[str, np.ndarray]
+Transform = Callable[[Any], np.ndarray]
+
+
+# --------------------------------------------------------------------------------------- sources
+
+class MatrixSource:
+    """Rows of an in-memory or on-disk matrix: ``rows(sorted_idx)`` returns CSR or dense.
+
+    ``matrix`` may be a numpy array, a scipy sparse matrix, an anndata backed sparse dataset
+    (``anndata.io.sparse_dataset`` over an h5py or zarr group) or an h5py / zarr dense array.
+    """
+
+    def __init__(self, matrix: Any):
+        if sp.issparse(matrix) and not isinstance(matrix, sp.csr_matrix | sp.csr_array):
+            matrix = sp.csr_matrix(matrix)
+        if len(getattr(matrix, "shape", ())) != 2:
+            raise ScatlasInputError(f"expected a 2-D cells x genes matrix, got {type(matrix)}")
+        self.matrix = matrix
+        self.n_obs, self.n_vars = (int(s) for s in matrix.shape)
+
+    def rows(self, idx: np.ndarray) -> Any:
+        """Rows ``idx`` (sorted, unique) in that order."""
+        return self.matrix[idx]
+
+
+class SyntheticSource:
+    """An endless synthetic atlas (:func:`scatlas.datasets.synthetic`'s model), by 512-cell blocks.
+
+    Cell ``i`` is row ``i % 512`` of deterministic block ``i // 512``; ``n_obs`` is nominal
+    (``n_blocks * 512``) so that label and study vectors can be read up front.
+    """
+
+    def __init__(self, n_genes: int, n_blocks: int = 64, **params: Any):
+        from .. import datasets
+
+        self._datasets = datasets
+        self.spec = datasets._make_spec(n_genes, params)
+        self.model = datasets._build_model(self.spec)
+        self.n_blocks = check_positive_int(n_blocks, "n_blocks")
+        self.n_obs = self.n_blocks * datasets.BLOCK_SIZE
+        self.n_vars = n_genes
+        self._cache: dict[int, Any] = {}
+        labels, studies = [], []
+        for b in range(self.n_blocks):
+            blk = self._block(b)
+            labels.append(blk.types)
+            studies.append(blk.batches)
+        self.labels = np.concatenate(labels)
+        self.studies = np.concatenate(studies)
+
+    def _block(self, b: int) -> Any:
+        if b not in self._cache:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[b] = self._datasets._generate_block(self.model, b)
+        return self._cache[b]
+
+    def rows(self, idx: np.ndarray) -> sp.csr_matrix:
+        B = self._datasets.BLOCK_SIZE
+        parts = [self._block(int(b)).X[idx[idx // B == b] % B] for b in np.unique(idx // B)]
+        return sp.vstack(parts, format="csr")
+
+
+def as_source(X: Any) -> MatrixSource | SyntheticSource:
+    """Wrap a matrix (or pass a source through)."""
+    if isinstance(X, MatrixSource | SyntheticSource):
+        return X
+    return MatrixSource(X)
+
+
+# --------------------------------------------------------------------------------- transforms
+
+def lognorm(X: Any, target_sum: float = 1e4) -> np.ndarray:
+    """``log1p(counts / total * target_sum)`` per row, densified to float32 (B, n_genes).
+
+    Rows with zero total stay zero (SCimilarity's ``scCollator`` guard).
+    """
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float32)
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        X = sp.diags(scale.astype(np.float32)) @ X
+        X.data = np.log1p(X.data)
+        return X.toarray()
+    X = np.asarray(X, dtype=np.float32)
+    totals = X.sum(axis=1, keepdims=True)
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    return np.log1p(X * scale)
+
+
+def densify(X: Any) -> np.ndarray:
+    """Rows as a dense float32 array (no normalisation: the input is already transformed)."""
+    return (X.toarray() if sp.issparse(X) else np.asarray(X)).astype(np.float32, copy=False)
+
+
+_TRANSFORMS: dict[str, Transform] = {"lognorm": lognorm, "none": densify}
+
+
+def resolve_transform(transform: str | Transform | None) -> Transform:
+    """``"lognorm"`` (raw counts in), ``"none"`` / None (already normalised), or a callable."""
+    if transform is None:
+        return densify
+    if callable(transform):
+        return transform
+    if transform not in _TRANSFORMS:
+        raise ScatlasInputError(
+            f"transform must be one of {sorted(_TRANSFORMS)} or a callable, got {transform!r}"
+        )
+    return _TRANSFORMS[transform]
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+def encode(values: Any, n: int, name: str) -> tuple[np.ndarray, list[str]]:
+    """Integer codes (int32, -1 for missing) and the category names of a per-cell vector."""
+    if values is None:
+        return np.full(n, -1, dtype=np.int32), []
+    values = pd.Series(np.asarray(values))
+    if len(values) != n:
+        raise ScatlasInputError(f"{name} has {len(values)} entries for {n} cells")
+    cat = pd.Categorical(values)
+    return cat.codes.astype(np.int32), [str(c) for c in cat.categories]
+
+
+def sampling_weights(
+    labels: np.ndarray, studies: np.ndarray, balance: str | None
+) -> np.ndarray | None:
+    """Per-cell sampling weights (SCimilarity ``scSampler``), normalised to sum 1; None: uniform.
+
+    ``balance``: ``"label_study"`` (label and study factors), ``"label"``, ``"study"`` or None.
+    """
+    if balance is None:
+        return None
+    if balance not in ("label_study", "label", "study"):
+        raise ScatlasInputError(
+            f"balance must be 'label_study', 'label', 'study' or None, got {balance!r}"
+        )
+    w = np.ones(len(labels))
+    if balance in ("label_study", "label") and (labels >= 0).any():
+        w *= _factor(labels, 1e4)
+    if balance in ("label_study", "study") and (studies >= 0).any():
+        w *= _factor(studies, 1e6)
+    w = np.minimum(w, 2 * np.quantile(w, 0.999))
+    return w / w.sum()
+
+
+def _factor(codes: np.ndarray, scale: float) -> np.ndarray:
+    counts = np.bincount(np.where(codes >= 0, codes, 0))
+    per_cell = np.where(codes >= 0, counts[np.maximum(codes, 0)], len(codes)).astype(float)
+    return 1.0 / np.log1p(per_cell / scale)
+
+
+def draw_without_repeats(
+    rng: np.random.Generator, n: int, size: int, cdf: np.ndarray | None
+) -> np.ndarray:
+    """``size`` distinct rows of ``range(n)``, drawn with probabilities ``diff(cdf)``.
+
+    Inverse-CDF draws with replacement, then redraws of repeated rows until all are distinct:
+    O(size log n) per batch, so sampling stays cheap for atlases of 1e7+ cells.
+    """
+    if cdf is None:
+        return rng.choice(n, size=size, replace=False)
+    out = np.searchsorted(cdf, rng.random(size) * cdf[-1], side="right")
+    out = np.minimum(out, n - 1)
+    for _ in range(1000):
+        _, first = np.unique(out, return_index=True)
+        dup = np.setdiff1d(np.arange(size), first)
+        if dup.size == 0:
+            return out
+        new = np.searchsorted(cdf, rng.random(dup.size) * cdf[-1], side="right")
+        out[dup] = np.minimum(new, n - 1)
+    raise ScatlasInputError(
+        f"could not draw {size} distinct cells: the sampling weights concentrate on too few of "
+        f"the {n} cells; lower batch_size or use balance=None"
+    )
+
+
+# -------------------------------------------------------------------------------- the stream
+
+class CellBatches:
+    """Deterministic, indexable mini-batches of cells (see the module docstring).
+
+    Parameters
+    ----------
+    X
+        (n_cells, n_genes) numpy / scipy.sparse / backed sparse dataset / h5py or zarr array, or
+        a :class:`MatrixSource` / :class:`SyntheticSource`.
+    labels, studies
+        Per-cell labels and study (batch) ids (any hashable values) or None.
+    batch_size
+        Cells per batch (SCimilarity: 1000). At most the number of cells in ``rows``.
+    balance
+        See :func:`sampling_weights`.
+    transform
+        ``"lognorm"`` for raw counts, ``"none"`` for data already normalised, or a callable on a
+        row block returning dense float32.
+    rows
+        Restrict sampling to these cells (a training split), int array.
+    seed
+        Batch ``t`` uses ``numpy.random.default_rng([seed, t])``.
+    """
+
+    def __init__(
+        self,
+        X: Any,
+        *,
+        labels: Any = None,
+        studies: Any = None,
+        batch_size: int = 1000,
+        balance: str | None = "label_study",
+        transform: str | Transform | None = "lognorm",
+        rows: np.ndarray | None = None,
+        seed: int = 0,
+    ):
+        self.source = as_source(X)
+        n = self.source.n_obs
+        self.labels, self.label_names = encode(labels, n, "labels")
+        self.studies, self.study_names = encode(studies, n, "studies")
+        self.rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+        if self.rows.size == 0:
+            raise ScatlasInputError("no cells to sample from (empty rows)")
+        self.batch_size = check_positive_int(
+            batch_size, "batch_size", upper=int(self.rows.size), what="the number of cells"
+        )
+        self.transform = resolve_transform(transform)
+        self.seed = int(seed)
+        w = sampling_weights(self.labels[self.rows], self.studies[self.rows], balance)
+        self._cdf = None if w is None else np.cumsum(w)
+
+    @property
+    def n_vars(self) -> int:
+        return self.source.n_vars
+
+    def indices(self, t: int) -> np.ndarray:
+        """Source rows of batch ``t`` (int64, in sampling order)."""
+        rng = np.random.default_rng([self.seed, int(t)])
+        pick = draw_without_repeats(rng, self.rows.size, self.batch_size, self._cdf)
+        return self.rows[pick]
+
+    def batch(self, t: int) -> Batch:
+        """Batch ``t``: ``x`` (B, n_genes) float32, ``label``, ``study`` int32, ``index`` int64."""
+        return self.take(self.indices(t))
+
+    def take(self, index: np.ndarray) -> Batch:
+        """The batch of the given source rows (in that order)."""
+        index = np.asarray(index, dtype=np.int64)
+        order = np.argsort(index, kind="stable")
+        block = self.source.rows(index[order])
+        x = np.empty((index.size, self.n_vars), dtype=np.float32)
+        x[order] = self.transform(block)
+        return {
+            "x": x,
+            "label": self.labels[index],
+            "study": self.studies[index],
+            "index": index,
+        }
+
+    def iterate(
+        self,
+        start: int = 0,
+        *,
+        prefetch: int = 2,
+        put: Callable[[Batch], Any] | None = None,
+        part: tuple[int, int] | None = None,
+    ) -> Iterator[Any]:
+        """Batches ``start, start+1, ...`` prepared by a background thread.
+
+        ``put`` (e.g. a device transfer) runs in the thread too, so the training step never waits
+        on Python work it could overlap with. ``prefetch`` batches are kept ready. ``part=(i, n)``
+        yields only the ``i``-th of ``n`` equal slices of each batch (process ``i`` of a
+        multi-host job); ``batch_size`` must be divisible by ``n``.
+        """
+        put = put or _identity
+        if part is None:
+            return _Prefetcher(lambda t: put(self.batch(t)), start, prefetch)
+        i, n = part
+        if self.batch_size % n:
+            raise ScatlasInputError(f"batch_size={self.batch_size} does not split over {n} parts")
+        m = self.batch_size // n
+        return _Prefetcher(lambda t: put(self.take(self.indices(t)[i * m : (i + 1) * m])),
+                           start, prefetch)
+
+    def sequential(self, rows: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[Batch]:
+        """Fixed batches over ``rows`` in order (validation / embedding; last batch smaller)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        for i in range(0, rows.size, batch_size):
+            yield self.take(rows[i : i + batch_size])
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _Prefetcher:
+    """Iterator over ``make(t)`` for t = start, start+1, ... computed ahead in a daemon thread."""
+
+    def __init__(self, make: Callable[[int], Any], start: int, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make, start), daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Callable[[int], Any], t: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (True, make(t))
+            except BaseException as err:  # surfaced in the consumer
+                item = (False, err)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not item[0]:
+                return
+            t += 1
+
+    def __iter__(self) -> _Prefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        ok, value = self._queue.get()
+        if not ok:
+            self.close()
+            raise value
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self._stop.set()

@@ -1,0 +1,482 @@
+"""The training stack shared by every model in :mod:`scatlas.models`.
+
+One loop, :func:`fit`, trains any :class:`Task` (a model's init and loss) on any batch stream that
+is indexable by step (:class:`~scatlas.models.data.CellBatches` or anything with its
+``iterate(start, prefetch=, put=, part=)`` method):
+
+- a jitted train step: ``value_and_grad`` of the task's loss, optax AdamW with a cosine (or
+  constant) schedule and linear warm-up, gradient clipping by global norm; the state is donated so
+  parameters are updated in place;
+- data parallelism with :mod:`jax.sharding`: a 1-D mesh over all devices (``"data"`` axis), batch
+  arrays split along cells, state replicated; XLA inserts the gradient all-reduce, and batch-level
+  statistics (BatchNorm, in-batch mining) stay global, so a sharded step computes what the
+  single-device step computes. Multi-host jobs call :func:`initialize_distributed` first; every
+  process then feeds its slice of each global batch (``part=``);
+- deterministic seeds: parameters, dropout and batch ``t`` derive from ``TrainConfig.seed``;
+- orbax checkpoints (atomic: orbax writes a temporary directory and renames it) of the train
+  state and the loop's bookkeeping; a run started with the same ``checkpoint_dir`` resumes at the
+  last checkpoint and reproduces the uninterrupted run;
+- early stopping on a validation split; a progress bar with loss and cells/s; a JSON-lines log
+  (:func:`read_log`) and a loss-curve plot (:func:`plot_history`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .._progress import bar
+from .._validate import ScatlasInputError, check_positive_int
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop settings (defaults follow SCimilarity where it has one).
+
+    ``learning_rate`` 5e-3 and ``weight_decay`` 0.01 (AdamW), cosine decay to
+    ``min_lr_ratio * learning_rate`` over ``max_steps`` after ``warmup_steps`` of linear warm-up;
+    ``clip_norm`` (global gradient norm; None: off); ``bf16`` computes in bfloat16 (GPU; params
+    stay float32). ``eval_every`` steps the validation loss is computed (when a validation set is
+    given) and ``patience`` evaluations without improvement stop the run (None: never).
+    ``checkpoint_dir``/``checkpoint_every``/``keep_checkpoints`` control orbax checkpoints,
+    ``log_path``/``log_every`` the JSON-lines log.
+    """
+
+    max_steps: int = 1000
+    learning_rate: float = 5e-3
+    weight_decay: float = 0.01
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    clip_norm: float | None = 1.0
+    bf16: bool = False
+    seed: int = 0
+    eval_every: int = 100
+    patience: int | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_path: str | None = None
+    log_every: int = 10
+    progress: bool | None = None
+    data_parallel: bool = True
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.max_steps, "max_steps")
+        check_positive_int(self.eval_every, "eval_every")
+        check_positive_int(self.log_every, "log_every")
+        check_positive_int(self.checkpoint_every, "checkpoint_every")
+        if self.schedule not in ("cosine", "constant"):
+            raise ScatlasInputError(
+                f"schedule must be 'cosine' or 'constant', got {self.schedule!r}"
+            )
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ScatlasInputError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.patience is not None:
+            check_positive_int(self.patience, "patience")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Learning rate as a function of the step (warm-up, then cosine or constant)."""
+    peak = cfg.learning_rate
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(peak)
+    else:
+        decay = max(cfg.max_steps - cfg.warmup_steps, 1)
+        main = optax.cosine_decay_schedule(peak, decay, alpha=cfg.min_lr_ratio)
+    if cfg.warmup_steps <= 0:
+        return main
+    warm = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
+    return optax.join_schedules([warm, main], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay, as torch's AdamW) after optional global-norm clipping."""
+    parts = []
+    if cfg.clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(optax.adamw(make_schedule(cfg), weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+class Task(Protocol):
+    """What a model gives the loop.
+
+    ``init(rng, batch) -> variables``: flax variables (``{"params": ..., other collections}``).
+    ``loss(params, state, batch, rng, step, train) -> (loss, (metrics, new_state))``: a scalar
+    loss, a dict of scalar metrics and the updated non-parameter collections (BatchNorm
+    statistics; return ``state`` unchanged when ``train`` is False). Must be jittable.
+    """
+
+    def init(self, rng: jax.Array, batch: Batch) -> dict[str, Any]: ...
+
+    def loss(
+        self, params: Any, state: Any, batch: Batch, rng: jax.Array, step: jax.Array, train: bool
+    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]: ...
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step changes: step count, parameters, other collections, optimiser, rng."""
+
+    step: jax.Array
+    params: Any
+    state: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclass
+class FitResult:
+    """``variables`` (the best on validation, else the last), the log ``history`` (dicts),
+    ``best_step``, ``stopped_early``, ``steps`` done and timing (``cells_per_s`` excludes the first
+    step's compilation)."""
+
+    variables: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int | None = None
+    best_val: float | None = None
+    stopped_early: bool = False
+    steps: int = 0
+    cells_per_s: float | None = None
+    compile_s: float | None = None
+
+
+def initialize_distributed(**kwargs: Any) -> None:
+    """Join a multi-host job (``jax.distributed.initialize(**kwargs)``; call before :func:`fit`).
+
+    Coordinator address, process count and id come from ``kwargs`` or from the cluster
+    environment (SLURM, Open MPI, Cloud TPU) as jax detects them. Each process then trains on
+    ``batch_size / process_count`` cells of every global batch.
+    """
+    jax.distributed.initialize(**kwargs)
+
+
+def device_mesh(data_parallel: bool = True) -> Mesh:
+    """A 1-D ``("data",)`` mesh over all devices (all processes), or the first one only."""
+    devices = jax.devices() if data_parallel else jax.local_devices()[:1]
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def _device_batch(batch: Batch, sharding: NamedSharding) -> Batch:
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype == np.int64:
+            value = value.astype(np.int32)
+        if value.dtype == np.float64:
+            value = value.astype(np.float32)
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def _strip(batch: Batch) -> Batch:
+    """Drop host-only entries (``index``) that the step does not use."""
+    return {k: v for k, v in batch.items() if k != "index"}
+
+
+class Trainer:
+    """The compiled step functions of one task and config on one mesh (used by :func:`fit`)."""
+
+    def __init__(self, task: Task, cfg: TrainConfig):
+        self.task, self.cfg = task, cfg
+        self.mesh = device_mesh(cfg.data_parallel)
+        self.n_devices = self.mesh.devices.size
+        self.data = NamedSharding(self.mesh, P("data"))
+        self.repl = NamedSharding(self.mesh, P())
+        self.tx = make_optimizer(cfg)
+        self.train_step = jax.jit(
+            self._train_step, in_shardings=(self.repl, self.data),
+            out_shardings=(self.repl, self.repl), donate_argnums=(0,),
+        )
+        self.eval_step = jax.jit(
+            self._eval_step, in_shardings=(self.repl, self.data), out_shardings=self.repl
+        )
+
+    def put(self, batch: Batch) -> Batch:
+        """A host batch (this process's part) as global device arrays split over the mesh."""
+        return _device_batch(_strip(batch), self.data)
+
+    def init_state(self, batch: Batch) -> TrainState:
+        rng = jax.random.PRNGKey(self.cfg.seed)
+        init_rng, train_rng = jax.random.split(rng)
+        host = {k: jnp.asarray(v) for k, v in _strip(batch).items()}
+        variables = dict(self.task.init(init_rng, host))
+        params = variables.pop("params")
+        ts = TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, state=variables,
+            opt_state=self.tx.init(params), rng=train_rng,
+        )
+        return jax.device_put(ts, self.repl)
+
+    def _train_step(self, ts: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
+        rng, sub = jax.random.split(ts.rng)
+        grad_fn = jax.value_and_grad(self.task.loss, has_aux=True)
+        (loss, (metrics, new_state)), grads = grad_fn(
+            ts.params, ts.state, batch, sub, ts.step, True
+        )
+        updates, opt_state = self.tx.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        metrics = {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
+        new_ts = ts.replace(
+            step=ts.step + 1, params=params, state=new_state, opt_state=opt_state, rng=rng
+        )
+        return new_ts, metrics
+
+    def _eval_step(self, ts: TrainState, batch: Batch) -> dict[str, Any]:
+        loss, (metrics, _) = self.task.loss(
+            ts.params, ts.state, batch, ts.rng, ts.step, False
+        )
+        return {"loss": loss, **metrics}
+
+    def evaluate(self, ts: TrainState, batches: Sequence[Batch]) -> dict[str, float]:
+        """Cell-weighted mean of the eval metrics over ``batches`` (host batches)."""
+        sums: dict[str, float] = {}
+        total = 0
+        for b in batches:
+            n = len(b["x"]) if "x" in b else len(next(iter(b.values())))
+            if n % self.n_devices:
+                raise ScatlasInputError(
+                    f"validation batch of {n} cells does not split over {self.n_devices} devices"
+                )
+            m = jax.device_get(self.eval_step(ts, self.put(b)))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            total += n
+        return {k: v / total for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+class _Checkpoints:
+    """orbax CheckpointManager over ``{"state": TrainState, "loop": json}``."""
+
+    def __init__(self, directory: str | Path, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=False
+            ),
+        )
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, ts: TrainState, loop: dict[str, Any]) -> None:
+        args = self.ocp.args
+        self.manager.save(
+            step, args=args.Composite(state=args.StandardSave(ts), loop=args.JsonSave(loop)),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        args = self.ocp.args
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
+        )
+        out = self.manager.restore(
+            step, args=args.Composite(state=args.StandardRestore(abstract), loop=args.JsonRestore())
+        )
+        return out["state"], dict(out["loop"])
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ------------------------------------------------------------------------------------- the loop
+
+def fit(
+    task: Task,
+    batches: Any,
+    cfg: TrainConfig,
+    *,
+    val_batches: Sequence[Batch] | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train ``task`` on ``batches`` (an indexable stream, see the module docstring).
+
+    ``val_batches``: host batches of a validation split; with ``cfg.patience`` they drive early
+    stopping and the best parameters are returned. With ``cfg.checkpoint_dir`` the run saves
+    every ``checkpoint_every`` steps (and at the end) and, if checkpoints exist there already,
+    resumes from the latest one. Returns a :class:`FitResult`.
+    """
+    trainer = Trainer(task, cfg)
+    batch_size = int(getattr(batches, "batch_size", 0)) or None
+    if batch_size is not None and batch_size % trainer.n_devices:
+        raise ScatlasInputError(
+            f"batch_size={batch_size} must be a multiple of the {trainer.n_devices} devices used "
+            "for data parallelism (or set data_parallel=False)"
+        )
+    part = (jax.process_index(), jax.process_count())
+    ts = trainer.init_state(batches.batch(0))
+    loop: dict[str, Any] = {"best_val": None, "best_step": None, "bad_evals": 0, "history": []}
+    ckpt = _Checkpoints(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
+    best_vars = None
+    start = 0
+    if ckpt is not None and ckpt.latest() is not None:
+        start = int(ckpt.latest())
+        ts, loop = ckpt.restore(start, ts)
+        log.info("resuming from checkpoint step %d in %s", start, cfg.checkpoint_dir)
+    history: list[dict[str, Any]] = list(loop.get("history", []))
+    logger = _JsonLog(cfg.log_path, truncate=start == 0)
+    result = FitResult(variables={}, history=history)
+    stream = batches.iterate(start, prefetch=cfg.prefetch, put=trainer.put, **_part_kw(part))
+    acc: dict[str, Any] | None = None
+    n_acc = 0
+    t_first = t_timed = None
+    timed_steps = 0
+    stopped = False
+    try:
+        with bar(desc="training", total=cfg.max_steps, progress=cfg.progress, unit="step") as pb:
+            pb.update(start)
+            for step in range(start, cfg.max_steps):
+                t0 = time.perf_counter()
+                ts, metrics = trainer.train_step(ts, next(stream))
+                acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
+                n_acc += 1
+                done = step + 1
+                if t_first is None:
+                    jax.block_until_ready(ts.step)
+                    t_first = time.perf_counter() - t0
+                    t_timed = time.perf_counter()
+                else:
+                    timed_steps += 1
+                if done % cfg.log_every == 0 or done == cfg.max_steps:
+                    rec = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}
+                    acc, n_acc = None, 0
+                    rate = _rate(batch_size, timed_steps, t_timed)
+                    rec = {"step": done, "lr": float(make_schedule(cfg)(done - 1)), **rec}
+                    if rate is not None:
+                        rec["cells_per_s"] = rate
+                    _emit(rec, history, logger, on_log)
+                    pb.set_postfix(loss=f"{rec['loss']:.4g}", cells_s=f"{rate or 0:.3g}")
+                pb.update(1)
+                if val_batches and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                    val = trainer.evaluate(ts, val_batches)
+                    _emit({"step": done, **{f"val_{k}": v for k, v in val.items()}},
+                          history, logger, on_log)
+                    if loop["best_val"] is None or val["loss"] < loop["best_val"]:
+                        loop.update(best_val=val["loss"], best_step=done, bad_evals=0)
+                        best_vars = jax.device_get({"params": ts.params, **ts.state})
+                    else:
+                        loop["bad_evals"] += 1
+                        if cfg.patience is not None and loop["bad_evals"] >= cfg.patience:
+                            stopped = True
+                if ckpt is not None and (done % cfg.checkpoint_every == 0 or stopped
+                                         or done == cfg.max_steps):
+                    loop["history"] = history
+                    ckpt.save(done, ts, loop)
+                if stopped:
+                    log.info("early stop at step %d (best step %s)", done, loop["best_step"])
+                    break
+    finally:
+        if hasattr(stream, "close"):
+            stream.close()
+        logger.close()
+        if ckpt is not None:
+            ckpt.close()
+    final = jax.device_get({"params": ts.params, **ts.state})
+    result.variables = best_vars if best_vars is not None else final
+    result.best_step, result.best_val = loop["best_step"], loop["best_val"]
+    result.stopped_early = stopped
+    result.steps = int(jax.device_get(ts.step))
+    result.cells_per_s = _rate(batch_size, timed_steps, t_timed)
+    result.compile_s = t_first
+    return result
+
+
+def _part_kw(part: tuple[int, int]) -> dict[str, Any]:
+    return {} if part[1] == 1 else {"part": part}
+
+
+def _rate(batch_size: int | None, steps: int, t0: float | None) -> float | None:
+    if batch_size is None or t0 is None or steps == 0:
+        return None
+    return batch_size * steps / max(time.perf_counter() - t0, 1e-9)
+
+
+def _emit(rec: dict[str, Any], history: list, logger: _JsonLog, on_log: Callable | None) -> None:
+    history.append(rec)
+    logger.write(rec)
+    if on_log is not None:
+        on_log(rec)
+
+
+class _JsonLog:
+    """Append-only JSON-lines log (one record per line, flushed)."""
+
+    def __init__(self, path: str | None, truncate: bool):
+        self._fh = None
+        if path is not None and jax.process_index() == 0:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(path, "w" if truncate else "a")  # noqa: SIM115 - closed in close()
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if self._fh is not None:
+            self._fh.write(json.dumps(rec) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines training log."""
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_history(history: Sequence[dict[str, Any]] | str | Path, path: str | Path) -> Path:
+    """Loss curve (training loss per logged step, validation loss where present) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write
+
+    if isinstance(history, str | Path):
+        history = read_log(history)
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log" if all(v > 0 for _, v in train + val) else "linear")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
