@@ -46,15 +46,19 @@ DIM = 16
 
 
 class LinearModel:
-    """Fixed random linear encoder with the ``scatlas.models`` model interface."""
+    """Fixed linear encoder (random, or given ``W`` and ``center``) with the ``scatlas.models``
+    model interface: ``normalise(lognorm(counts) - center) @ W``."""
 
-    def __init__(self, genes, latent_dim: int, seed: int = 0) -> None:
+    def __init__(self, genes, latent_dim: int, seed: int = 0, W=None, center=None) -> None:
         self.genes = pd.Index([str(g) for g in genes])
         self.latent_dim = int(latent_dim)
         rng = np.random.default_rng(seed)
-        self.W = rng.standard_normal((len(self.genes), self.latent_dim)).astype(np.float32)
+        self.W = (rng.standard_normal((len(self.genes), self.latent_dim)).astype(np.float32)
+                  if W is None else np.asarray(W, np.float32))
+        self.center = 0.0 if center is None else np.asarray(center)
 
-    def embed(self, adata_or_counts) -> np.ndarray:
+    def lognorm_of(self, adata_or_counts) -> np.ndarray:
+        """``log1p(1e4 x / rowsum)`` of the counts aligned to :attr:`genes` (float64)."""
         if hasattr(adata_or_counts, "var_names"):
             from scatlas.io import align_genes
 
@@ -64,7 +68,10 @@ class LinearModel:
         X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
         total = X.sum(axis=1, keepdims=True)
         total[total == 0] = 1.0
-        Z = (np.log1p(1e4 * X / total) @ self.W).astype(np.float32)
+        return np.log1p(1e4 * X / total)
+
+    def embed(self, adata_or_counts) -> np.ndarray:
+        Z = ((self.lognorm_of(adata_or_counts) - self.center) @ self.W).astype(np.float32)
         Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
         return Z
 
