@@ -365,7 +365,8 @@ class CellIndex:
     def _to_distance(self, keys: Any) -> Any:
         xp = backend.array_module(keys)
         if self._metric == "cosine":
-            return xp.clip(1.0 + keys, 0.0, 2.0).astype(np.float32) if keys.size else keys
+            D = xp.clip(1.0 + keys, 0.0, 2.0)
+            return xp.where(xp.isfinite(keys), D, xp.inf).astype(np.float32)
         if self._metric == "euclidean":
             return xp.sqrt(xp.maximum(keys, 0.0)).astype(np.float32)
         return keys.astype(np.float32)
@@ -381,6 +382,7 @@ class CellIndex:
                          batch_size: int | None = None) -> tuple[Any, Any]:
         m = Q.shape[0]
         step = batch_size or m
+        nprobe = self._nprobe_for(nprobe)
         parts = [self._engine.search(Q[s : s + step], k, nprobe, allowed)
                  for s in range(0, m, step)]
         xp = backend.array_module(parts[0][0])

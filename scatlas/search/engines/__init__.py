@@ -54,16 +54,16 @@ def smallest_k(keys: Any, ids: Any, k: int) -> tuple[Any, Any]:
     xp = backend.array_module(keys)
     m, w = keys.shape
     if w > k:
-        kth = xp.partition(keys, k - 1, axis=1)[:, k - 1 : k]
-        inside = keys <= kth
-        width = int(inside.sum(axis=1).max())
-        if width < w:
-            # keep the candidates <= kth (at least k per row), drop the rest cheaply
-            sel = xp.argsort(xp.where(inside, 0, 1).astype(np.int8), axis=1, kind="stable")
-            sel = sel[:, :width]
+        part = xp.argpartition(keys, k - 1, axis=1)
+        kth = xp.take_along_axis(keys, part[:, k - 1 : k], axis=1)
+        # > k only where finite ties cross the cut (+inf pads are interchangeable)
+        width = max(k, int(((keys <= kth) & xp.isfinite(keys)).sum(axis=1).max()))
+        if width > k:
+            part = xp.argpartition(keys, width - 1, axis=1) if width < w else None
+        if part is not None:
+            sel = part[:, :width]
             keys = xp.take_along_axis(keys, sel, axis=1)
             ids = xp.take_along_axis(ids, sel, axis=1)
-            keys = xp.where(xp.take_along_axis(inside, sel, axis=1), keys, xp.inf)
     o = lexsort_rows(keys, ids)[:, :k]
     keys = xp.take_along_axis(keys, o, axis=1)
     ids = xp.take_along_axis(ids, o, axis=1)
@@ -89,6 +89,27 @@ def pair_keys(Q: Any, X: Any, qrows: Any, xrows: Any, kind: str) -> Any:
         else:
             out[s : s + step] = -(a * b).sum(axis=1)
     return out
+
+
+def faiss_module():
+    """``import faiss`` with a clear error when it is missing."""
+    try:
+        import faiss  # noqa: PLC0415
+    except ImportError as err:
+        from ..._validate import ScatlasInputError  # noqa: PLC0415
+
+        raise ScatlasInputError("this engine needs faiss (pip install faiss-cpu, or faiss-gpu "
+                                "for GPUs); engines 'exact' and 'native-ivf' work without "
+                                "it") from err
+    return faiss
+
+
+def mismatch(folder: Any, what: str, got: Any, want: Any) -> Exception:
+    """The error for a saved index whose files disagree with its manifest."""
+    from ..._validate import ScatlasInputError  # noqa: PLC0415
+
+    return ScatlasInputError(f"saved index {str(folder)!r} is inconsistent: {what} {got} in "
+                             f"the files != {want} in the manifest")
 
 
 def get_engine_class(name: str):

@@ -23,7 +23,8 @@ from ... import backend
 from . import pair_keys, smallest_k
 
 SLACK = 8
-_BLOCK_SCORES = 32 * 2**20  # scores per (query block x reference block) on the CPU
+_BLOCK_SCORES = 32 * 2**20  # scores per block in range search on the CPU
+_REF_ROWS = 8192  # reference rows per block (x8 on the GPU)
 _QUERY_ROWS = 1024
 
 
@@ -44,7 +45,7 @@ def blocked_topk(Q: Any, X: Any, k: int, kind: str, *, ids: Any = None, allowed_
     m, n = Q.shape[0], X.shape[0]
     kk = min(k + SLACK, max(n, 1))
     gpu = xp is not np
-    br = max(1024, (_BLOCK_SCORES * (8 if gpu else 1)) // max(min(m, _QUERY_ROWS), 1))
+    br = _REF_ROWS * (8 if gpu else 1)
     bq = _QUERY_ROWS * (8 if gpu else 1)
     best_k = xp.full((m, kk), xp.inf, dtype=np.float32)
     best_r = xp.full((m, kk), -1, dtype=np.int64)
@@ -54,7 +55,6 @@ def blocked_topk(Q: Any, X: Any, k: int, kind: str, *, ids: Any = None, allowed_
         if kind == "l2":
             nb = sqnorms[rs:re_] if sqnorms is not None else (Xb * Xb).sum(axis=1)
             nb = xp.asarray(nb, dtype=np.float32)
-        rows = xp.arange(rs, re_, dtype=np.int64)
         mask = None if allowed_rows is None else xp.asarray(allowed_rows[rs:re_])
         for qs in range(0, m, bq):
             qe = min(m, qs + bq)
@@ -62,9 +62,7 @@ def blocked_topk(Q: Any, X: Any, k: int, kind: str, *, ids: Any = None, allowed_
             S = (nb[None, :] - 2.0 * S) if kind == "l2" else -S
             if mask is not None:
                 S[:, ~mask] = xp.inf
-            keys = xp.concatenate([best_k[qs:qe], S], axis=1)
-            cand = xp.concatenate([best_r[qs:qe], xp.broadcast_to(rows, S.shape)], axis=1)
-            best_k[qs:qe], best_r[qs:qe] = smallest_k(keys, cand, kk)
+            _merge_block(S, rs, best_k, best_r, qs, qe, kk)
         if progress_bar is not None:
             progress_bar.update(re_ - rs)
     # exact re-ranking of the candidates
@@ -77,6 +75,34 @@ def blocked_topk(Q: Any, X: Any, k: int, kind: str, *, ids: Any = None, allowed_
         exact[valid] = pair_keys(Q, Xg, qrows, xp.arange(rr.shape[0]), kind)
     out_ids = best_r if ids is None else xp.where(valid, ids[xp.maximum(best_r, 0)], -1)
     return smallest_k(exact, out_ids, k)
+
+
+def _merge_block(S: Any, rs: int, best_k: Any, best_r: Any, qs: int, qe: int, kk: int) -> None:
+    """Merge one block of keys (rows qs:qe, reference rows rs:) into the running best lists.
+
+    Only keys <= the row's current kk-th best can enter; when every row has few such keys they
+    are gathered by a compare and a nonzero (no partition of the whole block)."""
+    xp = backend.array_module(S)
+    thr = best_k[qs:qe, kk - 1]
+    inside = S <= thr[:, None]
+    cnt = inside.sum(axis=1)
+    width = int(cnt.max()) if cnt.shape[0] else 0
+    if width == 0:
+        return
+    if width > max(4 * kk, 64) or width * 4 > S.shape[1]:  # dense: partition the block
+        cand_k = S
+        cand_r = xp.broadcast_to(xp.arange(rs, rs + S.shape[1], dtype=np.int64), S.shape)
+    else:
+        r, c = xp.nonzero(inside)  # row-major: rows ascend
+        first = xp.cumsum(cnt) - cnt
+        pos = xp.arange(r.shape[0]) - first[r]
+        cand_k = xp.full((S.shape[0], width), xp.inf, dtype=np.float32)
+        cand_r = xp.full((S.shape[0], width), -1, dtype=np.int64)
+        cand_k[r, pos] = S[r, c]
+        cand_r[r, pos] = c + rs
+    keys = xp.concatenate([best_k[qs:qe], cand_k], axis=1)
+    rows = xp.concatenate([best_r[qs:qe], cand_r], axis=1)
+    best_k[qs:qe], best_r[qs:qe] = smallest_k(keys, rows, kk)
 
 
 class ExactEngine:
