@@ -24,6 +24,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "online_inmf": ("bench.online_inmf", "online iNMF streamed from a backed .h5ad, peak RSS"),
     "integrate": ("bench.integrate",
                   "batch integration: fastMNN, Seurat CCA vs harmonypy, scanorama (metrics)"),
+    "metric": ("bench.metric",
+               "metric-learning cell encoder: train/embed cells/s vs SCimilarity (PyTorch)"),
 }
 
 

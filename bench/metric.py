@@ -1,0 +1,411 @@
+"""Benchmark ``metric``: metric-learning cell encoder, ours (JAX/Flax) vs SCimilarity (PyTorch).
+
+Issue 5's requirement: training and embedding throughput (cells/s) at least 2x SCimilarity's own
+PyTorch model and loss at the same architecture and batch size (1,000), at 2,000 and at 28,231
+input genes, on CPU. The harness size is the number of input genes.
+
+Architecture (both sides, SCimilarity's ``MetricLearning`` defaults): encoder
+``n_genes -> 1024 -> 1024 -> 1024 -> 128`` (Dropout, Linear, BatchNorm1d, PReLU blocks; input
+dropout 0.4, dropout 0.5; L2-normalised output), mirror decoder; loss
+``0.001 * triplet(margin 0.05, semi-hard in-batch mining across studies) + 0.999 * MSE`` + L1;
+AdamW lr 5e-3, weight decay 0.01; batch 1,000 cells.
+
+Methods, in two groups (the ratio column is baseline time / our time = our throughput /
+baseline throughput):
+
+``train``
+    ``scatlas.metric.train_step``: ``scatlas.models.metric.benchmark_callables(n_genes, 1000,
+    seed)["train_step"]``, one jitted step incl. on-device mining on a fixed device-resident
+    batch, blocking until done. ``scimilarity.train_step``: SCimilarity 0.4.1's ``Encoder``,
+    ``Decoder`` and ``TripletLoss``/``TripletSelector`` with ``MetricLearning.training_step``
+    repeated statement by statement plus Lightning's ``zero_grad``/``backward``/``step``
+    (``bench/peers/scimilarity_runner.py``; the batch as SCimilarity's collator delivers it,
+    dense, on a fixed batch: 20 labels, 5 studies, 10 % non-zero).
+``embed``
+    ``scatlas.metric.embed``: ``benchmark_callables(...)["embed"](X)`` on a dense float32
+    ``(n_embed, n_genes)`` array (host in, host out). ``scimilarity.embed``: SCimilarity's
+    ``Encoder`` in ``eval()`` under ``torch.inference_mode()`` in 10,000-cell chunks, as
+    ``CellEmbedding.get_embeddings`` does on a dense array (``torch.Tensor(X[chunk])``, vstack,
+    ``.numpy()``). Default 10,000 cells (one chunk).
+
+Columns: ``cells/s`` (batch or n_embed / harness median; added by ``python -m bench.metric``),
+``mining share`` (SCimilarity: median over the timed steps of the time in
+``TripletSelector.get_triplets_idx`` / step time, measured inside the peer), ``peer s`` (median
+step/embed time measured inside the peer process; the harness time adds one JSON round trip
+over a pipe), ``‖z‖-1`` (max deviation of the embedding norms from 1).
+
+Peer: ``bench/peers/scimilarity_install.sh`` (or ``python -m bench.metric --install``) creates
+``bench/.peers/scimilarity`` (CPU torch + scimilarity without its dependencies); the python used
+is ``$SCATLAS_PEER_PYTHON_SCIMILARITY`` when set. The peer is one long-lived worker per gene count
+(started at the first baseline call, i.e. the harness warm-up), ``torch.set_num_threads(threads)``
+(default 2, the machine's cores). Our side runs in this process with JAX's default CPU threading
+(all available cores). The data of both sides come from the runner's ``synthetic_batch`` with the
+same shape, density, label and study counts; the Cell Ontology the SCimilarity miner needs is a
+synthetic 3,000-term DAG (no network): see the runner's docstring. Worker log:
+``bench/.cache/peers/scimilarity.log``.
+
+Usage::
+
+    python -m bench.metric [--genes 2000,28231] [--repeats 5] [--methods baseline] [--install]
+    python -m bench run metric --sizes 2000,28231 --repeats 5 --warmup 2   # no cells/s column
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from . import workloads
+from .runner import DEFAULT_OUT, load_record, log, result_path, run_benchmark, save_record
+from .spec import Benchmark, Method, Metric, Workload
+
+HERE = Path(__file__).resolve().parent
+RUNNER = HERE / "peers" / "scimilarity_runner.py"
+INSTALL = HERE / "peers" / "scimilarity_install.sh"
+PEERS_DIR = HERE / ".peers"
+PEER_ENV = "SCATLAS_PEER_PYTHON_SCIMILARITY"
+
+DEFAULT_PARAMS: dict[str, Any] = {
+    "batch_size": 1000,
+    "n_embed": 10_000,
+    "n_labels": 20,
+    "n_studies": 5,
+    "density": 0.1,
+    "threads": 2,  # torch.set_num_threads in the peer
+    "seed": 0,
+}
+
+METRICS = {
+    "cells_per_s": Metric("cells/s", ",.0f", higher_is_better=True),
+    "mining_share": Metric("mining share", ".2f"),
+    "peer_s": Metric("peer s", ".3g"),
+    "norm_err": Metric("‖z‖-1", ".1e"),
+}
+
+#: group -> (what one call processes, the params key giving its cell count)
+GROUP_CELLS = {"train": "batch_size", "embed": "n_embed"}
+
+
+def runner_module() -> ModuleType:
+    """``bench/peers/scimilarity_runner.py`` as a module (its workload helpers need NumPy only)."""
+    name = "_bench_scimilarity_runner"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, RUNNER)
+    if spec is None or spec.loader is None:  # pragma: no cover - the file ships with bench
+        raise ImportError(f"cannot load {RUNNER}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def peer_python() -> Path | None:
+    """The peer's interpreter: ``$SCATLAS_PEER_PYTHON_SCIMILARITY``, else the peer venv."""
+    env = os.environ.get(PEER_ENV, "").strip()
+    path = Path(env) if env else PEERS_DIR / "scimilarity" / "bin" / "python"
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def install_peer() -> int:
+    """Run ``bench/peers/scimilarity_install.sh``; returns its exit status."""
+    return subprocess.call(["bash", str(INSTALL)])
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# --- workload ------------------------------------------------------------------------------------
+
+
+def build(size: int, device: str, params: Mapping[str, Any]) -> Workload:
+    """Nothing heavy up front: each side builds its data at its first (warm-up) call."""
+    p = dict(params)
+    info = {
+        "n_genes": size, "batch_size": p["batch_size"], "n_embed": p["n_embed"],
+        "summary": (f"{size:,} genes; train: batch {p['batch_size']:,} cells, "
+                    f"{p['n_labels']} labels, {p['n_studies']} studies, "
+                    f"{p['density']:.0%} non-zero; embed: {p['n_embed']:,} cells dense float32; "
+                    f"ours jax {_version('jax')}, flax {_version('flax')}; "
+                    f"peer torch threads {p['threads']}"),
+    }
+    w = Workload(host=None, data=None, info=info,
+                 extra={"params": p, "n_genes": size, "peer": {}, "calls": {}})
+    weakref.finalize(w, _close, w.extra["peer"])
+    return w
+
+
+def _close(peer: dict[str, Any]) -> None:
+    worker = peer.pop("worker", None)
+    if worker is not None:
+        worker.close()
+
+
+def _record(w: Workload, name: str, reply: Mapping[str, Any]) -> None:
+    w.extra["calls"].setdefault(name, []).append(dict(reply))
+
+
+# --- ours ----------------------------------------------------------------------------------------
+
+
+def _ours_callables(w: Workload) -> dict[str, Any]:
+    if "ours" not in w.extra:
+        try:
+            from scatlas.models.metric import benchmark_callables  # noqa: PLC0415
+        except ImportError as exc:
+            raise RuntimeError(
+                "our side is not available: scatlas.models.metric.benchmark_callables(n_genes, "
+                f"batch_size=1000, *, seed=0) could not be imported ({exc})") from exc
+        p = w.extra["params"]
+        start = time.perf_counter()
+        w.extra["ours"] = benchmark_callables(w.extra["n_genes"], p["batch_size"], seed=p["seed"])
+        w.info["ours_setup_s"] = round(time.perf_counter() - start, 3)
+    return w.extra["ours"]
+
+
+def _embed_cells(w: Workload) -> np.ndarray:
+    """The cells our side embeds: the same generator, seed and shape as the peer's."""
+    if "X_embed" not in w.extra:
+        p = w.extra["params"]
+        w.extra["X_embed"] = runner_module().synthetic_batch(
+            p["n_embed"], w.extra["n_genes"], density=p["density"], seed=p["seed"] + 1)[0]
+    return w.extra["X_embed"]
+
+
+def _ours_train(w: Workload) -> dict[str, Any]:
+    step = _ours_callables(w)["train_step"]
+    start = time.perf_counter()
+    step()
+    reply = {"peer_s": time.perf_counter() - start}
+    _record(w, "scatlas.metric.train_step", reply)
+    return reply
+
+
+def _ours_embed(w: Workload) -> dict[str, Any]:
+    embed = _ours_callables(w)["embed"]
+    X = _embed_cells(w)
+    start = time.perf_counter()
+    Z = np.asarray(embed(X))
+    seconds = time.perf_counter() - start
+    if Z.shape != (X.shape[0], 128):
+        raise RuntimeError(f"embed returned shape {Z.shape}, expected {(X.shape[0], 128)}")
+    reply = {"peer_s": seconds,
+             "norm_err": float(np.max(np.abs(np.linalg.norm(Z, axis=1) - 1.0)))}
+    _record(w, "scatlas.metric.embed", reply)
+    return reply
+
+
+# --- peer ----------------------------------------------------------------------------------------
+
+
+class PeerWorker:
+    """``scimilarity_runner.py worker`` in the peer venv, driven over JSON lines."""
+
+    def __init__(self, python: Path, n_genes: int, params: Mapping[str, Any],
+                 log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file = open(log_dir / "scimilarity.log", "ab")  # noqa: SIM115 - close()
+        start = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [str(python), "-W", "ignore", str(RUNNER), "worker"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.log_file, text=True, bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.hello = self._reply()
+        self.setup = self.request({"cmd": "setup", "n_genes": n_genes, "params": dict(params)})
+        self.startup_s = time.perf_counter() - start
+        log(f"[metric] scimilarity worker ready in {self.startup_s:.1f} s (scimilarity "
+            f"{self.hello.get('scimilarity')}, torch {self.hello.get('torch')}, "
+            f"{self.setup.get('torch_threads')} threads)")
+
+    def _reply(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line:
+            raise RuntimeError(f"scimilarity worker exited (code {self.proc.poll()}); see "
+                               f"{self.log_file.name}")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise RuntimeError(f"scimilarity worker: {reply.get('error')}")
+        return reply
+
+    def request(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")  # type: ignore[union-attr]
+                self.proc.stdin.flush()  # type: ignore[union-attr]
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+
+
+def _worker(w: Workload) -> PeerWorker:
+    peer = w.extra["peer"]
+    if "worker" not in peer:  # first call (the harness warm-up): start, import, build data
+        python = peer_python()
+        if python is None:
+            raise RuntimeError(f"no peer python (run {INSTALL} or set {PEER_ENV})")
+        worker = PeerWorker(python, w.extra["n_genes"], w.extra["params"],
+                            workloads.cache_dir() / "peers")
+        peer["worker"] = worker
+        keep = ("scimilarity", "scimilarity_files_sha256_16", "torch", "numpy", "python")
+        w.info["peer"] = {**{k: worker.hello.get(k) for k in keep},
+                          "torch_threads": worker.setup.get("torch_threads"),
+                          "l1_layer_shape": worker.setup.get("l1_layer_shape"),
+                          "startup_s": round(worker.startup_s, 2)}
+    return peer["worker"]
+
+
+def _peer_train(w: Workload) -> dict[str, Any]:
+    reply = _worker(w).request({"cmd": "train"})
+    reply = {"peer_s": reply["step_s"], "mining_s": reply["mining_s"],
+             "n_triplets": reply["n_triplets"], "loss": reply["loss"]}
+    _record(w, "scimilarity.train_step", reply)
+    return reply
+
+
+def _peer_embed(w: Workload) -> dict[str, Any]:
+    reply = _worker(w).request({"cmd": "embed"})
+    reply = {"peer_s": reply["embed_s"], "norm_err": reply["norm_err"]}
+    _record(w, "scimilarity.embed", reply)
+    return reply
+
+
+def _peer_method(name: str, call: Any, group: str, description: str) -> Method:
+    if peer_python() is None:
+        where = os.environ.get(PEER_ENV) or PEERS_DIR / "scimilarity" / "bin" / "python"
+        return Method(name, call, "baseline", group, description, max_size=0,
+                      skip_reason=f"peer python not found at {where} (run python -m "
+                                  f"bench.metric --install or set {PEER_ENV})")
+    return Method(name, call, "baseline", group, description)
+
+
+def methods(params: Mapping[str, Any]) -> list[Method]:
+    """Ours and SCimilarity's, for training steps and for embedding."""
+    return [
+        Method("scatlas.metric.train_step", _ours_train, "ours", "train",
+               "benchmark_callables()['train_step']: one jitted step incl. on-device mining"),
+        _peer_method("scimilarity.train_step", _peer_train, "train",
+                     "SCimilarity 0.4.1 Encoder/Decoder/TripletLoss, MetricLearning."
+                     "training_step + backward + AdamW step, torch CPU"),
+        Method("scatlas.metric.embed", _ours_embed, "ours", "embed",
+               "benchmark_callables()['embed'](X), dense float32 host array"),
+        _peer_method("scimilarity.embed", _peer_embed, "embed",
+                     "SCimilarity Encoder.eval() under inference_mode, 10,000-cell chunks"),
+    ]
+
+
+def accuracy(w: Workload, method: Method, output: Any) -> dict[str, Any]:
+    """Medians over this method's calls after its first (the warm-up) of in-process facts."""
+    calls = w.extra["calls"].get(method.name, [])
+    timed = calls[1:] or calls
+    out: dict[str, Any] = {"peer_s": float(np.median([c["peer_s"] for c in timed]))}
+    if "mining_s" in output:
+        out["mining_share"] = float(np.median([c["mining_s"] / c["peer_s"] for c in timed]))
+    if "norm_err" in output:
+        out["norm_err"] = output["norm_err"]
+    return out
+
+
+BENCHMARK = Benchmark(
+    name="metric",
+    description=("Metric-learning cell encoder (SCimilarity architecture: 3 x 1024 hidden, "
+                 "128-d, batch 1,000): training step and embedding throughput, scatlas "
+                 "(JAX/Flax, on-device mining) vs SCimilarity 0.4.1's own PyTorch model, "
+                 "TripletSelector and loss (CPU torch, own venv). Size = input genes."),
+    build=build,
+    methods=methods,
+    accuracy=accuracy,
+    metrics=METRICS,
+    default_sizes=(2000, 28231),
+    default_params=DEFAULT_PARAMS,
+    size_label="genes",
+)
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def add_throughput(record: dict[str, Any]) -> None:
+    """``cells_per_s`` = cells per call / harness median, into every ok entry's accuracy."""
+    runs = record.get("runs", {})
+    for size in record["results"].values():
+        for res in size["methods"].values():
+            if res.get("status") != "ok" or res.get("median_s", 0) <= 0:
+                continue
+            params = runs.get(res.get("run_id"), {}).get("params", DEFAULT_PARAMS)
+            key = GROUP_CELLS.get(res.get("group", ""))
+            if key is None:
+                continue
+            cells = params.get(key, DEFAULT_PARAMS[key])
+            res.setdefault("accuracy", {})["cells_per_s"] = cells / res["median_s"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.metric``: run (or install the peer), add cells/s, write the report."""
+    parser = argparse.ArgumentParser(prog="python -m bench.metric",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--genes", default="2000,28231", help="comma-separated gene counts")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated names, patterns or roles (ours, baseline)")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override {sorted(DEFAULT_PARAMS)}")
+    parser.add_argument("--install", action="store_true",
+                        help="create bench/.peers/scimilarity first")
+    args = parser.parse_args(argv)
+    if args.install:
+        code = install_peer()
+        if code:
+            return code
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first call starts the peer / compiles ours)")
+    from .__main__ import parse_params  # noqa: PLC0415
+
+    params = parse_params(args.param)
+    methods_ = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    run_benchmark("metric", sizes=args.genes, repeats=args.repeats, warmup=args.warmup,
+                  device="cpu", out=args.out, methods=methods_, budget_s=args.budget,
+                  report=False, **params)
+    path = result_path(args.out, "metric", "cpu")
+    record = load_record(path)
+    if record is None:  # pragma: no cover - run_benchmark just wrote it
+        return 1
+    add_throughput(record)
+    save_record(record, path)
+    from .report import write_benchmark_report  # noqa: PLC0415
+
+    write_benchmark_report(record, path.parent)
+    log(f"[metric] wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
