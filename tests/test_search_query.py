@@ -1,0 +1,101 @@
+"""annotate (hand-computed votes), search_centroid, aggregate_hits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scatlas._validate import ScatlasInputError
+from scatlas.search import CellIndex, aggregate_hits, annotate, search_centroid
+from scatlas.search.synthetic import clustered_embeddings
+
+
+@pytest.fixture(scope="module")
+def line_index():
+    """Cells on a line (euclidean), labels chosen so the votes are easy to compute by hand."""
+    X = np.array([[0.0], [1.0], [2.0], [4.0], [10.0], [11.0]], np.float32)
+    X = np.hstack([X, np.zeros_like(X)])
+    meta = pd.DataFrame({"label": ["a", "a", "b", "b", "c", None],
+                         "study": ["s1", "s1", "s2", "s2", "s2", "s3"]})
+    return CellIndex.build(X, meta, metric="euclidean")
+
+
+def test_annotate_matches_hand_vote(line_index):
+    Q = np.array([[1.9, 0.0], [10.4, 0.0]], np.float32)
+    out = annotate(line_index, Q, k=4, label_key="label", ood_distance=0.5)
+    # query 0: neighbours 2 (b, 0.1), 1 (a, 0.9), 0 (a, 1.9), 3 (b, 2.1)
+    wa, wb = 1 / 0.9 + 1 / 1.9, 1 / 0.1 + 1 / 2.1
+    assert out.label[0] == "b"
+    np.testing.assert_allclose(out.confidence[0], wb / (wa + wb))
+    np.testing.assert_allclose(out.vs_second[0], wb / (wb + wa))
+    np.testing.assert_allclose(out.min_dist[0], 0.1, rtol=1e-5)
+    assert out.hits[0] == {"a": 2, "b": 2} and not out.is_ood[0]
+    # query 1: 4 (c, 0.4), 5 (unlabelled, skipped), 3 (b, 6.4), 2 (b, 8.4)
+    wc, wb = 1 / 0.4, 1 / 6.4 + 1 / 8.4
+    assert out.label[1] == "c"
+    np.testing.assert_allclose(out.confidence[1], wc / (wc + wb), rtol=1e-5)
+    assert out.hits[1] == {"b": 2, "c": 1}
+    assert not out.is_ood[1]
+    # uniform weights: b has 2 votes vs c's 1
+    uni = annotate(line_index, Q, k=4, label_key="label", weighting="uniform")
+    assert uni.label[1] == "b"
+    np.testing.assert_allclose(uni.confidence[1], 2 / 3)
+    np.testing.assert_allclose(uni.vs_second[1], 2 / 3)
+    # a vote tie goes to the label with the nearest hit
+    tie = annotate(line_index, np.array([[1.4, 0.0]], np.float32), k=2, label_key="label",
+                   weighting="uniform")
+    assert tie.label[0] == "a"  # 1 (a, 0.4), 2 (b, 0.6)
+
+
+def test_annotate_ood_and_filter(line_index):
+    Q = np.array([[30.0, 0.0], [0.1, 0.0]], np.float32)
+    out = annotate(line_index, Q, k=2, label_key="label", ood_distance=5.0)
+    assert out.is_ood.tolist() == [True, False]
+    f = annotate(line_index, Q[1:], k=1, label_key="label", filter={"study": "s2"})
+    assert f.label[0] == "b"
+    with pytest.raises(ScatlasInputError, match="label_key"):
+        annotate(line_index, Q, label_key="nope")
+
+
+def test_annotate_default_ood_from_index():
+    X, lab = clustered_embeddings(3000, 16, n_clusters=8, labels=True, seed=1)
+    idx = CellIndex.build(X, pd.DataFrame({"t": lab}))
+    thr = idx.ood_distance(0.99)
+    assert thr is not None and 0 < thr < 1
+    far = -X[:5]  # antipodal points: far from everything
+    out = annotate(idx, np.vstack([X[:50], far]), k=10, label_key="t")
+    assert out.is_ood[-5:].all() and out.is_ood[:50].mean() < 0.1
+    assert (out.label[:50].to_numpy() == lab[:50]).mean() > 0.95
+
+
+def test_search_centroid():
+    X = clustered_embeddings(2000, 8, n_clusters=4, seed=2)
+    idx = CellIndex.build(X)
+    grp = X[10:60] * 3.0
+    c, D, ids = search_centroid(idx, grp, k=7)
+    want = X[10:60] / np.linalg.norm(X[10:60], axis=1, keepdims=True)
+    want = want.mean(0) / np.linalg.norm(want.mean(0))
+    np.testing.assert_allclose(c, want, atol=1e-6)
+    D2, I2 = idx.search(want[None].astype(np.float32), 7)
+    np.testing.assert_array_equal(ids, I2[0])
+    np.testing.assert_allclose(D, D2[0], atol=1e-6)
+
+
+def test_aggregate_hits(line_index):
+    ids = np.array([[0, 1, 2, -1], [2, 3, 4, 5]])
+    out = aggregate_hits(line_index, ids, by="study")
+    assert out.study.tolist() == ["s2", "s1", "s3"]
+    assert out.n_hits.tolist() == [4, 2, 1]
+    np.testing.assert_allclose(out.fraction_of_hits, [4 / 7, 2 / 7, 1 / 7])
+    assert out.n_cells.tolist() == [3, 2, 1]
+    np.testing.assert_allclose(out.fraction_of_group, [4 / 3, 1.0, 1.0])
+    two = aggregate_hits(line_index, ids, by=("study", "label"))
+    ref = (pd.DataFrame({"study": ["s1", "s1", "s2", "s2", "s2", "s2", "s3"],
+                         "label": ["a", "a", "b", "b", "b", "c", None]})
+           .value_counts(dropna=False))
+    got = two.set_index(["study", "label"]).n_hits
+    for (s, lab_), n in ref.items():
+        assert got.loc[(s, lab_)] == n
+    with pytest.raises(ScatlasInputError, match="not in the metadata"):
+        aggregate_hits(line_index, ids, by="tissue")
