@@ -594,3 +594,26 @@ def test_server_sigterm_drains_in_flight_requests(tmp_path, index, ref):
     assert "Shutting down" in err and "serve: stopped" in err
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=1.0)
+
+
+def test_metadata_table_values_and_non_range_ids():
+    """JSON-ready metadata: categories with missing values, NaN floats, ints, strings, and ids
+    that are not row positions (an index with removed cells)."""
+    from scatlas.search.service import MetadataTable
+
+    meta = pd.DataFrame({
+        "cat": pd.Categorical(["a", None, "b", "a"]),
+        "x": [0.5, np.nan, 2.0, np.inf],
+        "n": np.array([1, 2, 3, 4], dtype=np.int64),
+        "s": ["u", "v", None, "w"],
+        "t": pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"]),
+    }, index=pd.Index([10, 11, 13, 17], name="id"))
+    table = MetadataTable(meta)
+    rows = table.rows(np.array([[13, 10, -1], [11, 99, 17]]), None)
+    assert rows[0][0] == {"cat": "b", "x": 2.0, "n": 3, "s": None, "t": "2024-01-03T00:00:00"}
+    assert rows[0][1]["cat"] == "a" and rows[0][2] is None and rows[1][1] is None
+    assert rows[1][0]["cat"] is None and rows[1][0]["x"] is None
+    assert rows[1][2]["x"] is None and type(rows[1][2]["n"]) is int
+    json.dumps(rows, allow_nan=False)  # strictly valid JSON
+    assert table.rows(np.array([[10]]), ["n"]) == [[{"n": 1}]]
+    assert MetadataTable(None).columns == []

@@ -181,7 +181,10 @@ class MicroBatcher:
         self._pending.append(item)
         self._pending_queries += item.m
         self._in_flight += 1
-        self._wakeup.set()
+        # wake the collector when it may be idle (first request) or the batch is full; the
+        # batch window itself ends on a timer, so other arrivals cost no wake-up
+        if len(self._pending) == 1 or self._pending_queries >= self.max_batch:
+            self._wakeup.set()
         try:
             return await item.future
         finally:
@@ -209,15 +212,15 @@ class MicroBatcher:
                 await wakeup.wait()
                 continue
             deadline = self._pending[0].enqueued + self.max_wait
-            while self._pending_queries < self.max_batch and not self._closing:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
+            if (self._pending_queries < self.max_batch and not self._closing
+                    and deadline > loop.time()):
                 wakeup.clear()
+                timer = loop.call_at(deadline, wakeup.set)
                 try:
-                    await asyncio.wait_for(wakeup.wait(), remaining)
-                except TimeoutError:
-                    break
+                    await wakeup.wait()  # the window ends, the batch fills, or close()
+                finally:
+                    timer.cancel()
+                continue
             batch = self._take()
             try:
                 await self._execute(batch)

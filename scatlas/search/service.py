@@ -475,22 +475,67 @@ def _distances_json(values: np.ndarray, ids: np.ndarray) -> list[list[Any]]:
             for row, okrow in zip(values.tolist(), ok.tolist(), strict=True)]
 
 
-def metadata_rows(metadata: pd.DataFrame | None, ids: np.ndarray,
-                  columns: Sequence[str] | None) -> list[list[dict[str, Any] | None]] | None:
-    """Metadata row (a dict) of every hit in ``ids`` (``(m, k)``; the frame is indexed by id;
-    -1 and unknown ids -> null)."""
-    if metadata is None or metadata.shape[1] == 0:
-        return None
-    frame = metadata if columns is None else metadata[list(columns)]
-    flat = ids.ravel()
-    rows_at = frame.index.get_indexer(flat) if flat.size else np.zeros(0, np.int64)
-    valid = (flat >= 0) & (rows_at >= 0)
-    records = frame.iloc[rows_at[valid]].to_dict("records")
-    rows: list[dict[str, Any] | None] = [None] * flat.size
-    for pos, rec in zip(np.flatnonzero(valid).tolist(), records, strict=True):
-        rows[pos] = {str(c): _jsonable(v) for c, v in rec.items()}
-    k = ids.shape[1]
-    return [rows[i * k:(i + 1) * k] for i in range(ids.shape[0])]
+class MetadataTable:
+    """The index metadata as JSON-ready Python values, column by column, for fast row lookups.
+
+    Built once at startup: every column becomes an object array of plain JSON values (NaN / NA
+    -> None, categories -> their values, numpy scalars -> Python, timestamps -> ISO text), so a
+    response's metadata rows are only fancy indexing and dict building.
+    """
+
+    def __init__(self, metadata: pd.DataFrame | None) -> None:
+        self.columns: list[str] = []
+        self.values: dict[str, np.ndarray] = {}
+        self.positions: pd.Index | None = None
+        if metadata is None or metadata.shape[1] == 0:
+            return
+        self.columns = [str(c) for c in metadata.columns]
+        index = metadata.index
+        is_range = (isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1)
+        self.positions = None if is_range else index
+        for name, col in zip(self.columns, metadata.columns, strict=True):
+            self.values[name] = _column_values(metadata[col])
+
+    def rows(self, ids: np.ndarray, columns: Sequence[str] | None) -> list[list[Any]]:
+        """Metadata dict of every hit in ``ids`` (``(m, k)``; -1 and unknown ids -> None)."""
+        flat = ids.ravel()
+        if self.positions is None:
+            n = len(next(iter(self.values.values())))
+            pos = np.where((flat >= 0) & (flat < n), flat, -1)
+        else:
+            pos = self.positions.get_indexer(flat)
+            pos[flat < 0] = -1
+        valid = pos >= 0
+        cols = self.columns if columns is None else list(columns)
+        taken = [self.values[c][pos[valid]].tolist() for c in cols]
+        records = [dict(zip(cols, vals, strict=True)) for vals in zip(*taken, strict=True)]
+        out: list[Any] = [None] * flat.size
+        for i, rec in zip(np.flatnonzero(valid).tolist(), records, strict=True):
+            out[i] = rec
+        k = ids.shape[1]
+        return [out[i * k:(i + 1) * k] for i in range(ids.shape[0])]
+
+
+def _column_values(col: pd.Series) -> np.ndarray:
+    """One metadata column as an object array of JSON values."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = np.array([_jsonable(c) for c in col.cat.categories] + [None], dtype=object)
+        codes = col.cat.codes.to_numpy()
+        return cats[np.where(codes < 0, len(cats) - 1, codes)]
+    arr = col.to_numpy()
+    if arr.dtype.kind in "biu":
+        out = np.empty(len(arr), dtype=object)
+        out[:] = arr.tolist()
+        return out
+    if arr.dtype.kind == "f":
+        out = np.empty(len(arr), dtype=object)
+        out[:] = arr.tolist()
+        out[~np.isfinite(arr)] = None
+        return out
+    items = list(col) if arr.dtype.kind in "Mm" else arr.tolist()  # Timestamps, not ints
+    out = np.empty(len(arr), dtype=object)
+    out[:] = [_jsonable(v) for v in items]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -507,9 +552,8 @@ class SearchService:
         self.config = config
         self.dim = int(index.dim)
         self.ntotal = int(index.ntotal)
-        metadata = getattr(index, "metadata", None)
-        self.metadata: pd.DataFrame | None = metadata
-        self.columns: list[str] = [] if metadata is None else [str(c) for c in metadata.columns]
+        self.table = MetadataTable(getattr(index, "metadata", None))
+        self.columns: list[str] = self.table.columns
         if model is not None:
             latent = int(getattr(model, "latent_dim", self.dim))
             if latent != self.dim:
@@ -597,9 +641,8 @@ class SearchService:
         ids = np.asarray(ids, dtype=np.int64)
         out: dict[str, Any] = {"k": k, "distances": _distances_json(distances, ids),
                                "ids": ids.tolist()}
-        if opts["include_metadata"]:
-            out["metadata"] = metadata_rows(self.metadata, np.asarray(ids),
-                                            opts["metadata_columns"])
+        if opts["include_metadata"] and self.columns:
+            out["metadata"] = self.table.rows(ids, opts["metadata_columns"])
         return out
 
     async def annotate(self, queries: np.ndarray, body: dict[str, Any]) -> dict[str, Any]:

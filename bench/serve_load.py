@@ -1,0 +1,469 @@
+"""Load test of the HTTP search service (``scatlas serve``) against direct ``index.search``.
+
+Usage::
+
+    python -m bench.serve_load --n-cells 1e6 --duration 20 --concurrency 32
+    python -m bench.serve_load --n-cells 1e5 --duration 20 --concurrency 32 --max-wait-ms 0
+
+Steps (each bounded in time, the script stops by itself):
+
+1. Index: clustered synthetic unit embeddings (:func:`scatlas.search.synthetic.iter_clustered`,
+   300 anisotropic clusters, ``--dim`` 128) with metadata (``cell_type`` = cluster, ``donor``),
+   built with ``CellIndex.build(engine=--engine)`` and cached under ``bench/.cache/serve/``
+   together with held-out queries from the same mixture.
+2. Direct, in process (before the server starts, so they do not compete): single-query latency
+   of ``idx.search(q[None], k)`` (sequential calls) and batched throughput of ``idx.search(Q, k)``
+   with ``Q`` of ``--max-batch`` rows.
+3. Server: ``python -m scatlas.cli serve`` on a free loopback port in a subprocess.
+4. Single requests: one client, one keep-alive connection, sequential ``POST /search`` of one
+   query (``--single-duration`` seconds): latency p50 / p99 -> HTTP overhead = HTTP p50 - direct
+   p50.
+5. Load: ``--concurrency`` async workers (httpx, one connection each) send ``POST /search`` back
+   to back for ``--duration`` seconds: QPS, latency p50 / p99, errors, and the server's own
+   ``/metrics`` (index calls, mean queries per call, batch-size histogram).
+6. SIGTERM; the server must exit 0.
+
+The client runs on the same machine as the server (loopback), so on few cores it competes with
+the server for CPU: the figures are a lower bound of what the service does with a remote client.
+The 1-minute load average is recorded before and after (the machine may be shared).
+
+Results go to ``bench/results/serve_<device>.json`` (one entry per ``--n-cells`` and ``--label``,
+replaced when re-run) and ``serve_<device>.md`` (regenerated from the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .environment import REPO_ROOT, capture, describe_hardware
+from .io import atomic_write_text
+
+CACHE = REPO_ROOT / "bench" / ".cache" / "serve"
+RESULTS = REPO_ROOT / "bench" / "results"
+N_QUERIES = 4096
+
+
+def log(message: str) -> None:
+    print(f"[serve_load] {message}", file=sys.stderr, flush=True)
+
+
+def load1() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover
+        return None
+
+
+def quantiles_ms(latencies: list[float]) -> dict[str, float | None]:
+    if not latencies:
+        return {"p50": None, "p90": None, "p99": None, "mean": None, "max": None}
+    a = np.asarray(latencies) * 1e3
+    return {"p50": round(float(np.quantile(a, 0.5)), 3), "p90": round(float(np.quantile(a, 0.9)), 3),
+            "p99": round(float(np.quantile(a, 0.99)), 3), "mean": round(float(a.mean()), 3),
+            "max": round(float(a.max()), 3)}
+
+
+# ------------------------------------------------------------------------------------------------
+# index and queries (cached)
+# ------------------------------------------------------------------------------------------------
+
+
+def cache_dir(n: int, dim: int, engine: str) -> Path:
+    return CACHE / f"n{n}_d{dim}_{engine}"
+
+
+def build_or_load(n: int, dim: int, engine: str, seed: int = 0):
+    """The cached index folder and held-out queries (building them on the first run)."""
+    import pandas as pd
+
+    from scatlas.search import CellIndex
+    from scatlas.search.synthetic import iter_clustered
+
+    folder = cache_dir(n, dim, engine)
+    index_dir, query_path = folder / "index", folder / "queries.npy"
+    if index_dir.is_dir() and query_path.is_file():
+        t0 = time.perf_counter()
+        idx = CellIndex.load(index_dir)
+        log(f"loaded cached index {index_dir} ({idx.ntotal} x {idx.dim}, {idx.engine}) in "
+            f"{time.perf_counter() - t0:.1f} s")
+        return idx, index_dir, np.load(query_path), {"cached": True}
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    chunk = 100_000
+    X = np.empty((n, dim), np.float32)
+    labels = np.empty(n, np.int64)
+    queries = None
+    start = 0
+    # rows after n come from the same mixture: the held-out queries
+    for part, lab in iter_clustered(n + N_QUERIES, dim, seed=seed, chunk_size=chunk, labels=True):
+        take = min(part.shape[0], n - start) if start < n else 0
+        X[start:start + take], labels[start:start + take] = part[:take], lab[:take]
+        if take < part.shape[0]:
+            rest = part[take:]
+            queries = rest if queries is None else np.concatenate([queries, rest])
+        start += take
+    assert queries is not None
+    queries = queries[:N_QUERIES]
+    rng = np.random.default_rng(seed)
+    meta = pd.DataFrame({"cell_type": pd.Categorical([f"c{i}" for i in labels]),
+                         "donor": pd.Categorical(rng.choice([f"d{i}" for i in range(8)], n))})
+    t_data = time.perf_counter() - t0
+    log(f"generated {n} x {dim} embeddings in {t_data:.1f} s; building {engine} index")
+    t0 = time.perf_counter()
+    idx = CellIndex.build(X, meta, engine=engine, progress=False)
+    t_build = time.perf_counter() - t0
+    log(f"built {idx!r} in {t_build:.1f} s")
+    idx.save(index_dir)
+    np.save(query_path, queries)
+    return idx, index_dir, queries, {"cached": False, "build_s": round(t_build, 2),
+                                     "data_s": round(t_data, 2)}
+
+
+# ------------------------------------------------------------------------------------------------
+# direct in-process timings
+# ------------------------------------------------------------------------------------------------
+
+
+def direct_timings(idx, queries: np.ndarray, k: int, batch: int, seconds: float) -> dict[str, Any]:
+    idx.search(queries[:batch], k)  # warm-up
+    single: list[float] = []
+    t_end = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < t_end or len(single) < 20:
+        q = queries[i % len(queries)][None]
+        t0 = time.perf_counter()
+        idx.search(q, k)
+        single.append(time.perf_counter() - t0)
+        i += 1
+    batches: list[float] = []
+    t_end = time.perf_counter() + seconds
+    j = 0
+    while time.perf_counter() < t_end or len(batches) < 3:
+        s = (j * batch) % (len(queries) - batch + 1)
+        t0 = time.perf_counter()
+        idx.search(queries[s:s + batch], k)
+        batches.append(time.perf_counter() - t0)
+        j += 1
+    per_batch = float(np.median(batches))
+    return {"single_latency_ms": quantiles_ms(single), "single_calls": len(single),
+            "batch_size": batch, "batch_median_ms": round(per_batch * 1e3, 3),
+            "batch_queries_per_s": round(batch / per_batch, 1), "batch_calls": len(batches)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the server and the HTTP client
+# ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(index_dir: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "scatlas.cli", "serve", "--index", str(index_dir), "--port",
+           str(port), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+           "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO_ROOT)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{proc.communicate()[1][-3000:]}")
+        try:
+            r = httpx.get(f"{url}/health", timeout=2.0)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not healthy after {timeout} s")
+
+
+def bodies(queries: np.ndarray, per_request: int, k: int, metadata: bool) -> list[bytes]:
+    """Pre-encoded request bodies (the client's JSON encoding is not timed)."""
+    out = []
+    for s in range(0, len(queries) - per_request + 1, per_request):
+        out.append(json.dumps({"embeddings": queries[s:s + per_request].tolist(), "k": k,
+                               "include_metadata": metadata}).encode())
+    return out
+
+
+async def single_phase(url: str, payloads: list[bytes], seconds: float) -> dict[str, Any]:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as c:
+        for p in payloads[:5]:  # warm-up
+            await c.post("/search", content=p)
+        t_end = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            r = await c.post("/search", content=payloads[i % len(payloads)],
+                             headers={"content-type": "application/json"})
+            lat.append(time.perf_counter() - t0)
+            errors += r.status_code != 200
+            i += 1
+    return {"requests": len(lat), "errors": errors, "latency_ms": quantiles_ms(lat)}
+
+
+async def load_phase(url: str, payloads: list[bytes], concurrency: int, seconds: float,
+                     per_request: int) -> dict[str, Any]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as c:
+        t_start = time.perf_counter()
+        t_end = t_start + seconds
+
+        async def worker(w: int) -> None:
+            i = w
+            while time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post("/search", content=payloads[i % len(payloads)],
+                                     headers={"content-type": "application/json"})
+                    if r.status_code == 200:
+                        lat.append(time.perf_counter() - t0)
+                    else:
+                        errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+                except httpx.HTTPError as err:
+                    errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
+                i += concurrency
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - t_start
+    n_ok = len(lat)
+    return {"concurrency": concurrency, "elapsed_s": round(elapsed, 3), "requests": n_ok,
+            "errors": sum(errors.values()), "error_kinds": errors,
+            "requests_per_s": round(n_ok / elapsed, 1),
+            "queries_per_s": round(n_ok * per_request / elapsed, 1),
+            "latency_ms": quantiles_ms(lat)}
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60.0) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        return {"exit_code": None, "stop_s": None, "stderr_tail": err[-1000:]}
+    return {"exit_code": proc.returncode, "stop_s": round(time.perf_counter() - t0, 3),
+            "stderr_tail": err[-1000:] if proc.returncode else ""}
+
+
+# ------------------------------------------------------------------------------------------------
+# the run and the report
+# ------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+
+    n = int(float(args.n_cells))
+    load_before = load1()
+    t_all = time.perf_counter()
+    idx, index_dir, queries, build_info = build_or_load(n, args.dim, args.engine)
+    index_info = {"ntotal": int(idx.ntotal), "dim": int(idx.dim), "engine": idx.engine,
+                  "metric": idx.metric, "nlist": idx.nlist, "nprobe": idx.nprobe, **build_info}
+    log(f"direct in-process timings ({args.direct_seconds:g} s each)")
+    direct = direct_timings(idx, queries, args.k, args.max_batch, args.direct_seconds)
+    log(f"direct: single p50 {direct['single_latency_ms']['p50']} ms, batch of "
+        f"{args.max_batch}: {direct['batch_queries_per_s']} queries/s")
+    del idx
+    port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    proc = start_server(index_dir, port, args)
+    try:
+        health = wait_healthy(url, proc, args.startup_timeout)
+        startup_s = time.perf_counter() - t0
+        log(f"server up in {startup_s:.1f} s: {health['engine']}, {health['ntotal']} vectors")
+        payloads = bodies(queries, args.queries_per_request, args.k, args.metadata)
+        single = asyncio.run(single_phase(url, bodies(queries, 1, args.k, args.metadata),
+                                          args.single_duration))
+        log(f"single requests: {single['requests']} in {args.single_duration:g} s, p50 "
+            f"{single['latency_ms']['p50']} ms")
+        load_mid = load1()
+        load = asyncio.run(load_phase(url, payloads, args.concurrency, args.duration,
+                                      args.queries_per_request))
+        log(f"load: {load['requests_per_s']} req/s, p50 {load['latency_ms']['p50']} ms, p99 "
+            f"{load['latency_ms']['p99']} ms, errors {load['errors']}")
+        server_metrics = httpx.get(f"{url}/metrics", timeout=10).json()
+    finally:
+        if proc.poll() is None:
+            stop = stop_server(proc)
+        else:
+            stop = {"exit_code": proc.returncode, "stop_s": None, "stderr_tail": ""}
+    log(f"server stopped: exit code {stop['exit_code']}")
+    overhead = None
+    if single["latency_ms"]["p50"] is not None:
+        overhead = round(single["latency_ms"]["p50"] - direct["single_latency_ms"]["p50"], 3)
+    batches = server_metrics["batches"]
+    return {
+        "n_cells": n,
+        "label": args.label,
+        "command": "python -m bench.serve_load " + " ".join(sys.argv[1:]),
+        "settings": {"dim": args.dim, "k": args.k, "engine": args.engine,
+                     "concurrency": args.concurrency, "duration_s": args.duration,
+                     "single_duration_s": args.single_duration,
+                     "queries_per_request": args.queries_per_request,
+                     "include_metadata": args.metadata, "max_batch": args.max_batch,
+                     "max_wait_ms": args.max_wait_ms},
+        "index": index_info,
+        "direct": direct,
+        "server_startup_s": round(startup_s, 2),
+        "http_single": single,
+        "http_load": load,
+        "http_overhead_p50_ms": overhead,
+        "server": {"index_calls": batches["index_calls"],
+                   "mean_queries_per_call": batches["mean_queries_per_call"],
+                   "queries_per_call_hist": batches["queries_per_call_hist"],
+                   "index_busy_s": batches["busy_s"],
+                   "search_latency_ms": server_metrics["endpoints"].get("search", {})
+                   .get("latency_ms")},
+        "shutdown": stop,
+        "load_1m": {"before": load_before, "before_load_phase": load_mid, "after": load1()},
+        "wall_s": round(time.perf_counter() - t_all, 1),
+    }
+
+
+def result_paths(device: str) -> tuple[Path, Path]:
+    return RESULTS / f"serve_{device}.json", RESULTS / f"serve_{device}.md"
+
+
+def merge(entry: dict[str, Any], env: dict[str, Any], device: str) -> dict[str, Any]:
+    path, _ = result_paths(device)
+    record: dict[str, Any] = {"kind": "serve_load", "device": device, "entries": {}}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            if old.get("kind") == "serve_load":
+                record = old
+        except ValueError:
+            pass
+    entry = {**entry, "environment": env}
+    record["entries"][f"{entry['n_cells']}:{entry['label']}"] = entry
+    record["entries"] = dict(sorted(record["entries"].items(),
+                                    key=lambda kv: (int(kv[0].split(":")[0]), kv[0])))
+    return record
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = [f"### HTTP search service load test ({record['device']})", "",
+             "`python -m bench.serve_load`: `scatlas serve` on loopback, driven by an async httpx "
+             "client on the same machine (client and server share the CPU); direct = "
+             "`idx.search` in process. Latencies in ms; QPS = requests (of one query each unless "
+             "stated) per second.", "",
+             "| cells | engine (nprobe) | direct 1-query p50 / p99 | direct batch q/s "
+             "| HTTP 1-query p50 / p99 | overhead p50 | load: conc. | QPS | p50 / p99 | errors "
+             "| mean batch | load 1m |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in record["entries"].values():
+        d, s, ld = e["direct"], e["http_single"], e["http_load"]
+        idx = e["index"]
+        engine = idx["engine"] + (f" ({idx['nprobe']})" if idx.get("nprobe") else "")
+        lines.append(
+            f"| {_fmt(e['n_cells'])}{'' if e['label'] == 'default' else ' ' + e['label']} "
+            f"| {engine} "
+            f"| {_fmt(d['single_latency_ms']['p50'])} / {_fmt(d['single_latency_ms']['p99'])} "
+            f"| {_fmt(d['batch_queries_per_s'])} (batch {d['batch_size']}) "
+            f"| {_fmt(s['latency_ms']['p50'])} / {_fmt(s['latency_ms']['p99'])} "
+            f"| {_fmt(e['http_overhead_p50_ms'])} "
+            f"| {ld['concurrency']} | {_fmt(ld['queries_per_s'])} "
+            f"| {_fmt(ld['latency_ms']['p50'])} / {_fmt(ld['latency_ms']['p99'])} "
+            f"| {ld['errors']} | {_fmt(e['server']['mean_queries_per_call'])} "
+            f"| {_fmt(e['load_1m']['before_load_phase'])} -> {_fmt(e['load_1m']['after'])} |")
+    lines.append("")
+    for key, e in record["entries"].items():
+        env = e["environment"]
+        st = e["settings"]
+        lines.append(
+            f"- `{key}`: {describe_hardware(env)}, {env['timestamp']}, commit "
+            f"{(env['git'].get('commit') or '?')[:10]}{' (dirty)' if env['git'].get('dirty') else ''}"
+            f"; k={st['k']}, d={st['dim']}, max_batch={st['max_batch']}, max_wait_ms="
+            f"{st['max_wait_ms']}, {st['queries_per_request']} query/request, metadata "
+            f"{'on' if st['include_metadata'] else 'off'}, {st['duration_s']} s load; index "
+            f"build {e['index'].get('build_s', 'cached')} s; shutdown exit code "
+            f"{e['shutdown']['exit_code']} in {e['shutdown']['stop_s']} s; command: "
+            f"`{e['command']}`")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-cells", default="1e5", help="indexed cells (e.g. 1e5, 1e6)")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--engine", default="auto", help="CellIndex engine (default auto)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--duration", type=float, default=20.0, help="load phase seconds")
+    p.add_argument("--single-duration", type=float, default=5.0,
+                   help="sequential single-request phase seconds")
+    p.add_argument("--direct-seconds", type=float, default=3.0,
+                   help="seconds of each direct in-process timing")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--queries-per-request", type=int, default=1)
+    p.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=True,
+                   help="ask for the hits' metadata rows (default yes)")
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--port", type=int, default=0, help="default: a free port")
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--label", default="default", help="result entry label (settings variant)")
+    p.add_argument("--no-save", action="store_true", help="print the JSON, write nothing")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = "cpu"
+    env = capture(device)
+    entry = run(args)
+    if args.no_save:
+        print(json.dumps(entry, indent=1))
+        return 0
+    record = merge(entry, env, device)
+    json_path, md_path = result_paths(device)
+    atomic_write_text(json_path, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(md_path, markdown(record))
+    log(f"wrote {json_path} and {md_path}")
+    print(markdown(record))
+    return 0 if entry["shutdown"]["exit_code"] == 0 and entry["http_load"]["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
