@@ -70,9 +70,8 @@ def quantiles_ms(latencies: list[float]) -> dict[str, float | None]:
     if not latencies:
         return {"p50": None, "p90": None, "p99": None, "mean": None, "max": None}
     a = np.asarray(latencies) * 1e3
-    return {"p50": round(float(np.quantile(a, 0.5)), 3), "p90": round(float(np.quantile(a, 0.9)), 3),
-            "p99": round(float(np.quantile(a, 0.99)), 3), "mean": round(float(a.mean()), 3),
-            "max": round(float(a.max()), 3)}
+    out = {f"p{round(q * 100)}": round(float(np.quantile(a, q)), 3) for q in (0.5, 0.9, 0.99)}
+    return {**out, "mean": round(float(a.mean()), 3), "max": round(float(a.max()), 3)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -411,9 +410,10 @@ def markdown(record: dict[str, Any]) -> str:
     for key, e in record["entries"].items():
         env = e["environment"]
         st = e["settings"]
+        commit = (env["git"].get("commit") or "?")[:10]
+        dirty = " (dirty)" if env["git"].get("dirty") else ""
         lines.append(
-            f"- `{key}`: {describe_hardware(env)}, {env['timestamp']}, commit "
-            f"{(env['git'].get('commit') or '?')[:10]}{' (dirty)' if env['git'].get('dirty') else ''}"
+            f"- `{key}`: {describe_hardware(env)}, {env['timestamp']}, commit {commit}{dirty}"
             f"; k={st['k']}, d={st['dim']}, max_batch={st['max_batch']}, max_wait_ms="
             f"{st['max_wait_ms']}, {st['queries_per_request']} query/request, metadata "
             f"{'on' if st['include_metadata'] else 'off'}, {st['duration_s']} s load; index "
