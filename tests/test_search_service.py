@@ -419,6 +419,7 @@ def _battery(dim: int):
         ("k string", json.dumps({"embeddings": ok, "k": "5"}).encode(), 400),
         ("k fractional", json.dumps({"embeddings": ok, "k": 2.5}).encode(), 400),
         ("k bool", json.dumps({"embeddings": ok, "k": True}).encode(), 400),
+        ("too many hits", json.dumps({"embeddings": ok * 60, "k": 200}).encode(), 400),
         ("nprobe negative", json.dumps({"embeddings": ok, "nprobe": -1}).encode(), 400),
         ("unknown filter column",
          json.dumps({"embeddings": ok, "filter": {"tissue": "lung"}}).encode(), 400),
@@ -440,7 +441,7 @@ def _battery(dim: int):
 
 def test_malformed_request_battery(index, model):
     app = create_app(index, model, max_queries_per_request=100, max_k=200,
-                     max_body_bytes=100_000)
+                     max_body_bytes=100_000, max_hits=10_000)
     with TestClient(app, raise_server_exceptions=False) as c:
         for name, body, status in _battery(index.dim):
             r = c.post("/search", content=body, headers={"content-type": "application/json"})

@@ -31,7 +31,8 @@ Embedding runs on a second worker thread, so it overlaps with searches.
 Validation: every bad request gets a 4xx JSON ``{"error": "..."}`` naming the problem: malformed
 JSON (NaN / Infinity literals are rejected), a body over ``max_body_bytes`` (413), a missing,
 empty, ragged, non-numeric or non-finite matrix, the wrong dimension, more than
-``max_queries_per_request`` rows, ``k`` outside ``[1, max_k]``, an unknown filter or label column.
+``max_queries_per_request`` rows, ``k`` outside ``[1, max_k]``, more than ``max_hits`` queries x
+k, an unknown filter or label column.
 Filters are ``{column: value or [values]}`` (keep) with ``{"exclude": {column: [values]}}``
 (drop); pandas query strings are not accepted over HTTP. Unexpected errors give 500 and are
 logged; the service keeps running.
@@ -101,12 +102,14 @@ class ServiceConfig:
         max_queries_per_request: int = 4096,
         max_k: int = 1000,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_hits: int = 1_000_000,
         default_k: int = 10,
         default_label_key: str | None = None,
     ) -> None:
         for name, value in (("max_batch", max_batch),
                             ("max_queries_per_request", max_queries_per_request),
                             ("max_k", max_k), ("max_body_bytes", max_body_bytes),
+                            ("max_hits", max_hits),
                             ("default_k", default_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ScatlasInputError(f"{name} must be an integer >= 1, got {value!r}")
@@ -117,6 +120,7 @@ class ServiceConfig:
         self.max_queries_per_request = max_queries_per_request
         self.max_k = max_k
         self.max_body_bytes = max_body_bytes
+        self.max_hits = max_hits
         self.default_k = min(default_k, max_k)
         self.default_label_key = default_label_key
 
@@ -634,8 +638,15 @@ class SearchService:
         return {"k": k, "nprobe": nprobe, "filter": filt, "filter_key": filter_key,
                 "include_metadata": include, "metadata_columns": columns}
 
+    def check_hits(self, m: int, k: int) -> None:
+        """Refuse answers larger than ``max_hits`` (queries x k) before any work is done."""
+        if m * k > self.config.max_hits:
+            raise _bad(f"{m} queries x k={k} = {m * k} hits exceeds the limit of "
+                       f"{self.config.max_hits} per request; send fewer queries or a smaller k")
+
     async def search(self, queries: np.ndarray, opts: dict[str, Any]) -> dict[str, Any]:
         k, nprobe, filt = opts["k"], opts["nprobe"], opts["filter"]
+        self.check_hits(queries.shape[0], k)
         distances, ids = await self.batcher.submit(
             queries, key=(k, nprobe, opts["filter_key"]), k=k, nprobe=nprobe, filter=filt)
         ids = np.asarray(ids, dtype=np.int64)
@@ -654,6 +665,7 @@ class SearchService:
         if label_key not in self.columns:
             raise _bad(f"unknown label_key {label_key!r} (metadata columns: {self.columns[:20]})")
         k = _get_int(body, "k", 50, 1, self.config.max_k)
+        self.check_hits(queries.shape[0], k)
         kwargs: dict[str, Any] = {"k": k, "label_key": label_key}
         if "weighting" in body:
             weighting = body["weighting"]
@@ -754,6 +766,7 @@ async def _search_expression(request: Request, service: SearchService) -> dict[s
     adata = parse_expression(body, max_rows=service.config.max_queries_per_request)
     opts = service.search_options(body)
     return_embeddings = _get_bool(body, "return_embeddings", False)
+    service.check_hits(adata.n_obs, opts["k"])
     queries = await service.embed(adata)
     out = await service.search(queries, opts)
     if return_embeddings:
@@ -820,6 +833,7 @@ def create_app(
     max_queries_per_request: int = 4096,
     max_k: int = 1000,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_hits: int = 1_000_000,
     default_k: int = 10,
     label_key: str | None = None,
     device: str | None = None,
@@ -831,13 +845,15 @@ def create_app(
     (``.embed(adata) -> (n, latent_dim)``, ``.genes``, ``.latent_dim``) or a model folder
     (:func:`scatlas.models.load`). ``max_batch``: queries per batched index call;
     ``max_wait_ms``: longest wait for a batch to fill (0: batch only what queued during the
-    previous call); ``max_queries_per_request``, ``max_k``, ``max_body_bytes``: request limits;
+    previous call); ``max_queries_per_request``, ``max_k``, ``max_body_bytes``, ``max_hits``
+    (queries x k per request): request limits;
     ``label_key``: default ``label_key`` of ``/annotate``. ``app.state.service`` holds the
     :class:`SearchService` (its ``metrics``, ``batcher``).
     """
     config = ServiceConfig(max_batch=max_batch, max_wait_ms=max_wait_ms,
                            max_queries_per_request=max_queries_per_request, max_k=max_k,
-                           max_body_bytes=max_body_bytes, default_k=default_k,
+                           max_body_bytes=max_body_bytes, max_hits=max_hits,
+                           default_k=default_k,
                            default_label_key=label_key)
     service = SearchService(_resolve_index(index, device), _resolve_model(model), config)
 
