@@ -372,3 +372,44 @@ def test_faiss_gpu_engine_when_available(clustered):
     assert recall(idx.search(Q, 10)[1], Ir) >= 0.95
     _, I = idx.search(Q, 10, filter=np.arange(0, 30_000, 2))
     assert ((I % 2 == 0) | (I < 0)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_exact_gpu_matches_cpu(small, metric):
+    cp = backend.gpu_module()
+    X, meta = small
+    cpu = CellIndex.build(X, meta, metric=metric, device="cpu")
+    gpu = CellIndex.build(cp.asarray(X), meta, metric=metric)
+    assert gpu.device == "gpu" and gpu.engine == "exact"
+    Q = X[::11]
+    for flt in (None, {"study": "s0"}):
+        Dc, Ic = cpu.search(Q, 10, filter=flt)
+        Dg, Ig = gpu.search(Q, 10, filter=flt)
+        np.testing.assert_array_equal(Ig, Ic)
+        np.testing.assert_allclose(Dg, Dc, atol=1e-5)
+    for (dc, ic), (dg, ig) in zip(cpu.range_search(Q, 0.2), gpu.range_search(Q, 0.2),
+                                  strict=True):
+        np.testing.assert_array_equal(ig, ic)
+        np.testing.assert_allclose(dg, dc, atol=1e-5)
+    gpu.remove(np.arange(0, 1500, 3))
+    cpu.remove(np.arange(0, 1500, 3))
+    np.testing.assert_array_equal(gpu.search(Q, 10)[1], cpu.search(Q, 10)[1])
+
+
+@pytest.mark.gpu
+def test_native_ivf_gpu_filters_add_remove(small):
+    X, meta = small
+    cpu = CellIndex.build(X[:1000], meta.iloc[:1000], engine="native-ivf", nlist=16,
+                          device="cpu")
+    gpu = CellIndex.build(X[:1000], meta.iloc[:1000], engine="native-ivf", nlist=16,
+                          device="gpu")
+    for idx in (cpu, gpu):
+        idx.add(X[1000:], meta.iloc[1000:])
+        idx.remove(np.arange(0, 1500, 5))
+    Q = X[::13]
+    alive = ~np.isin(np.arange(1500), np.arange(0, 1500, 5))
+    for flt, allowed in ((None, alive), ({"study": "s1"}, alive & meta.study.eq("s1").values)):
+        _, Ig = gpu.search(Q, 10, nprobe=16, filter=flt)
+        _, Ir = brute(Q, X, 10, "cosine", allowed=allowed)
+        np.testing.assert_array_equal(Ig, Ir)

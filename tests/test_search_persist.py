@@ -166,3 +166,21 @@ def test_crash_between_renames_recovers_backup(tmp_path, data, monkeypatch):
     # had the process died between the renames, load falls back to the backup folder
     os.replace(path, tmp_path / ".ix.old-abc")
     assert CellIndex.load(path).ntotal == 600
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["exact", "native-ivf"])
+def test_round_trip_onto_gpu(tmp_path, data, engine):
+    import cupy as cp
+
+    X, meta = data
+    idx = _build(X, meta, engine)
+    path = idx.save(tmp_path / "ix")
+    back = CellIndex.load(path, device="gpu")
+    assert back.device == "gpu"
+    arr = back._engine.X if engine == "exact" else back._engine.vectors
+    assert isinstance(arr, cp.ndarray)
+    np.testing.assert_array_equal(back.search(X[::37], 10, nprobe=12)[1],
+                                  idx.search(X[::37], 10, nprobe=12)[1])
+    again = back.save(tmp_path / "ix2")
+    assert CellIndex.load(again, device="cpu").ntotal == idx.ntotal

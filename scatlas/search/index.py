@@ -210,7 +210,8 @@ class CellIndex:
         self._add_source(src, progress, desc=f"build {name}")
         if hasattr(eng, "finish"):
             eng.finish()
-        ood_rows = sample[np.random.default_rng(seed).permutation(sample.shape[0])[:_OOD_SAMPLE]]
+        pick = np.random.default_rng(seed).permutation(sample.shape[0])[:_OOD_SAMPLE]
+        ood_rows = sample[backend.array_module(sample).asarray(pick)]
         self._update_ood_stats(ood_rows)
         return self
 

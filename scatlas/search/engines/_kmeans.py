@@ -56,7 +56,7 @@ def kmeans(X: Any, k: int, *, kind: str = "l2", niter: int = 10, seed: int = 0,
     cols = xp.arange(n)
     for _ in range(niter):
         labels, _ = assign(X, C, kind)
-        onehot = spm.csr_matrix((ones, (labels, cols)), shape=(k, n))
+        onehot = spm.coo_matrix((ones, (labels, cols)), shape=(k, n)).tocsr()
         sums = xp.asarray(onehot @ X)
         counts = backend.to_host(xp.bincount(labels, minlength=k)).astype(np.int64)
         nz = xp.asarray(counts > 0)

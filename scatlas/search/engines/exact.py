@@ -14,6 +14,8 @@ Vectors live in one (n, d) float32 array (NumPy or CuPy); :meth:`ExactEngine.rem
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,28 @@ SLACK = 8
 _BLOCK_SCORES = 32 * 2**20  # scores per block in range search on the CPU
 _REF_ROWS = 8192  # reference rows per block (x8 on the GPU)
 _QUERY_ROWS = 1024
+
+
+_FEW_QUERIES = 32  # up to this many query rows the CPU GEMM runs on one BLAS thread
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return None
+    return ThreadpoolController()
+
+
+def _one_blas_thread(Q: Any):
+    """Single-threaded BLAS for a few query rows on the CPU: a matrix-vector product is
+    memory-bound and waking BLAS threads costs more than it saves (milliseconds when the cores
+    are busy)."""
+    ctl = _blas_controller()
+    if ctl is None or backend.is_gpu_array(Q) or Q.shape[0] > _FEW_QUERIES:
+        return contextlib.nullcontext()
+    return ctl.limit(limits=1, user_api="blas")
 
 
 def _xp_device(device: str):
@@ -167,8 +191,9 @@ class ExactEngine:
         return xp.asarray(allowed)[self.ids]
 
     def search(self, Q: Any, k: int, nprobe: int | None = None, allowed: Any = None):
-        return blocked_topk(Q, self.X, k, self.kind, ids=self.ids,
-                            allowed_rows=self._allowed_rows(allowed), sqnorms=self.sqnorms)
+        with _one_blas_thread(Q):
+            return blocked_topk(Q, self.X, k, self.kind, ids=self.ids,
+                                allowed_rows=self._allowed_rows(allowed), sqnorms=self.sqnorms)
 
     def range_search(self, Q: Any, max_key: float, nprobe: int | None = None,
                      allowed: Any = None) -> list[tuple[Any, Any]]:

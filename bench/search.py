@@ -1,0 +1,435 @@
+"""Benchmark ``search``: the cell index (``scatlas.search.CellIndex``) vs raw faiss, exact search
+and hnswlib at SCimilarity's settings, side by side in one run.
+
+    OMP_NUM_THREADS=2 python -m bench.search --sizes 1e6 [--sizes 1e6,1e7] [--hnsw-size 1e5]
+
+Self-contained (the ``bench`` harness times whole calls; this needs per-query latency
+percentiles): writes ``bench/results/search_<device>.json`` (merged by size) and ``.md``.
+
+Workload: :func:`scatlas.search.synthetic.iter_clustered` (300 anisotropic Gaussian clusters,
+128-d, L2-normalised, float32), ``N + n_queries`` rows written chunk by chunk to a ``.npy``
+memmap under ``bench/.cache/`` (1e7 x 128 = 5.1 GB, never two copies in memory); the last
+``n_queries`` rows are held-out queries from the same distribution. Metric: cosine.
+
+Per size, measured (the 1-minute load average is recorded beside each timing; the machine is
+shared):
+
+- ``exact``: ground truth top-10 of the recall queries, blockwise over the memmap with
+  :func:`scatlas.search.engines.exact.blocked_topk` (cached); its wall time gives exact search's
+  batch QPS; a few single queries give its latency.
+- ``scatlas.CellIndex`` (``engine="auto"``: faiss-ivf on the CPU; default nlist / nprobe):
+  build time (train + add from the memmap, chunked), RSS growth and index bytes, recall@10 vs
+  exact, single-query p50 / p99 latency of ``idx.search(q[None], 10)`` (Python overhead
+  included), batch QPS of ``idx.search(Q, 10)``; plus a recall / latency sweep over nprobe.
+- ``faiss.IndexIVFFlat`` raw (same nlist, training-sample size and nprobe), to show our overhead:
+  built separately up to ``--raw-build-max`` cells, else its search is timed on our own faiss
+  index object (build not re-measured).
+- ``scatlas native-ivf`` (the NumPy twin of the CuPy engine) up to ``--native-max`` cells.
+- ``hnswlib`` with SCimilarity's settings (cosine, M=80, ef_construction=1000, ef=100, k=50,
+  recall@10 from the first 10 of the 50), in a peer venv ``bench/.peers/hnswlib``
+  (``python -m bench.search --install-hnswlib``). Its build at M=80/efC=1000 takes about an
+  hour per million cells on 2 cores, so it is measured on the first ``--hnsw-size`` cells only
+  (recall against exact search on that same subset); the table names that size. No figure at
+  larger sizes is extrapolated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scatlas.search import CellIndex, default_nlist, default_nprobe, default_train_size
+from scatlas.search.engines.exact import blocked_topk
+from scatlas.search.synthetic import iter_clustered
+
+from .environment import REPO_ROOT
+from .io import atomic_write_text
+from .runner import log
+
+CACHE = REPO_ROOT / "bench" / ".cache"
+RESULTS = REPO_ROOT / "bench" / "results"
+HNSW_VENV = REPO_ROOT / "bench" / ".peers" / "hnswlib"
+D = 128
+K = 10
+SEED = 0
+N_CLUSTERS = 300
+
+
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+def dataset(n: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """(memmap (n, 128) base, (n_queries, 128) queries); generated once into the cache."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"search_clustered_n{n}_q{n_queries}_d{D}_c{N_CLUSTERS}_s{SEED}.npy"
+    if not path.exists():
+        log(f"generating {n + n_queries:,} x {D} embeddings -> {path}")
+        tmp = path.with_suffix(".tmp.npy")
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n + n_queries, D))
+        pos = 0
+        for chunk in iter_clustered(n + n_queries, D, n_clusters=N_CLUSTERS, seed=SEED,
+                                    chunk_size=200_000):
+            mm[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+        mm.flush()
+        del mm
+        os.replace(tmp, path)
+    mm = np.load(path, mmap_mode="r")
+    return mm[:n], np.ascontiguousarray(mm[n:])
+
+
+def ground_truth(X: np.ndarray, Q: np.ndarray, tag: str) -> tuple[np.ndarray, float]:
+    """Exact top-K ids of Q in X (cached) and the seconds it took when computed now."""
+    path = CACHE / f"search_gt_{tag}_k{K}.npy"
+    if path.exists():
+        return np.load(path), float("nan")
+    t0 = time.perf_counter()
+    _, ids = blocked_topk(Q, X, K, "ip")
+    el = time.perf_counter() - t0
+    np.save(path, ids)
+    return ids, el
+
+
+def recall_at(I: np.ndarray, gt: np.ndarray, k: int = K) -> float:
+    hits = [len(set(a[:k]) & set(b[:k])) for a, b in zip(I, gt, strict=True)]
+    return float(np.sum(hits) / (k * len(gt)))
+
+
+def latency(fn, Q: np.ndarray, n: int) -> dict[str, float]:
+    """p50 / p99 / mean single-query latency in ms over n queries (after 5 warm-up calls)."""
+    for i in range(min(5, len(Q))):
+        fn(Q[i : i + 1])
+    times = []
+    for i in range(n):
+        q = Q[i % len(Q) : i % len(Q) + 1]
+        t0 = time.perf_counter()
+        fn(q)
+        times.append(time.perf_counter() - t0)
+    t = np.array(times) * 1e3
+    return {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+            "mean_ms": float(t.mean()), "n_single": n, "load_1m": load1()}
+
+
+def batch_qps(fn, Q: np.ndarray) -> dict[str, float]:
+    t0 = time.perf_counter()
+    out = fn(Q)
+    el = time.perf_counter() - t0
+    return {"batch_s": el, "qps": len(Q) / el, "batch_queries": len(Q), "load_1m": load1()}, out
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------------------------
+# methods
+# ----------------------------------------------------------------------------------------------
+def run_ours(X, Q, gt, args, engine="auto", label="scatlas.CellIndex") -> dict[str, Any]:
+    gc.collect()
+    r0 = rss_mb()
+    t0 = time.perf_counter()
+    idx = CellIndex.build(X, engine=engine, chunk_size=200_000)
+    build = time.perf_counter() - t0
+    res: dict[str, Any] = {"method": label, "engine": idx.engine, "nlist": idx.nlist,
+                           "nprobe": idx.nprobe, "build_s": build, "build_load_1m": load1(),
+                           "rss_growth_mb": rss_mb() - r0}
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        t0 = time.perf_counter()
+        idx.save(Path(tmp) / "ix")
+        res["save_s"] = time.perf_counter() - t0
+        res["index_bytes"] = dir_bytes(Path(tmp) / "ix")
+    bq, (Dq, I) = batch_qps(lambda q: idx.search(q, K), Q)
+    res.update(bq)
+    res["recall@10"] = recall_at(I, gt)
+    n_single = args.single if engine != "native-ivf" else min(args.single, 50)
+    res.update(latency(lambda q: idx.search(q, K), Q, n_single))
+    if idx.nlist and engine != "native-ivf":
+        sweep = []
+        for npb in args.sweep:
+            if npb > idx.nlist:
+                continue
+            t0 = time.perf_counter()
+            _, Ii = idx.search(Q, K, nprobe=npb)
+            el = time.perf_counter() - t0
+            lat = latency(lambda q, npb=npb: idx.search(q, K, nprobe=npb), Q, 100)
+            sweep.append({"nprobe": npb, "recall@10": recall_at(Ii, gt), "qps": len(Q) / el,
+                          "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"]})
+        res["nprobe_sweep"] = sweep
+    return res, idx
+
+
+def run_raw_faiss(X, Q, gt, ours_idx, args) -> dict[str, Any]:
+    import faiss
+
+    n = X.shape[0]
+    nlist = default_nlist(n)
+    nprobe = default_nprobe(nlist)
+    res: dict[str, Any] = {"method": "faiss.IndexIVFFlat (raw)", "nlist": nlist, "nprobe": nprobe}
+    if n <= args.raw_build_max:
+        gc.collect()
+        r0 = rss_mb()
+        t0 = time.perf_counter()
+        quant = faiss.IndexFlatIP(D)
+        index = faiss.IndexIVFFlat(quant, D, nlist, faiss.METRIC_INNER_PRODUCT)
+        ts = default_train_size(n, nlist)
+        rows = np.sort(np.random.default_rng(SEED).choice(n, ts, replace=False))
+        index.train(np.ascontiguousarray(X[rows]))
+        for s in range(0, n, 200_000):
+            index.add(np.ascontiguousarray(X[s : s + 200_000]))
+        res["build_s"] = time.perf_counter() - t0
+        res["build_load_1m"] = load1()
+        res["rss_growth_mb"] = rss_mb() - r0
+    else:
+        index = ours_idx._engine.index  # the same faiss object our index wraps
+        res["note"] = "search timed on the faiss index built by CellIndex (build not re-measured)"
+    index.nprobe = nprobe
+    bq, (_, I) = batch_qps(lambda q: index.search(q, K), Q)
+    res.update(bq)
+    res["recall@10"] = recall_at(I, gt)
+    res.update(latency(lambda q: index.search(q, K), Q, args.single))
+    return res
+
+
+def run_exact(X, Q, gt_seconds, args) -> dict[str, Any]:
+    res: dict[str, Any] = {"method": "exact (blocked GEMM)", "recall@10": 1.0}
+    if np.isfinite(gt_seconds):
+        res.update({"batch_s": gt_seconds, "qps": len(Q) / gt_seconds,
+                    "batch_queries": len(Q), "load_1m": load1()})
+    n_single = args.exact_single
+    from scatlas.search.engines.exact import _one_blas_thread
+
+    def one(q):
+        with _one_blas_thread(q):
+            return blocked_topk(q, X, K, "ip")
+
+    res.update(latency(one, Q, n_single))
+    return res
+
+
+HNSW_SCRIPT = r"""
+import json, sys, time, numpy as np, hnswlib
+path, n, nq, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+mm = np.load(path, mmap_mode="r")
+X = np.ascontiguousarray(mm[:n]); Q = np.ascontiguousarray(mm[-nq:])
+idx = hnswlib.Index(space="cosine", dim=X.shape[1])
+t0 = time.perf_counter()
+idx.init_index(max_elements=n, ef_construction=1000, M=80)
+idx.set_ef(1000)
+idx.add_items(X, np.arange(n))
+build = time.perf_counter() - t0
+idx.set_ef(100)
+t0 = time.perf_counter(); I, _ = idx.knn_query(Q, k=50); batch = time.perf_counter() - t0
+for i in range(5): idx.knn_query(Q[i:i+1], k=50)
+lat = []
+for i in range(min(nq, 500)):
+    t0 = time.perf_counter(); idx.knn_query(Q[i:i+1], k=50); lat.append(time.perf_counter() - t0)
+np.save(out + ".ids.npy", I[:, :10].astype(np.int64))
+json.dump({"build_s": build, "batch_s": batch, "lat_ms": [x * 1e3 for x in lat],
+           "threads": idx.num_threads}, open(out, "w"))
+"""
+
+
+def run_hnswlib(n_total: int, path: Path, n_queries: int, Q, X, args) -> dict[str, Any]:
+    py = HNSW_VENV / "bin" / "python"
+    n = min(args.hnsw_size, n_total)
+    res: dict[str, Any] = {"method": "hnswlib (SCimilarity: M=80, efC=1000, ef=100, k=50)",
+                           "measured_at_cells": n}
+    if not py.exists():
+        res["skipped"] = (f"peer venv missing ({HNSW_VENV}); "
+                          "python -m bench.search --install-hnswlib")
+        return res
+    sub = X[:n]
+    gt, _ = ground_truth(sub, Q, f"n{n}_of{n_total}_q{len(Q)}")
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        out = Path(tmp) / "hnsw.json"
+        log(f"hnswlib build on {n:,} cells (M=80, efC=1000) ...")
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([str(py), "-c", HNSW_SCRIPT, str(path), str(n),
+                                   str(n_queries), str(out)], capture_output=True, text=True,
+                                  timeout=args.hnsw_timeout)
+        except subprocess.TimeoutExpired:
+            res["skipped"] = f"build did not finish within {args.hnsw_timeout:.0f} s"
+            return res
+        res["wall_s"] = time.perf_counter() - t0
+        if proc.returncode != 0:
+            res["skipped"] = f"hnswlib failed: {proc.stderr[-500:]}"
+            return res
+        r = json.loads(out.read_text())
+        I = np.load(str(out) + ".ids.npy")
+    lat = np.array(r["lat_ms"])
+    res.update({"build_s": r["build_s"], "build_load_1m": load1(), "batch_s": r["batch_s"],
+                "qps": n_queries / r["batch_s"], "batch_queries": n_queries,
+                "recall@10": recall_at(I, gt), "p50_ms": float(np.percentile(lat, 50)),
+                "p99_ms": float(np.percentile(lat, 99)), "n_single": int(lat.size),
+                "threads": r["threads"], "load_1m": load1()})
+    # ours at the same subset size, for a like-for-like row
+    ours, _ = run_ours(sub, Q, gt, argparse.Namespace(**{**vars(args), "sweep": []}),
+                       label=f"scatlas.CellIndex @ {n:,}")
+    res["ours_same_size"] = ours
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+def bench_size(n: int, args) -> dict[str, Any]:
+    X, Q = dataset(n, args.queries)
+    path = CACHE / f"search_clustered_n{n}_q{args.queries}_d{D}_c{N_CLUSTERS}_s{SEED}.npy"
+    log(f"== N = {n:,}: exact ground truth for {len(Q)} queries")
+    gt, gt_s = ground_truth(X, Q, f"n{n}_q{args.queries}")
+    out: dict[str, Any] = {"n": n, "d": D, "queries": len(Q), "k": K, "methods": []}
+    log("exact")
+    out["methods"].append(run_exact(X, Q, gt_s, args))
+    log("scatlas.CellIndex (auto)")
+    ours, idx = run_ours(X, Q, gt, args)
+    out["methods"].append(ours)
+    log("raw faiss")
+    out["methods"].append(run_raw_faiss(X, Q, gt, idx, args))
+    del idx
+    gc.collect()
+    if n <= args.native_max:
+        log("native-ivf (NumPy twin)")
+        nat, nidx = run_ours(X, Q, gt, args, engine="native-ivf",
+                             label="scatlas.CellIndex native-ivf (NumPy)")
+        out["methods"].append(nat)
+        del nidx
+        gc.collect()
+    if args.hnsw_size > 0:
+        out["methods"].append(run_hnswlib(n, path, args.queries, Q, X, args))
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import platform
+
+    import faiss
+
+    return {"python": platform.python_version(), "numpy": np.__version__,
+            "faiss": faiss.__version__, "omp_threads": faiss.omp_get_max_threads(),
+            "cpus": os.cpu_count(), "machine": platform.machine(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def fmt(v: Any, spec: str = ".3g") -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    return format(v, spec) if isinstance(v, int | float) else str(v)
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    lines = ["# search (CPU)", "",
+             "Cell index vs raw faiss, exact search and hnswlib (SCimilarity's settings). "
+             "128-d clustered unit embeddings, cosine, k=10, "
+             f"`{results['command']}`. Environment: {json.dumps(results['environment'])}.", "",
+             "Targets: 1e6 recall@10 >= 0.95, p50 <= 0.5 ms, build < 1 min; 1e7 recall@10 >= "
+             "0.95, p50 < 5 ms, build < 10 min. Latency = one `search(q[None], 10)` call "
+             "(our Python overhead included); load = 1-minute load average (2 shared cores).",
+             ""]
+    for key in sorted(results["sizes"], key=int):
+        r = results["sizes"][key]
+        lines += [f"## N = {int(key):,}", "",
+                  "| method | cells | build s | RSS growth MB | index MB | recall@10 | p50 ms | "
+                  "p99 ms | batch QPS | nlist | nprobe | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = []
+        for m in r["methods"]:
+            rows.append(m)
+            if "ours_same_size" in m:
+                rows.append(m["ours_same_size"])
+        for m in rows:
+            if m.get("skipped"):
+                lines.append(f"| {m['method']} | skipped: {m['skipped']} |||||||||||")
+                continue
+            cells = m.get("measured_at_cells", int(key))
+            if "@" in m["method"]:
+                cells = int(m["method"].split("@")[1].replace(",", ""))
+            idxb = m.get("index_bytes")
+            lines.append(
+                f"| {m['method']} | {cells:,} | {fmt(m.get('build_s'))} | "
+                f"{fmt(m.get('rss_growth_mb'), '.0f')} | "
+                f"{fmt(idxb / 2**20 if idxb else None, '.0f')} | {fmt(m.get('recall@10'), '.4f')}"
+                f" | {fmt(m.get('p50_ms'))} | {fmt(m.get('p99_ms'))} | {fmt(m.get('qps'), '.0f')}"
+                f" | {fmt(m.get('nlist'))} | {fmt(m.get('nprobe'))} | "
+                f"{fmt(m.get('load_1m'))} |")
+        for m in r["methods"]:
+            if m.get("note"):
+                lines.append(f"\n{m['method']}: {m['note']}.")
+            if m.get("nprobe_sweep"):
+                lines += ["", f"nprobe sweep ({m['method']}, nlist {m['nlist']}):", "",
+                          "| nprobe | recall@10 | batch QPS | p50 ms | p99 ms |",
+                          "|---|---|---|---|---|"]
+                lines += [f"| {s['nprobe']} | {s['recall@10']:.4f} | {s['qps']:.0f} | "
+                          f"{s['p50_ms']:.3g} | {s['p99_ms']:.3g} |" for s in m["nprobe_sweep"]]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def install_hnswlib() -> int:
+    subprocess.run([sys.executable, "-m", "venv", str(HNSW_VENV)], check=True)
+    py = str(HNSW_VENV / "bin" / "python")
+    subprocess.run([py, "-m", "pip", "install", "-q", "numpy", "hnswlib==0.8.0"], check=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="1e6")
+    p.add_argument("--queries", type=int, default=1000, help="recall / batch queries")
+    p.add_argument("--single", type=int, default=1000, help="single-query latency samples")
+    p.add_argument("--exact-single", type=int, default=5)
+    p.add_argument("--sweep", default="8,16,32,64,128")
+    p.add_argument("--raw-build-max", type=float, default=1e6)
+    p.add_argument("--native-max", type=float, default=1e6)
+    p.add_argument("--hnsw-size", type=float, default=1e5, help="0 skips hnswlib")
+    p.add_argument("--hnsw-timeout", type=float, default=3600)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--install-hnswlib", action="store_true")
+    args = p.parse_args(argv)
+    if args.install_hnswlib:
+        return install_hnswlib()
+    args.sweep = [int(s) for s in args.sweep.split(",") if s]
+    args.hnsw_size = int(args.hnsw_size)
+    sizes = sorted({int(float(s)) for s in args.sizes.split(",")})
+    out = Path(args.out)
+    path = out / "search_cpu.json"
+    results = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
+    results["environment"] = environment()
+    results["command"] = "OMP_NUM_THREADS=" + str(os.environ.get("OMP_NUM_THREADS")) + \
+        " python -m bench.search " + " ".join(argv if argv is not None else sys.argv[1:])
+    for n in sizes:
+        r = bench_size(n, args)
+        r["environment"] = results["environment"]
+        r["command"] = results["command"]
+        results["sizes"][str(n)] = r
+        atomic_write_text(path, json.dumps(results, indent=2))
+        atomic_write_text(out / "search_cpu.md", to_markdown(results))
+        log(to_markdown({**results, "sizes": {str(n): r}}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
