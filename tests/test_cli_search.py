@@ -224,3 +224,30 @@ def test_annotate_cli_with_model_dir(tmp_path, atlas, monkeypatch):
     hits = pd.read_csv(tmp_path / "hits.csv")
     _, I = idx.search(model.embed(query), 2)
     np.testing.assert_array_equal(hits["id"].to_numpy().reshape(-1, 2), I)
+
+
+@pytest.mark.slow
+def test_annotate_cli_with_a_trained_metric_encoder(tmp_path, atlas):
+    """End to end with the real model stack: train a tiny metric encoder, save it, build the
+    reference index with ``scatlas embed``-style embeddings, then ``scatlas annotate --model``
+    on raw counts equals annotating the model's own embedding; labels mostly right."""
+    from scatlas import models, tl
+
+    reference_cells, query = atlas
+    model = tl.train_metric(reference_cells, "cell_type", max_steps=60, batch_size=128,
+                            validation_fraction=0.0, progress=False)
+    model.save(tmp_path / "model")
+    loaded = models.load(tmp_path / "model")
+    idx = CellIndex.build(loaded.embed(reference_cells), reference_cells.obs, engine="exact")
+    idx.save(tmp_path / "idx")
+    query.write_h5ad(tmp_path / "raw.h5ad")
+    out = tmp_path / "out.h5ad"
+    assert main(["annotate", "--index", str(tmp_path / "idx"), "--model", str(tmp_path / "model"),
+                 str(tmp_path / "raw.h5ad"), "--label-key", "cell_type", "--k", "15", "--out",
+                 str(out)]) == 0
+    got = ad.read_h5ad(out)
+    expected = annotate(idx, loaded.embed(query), k=15, label_key="cell_type")
+    assert list(got.obs["scatlas_label"].astype(str)) == list(expected["label"].astype(str))
+    np.testing.assert_allclose(got.obsm["X_scatlas"], loaded.embed(query), atol=1e-5)
+    accuracy = np.mean(got.obs["scatlas_label"].astype(str) == query.obs["cell_type"])
+    assert accuracy > 0.8, accuracy
