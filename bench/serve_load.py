@@ -281,6 +281,14 @@ def stop_server(proc: subprocess.Popen, timeout: float = 60.0) -> dict[str, Any]
 # ------------------------------------------------------------------------------------------------
 
 
+def stack_versions() -> dict[str, Any]:
+    """Versions of the HTTP stack (uvicorn uses httptools / uvloop when they are installed)."""
+    from .environment import package_version
+
+    return {name: package_version(name) for name in
+            ("starlette", "uvicorn", "httpx", "httptools", "uvloop", "faiss-cpu")}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
@@ -335,6 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "include_metadata": args.metadata, "max_batch": args.max_batch,
                      "max_wait_ms": args.max_wait_ms},
         "index": index_info,
+        "stack": stack_versions(),
         "direct": direct,
         "server_startup_s": round(startup_s, 2),
         "http_single": single,
@@ -381,6 +390,15 @@ def _fmt(v: Any) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def _stack(stack: dict[str, Any]) -> str:
+    if not stack:
+        return "HTTP stack not recorded"
+    http = "httptools" if stack.get("httptools") else "h11"
+    loop = "uvloop" if stack.get("uvloop") else "asyncio"
+    return (f"uvicorn {stack.get('uvicorn')} ({http}, {loop}), starlette {stack.get('starlette')}, "
+            f"httpx {stack.get('httpx')} client")
+
+
 def markdown(record: dict[str, Any]) -> str:
     lines = [f"### HTTP search service load test ({record['device']})", "",
              "`python -m bench.serve_load`: `scatlas serve` on loopback, driven by an async httpx "
@@ -417,7 +435,8 @@ def markdown(record: dict[str, Any]) -> str:
             f"; k={st['k']}, d={st['dim']}, max_batch={st['max_batch']}, max_wait_ms="
             f"{st['max_wait_ms']}, {st['queries_per_request']} query/request, metadata "
             f"{'on' if st['include_metadata'] else 'off'}, {st['duration_s']} s load; index "
-            f"build {e['index'].get('build_s', 'cached')} s; shutdown exit code "
+            f"build {e['index'].get('build_s', 'cached')} s; {_stack(e.get('stack', {}))}; "
+            f"shutdown exit code "
             f"{e['shutdown']['exit_code']} in {e['shutdown']['stop_s']} s; command: "
             f"`{e['command']}`")
     return "\n".join(lines) + "\n"
