@@ -179,6 +179,11 @@ def device_mesh(data_parallel: bool = True) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
+def _global_norm(tree: Any) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
 def _device_batch(batch: Batch, sharding: NamedSharding) -> Batch:
     out = {}
     for key, value in batch.items():
@@ -238,7 +243,7 @@ class Trainer:
         )
         updates, opt_state = self.tx.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, **metrics, "grad_norm": _global_norm(grads)}
         new_ts = ts.replace(
             step=ts.step + 1, params=params, state=new_state, opt_state=opt_state, rng=rng
         )

@@ -1,0 +1,134 @@
+"""Metric losses and on-device mining against plain numpy references (SCimilarity's rules)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scatlas.models import metric_losses as ml
+from scatlas.models.metric import related_labels
+
+
+def _embeddings(rng, B=40, d=8):
+    z = rng.normal(size=(B, d)).astype(np.float32)
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def ref_mine(sq, labels, studies, related, u, margin, strategy, across):
+    """SCimilarity's TripletSelector rules, looped in Python (the uniform pick uses ``u``)."""
+    B = len(labels)
+    margin32 = np.float32(margin)
+    picks = {}
+    for a in range(B):
+        if labels[a] < 0:
+            continue
+        same = [p for p in range(B) if p != a and labels[p] == labels[a]]
+        has_cross = any(studies[p] != studies[a] for p in same)
+        negs = [n for n in range(B) if labels[n] >= 0 and not related[labels[a], labels[n]]]
+        negs = sorted(negs, key=lambda n: (sq[a, n], n))
+        for p in range(a + 1, B):
+            if labels[p] != labels[a]:
+                continue
+            if across and has_cross and studies[p] == studies[a]:
+                continue
+            hi = np.float32(sq[a, p]) + margin32  # loss > 0  <=>  d_an < d_ap + margin
+            if strategy == "semihard":
+                cand = [n for n in negs if sq[a, p] < sq[a, n] < hi]
+            else:
+                cand = [n for n in negs if sq[a, n] < hi]
+            if not cand:
+                continue
+            if strategy == "hardest":
+                picks[(a, p)] = cand[0]
+            else:
+                picks[(a, p)] = cand[min(int(math.floor(u[a, p] * len(cand))), len(cand) - 1)]
+    return picks
+
+
+@pytest.mark.parametrize("strategy", ["semihard", "hardest", "random"])
+@pytest.mark.parametrize("across", [True, False])
+def test_mining_equals_reference(strategy, across):
+    rng = np.random.default_rng(3)
+    B = 48
+    z = _embeddings(rng, B)
+    labels = rng.integers(0, 5, B).astype(np.int32)
+    labels[:3] = -1  # unlabelled cells are neither anchors nor negatives
+    studies = rng.integers(0, 3, B).astype(np.int32)
+    studies[labels == 4] = 0  # label 4 lives in one study: same-study positives allowed
+    related = related_labels(["a", "b", "c", "d", "e"], {"b": "a"})  # a and b are related
+    sq = np.asarray(ml.squared_distances(jnp.asarray(z)))
+    u = rng.random((B, B)).astype(np.float32)
+    margin = 0.3  # wide enough that every strategy has work to do on random embeddings
+    neg, mask = ml.mine(
+        jnp.asarray(sq), ml.candidate_pairs(jnp.asarray(labels), jnp.asarray(studies), across),
+        ml.candidate_negatives(jnp.asarray(labels), jnp.asarray(related)), jnp.asarray(u),
+        margin=margin, strategy=strategy,
+    )
+    neg, mask = np.asarray(neg), np.asarray(mask)
+    ours = {(a, p): int(neg[a, p]) for a, p in zip(*np.nonzero(mask), strict=True)}
+    ref = ref_mine(sq, labels, studies, related, u, margin, strategy, across)
+    assert len(ref) > 20
+    assert ours == ref
+
+
+def test_related_labels_follow_the_hierarchy():
+    names = ["T cell", "CD4 T cell", "naive CD4 T cell", "B cell", "lymphocyte"]
+    parents = {"CD4 T cell": "T cell", "naive CD4 T cell": ["CD4 T cell"], "T cell": "lymphocyte",
+               "B cell": "lymphocyte"}
+    rel = related_labels(names, parents)
+    assert rel[2, 0] and rel[0, 2] and rel[2, 4]  # grandparent and great-grandparent
+    assert not rel[3, 0] and not rel[3, 2]  # siblings under lymphocyte are not related
+    assert rel[3, 4] and np.array_equal(rel, rel.T)
+
+
+def test_triplet_loss_equals_numpy():
+    rng = np.random.default_rng(0)
+    z = _embeddings(rng, 12, 6)
+    neg = rng.integers(0, 12, (12, 12)).astype(np.int32)
+    mask = (rng.random((12, 12)) < 0.3) & ~np.eye(12, dtype=bool)  # pairs never have a == p
+    loss, count, hard = ml.triplet_loss(jnp.asarray(z), jnp.asarray(neg), jnp.asarray(mask), 0.5)
+    per = [max(np.linalg.norm(z[a] - z[p]) - np.linalg.norm(z[a] - z[neg[a, p]]) + 0.5, 0.0)
+           for a, p in zip(*np.nonzero(mask), strict=True)]
+    np.testing.assert_allclose(float(loss), np.mean(per), rtol=1e-4)  # float32 Gram route
+    assert int(count) == mask.sum() and int(hard) == sum(v > 0 for v in per)
+
+
+def test_supcon_equals_numpy():
+    rng = np.random.default_rng(1)
+    z = _embeddings(rng, 16, 5)
+    labels = rng.integers(0, 4, 16).astype(np.int32)
+    labels[0] = 3
+    labels[5] = -1
+    related = related_labels(list("abcd"), {"b": "a"})
+    tau = 0.2
+    got = float(ml.supcon_loss(jnp.asarray(z), jnp.asarray(labels), jnp.asarray(related), tau))
+    per = []
+    for i in range(16):
+        if labels[i] < 0:
+            continue
+        pos = [j for j in range(16) if j != i and labels[j] == labels[i]]
+        allowed = [j for j in range(16) if j != i and labels[j] >= 0
+                   and (labels[j] == labels[i] or not related[labels[i], labels[j]])]
+        if not pos:
+            continue
+        s = {j: z[i] @ z[j] / tau for j in allowed}
+        lse = np.log(np.sum([np.exp(v) for v in s.values()]))
+        per.append(-np.mean([s[p] - lse for p in pos]))
+    np.testing.assert_allclose(got, np.mean(per), rtol=1e-5)
+
+
+def test_mined_loss_is_zero_without_triplets_and_grads_flow():
+    rng = np.random.default_rng(2)
+    z = jnp.asarray(_embeddings(rng, 10, 4))
+    one_label = jnp.zeros(10, jnp.int32)
+    loss, m = ml.mined_triplet_loss(z, one_label, one_label, jnp.eye(1, dtype=bool),
+                                    jax.random.PRNGKey(0))
+    assert float(loss) == 0.0 and float(m["n_triplets"]) == 0
+    labels = jnp.asarray(rng.integers(0, 3, 10), jnp.int32)
+    g = jax.grad(lambda z: ml.mined_triplet_loss(
+        z, labels, labels * 0, jnp.eye(3, dtype=bool), jax.random.PRNGKey(0), margin=1.0)[0])(z)
+    assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0

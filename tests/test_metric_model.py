@@ -1,0 +1,112 @@
+"""MetricEncoder end to end: CellBench held-out batch, save/load, gene alignment, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.neighbors import KNeighborsClassifier
+
+import scatlas
+from scatlas import datasets
+from scatlas._validate import ScatlasInputError
+from scatlas.models import load
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    a = datasets.synthetic(400, 60, n_batches=2, n_cell_types=3, seed=0)
+    model = scatlas.tl.train_metric(a, "cell_type", "batch", max_steps=30, batch_size=100,
+                                    hidden=(32,), latent_dim=8, progress=False)
+    return a, model
+
+
+def _top_genes(adata, n):
+    X = adata.X
+    mean = np.asarray(X.mean(0)).ravel()
+    sq = np.asarray(X.multiply(X).mean(0)).ravel() if sp.issparse(X) else (X**2).mean(0)
+    return np.argsort(-(sq - mean**2))[:n]
+
+
+def test_cellbench_held_out_batch(cellbench):
+    """Train on four CellBench batches, embed the fifth: cell lines separate (kNN accuracy)."""
+    a = cellbench
+    held = "sc_celseq2"
+    train, test = a[a.obs["batch"] != held].copy(), a[a.obs["batch"] == held].copy()
+    genes = _top_genes(train, 2000)  # chosen on the training batches only
+    train = train[:, genes].copy()
+    model = scatlas.tl.train_metric(train, "cell_line", "batch", seed=0, batch_size=256,
+                                    max_steps=250, hidden=(256, 256), latent_dim=32,
+                                    progress=False)
+    Z_train = model.embed(train)
+    Z_test = model.embed(test)  # the full gene set: aligned to the model's 2000 by name
+    knn = KNeighborsClassifier(15).fit(Z_train, train.obs["cell_line"])
+    acc = float(np.mean(knn.predict(Z_test) == test.obs["cell_line"].to_numpy()))
+    print(f"CellBench held-out batch {held}: kNN(15) accuracy {acc:.3f}")
+    assert acc >= 0.85
+    assert np.allclose(np.linalg.norm(Z_test, axis=1), 1, atol=1e-5)
+
+
+def test_save_load_round_trip(tiny_model, tmp_path):
+    a, model = tiny_model
+    model.save(tmp_path / "m")
+    again = load(tmp_path / "m")
+    np.testing.assert_array_equal(model.embed(a), again.embed(a))
+    assert list(again.genes) == list(a.var_names) and again.label_names == model.label_names
+    model.save(tmp_path / "m")  # replacing an existing model folder works
+    (tmp_path / "m" / "variables.msgpack").write_bytes(b"garbage")
+    with pytest.raises(ScatlasInputError, match="checksum"):
+        load(tmp_path / "m")
+    with pytest.raises(ScatlasInputError, match="manifest"):
+        load(tmp_path)
+
+
+def test_embed_aligns_genes_by_name(tiny_model):
+    a, model = tiny_model
+    shuffled = a[:, np.random.default_rng(0).permutation(a.n_vars)].copy()
+    np.testing.assert_allclose(model.embed(shuffled), model.embed(a), rtol=1e-5, atol=1e-6)
+    # a missing gene is zero-filled: same as zeroing that gene's counts
+    dropped = a[:, 1:].copy()
+    zeroed = a.copy()
+    X = zeroed.X.toarray()
+    X[:, 0] = 0
+    zeroed.X = sp.csr_matrix(X)
+    np.testing.assert_allclose(model.embed(dropped), model.embed(zeroed), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ScatlasInputError, match="min_overlap"):
+        model.embed(a[:, :10].copy())
+    Z = scatlas.tl.embed(a, model)
+    assert a.obsm["X_scatlas"].shape == (a.n_obs, 8) and Z is a.obsm["X_scatlas"]
+
+
+def test_bad_input(tiny_model):
+    a, model = tiny_model
+    with pytest.raises(ScatlasInputError, match="not a column"):
+        scatlas.tl.train_metric(a, "nope")
+    single = a.copy()
+    single.obs["lab"] = ["x"] * (a.n_obs - 1) + ["lonely"]
+    with pytest.raises(ScatlasInputError, match="single cell"):
+        scatlas.tl.train_metric(single, "lab")
+    bad = a.copy()
+    bad.X = bad.X.toarray().astype(np.float32)
+    bad.X[3, 4] = np.nan
+    with pytest.raises(ScatlasInputError, match="NaN"):
+        scatlas.tl.train_metric(bad, "cell_type")
+    with pytest.raises(ScatlasInputError, match="NaN"):
+        model.embed(bad)
+    lognormed = a.copy()
+    lognormed.X = lognormed.X.multiply(0.37).tocsr()
+    with pytest.raises(ScatlasInputError, match="raw counts"):
+        model.embed(lognormed)
+    with pytest.raises(ScatlasInputError, match="columns"):
+        model.embed(np.zeros((3, 5), np.float32))
+    with pytest.raises(ScatlasInputError, match="objective"):
+        scatlas.tl.train_metric(a, "cell_type", objective="arcface")
+
+
+def test_infonce_and_hierarchy_train(tiny_model):
+    a, _ = tiny_model
+    model = scatlas.tl.train_metric(a, "cell_type", "batch", max_steps=10, batch_size=100,
+                                    hidden=(16,), latent_dim=4, objective="infonce",
+                                    hierarchy={"type1": "type0"}, progress=False)
+    assert any("infonce" in r for r in model.history)
+    assert model.embed(a).shape == (a.n_obs, 4)
