@@ -97,7 +97,10 @@ def build_or_load(n: int, dim: int, engine: str, seed: int = 0):
         idx = CellIndex.load(index_dir)
         log(f"loaded cached index {index_dir} ({idx.ntotal} x {idx.dim}, {idx.engine}) in "
             f"{time.perf_counter() - t0:.1f} s")
-        return idx, index_dir, np.load(query_path), {"cached": True}
+        info = {"cached": True}
+        if (folder / "build.json").is_file():
+            info.update(json.loads((folder / "build.json").read_text()))
+        return idx, index_dir, np.load(query_path), info
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     chunk = 100_000
@@ -126,8 +129,10 @@ def build_or_load(n: int, dim: int, engine: str, seed: int = 0):
     log(f"built {idx!r} in {t_build:.1f} s")
     idx.save(index_dir)
     np.save(query_path, queries)
-    return idx, index_dir, queries, {"cached": False, "build_s": round(t_build, 2),
-                                     "data_s": round(t_data, 2)}
+    info = {"build_s": round(t_build, 2), "data_s": round(t_data, 2),
+            "build_load_1m_after": load1()}
+    atomic_write_text(folder / "build.json", json.dumps(info) + "\n")
+    return idx, index_dir, queries, {"cached": False, **info}
 
 
 # ------------------------------------------------------------------------------------------------
