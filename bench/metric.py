@@ -30,9 +30,10 @@ baseline throughput):
 
 Columns: ``cells/s`` (batch or n_embed / harness median; added by ``python -m bench.metric``),
 ``mining share`` (SCimilarity: median over the timed steps of the time in
-``TripletSelector.get_triplets_idx`` / step time, measured inside the peer), ``peer s`` (median
-step/embed time measured inside the peer process; the harness time adds one JSON round trip
-over a pipe), ``‖z‖-1`` (max deviation of the embedding norms from 1).
+``TripletSelector.get_triplets_idx`` / step time, measured inside the peer), ``in-process s``
+(median step/embed time over the timed calls, measured inside the process doing the work; for
+the peer the harness time adds one JSON round trip over a pipe), ``‖z‖-1`` (max deviation of
+the embedding norms from 1).
 
 Peer: ``bench/peers/scimilarity_install.sh`` (or ``python -m bench.metric --install``) creates
 ``bench/.peers/scimilarity`` (CPU torch + scimilarity without its dependencies); the python used
@@ -44,6 +45,11 @@ same shape, density, label and study counts; the Cell Ontology the SCimilarity m
 synthetic 3,000-term DAG (no network): see the runner's docstring. Worker log:
 ``bench/.cache/peers/scimilarity.log``.
 
+Timing: ``python -m bench.metric`` alternates ours and SCimilarity's timed calls (ABBA, after
+each method's warm-up calls; :func:`run_interleaved`) because the 2 cores are shared and the load
+drifts; ``--blocks`` (or ``python -m bench run metric``) times each method's repeats in one block
+as the other benchmarks do. The 1-minute load average is recorded after every timed call.
+
 Usage::
 
     python -m bench.metric [--genes 2000,28231] [--repeats 5] [--methods baseline] [--install]
@@ -53,6 +59,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -60,6 +67,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -91,12 +99,16 @@ DEFAULT_PARAMS: dict[str, Any] = {
 METRICS = {
     "cells_per_s": Metric("cells/s", ",.0f", higher_is_better=True),
     "mining_share": Metric("mining share", ".2f"),
-    "peer_s": Metric("peer s", ".3g"),
+    "peer_s": Metric("in-process s", ".3g"),
     "norm_err": Metric("‖z‖-1", ".1e"),
 }
 
-#: group -> (what one call processes, the params key giving its cell count)
+#: group -> the params key giving the cells one call processes
 GROUP_CELLS = {"train": "batch_size", "embed": "n_embed"}
+
+#: calls per method and size that are the harness's warm-up (left out of the in-process medians);
+#: ``python -m bench run`` defaults to 1, :func:`main` sets it to its ``--warmup``
+WARMUP_CALLS = 1
 
 
 def runner_module() -> ModuleType:
@@ -320,9 +332,9 @@ def methods(params: Mapping[str, Any]) -> list[Method]:
 
 
 def accuracy(w: Workload, method: Method, output: Any) -> dict[str, Any]:
-    """Medians over this method's calls after its first (the warm-up) of in-process facts."""
+    """Medians of in-process facts over this method's timed calls (warm-up calls left out)."""
     calls = w.extra["calls"].get(method.name, [])
-    timed = calls[1:] or calls
+    timed = calls[WARMUP_CALLS:] or calls
     out: dict[str, Any] = {"peer_s": float(np.median([c["peer_s"] for c in timed]))}
     if "mining_s" in output:
         out["mining_share"] = float(np.median([c["mining_s"] / c["peer_s"] for c in timed]))
@@ -345,6 +357,120 @@ BENCHMARK = Benchmark(
     default_params=DEFAULT_PARAMS,
     size_label="genes",
 )
+
+
+# --- interleaved timing --------------------------------------------------------------------------
+
+
+def run_interleaved(
+    sizes: str | Sequence[int], repeats: int = 5, warmup: int = 2, out: str | Path = DEFAULT_OUT,
+    *, methods_: Sequence[str] | None = None, **params: Any,
+) -> dict[str, Any]:
+    """Time ours and SCimilarity's calls alternately, into the harness's JSON record.
+
+    The machine is shared, so load drifts over minutes; timing one method's repeats in a block
+    and then the other's would let that drift into the ratio. Per size and group, every method
+    is first called ``warmup`` times (peer start, JIT compilation), then the timed calls
+    alternate ABBA (ours, baseline, baseline, ours, ...), ``repeats`` per method. The entries
+    have the harness's fields (``times_s``, median/min/max, ``load_1m`` = median of the 1-minute
+    load read after each timed call, ``load_1m_all`` all of them); the record merges into
+    ``<out>/metric_cpu.json`` as ``run_benchmark`` would.
+    """
+    from . import runner  # noqa: PLC0415
+
+    global WARMUP_CALLS  # noqa: PLW0603 - read by accuracy() during this run
+    WARMUP_CALLS = warmup
+    if repeats < 1 or warmup < 1:
+        raise ValueError(f"need repeats >= 1 and warmup >= 1, got {repeats}, {warmup}")
+    unknown = set(params) - set(DEFAULT_PARAMS)
+    if unknown:
+        raise ValueError(f"unknown parameters {sorted(unknown)}; known: {sorted(DEFAULT_PARAMS)}")
+    full = {**DEFAULT_PARAMS, **params}
+    declared = methods(full)
+    chosen = runner.select_methods(declared, methods_)
+    size_list = runner.parse_sizes(sizes)
+    path = result_path(out, BENCHMARK.name, "cpu")
+    record = load_record(path) or runner.new_record(BENCHMARK, "cpu")
+    record.update(description=BENCHMARK.description, size_label=BENCHMARK.size_label,
+                  metrics={k: m.to_json() for k, m in BENCHMARK.metrics.items()})
+    run_id, _ = runner._start_run(record, "cpu", full, repeats, warmup, None)  # noqa: SLF001
+    record["runs"][run_id]["timing"] = "interleaved ABBA (bench.metric.run_interleaved)"
+    record["methods"] = runner._method_table(declared, record["methods"])  # noqa: SLF001
+    log(f"[metric] interleaved, genes={size_list}, repeats={repeats}, warmup={warmup} -> {path}")
+    for size in size_list:
+        w = build(size, "cpu", full)
+        results: dict[str, Any] = {}
+        for group in GROUP_CELLS:
+            group_methods = [m for m in chosen if m.group == group]
+            results.update(_interleave_group(w, group_methods, size, repeats, warmup))
+        for res in results.values():
+            res["run_id"] = run_id
+        runner.merge_size(record, size, {"size": size, "workload": runner._jsonable(w.info),  # noqa: SLF001
+                                         "methods": results})
+        del w
+        gc.collect()
+        runner.prune_runs(record)
+        add_throughput(record)
+        save_record(record, path)
+    return record
+
+
+def _interleave_group(w: Workload, group_methods: Sequence[Method], size: int, repeats: int,
+                      warmup: int) -> dict[str, Any]:
+    from . import runner  # noqa: PLC0415
+
+    results: dict[str, Any] = {}
+    active: list[Method] = []
+    for m in group_methods:
+        base = {"role": m.role, "group": m.group, "runs_on": "cpu"}
+        skip = m.skip_message(size)
+        if skip is not None:
+            results[m.name] = {**base, "status": "skipped", "reason": skip}
+            continue
+        log(f"[metric] genes={size:,}: {m.name} warm-up x{warmup} ...")
+        try:
+            for _ in range(warmup):
+                m.call(w)
+        except Exception as exc:  # noqa: BLE001 - record the failure, keep benchmarking
+            traceback.print_exc(file=sys.stderr)
+            results[m.name] = {**base, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+            continue
+        active.append(m)
+    times: dict[str, list[float]] = {m.name: [] for m in active}
+    loads: dict[str, list[float | None]] = {m.name: [] for m in active}
+    last: dict[str, Any] = {}
+    for r in range(repeats):
+        for m in (active if r % 2 == 0 else active[::-1]):
+            if m.name in results:  # failed in an earlier round
+                continue
+            try:
+                start = time.perf_counter()
+                last[m.name] = m.call(w)
+                times[m.name].append(time.perf_counter() - start)
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc(file=sys.stderr)
+                results[m.name] = {"role": m.role, "group": m.group, "runs_on": "cpu",
+                                   "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+                continue
+            loads[m.name].append(runner._load_1m())  # noqa: SLF001
+    for m in active:
+        if m.name in results:
+            continue
+        known = [x for x in loads[m.name] if x is not None]
+        entry = {"role": m.role, "group": m.group, "runs_on": "cpu", "status": "ok",
+                 "times_s": times[m.name], "warmup": warmup,
+                 "load_1m": float(np.median(known)) if known else None,
+                 "load_1m_all": loads[m.name], **runner.summarize(times[m.name])}
+        try:
+            entry["accuracy"] = {k: runner._number(v)  # noqa: SLF001
+                                 for k, v in accuracy(w, m, last[m.name]).items()}
+        except Exception as exc:  # noqa: BLE001 - timing stays valid without accuracy
+            entry["accuracy_error"] = f"{type(exc).__name__}: {exc}"
+        results[m.name] = entry
+        log(f"[metric] genes={size:,}: {m.name}: median {entry['median_s']:.4g} s "
+            f"[{entry['min_s']:.4g}, {entry['max_s']:.4g}] x{entry['repeats']}, "
+            f"load {entry['load_1m']}")
+    return results
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -374,7 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--methods", default=None,
                         help="comma-separated names, patterns or roles (ours, baseline)")
-    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--blocks", action="store_true",
+                        help="time each method's repeats in one block (the bench harness) "
+                             "instead of alternating ours and SCimilarity's calls")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="with --blocks: per method and size, stop repeating after this")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override {sorted(DEFAULT_PARAMS)}")
@@ -391,9 +521,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     params = parse_params(args.param)
     methods_ = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    run_benchmark("metric", sizes=args.genes, repeats=args.repeats, warmup=args.warmup,
-                  device="cpu", out=args.out, methods=methods_, budget_s=args.budget,
-                  report=False, **params)
+    if args.blocks:
+        global WARMUP_CALLS  # noqa: PLW0603 - read by accuracy() during this run
+        WARMUP_CALLS = args.warmup
+        run_benchmark("metric", sizes=args.genes, repeats=args.repeats, warmup=args.warmup,
+                      device="cpu", out=args.out, methods=methods_, budget_s=args.budget,
+                      report=False, **params)
+    else:
+        run_interleaved(args.genes, args.repeats, args.warmup, args.out, methods_=methods_,
+                        **params)
     path = result_path(args.out, "metric", "cpu")
     record = load_record(path)
     if record is None:  # pragma: no cover - run_benchmark just wrote it

@@ -167,3 +167,44 @@ def test_worker_protocol(tmp_path):
     finally:
         worker.close()
     assert worker.proc.poll() == 0
+
+
+def test_interleaved_run_records_harness_entries(monkeypatch, tmp_path):
+    """ABBA timing with a stand-in for our side; a missing peer is a recorded skip."""
+    monkeypatch.setenv(bench_metric.PEER_ENV, str(tmp_path / "no" / "python"))
+    order: list[str] = []
+
+    def fake(w):
+        def train_step():
+            order.append("train")
+
+        def embed(X):
+            order.append("embed")
+            Z = np.ones((X.shape[0], 128), dtype=np.float32)
+            return Z / np.sqrt(128)
+
+        return {"train_step": train_step, "embed": embed}
+
+    monkeypatch.setattr(bench_metric, "_ours_callables", fake)
+    rec = bench_metric.run_interleaved("64", repeats=3, warmup=2, out=tmp_path, n_embed=30,
+                                       batch_size=50)
+    res = rec["results"]["64"]["methods"]
+    train, embed = res["scatlas.metric.train_step"], res["scatlas.metric.embed"]
+    assert order == ["train"] * 5 + ["embed"] * 5
+    for entry, cells in ((train, 50), (embed, 30)):
+        assert entry["status"] == "ok" and len(entry["times_s"]) == entry["repeats"] == 3
+        assert len(entry["load_1m_all"]) == 3
+        assert entry["accuracy"]["cells_per_s"] == pytest.approx(cells / entry["median_s"])
+    assert embed["accuracy"]["norm_err"] < 1e-6
+    assert res["scimilarity.train_step"]["status"] == "skipped"
+    saved = json.loads((tmp_path / "metric_cpu.json").read_text())
+    assert saved["results"]["64"]["methods"]["scatlas.metric.embed"]["status"] == "ok"
+
+
+def test_missing_ours_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv(bench_metric.PEER_ENV, str(tmp_path / "no" / "python"))
+    monkeypatch.setitem(sys.modules, "scatlas.models.metric", None)  # import fails
+    rec = bench_metric.run_interleaved("64", repeats=1, warmup=1, out=tmp_path,
+                                       methods_=["ours"], n_embed=10, batch_size=20)
+    res = rec["results"]["64"]["methods"]["scatlas.metric.train_step"]
+    assert res["status"] == "error" and "benchmark_callables" in res["error"]
