@@ -189,3 +189,27 @@ def test_sparse_and_dense_sources_agree(small):
     csr = _batches(small).batch(2)
     np.testing.assert_allclose(dense["x"], csr["x"], rtol=1e-6)
     assert sp.issparse(small.X)
+
+
+def test_zarr_store_gives_the_same_batches(small, tmp_path):
+    import zarr
+    from anndata.io import sparse_dataset
+
+    path = tmp_path / "a.zarr"
+    small.write_zarr(path)
+    X = sparse_dataset(zarr.open_group(path, mode="r")["X"])
+    b_mem = _batches(small)
+    b_zarr = mdata.CellBatches(X, labels=small.obs["cell_type"].to_numpy(),
+                               studies=small.obs["batch"].to_numpy(), batch_size=64, seed=0)
+    np.testing.assert_array_equal(b_mem.batch(5)["x"], b_zarr.batch(5)["x"])
+
+
+def test_train_metric_from_a_backed_file(small, tmp_path):
+    import scatlas
+
+    path = tmp_path / "a.h5ad"
+    small.write_h5ad(path)
+    kw = dict(max_steps=6, batch_size=64, hidden=(16,), latent_dim=4, progress=False)
+    backed = scatlas.tl.train_metric(ad.read_h5ad(path, backed="r"), "cell_type", "batch", **kw)
+    memory = scatlas.tl.train_metric(small, "cell_type", "batch", **kw)
+    np.testing.assert_allclose(backed.embed(small), memory.embed(small), rtol=1e-6)
