@@ -142,6 +142,55 @@ def test_bad_config():
         TrainConfig(max_steps=0)
 
 
+MULTI_HOST = textwrap.dedent("""
+    import json, sys
+    from scatlas.models.train import initialize_distributed
+    initialize_distributed(coordinator_address="127.0.0.1:" + sys.argv[2], num_processes=2,
+                           process_id=int(sys.argv[1]))
+    import jax, numpy as np
+    from scatlas import datasets
+    from scatlas.models import data as mdata
+    from scatlas.models.metric import MetricConfig, MetricTask
+    from scatlas.models.train import TrainConfig, fit
+    assert jax.process_count() == 2 and jax.device_count() == 2
+    a = datasets.synthetic(400, 30, n_batches=2, n_cell_types=3, seed=0)
+    b = mdata.CellBatches(a.X, labels=a.obs["cell_type"].to_numpy(),
+                          studies=a.obs["batch"].to_numpy(), batch_size=64, seed=0)
+    cfg = TrainConfig(max_steps=4, seed=1, log_every=1)
+    task = MetricTask(MetricConfig(n_genes=30, hidden=(16,), latent_dim=4, dropout=0.0,
+                                   input_dropout=0.0), cfg, np.eye(3, dtype=bool))
+    print(json.dumps([r["loss"] for r in fit(task, b, cfg).history]))
+""")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_device():
+    """jax.distributed over two local CPU processes (each feeding half of every batch)."""
+    port = str(_free_port())
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", MULTI_HOST, str(i), port], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    losses = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert losses[0] == losses[1]
+    a = datasets.synthetic(400, 30, n_batches=2, n_cell_types=3, seed=0)
+    cfg = TrainConfig(max_steps=4, seed=1, log_every=1, data_parallel=False)
+    task = MetricTask(MetricConfig(n_genes=30, hidden=(16,), latent_dim=4, dropout=0.0,
+                                   input_dropout=0.0), cfg, np.eye(3, dtype=bool))
+    single = [r["loss"] for r in fit(task, _batches(a), cfg).history]
+    np.testing.assert_allclose(losses[0], single, rtol=1e-4)
+
+
 SHARDED = textwrap.dedent("""
     import json, os, sys
     import jax, numpy as np

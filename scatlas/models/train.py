@@ -168,8 +168,10 @@ def initialize_distributed(**kwargs: Any) -> None:
 
     Coordinator address, process count and id come from ``kwargs`` or from the cluster
     environment (SLURM, Open MPI, Cloud TPU) as jax detects them. Each process then trains on
-    ``batch_size / process_count`` cells of every global batch.
+    ``batch_size / process_count`` cells of every global batch. CPU-only jobs (tests, CPU
+    clusters) use gloo for the cross-process collectives.
     """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
 
 
