@@ -22,6 +22,8 @@ Steps (each bounded in time, the script stops by itself):
    to back for ``--duration`` seconds: QPS, latency p50 / p99, errors, and the server's own
    ``/metrics`` (index calls, mean queries per call, batch-size histogram).
 6. SIGTERM; the server must exit 0.
+7. HTTP floor: the same load against a trivial Starlette endpoint (reads the body, returns a
+   constant) for ``--floor-duration`` seconds: the ceiling of uvicorn + the client here.
 
 The client runs on the same machine as the server (loopback), so on few cores it competes with
 the server for CPU: the figures are a lower bound of what the service does with a remote client.
@@ -181,9 +183,47 @@ def start_server(index_dir: Path, port: int, args: argparse.Namespace) -> subpro
     cmd = [sys.executable, "-m", "scatlas.cli", "serve", "--index", str(index_dir), "--port",
            str(port), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
            "--log-level", "warning"]
+    if args.index_threads:
+        cmd += ["--index-threads", str(args.index_threads)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=REPO_ROOT)
+
+
+#: a Starlette endpoint that reads the body and answers a fixed small JSON: the HTTP stack's own
+#: ceiling on this machine with this client (no parsing, no index, no batching)
+FLOOR_SERVER = """
+import sys, uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+async def search(request):
+    await request.body()
+    return JSONResponse({"ok": True})
+
+async def health(request):
+    return JSONResponse({"status": "ok", "engine": "none", "ntotal": 0})
+
+app = Starlette(routes=[Route("/search", search, methods=["POST"]), Route("/health", health)])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def floor_phase(payloads: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+    """QPS of the trivial endpoint under the same client and concurrency."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, 60)
+        out = asyncio.run(load_phase(url, payloads, args.concurrency, args.floor_duration, 1))
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    return {"requests_per_s": out["requests_per_s"], "latency_ms": out["latency_ms"],
+            "errors": out["errors"], "duration_s": args.floor_duration}
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
@@ -301,6 +341,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = load1()
     t_all = time.perf_counter()
     idx, index_dir, queries, build_info = build_or_load(n, args.dim, args.engine)
+    if args.index_threads:
+        import faiss
+
+        faiss.omp_set_num_threads(args.index_threads)
     index_info = {"ntotal": int(idx.ntotal), "dim": int(idx.dim), "engine": idx.engine,
                   "metric": idx.metric, "nlist": idx.nlist, "nprobe": idx.nprobe, **build_info}
     log(f"direct in-process timings ({args.direct_seconds:g} s each)")
@@ -333,6 +377,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             stop = {"exit_code": proc.returncode, "stop_s": None, "stderr_tail": ""}
     log(f"server stopped: exit code {stop['exit_code']}")
+    floor = None
+    if args.floor_duration > 0:
+        floor = floor_phase(payloads, args)
+        log(f"HTTP floor (trivial endpoint): {floor['requests_per_s']} req/s")
     overhead = None
     if single["latency_ms"]["p50"] is not None:
         overhead = round(single["latency_ms"]["p50"] - direct["single_latency_ms"]["p50"], 3)
@@ -346,7 +394,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "single_duration_s": args.single_duration,
                      "queries_per_request": args.queries_per_request,
                      "include_metadata": args.metadata, "max_batch": args.max_batch,
-                     "max_wait_ms": args.max_wait_ms},
+                     "max_wait_ms": args.max_wait_ms,
+                     "index_threads": args.index_threads or "faiss default"},
         "index": index_info,
         "stack": stack_versions(),
         "direct": direct,
@@ -354,6 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "http_single": single,
         "http_load": load,
         "http_overhead_p50_ms": overhead,
+        "http_floor": floor,
         "server": {"index_calls": batches["index_calls"],
                    "mean_queries_per_call": batches["mean_queries_per_call"],
                    "queries_per_call_hist": batches["queries_per_call_hist"],
@@ -409,11 +459,13 @@ def markdown(record: dict[str, Any]) -> str:
              "`python -m bench.serve_load`: `scatlas serve` on loopback, driven by an async httpx "
              "client on the same machine (client and server share the CPU); direct = "
              "`idx.search` in process. Latencies in ms; QPS = requests (of one query each unless "
-             "stated) per second.", "",
+             "stated) per second. HTTP floor = the same client against a Starlette endpoint that "
+             "only reads the body and returns a constant: the ceiling of the HTTP stack and "
+             "client on this machine at that moment.", "",
              "| cells | engine (nprobe) | direct 1-query p50 / p99 | direct batch q/s "
              "| HTTP 1-query p50 / p99 | overhead p50 | load: conc. | QPS | p50 / p99 | errors "
-             "| mean batch | load 1m |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mean batch | HTTP floor QPS | load 1m |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in record["entries"].values():
         d, s, ld = e["direct"], e["http_single"], e["http_load"]
         idx = e["index"]
@@ -428,6 +480,7 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {ld['concurrency']} | {_fmt(ld['queries_per_s'])} "
             f"| {_fmt(ld['latency_ms']['p50'])} / {_fmt(ld['latency_ms']['p99'])} "
             f"| {ld['errors']} | {_fmt(e['server']['mean_queries_per_call'])} "
+            f"| {_fmt((e.get('http_floor') or {}).get('requests_per_s'))} "
             f"| {_fmt(e['load_1m']['before_load_phase'])} -> {_fmt(e['load_1m']['after'])} |")
     lines.append("")
     for key, e in record["entries"].items():
@@ -438,7 +491,8 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append(
             f"- `{key}`: {describe_hardware(env)}, {env['timestamp']}, commit {commit}{dirty}"
             f"; k={st['k']}, d={st['dim']}, max_batch={st['max_batch']}, max_wait_ms="
-            f"{st['max_wait_ms']}, {st['queries_per_request']} query/request, metadata "
+            f"{st['max_wait_ms']}, index threads {st.get('index_threads', '?')}, "
+            f"{st['queries_per_request']} query/request, metadata "
             f"{'on' if st['include_metadata'] else 'off'}, {st['duration_s']} s load; index "
             f"build {e['index'].get('build_s', 'cached')} s; {_stack(e.get('stack', {}))}; "
             f"shutdown exit code "
@@ -460,11 +514,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--direct-seconds", type=float, default=3.0,
                    help="seconds of each direct in-process timing")
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--floor-duration", type=float, default=8.0,
+                   help="seconds of the trivial-endpoint ceiling phase (0: skip)")
     p.add_argument("--queries-per-request", type=int, default=1)
     p.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=True,
                    help="ask for the hits' metadata rows (default yes)")
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--index-threads", type=int, default=1,
+                   help="faiss threads in the server and the direct timings (0: faiss default)")
     p.add_argument("--port", type=int, default=0, help="default: a free port")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--label", default="default", help="result entry label (settings variant)")

@@ -226,6 +226,18 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_index_threads(n: int) -> None:
+    """faiss's OpenMP threads (idle OpenMP threads spin, which starves the event loop on few
+    cores; BLAS-based engines follow ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS``)."""
+    if n < 1:
+        raise ScatlasInputError(f"--index-threads must be >= 1, got {n}")
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(n)
+
+
 class _Stop(Exception):
     """Raised by our signal handlers once uvicorn has shut down gracefully."""
 
@@ -240,6 +252,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .search.service import create_app
 
     t0 = time.perf_counter()
+    if args.index_threads is not None:
+        _set_index_threads(args.index_threads)
     app = create_app(args.index, args.model, max_batch=args.max_batch,
                      max_wait_ms=args.max_wait_ms, max_queries_per_request=args.max_queries,
                      max_k=args.max_k, max_body_bytes=int(args.max_body_mb * 2**20),
@@ -348,6 +362,9 @@ def register(subparsers, *, common, io_args) -> None:  # noqa: ARG001 - shared s
     v.add_argument("--max-k", type=int, default=1000, help="largest k (default 1000)")
     v.add_argument("--max-body-mb", type=float, default=64, help="request size limit (MiB)")
     v.add_argument("--label-key", default=None, help="default label_key of /annotate")
+    v.add_argument("--index-threads", type=int, default=None,
+                   help="faiss OpenMP threads for searches (default: faiss's own, all cores); "
+                        "1 often serves small batches best on few shared cores")
     v.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     v.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
