@@ -43,12 +43,13 @@ def explicit_seurat_cca(X1, X2, k, scale=True):
     return U * signs, V * signs, D[:k]
 
 
+@pytest.mark.parametrize("method", ["gram", "explicit", "auto"])
 @pytest.mark.parametrize("sparse", [True, False])
-def test_cca_equals_explicit_cross_product_svd(sparse):
+def test_cca_equals_explicit_cross_product_svd(sparse, method):
     X1, X2 = two_datasets()
     if not sparse:
         X1, X2 = X1.toarray(), X2.toarray()
-    Z1, Z2, D = cca(X1, X2, 8, l2_norm=False, dtype=np.float64, return_d=True)
+    Z1, Z2, D = cca(X1, X2, 8, l2_norm=False, dtype=np.float64, return_d=True, method=method)
     E1, E2, ED = explicit_seurat_cca(X1, X2, 8)
     np.testing.assert_allclose(D, ED, rtol=1e-9)
     np.testing.assert_allclose(Z1, E1, atol=1e-8)

@@ -14,7 +14,9 @@ Orientation: genes are the observations and cells the variables, as in Seurat's 
   ``(C11 + lam1 I)^-1/2 C12 (C22 + lam2 I)^-1/2`` (Vinod 1976; CRAN ``CCA::rcc``); lam -> infinity
   gives ``pls``.
 
-None of them forms the n1 x n2 matrix (Seurat fails to allocate it at 1.8e5 cells per dataset).
+None of them forms the n1 x n2 matrix beyond small problems (Seurat always does, and fails to
+allocate it at 1.8e5 cells per dataset); for small pairs (n1 n2 <= 1e7) the explicit product is the
+faster exact route and ``method='auto'`` takes it.
 With SVDs ``A_i = U_i S_i W_i^T`` from the p x p Gram matrices (exact route),
 ``M = U1 (S1 W1^T W2 S2) U2^T``, so one SVD of a small p x p core gives the answer, and
 ``U1 = A1 W1 S1^-1`` costs one pass over each dataset. For p > 8192 genes (or
@@ -34,6 +36,7 @@ from ._operator import ShiftedOperator
 from .linalg import (
     _GRAM_MAX_FEATURES,
     _svd_randomized,
+    _top_eigh,
     as_compute_matrix,
     gram_factor,
     resolve_n_iter,
@@ -103,6 +106,31 @@ def _cross_svd_exact(op1, op2, k: int, lam: tuple[float, float] | None, progress
     return Z1, Z2, D[:k_eff]
 
 
+# The explicit route forms M (n1 x n2) and the dense standardised rows: only for small problems,
+# where it beats the two p x p Gram factorisations (CellBench-sized pairs).
+_EXPLICIT_MAX_CROSS = 10_000_000
+_EXPLICIT_MAX_DENSE = 100_000_000
+
+
+def _explicit_is_small(n1: int, n2: int, p: int) -> bool:
+    return n1 * n2 <= _EXPLICIT_MAX_CROSS and (n1 + n2) * p <= _EXPLICIT_MAX_DENSE
+
+
+def _cross_svd_explicit(op1, op2, k: int):
+    """Top-k singular triplets of M = A1 A2^T formed explicitly (float64), Seurat's own route,
+    solved by the top-k eigenpairs of the smaller of M M^T / M^T M (LAPACK syevr subset)."""
+    xp = op1.xp
+    n1, n2 = op1.shape[0], op2.shape[0]
+    M = op1.dense_rows(0, n1).astype(np.float64) @ op2.dense_rows(0, n2).astype(np.float64).T
+    small_left = n1 <= n2
+    evals, E = _top_eigh(M @ M.T if small_left else M.T @ M, k)
+    D = xp.sqrt(evals)
+    keep = D > (D[0] if D.size else 0) * 10 * np.sqrt(np.finfo(op1.dtype).eps)
+    D, E = D[keep], E[:, keep]
+    other = (M.T @ E if small_left else M @ E) / D[None, :]
+    return (E, other, D) if small_left else (other, E, D)
+
+
 def _cross_svd_randomized(op1, op2, k, n_oversamples, n_iter, seed, progress):
     cross = _CrossOperator(op1, op2)
     q = resolve_n_iter(n_iter, k, cross.shape)
@@ -144,15 +172,23 @@ def _cross_decomposition(X1, X2, k, *, scale, lam, l2_norm, method, n_oversample
                          seed, dtype, device, progress, return_d):
     X1d, X2d, k, restore = _prepare_pair(X1, X2, k, dtype, device)
     p = X1d.shape[1]
+    n1, n2 = X1d.shape[0], X2d.shape[0]
     if method == "auto":
-        method = "gram" if (p <= _GRAM_MAX_FEATURES or lam is not None) else "randomized"
-    if method not in ("gram", "randomized"):
-        raise ScatlasInputError(f"method must be 'auto', 'gram' or 'randomized', got {method!r}")
-    if method == "randomized" and lam is not None:
+        if lam is None and _explicit_is_small(n1, n2, p):
+            method = "explicit"
+        else:
+            method = "gram" if (p <= _GRAM_MAX_FEATURES or lam is not None) else "randomized"
+    if method not in ("gram", "randomized", "explicit"):
+        raise ScatlasInputError(
+            f"method must be 'auto', 'gram', 'explicit' or 'randomized', got {method!r}"
+        )
+    if method != "gram" and lam is not None:
         raise ScatlasInputError("ridge_cca supports only method='gram'")
     with _per_cell_operator(X1d, "X1", scale) as op1, _per_cell_operator(X2d, "X2", scale) as op2:
         if method == "gram":
             Z1, Z2, D = _cross_svd_exact(op1, op2, k, lam, progress)
+        elif method == "explicit":
+            Z1, Z2, D = _cross_svd_explicit(op1, op2, k)
         else:
             Z1, Z2, D = _cross_svd_randomized(op1, op2, k, n_oversamples, n_iter, seed, progress)
     out = _finish(Z1[:, :k], Z2[:, :k], D[:k], k, l2_norm, return_d)
@@ -174,8 +210,10 @@ _COMMON_DOC = """
         L2-normalise each cell's k-vector (Seurat's ``L2Dim``, on by default as in
         ``FindIntegrationAnchors``).
     method
-        ``'gram'`` (exact, p x p Gram matrices; default for p <= 8192), ``'randomized'``
-        (randomized subspace iteration on the implicit cross-product), or ``'auto'``.
+        ``'gram'`` (exact, p x p Gram matrices; default for p <= 8192), ``'explicit'`` (exact,
+        forms the n1 x n2 cross-product as Seurat does; ``auto`` takes it when n1 n2 <= 1e7 and
+        (n1 + n2) p <= 1e8, where it is the faster exact route), ``'randomized'`` (randomized
+        subspace iteration on the implicit cross-product), or ``'auto'``.
     n_oversamples, n_iter, seed
         Randomized route only (see :func:`scatlas.kernels.rsvd`).
     dtype
