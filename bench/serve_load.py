@@ -173,6 +173,22 @@ def direct_timings(idx, queries: np.ndarray, k: int, batch: int, seconds: float)
 # ------------------------------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_ms_per_request(before: float | None, after: float | None, n: int) -> float | None:
+    if before is None or after is None or n == 0:
+        return None
+    return round((after - before) * 1e3 / n, 3)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -218,12 +234,15 @@ def floor_phase(payloads: list[bytes], args: argparse.Namespace) -> dict[str, An
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, 60)
+        cpu0 = cpu_seconds(proc.pid)
         out = asyncio.run(load_phase(url, payloads, args.concurrency, args.floor_duration, 1))
+        cpu1 = cpu_seconds(proc.pid)
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
     return {"requests_per_s": out["requests_per_s"], "latency_ms": out["latency_ms"],
-            "errors": out["errors"], "duration_s": args.floor_duration}
+            "errors": out["errors"], "duration_s": args.floor_duration,
+            "server_cpu_ms_per_request": cpu_ms_per_request(cpu0, cpu1, out["requests"])}
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
@@ -366,8 +385,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"single requests: {single['requests']} in {args.single_duration:g} s, p50 "
             f"{single['latency_ms']['p50']} ms")
         load_mid = load1()
+        cpu0 = cpu_seconds(proc.pid)
         load = asyncio.run(load_phase(url, payloads, args.concurrency, args.duration,
                                       args.queries_per_request))
+        load["server_cpu_ms_per_request"] = cpu_ms_per_request(cpu0, cpu_seconds(proc.pid),
+                                                               load["requests"])
         log(f"load: {load['requests_per_s']} req/s, p50 {load['latency_ms']['p50']} ms, p99 "
             f"{load['latency_ms']['p99']} ms, errors {load['errors']}")
         server_metrics = httpx.get(f"{url}/metrics", timeout=10).json()
@@ -461,13 +483,16 @@ def markdown(record: dict[str, Any]) -> str:
              "`idx.search` in process. Latencies in ms; QPS = requests (of one query each unless "
              "stated) per second. HTTP floor = the same client against a Starlette endpoint that "
              "only reads the body and returns a constant: the ceiling of the HTTP stack and "
-             "client on this machine at that moment.", "",
+             "client on this machine at that moment. Server CPU ms/req = the server process's "
+             "user + system CPU time during the load phase per answered request (less sensitive "
+             "to other work on the machine than wall-clock figures).", "",
              "| cells | engine (nprobe) | direct 1-query p50 / p99 | direct batch q/s "
              "| HTTP 1-query p50 / p99 | overhead p50 | load: conc. | QPS | p50 / p99 | errors "
-             "| mean batch | HTTP floor QPS | load 1m |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mean batch | server CPU ms/req | HTTP floor QPS (CPU ms/req) | load 1m |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in record["entries"].values():
         d, s, ld = e["direct"], e["http_single"], e["http_load"]
+        floor = e.get("http_floor") or {}
         idx = e["index"]
         engine = idx["engine"] + (f" ({idx['nprobe']})" if idx.get("nprobe") else "")
         lines.append(
@@ -480,7 +505,9 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {ld['concurrency']} | {_fmt(ld['queries_per_s'])} "
             f"| {_fmt(ld['latency_ms']['p50'])} / {_fmt(ld['latency_ms']['p99'])} "
             f"| {ld['errors']} | {_fmt(e['server']['mean_queries_per_call'])} "
-            f"| {_fmt((e.get('http_floor') or {}).get('requests_per_s'))} "
+            f"| {_fmt(ld.get('server_cpu_ms_per_request'))} "
+            f"| {_fmt(floor.get('requests_per_s'))} "
+            f"({_fmt(floor.get('server_cpu_ms_per_request'))}) "
             f"| {_fmt(e['load_1m']['before_load_phase'])} -> {_fmt(e['load_1m']['after'])} |")
     lines.append("")
     for key, e in record["entries"].items():
