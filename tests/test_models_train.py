@@ -262,3 +262,39 @@ def test_train_metric_from_a_backed_file(small, tmp_path):
     backed = scatlas.tl.train_metric(ad.read_h5ad(path, backed="r"), "cell_type", "batch", **kw)
     memory = scatlas.tl.train_metric(small, "cell_type", "batch", **kw)
     np.testing.assert_allclose(backed.embed(small), memory.embed(small), rtol=1e-6)
+
+
+GPU_VS_CPU = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from scatlas import datasets
+    from scatlas.models import data as mdata
+    from scatlas.models.metric import MetricConfig, MetricTask
+    from scatlas.models.train import TrainConfig, fit
+    a = datasets.synthetic(400, 30, n_batches=2, n_cell_types=3, seed=0)
+    out = {"platform": jax.devices()[0].platform}
+    for bf16 in (False, True):
+        b = mdata.CellBatches(a.X, labels=a.obs["cell_type"].to_numpy(),
+                              studies=a.obs["batch"].to_numpy(), batch_size=64, seed=0)
+        cfg = TrainConfig(max_steps=4, seed=1, log_every=1, data_parallel=False, bf16=bf16)
+        task = MetricTask(MetricConfig(n_genes=30, hidden=(16,), latent_dim=4, dropout=0.0,
+                                       input_dropout=0.0, bf16=bf16), cfg, np.eye(3, dtype=bool))
+        out[str(bf16)] = [r["loss"] for r in fit(task, b, cfg).history]
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.gpu
+def test_gpu_training_matches_cpu():
+    """The same 4 steps on the GPU and on the CPU (float32; bf16 runs and stays close)."""
+    runs = {}
+    for platform in ("cuda", "cpu"):
+        env = dict(os.environ, JAX_PLATFORMS=platform,
+                   XLA_FLAGS="--xla_gpu_deterministic_ops=true")
+        proc = subprocess.run([sys.executable, "-c", GPU_VS_CPU], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[platform] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["cuda"]["platform"] == "gpu"
+    np.testing.assert_allclose(runs["cuda"]["False"], runs["cpu"]["False"], rtol=2e-2)
+    np.testing.assert_allclose(runs["cuda"]["True"], runs["cpu"]["False"], rtol=1e-1)
