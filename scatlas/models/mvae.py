@@ -1,0 +1,758 @@
+"""Multimodal VAE with a product-of-experts posterior (MVAE), in Flax, trained by :mod:`.train`.
+
+Model (Wu & Goodman 2018, MVAE; likelihoods as totalVI / MultiVI / PeakVI): a shared latent
+``z ~ N(0, I)`` of ``latent_dim`` dimensions generates every modality ``m`` independently:
+
+- counts (``"nb"``): ``x_mf ~ NB(l_m softmax(f_m(z, s))_f, theta_mf)`` with the observed total
+  ``l_m`` as library size (log library as offset) and a per-feature inverse dispersion;
+- protein (``"nb_mixture"``, optional): totalVI's background/foreground mixture with a shared
+  theta, ``mu_back = l softmax(b(z, s))``, ``mu_fore = mu_back (1 + softplus(a(z, s)))``, mixing
+  ``sigmoid(pi(z, s))`` on the background;
+- accessibility (``"bernoulli"``): ``x_mf ~ Bernoulli(sigmoid(f_m(z, s)_f + log l_m - c_m))``
+  on binarised data, ``c_m`` the mean training log depth (PeakVI's depth factor as an offset);
+- the log library itself, standardised, ``~ N(g_m(z, s), sigma_m^2)`` (so that imputation can
+  predict a missing modality's depth); ``s`` is the optional one-hot batch covariate (decoders
+  only, so the latent is pushed to be batch-free).
+
+Inference: one encoder ("expert") per modality gives ``N(mu_m, exp(logvar_m))``; the posterior
+of any subset ``S`` of observed modalities is the product of the experts in ``S`` and the prior
+expert (:func:`~.mvae_likelihoods.product_of_experts`); a missing modality's expert is masked
+per cell, so any non-empty subset embeds a cell. Encoder input: ``log1p(1e4 x / l)`` (counts) or
+the 0/1 data, plus the standardised log library; ``Dense -> LayerNorm -> ReLU -> Dropout`` blocks.
+
+Training: the sub-sampled ELBO (MVAE): per cell the average of the ELBO terms of the joint
+posterior, of every single modality's posterior and, beyond two modalities, of
+``n_random_subsets`` random subsets per step, each term reconstructing every *observed*
+modality of the cell (``cross_reconstruction=True``, a valid ELBO of all observed data with a
+restricted posterior; it trains the one-modality posteriors to predict the others, as scMM's
+cross-decoding; ``False``: each term reconstructs its own subset, the original MVAE); terms whose
+subset has no observed modality are dropped. The KL weight rises linearly from 0 to 1 over
+``kl_warmup_steps`` (validation uses weight 1: the true negative ELBO).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from .._validate import ScatlasInputError, check_positive_int
+from .io import SavedModel, write_model
+from .mvae_data import (
+    Modality,
+    batch_codes,
+    locate,
+    modality_arrays,
+    read_modalities,
+)
+from .mvae_likelihoods import (
+    LIKELIHOODS,
+    LOGVAR_MAX,
+    LOGVAR_MIN,
+    kl_standard_normal,
+    log_bernoulli,
+    log_nb,
+    log_nb_mixture,
+    log_normal,
+    product_of_experts,
+)
+
+log = logging.getLogger(__name__)
+
+INPUT_SCALE = 1e4  # encoder input: log1p(1e4 * x / total), as scanpy / scVI users normalise
+_PER_CELL = ("logits", "fore", "mix", "lib")  # head outputs with a leading cell axis
+
+
+# --------------------------------------------------------------------------------------- config
+
+@dataclass
+class MVAEConfig:
+    """Architecture and objective of a :class:`MultimodalVAE`.
+
+    ``modalities``/``likelihoods``/``n_features``: per modality, in order; ``log_lib_mean`` /
+    ``log_lib_sd``: per-modality mean and sd of the training log totals (standardise the
+    library input and model; the Bernoulli depth offset). ``n_batches``: categories of the batch
+    covariate (0: none). Sizes: ``latent_dim`` (totalVI: 20), ``hidden`` units, ``n_layers``
+    encoder and ``decoder_layers`` decoder blocks, ``dropout`` (encoders). Objective:
+    ``kl_warmup_steps``, ``n_random_subsets`` (per step, beyond two modalities),
+    ``cross_reconstruction``, ``library_weight`` (of the log-library term).
+    """
+
+    modalities: tuple[str, ...]
+    likelihoods: tuple[str, ...]
+    n_features: tuple[int, ...]
+    log_lib_mean: tuple[float, ...] = ()
+    log_lib_sd: tuple[float, ...] = ()
+    n_batches: int = 0
+    latent_dim: int = 20
+    hidden: int = 128
+    n_layers: int = 1
+    decoder_layers: int = 1
+    dropout: float = 0.1
+    kl_warmup_steps: int = 0
+    n_random_subsets: int = 1
+    cross_reconstruction: bool = True
+    library_weight: float = 1.0
+    library_input: bool = True
+    alignment_weight: float = 0.0
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(str(m) for m in self.modalities)
+        self.likelihoods = tuple(str(x) for x in self.likelihoods)
+        self.n_features = tuple(int(f) for f in self.n_features)
+        M = len(self.modalities)
+        if M == 0:
+            raise ScatlasInputError("a multimodal VAE needs at least one modality")
+        if len(set(self.modalities)) != M:
+            raise ScatlasInputError(f"duplicate modality names in {self.modalities}")
+        if len(self.likelihoods) != M or len(self.n_features) != M:
+            raise ScatlasInputError("modalities, likelihoods and n_features differ in length")
+        for lik in self.likelihoods:
+            if lik not in LIKELIHOODS:
+                raise ScatlasInputError(f"likelihood {lik!r} is not one of {LIKELIHOODS}")
+        self.log_lib_mean = tuple(float(v) for v in self.log_lib_mean) or (0.0,) * M
+        self.log_lib_sd = tuple(float(v) for v in self.log_lib_sd) or (1.0,) * M
+        if len(self.log_lib_mean) != M or len(self.log_lib_sd) != M:
+            raise ScatlasInputError("log_lib_mean / log_lib_sd need one value per modality")
+        for f in self.n_features:
+            check_positive_int(f, "n_features")
+        for name in ("latent_dim", "hidden", "n_layers", "decoder_layers"):
+            check_positive_int(getattr(self, name), name)
+        if self.n_batches < 0:
+            raise ScatlasInputError(f"n_batches must be >= 0, got {self.n_batches}")
+        if self.kl_warmup_steps < 0 or self.n_random_subsets < 0:
+            raise ScatlasInputError("kl_warmup_steps and n_random_subsets must be >= 0")
+        if not 0 <= self.dropout < 1:
+            raise ScatlasInputError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def net(self) -> MVAENet:
+        return MVAENet(self)
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.bfloat16 if self.bf16 else jnp.float32
+
+
+# ------------------------------------------------------------------------------------- network
+
+class _Blocks(nn.Module):
+    """``n`` blocks of ``Dense -> LayerNorm -> ReLU (-> Dropout)``."""
+
+    hidden: int
+    n: int
+    dropout: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, h: jax.Array, train: bool) -> jax.Array:
+        for _ in range(self.n):
+            h = nn.Dense(self.hidden, dtype=self.dtype)(h)
+            h = nn.LayerNorm(dtype=self.dtype)(h)
+            h = nn.relu(h)
+            if self.dropout > 0:
+                h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        return h
+
+
+class Expert(nn.Module):
+    """Encoder of one modality: (B, F) data and (B,) library -> Gaussian (mu, logvar) (B, D)."""
+
+    likelihood: str
+    hidden: int
+    n_layers: int
+    latent: int
+    dropout: float
+    lib_mean: float
+    lib_sd: float
+    library_input: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, lib: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        safe = jnp.maximum(lib, 1.0)
+        h = x if self.likelihood == "bernoulli" else jnp.log1p(x * (INPUT_SCALE / safe)[:, None])
+        if self.library_input:
+            std_lib = (jnp.log(safe) - self.lib_mean) / self.lib_sd
+            h = jnp.concatenate([h, std_lib[:, None]], axis=1)
+        h = h.astype(self.dtype)
+        h = _Blocks(self.hidden, self.n_layers, self.dropout, self.dtype)(h, train)
+        mu = nn.Dense(self.latent, dtype=self.dtype, name="mean")(h).astype(jnp.float32)
+        logvar = nn.Dense(self.latent, dtype=self.dtype, name="logvar")(h).astype(jnp.float32)
+        return mu, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
+
+
+class Head(nn.Module):
+    """Decoder of one modality: (N, D) latent and (N, K) covariate -> likelihood parameters.
+
+    Returns a dict of (N, F) float32 arrays: ``logits`` (NB: log of the rate fractions before
+    the softmax; Bernoulli: logits before the depth offset; NB mixture: background), ``fore``
+    and ``mix`` (NB mixture), and ``lib`` (N,) the predicted standardised log library; the
+    per-feature ``log_theta`` (F,) for the count likelihoods and ``lib_log_sd`` () are params.
+    """
+
+    likelihood: str
+    n_features: int
+    hidden: int
+    n_layers: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, z: jax.Array, cov: jax.Array | None) -> dict[str, jax.Array]:
+        h = z if cov is None else jnp.concatenate([z, cov], axis=1)
+        h = _Blocks(self.hidden, self.n_layers, 0.0, self.dtype)(h.astype(self.dtype), False)
+        out = {"logits": nn.Dense(self.n_features, dtype=self.dtype, name="rate")(h)}
+        if self.likelihood == "nb_mixture":
+            out["fore"] = nn.Dense(self.n_features, dtype=self.dtype, name="fore")(h)
+            out["mix"] = nn.Dense(self.n_features, dtype=self.dtype, name="mix")(h)
+        out["lib"] = nn.Dense(1, dtype=self.dtype, name="library")(h)[:, 0]
+        out = {k: v.astype(jnp.float32) for k, v in out.items()}
+        if self.likelihood != "bernoulli":
+            out["log_theta"] = self.param("log_theta", nn.initializers.zeros, (self.n_features,))
+        out["lib_log_sd"] = self.param("lib_log_sd", nn.initializers.zeros, ())
+        return out
+
+
+class MVAENet(nn.Module):
+    """All experts and heads of a :class:`MVAEConfig`."""
+
+    config: MVAEConfig
+
+    def setup(self) -> None:
+        c = self.config
+        self.experts = [
+            Expert(lik, c.hidden, c.n_layers, c.latent_dim, c.dropout, mean, sd, c.library_input,
+                   c.dtype)
+            for lik, mean, sd in zip(c.likelihoods, c.log_lib_mean, c.log_lib_sd, strict=True)
+        ]
+        self.heads = [
+            Head(lik, f, c.hidden, c.decoder_layers, c.dtype)
+            for lik, f in zip(c.likelihoods, c.n_features, strict=True)
+        ]
+
+    def encode(
+        self, xs: Sequence[jax.Array], libs: Sequence[jax.Array], train: bool = False
+    ) -> tuple[jax.Array, jax.Array]:
+        """Experts' ``(mus, logvars)``, each (M, B, D)."""
+        outs = [e(x, lib, train) for e, x, lib in zip(self.experts, xs, libs, strict=True)]
+        return jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
+
+    def decode(self, z: jax.Array, cov: jax.Array | None) -> list[dict[str, jax.Array]]:
+        """Every head's likelihood parameters for latent ``z`` (N, D)."""
+        return [h(z, cov) for h in self.heads]
+
+    def __call__(self, xs, libs, cov, train: bool = False):
+        mus, logvars = self.encode(xs, libs, train)
+        return mus, logvars, self.decode(mus[0], cov)
+
+
+# ----------------------------------------------------------------------------- the objective
+
+def subset_patterns(n_modalities: int) -> np.ndarray:
+    """(S, M) float32 fixed subsets of the sub-sampled ELBO: the joint, then each modality
+    alone (just the joint for one modality)."""
+    M = n_modalities
+    rows = [np.ones(M)] + ([np.eye(M)[m] for m in range(M)] if M > 1 else [])
+    return np.asarray(rows, np.float32)
+
+
+def log_likelihood(
+    likelihood: str, x: jax.Array, out: Mapping[str, jax.Array], log_lib: jax.Array,
+    lib_mean: float,
+) -> jax.Array:
+    """Per-cell ``log p(x | z)`` (summed over features) given a head's outputs ``out`` and the
+    observed log library ``log_lib`` (..., ) of broadcastable leading shape."""
+    logits = out["logits"]
+    if likelihood == "bernoulli":
+        lp = log_bernoulli(x, logits + (log_lib - lib_mean)[..., None])
+    else:
+        log_mu = jax.nn.log_softmax(logits, axis=-1) + log_lib[..., None]
+        if likelihood == "nb":
+            lp = log_nb(x, log_mu, out["log_theta"])
+        else:
+            log_fore = log_mu + jnp.log1p(jax.nn.softplus(out["fore"]))
+            lp = log_nb_mixture(x, log_mu, log_fore, out["log_theta"], out["mix"])
+    return jnp.sum(lp, axis=-1)
+
+
+def expected_value(
+    likelihood: str, out: Mapping[str, jax.Array], log_lib: jax.Array, lib_mean: float
+) -> jax.Array:
+    """Mean of the likelihood: expected counts (NB, NB mixture) or probabilities (Bernoulli)."""
+    logits = out["logits"]
+    if likelihood == "bernoulli":
+        return jax.nn.sigmoid(logits + (log_lib - lib_mean)[..., None])
+    mu = jax.nn.softmax(logits, axis=-1) * jnp.exp(log_lib)[..., None]
+    if likelihood == "nb":
+        return mu
+    pi = jax.nn.sigmoid(out["mix"])
+    return mu * (pi + (1 - pi) * (1 + jax.nn.softplus(out["fore"])))
+
+
+def one_hot(cov: jax.Array, n_batches: int) -> jax.Array | None:
+    return None if n_batches == 0 else jax.nn.one_hot(cov, n_batches, dtype=jnp.float32)
+
+
+def negative_elbo(
+    net: MVAENet,
+    variables: Mapping[str, Any],
+    batch: Mapping[str, jax.Array],
+    eps: jax.Array,
+    kl_weight: jax.Array | float,
+    subsets: jax.Array,
+    *,
+    train: bool = False,
+    rngs: Mapping[str, jax.Array] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The sub-sampled negative ELBO of a batch (see the module docstring).
+
+    ``subsets``: (S, M) or (S, B, M) 0/1 subset patterns (intersected with each cell's observed
+    modalities); ``eps``: (S, B, D) standard-normal noise of the reparameterisation. Returns the
+    loss (mean over cells of the average over a cell's valid terms of ``-recon - lib +
+    kl_weight * KL``) and ``aux``: ``terms`` (S, B), ``valid`` (S, B), ``recon`` (S, B, M)
+    (log-likelihoods incl. the library term, unweighted), ``kl`` (S, B).
+    """
+    c = net.config
+    M = len(c.modalities)
+    xs = [batch[f"x{m}"].astype(jnp.float32) for m in range(M)]
+    obs = jnp.stack([batch[f"m{m}"].astype(jnp.float32) for m in range(M)], axis=1)  # (B, M)
+    libs = [jnp.sum(x, axis=1) for x in xs]
+    log_libs = [jnp.log(jnp.maximum(lib, 1.0)) for lib in libs]
+    mus, logvars = net.apply(variables, xs, libs, train, method=MVAENet.encode, rngs=rngs)
+    sub = jnp.broadcast_to(subsets, (subsets.shape[0], obs.shape[0], M)) * obs[None]  # (S,B,M)
+    valid = (jnp.sum(sub, axis=-1) > 0).astype(jnp.float32)
+    mu, logvar = product_of_experts(mus[:, None], logvars[:, None], jnp.moveaxis(sub, -1, 0))
+    z = mu + jnp.exp(0.5 * logvar) * eps
+    S, B, D = z.shape
+    cov = one_hot(batch["cov"], c.n_batches)
+    cov = None if cov is None else jnp.tile(cov, (S, 1))
+    outs = net.apply(variables, z.reshape(S * B, D), cov, method=MVAENet.decode)
+    recon = []
+    for m, out in enumerate(outs):
+        out = {k: (v.reshape(S, B, *v.shape[1:]) if k in _PER_CELL else v)
+               for k, v in out.items()}
+        ll = log_likelihood(c.likelihoods[m], xs[m][None], out, log_libs[m][None],
+                            c.log_lib_mean[m])
+        std_lib = (log_libs[m] - c.log_lib_mean[m]) / c.log_lib_sd[m]
+        lib_ll = log_normal(std_lib[None], out["lib"], out["lib_log_sd"])
+        recon.append(ll + c.library_weight * lib_ll)
+    recon = jnp.stack(recon, axis=-1)  # (S, B, M)
+    weights = obs[None] if c.cross_reconstruction else sub
+    kl = kl_standard_normal(mu, logvar)  # (S, B)
+    terms = -jnp.sum(weights * recon, axis=-1) + kl_weight * kl
+    per_cell = jnp.sum(valid * terms, axis=0) / jnp.maximum(jnp.sum(valid, axis=0), 1.0)
+    align = alignment_penalty(mus, logvars, obs)
+    loss = jnp.mean(per_cell + c.alignment_weight * align)
+    return loss, {"terms": terms, "valid": valid, "recon": recon, "kl": kl, "align": align}
+
+
+def alignment_penalty(mus: jax.Array, logvars: jax.Array, obs: jax.Array) -> jax.Array:
+    """Per cell, the Jeffreys divergence ``KL(q_a || q_b) + KL(q_b || q_a)`` (summed over
+    latent dimensions) between the one-modality posteriors ``q_m = expert_m x prior`` of every
+    pair of observed modalities (MultiVI's ``modality_penalty="Jeffreys"``); (B,)."""
+    M = mus.shape[0]
+    one = jnp.eye(M, dtype=jnp.float32)[:, :, None]  # subset {m} for every m: (M, M, 1)
+    mu, logvar = product_of_experts(mus[:, None], logvars[:, None], one)  # (M, B, D)
+    var = jnp.exp(logvar)
+    total = jnp.zeros(obs.shape[0])
+    for a in range(M):
+        for b in range(a + 1, M):
+            d2 = (mu[a] - mu[b]) ** 2
+            j = 0.5 * jnp.sum(var[a] / var[b] + var[b] / var[a] - 2.0
+                              + d2 * (1.0 / var[a] + 1.0 / var[b]), axis=-1)
+            total = total + obs[:, a] * obs[:, b] * j
+    return total
+
+
+@dataclass
+class MVAETask:
+    """The :class:`~scatlas.models.train.Task` of the multimodal VAE (no BatchNorm state)."""
+
+    config: MVAEConfig
+    patterns: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.net = self.config.net()
+        self.patterns = subset_patterns(len(self.config.modalities))
+
+    def init(self, rng: jax.Array, batch: dict[str, Any]) -> dict[str, Any]:
+        return jax.jit(self._init)(rng, {k: v for k, v in batch.items() if k != "index"})
+
+    def _init(self, rng: jax.Array, batch: dict[str, Any]) -> dict[str, Any]:
+        M = len(self.config.modalities)
+        xs = [batch[f"x{m}"] for m in range(M)]
+        libs = [jnp.sum(x, axis=1) for x in xs]
+        cov = one_hot(batch["cov"], self.config.n_batches)
+        return self.net.init({"params": rng, "dropout": rng}, xs, libs, cov, False)
+
+    def kl_weight(self, step: jax.Array) -> jax.Array:
+        n = self.config.kl_warmup_steps
+        if n <= 0:
+            return jnp.float32(1.0)
+        return jnp.minimum(1.0, (step.astype(jnp.float32) + 1.0) / n)
+
+    def loss(self, params, state, batch, rng, step, train):
+        c = self.config
+        M = len(c.modalities)
+        noise_rng, subset_rng, drop_rng = jax.random.split(rng, 3)
+        B = batch["m0"].shape[0]
+        subsets = jnp.broadcast_to(jnp.asarray(self.patterns)[:, None], (len(self.patterns), B, M))
+        if M > 2 and c.n_random_subsets > 0:
+            rand = jax.random.bernoulli(subset_rng, 0.5, (c.n_random_subsets, B, M))
+            subsets = jnp.concatenate([subsets, rand.astype(jnp.float32)])
+        eps = jax.random.normal(noise_rng, (subsets.shape[0], B, c.latent_dim))
+        kl_weight = self.kl_weight(step) if train else jnp.float32(1.0)
+        loss, aux = negative_elbo(
+            self.net, {"params": params, **state}, batch, eps, kl_weight, subsets, train=train,
+            rngs={"dropout": drop_rng} if train else None,
+        )
+        obs = jnp.stack([batch[f"m{m}"] for m in range(M)], axis=1)
+        metrics = {"kl": jnp.mean(aux["kl"][0]), "kl_weight": kl_weight,
+                   "align": jnp.mean(aux["align"])}
+        for m, name in enumerate(c.modalities):
+            n_obs = jnp.maximum(jnp.sum(obs[:, m]), 1.0)
+            metrics[f"nll_{name}"] = -jnp.sum(aux["recon"][0, :, m] * obs[:, m]) / n_obs
+        return loss, (metrics, state)
+
+
+# ---------------------------------------------------------------------------------------- model
+
+class MultimodalVAE:
+    """A trained multimodal VAE: config, weights, per-modality features and locations.
+
+    Build one with :func:`scatlas.tl.train_mvae`; :meth:`embed` cells from any subset of their
+    modalities, :meth:`impute` a modality from others, :meth:`save` /
+    :func:`scatlas.models.load`.
+    """
+
+    kind = "mvae"
+
+    def __init__(
+        self,
+        config: MVAEConfig,
+        variables: Mapping[str, Any],
+        features: Mapping[str, Sequence[str]],
+        *,
+        locations: Mapping[str, str] | None = None,
+        batch_key: str | None = None,
+        batch_names: Sequence[str] = (),
+        info: dict[str, Any] | None = None,
+    ):
+        self.config = config
+        self.variables = dict(variables)
+        self.features = {m: pd.Index([str(f) for f in features[m]]) for m in config.modalities}
+        for m, f in zip(config.modalities, config.n_features, strict=True):
+            if len(self.features[m]) != f:
+                raise ScatlasInputError(
+                    f"{len(self.features[m])} features given for modality {m!r} of {f} inputs"
+                )
+        self.locations = dict(locations or {})
+        self.batch_key = batch_key
+        self.batch_names = list(batch_names)
+        self.info = dict(info or {})
+        self._net = config.net()
+        self._device_variables = jax.device_put(self.variables)
+        self._encode = jax.jit(self._encode_impl)
+        self._decode = jax.jit(self._decode_impl, static_argnums=(2,))
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.config.modalities)
+
+    @property
+    def likelihoods(self) -> dict[str, str]:
+        return dict(zip(self.config.modalities, self.config.likelihoods, strict=True))
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    @property
+    def genes(self) -> pd.Index:
+        """The first modality's features (the saved folder's ``genes.txt``)."""
+        return self.features[self.config.modalities[0]]
+
+    def __repr__(self) -> str:
+        c = self.config
+        mods = ", ".join(f"{m}: {f} {lik}" for m, f, lik in
+                         zip(c.modalities, c.n_features, c.likelihoods, strict=True))
+        return (f"MultimodalVAE({mods} -> {c.latent_dim}-d latent, hidden {c.hidden}, "
+                f"{c.n_batches} batches)")
+
+    # -- jitted pieces ----------------------------------------------------------------------
+
+    def _encode_impl(self, variables, xs, masks):
+        libs = [jnp.sum(x, axis=1) for x in xs]
+        mus, logvars = self._net.apply(variables, xs, libs, False, method=MVAENet.encode)
+        return product_of_experts(mus, logvars, masks)
+
+    def _decode_impl(self, variables, z, m, cov, log_lib):
+        c = self.config
+        outs = self._net.apply(variables, z, one_hot(cov, c.n_batches), method=MVAENet.decode)
+        out = outs[m]
+        if log_lib is None:  # the model's predicted log library (mean of its lognormal)
+            sd = jnp.exp(out["lib_log_sd"]) * c.log_lib_sd[m]
+            log_lib = out["lib"] * c.log_lib_sd[m] + c.log_lib_mean[m] + 0.5 * sd**2
+        return expected_value(c.likelihoods[m], out, log_lib, c.log_lib_mean[m])
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _resolve(self, data: Any, modalities: Any, *, present_only: bool) -> dict[str, Any]:
+        """name -> location of the modalities to read (None: all whose location resolves)."""
+        if isinstance(modalities, Mapping):
+            chosen = dict(modalities)
+        elif modalities is None:
+            chosen = {m: self.locations.get(m, m) for m in self.config.modalities}
+            if present_only:
+                chosen = {m: loc for m, loc in chosen.items() if _resolves(data, m, loc)}
+                if not chosen:
+                    raise ScatlasInputError(
+                        f"none of the model's modalities {self.locations} is in the data; pass "
+                        "modalities={name: location}"
+                    )
+        else:
+            names = [modalities] if isinstance(modalities, str) else list(modalities)
+            chosen = {m: self.locations.get(m, m) for m in names}
+        unknown = set(chosen) - set(self.config.modalities)
+        if unknown:
+            raise ScatlasInputError(
+                f"modalities {sorted(unknown)} are not in the model ({self.modalities})"
+            )
+        if not chosen:
+            raise ScatlasInputError("no modalities selected")
+        return chosen
+
+    def _read(self, data: Any, chosen: Mapping[str, Any], masks: Any, min_overlap: float):
+        mods = read_modalities(
+            data, chosen, self.likelihoods, features=self.features, masks=masks,
+            min_overlap=min_overlap,
+        )
+        return {mod.name: mod for mod in mods}
+
+    def _posterior(self, mods: Mapping[str, Modality], batch_size: int, progress: bool | None):
+        """(n, D) posterior means and log-variances of the PoE of ``mods`` (other experts off)."""
+        from .._progress import track
+
+        c = self.config
+        n = len(next(iter(mods.values())).observed)
+        order = [mods.get(m) for m in c.modalities]
+        means, logvars = [], []
+        starts = range(0, n, batch_size)
+        for start in track(starts, desc="encoding", progress=progress):
+            idx = np.arange(start, min(start + batch_size, n))
+            size = batch_size if n > batch_size else n
+            xs, masks = [], []
+            for m, mod in enumerate(order):
+                if mod is None:
+                    xs.append(np.zeros((size, c.n_features[m]), np.float32))
+                    masks.append(np.zeros(size, np.float32))
+                    continue
+                arr = modality_arrays([mod], idx)
+                xs.append(_pad(arr["x0"], size))
+                masks.append(_pad(arr["m0"], size))
+            mu, lv = self._encode(self._device_variables, xs, jnp.asarray(np.stack(masks)))
+            means.append(np.asarray(mu)[: idx.size])
+            logvars.append(np.asarray(lv)[: idx.size])
+        return np.concatenate(means), np.concatenate(logvars)
+
+    # -- public API --------------------------------------------------------------------------
+
+    def embed(
+        self,
+        data: Any,
+        modalities: Any = None,
+        *,
+        masks: Mapping[str, Any] | None = None,
+        batch_size: int = 4096,
+        min_overlap: float = 0.5,
+        return_logvar: bool = False,
+        progress: bool | None = None,
+        layer: str | None = None,
+        input: str = "counts",
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Posterior mean (n_cells, latent_dim) float32 of the product of the chosen experts.
+
+        ``modalities``: None (every model modality whose location is in ``data``), names (read
+        at the training locations), or ``{name: location}``. Each cell uses the chosen
+        modalities it has (missing ones masked); a cell with none of them is an error. Features
+        are aligned by name to the model's (zero fill, ``min_overlap`` enforced). ``layer`` and
+        ``input`` exist for :func:`scatlas.tl.embed` (only their defaults are supported: the
+        locations say where the raw counts are). ``return_logvar``: also the log-variances.
+        """
+        if layer is not None or input != "counts":
+            raise ScatlasInputError(
+                "a multimodal VAE reads raw counts from its modalities' locations; pass "
+                "modalities={name: location} instead of layer= / input="
+            )
+        batch_size = check_positive_int(batch_size, "batch_size")
+        chosen = self._resolve(data, modalities, present_only=True)
+        mods = self._read(data, chosen, masks, min_overlap)
+        mu, logvar = self._posterior(mods, batch_size, progress)
+        mu = mu.astype(np.float32, copy=False)
+        return (mu, logvar.astype(np.float32, copy=False)) if return_logvar else mu
+
+    def impute(
+        self,
+        data: Any,
+        source: Any = None,
+        target: str | None = None,
+        *,
+        library: str | float = "predicted",
+        batch: str | None = None,
+        masks: Mapping[str, Any] | None = None,
+        batch_size: int = 4096,
+        min_overlap: float = 0.5,
+        progress: bool | None = None,
+    ) -> np.ndarray:
+        """Expected ``target`` values (n_cells, n_target_features) float32 from ``source``.
+
+        The latent is the posterior mean of the ``source`` experts' product (``source`` as
+        ``modalities`` in :meth:`embed`; None: every model modality present except the target).
+        Values: expected counts for NB / NB-mixture targets, probabilities for Bernoulli.
+        ``library``: ``"predicted"`` (the model's log-library mean for the latent),
+        ``"observed"`` (the target's observed totals; every cell must have the target) or a
+        number (a fixed total, e.g. 1e4 for normalised values). ``batch``: the batch category
+        to decode in (default: the cells' ``obs[batch_key]`` when present, else the first).
+        """
+        c = self.config
+        if target not in c.modalities:
+            raise ScatlasInputError(f"target must be one of {self.modalities}, got {target!r}")
+        m = c.modalities.index(target)
+        if source is None:
+            chosen = self._resolve(data, None, present_only=True)
+            chosen.pop(target, None)
+            if not chosen:
+                raise ScatlasInputError(f"no source modality other than {target!r} in the data")
+        else:
+            chosen = self._resolve(data, source, present_only=False)
+        batch_size = check_positive_int(batch_size, "batch_size")
+        mods = self._read(data, chosen, masks, min_overlap)
+        z, _ = self._posterior(mods, batch_size, progress)
+        n = z.shape[0]
+        cov = self._covariate(data, batch, n)
+        if isinstance(library, str):
+            if library == "predicted":
+                log_lib = None
+            elif library == "observed":
+                tmod = self._read(data, {target: self.locations.get(target, target)}, masks,
+                                  min_overlap)[target]
+                if not tmod.observed.all():
+                    raise ScatlasInputError(
+                        f"library='observed' needs {target!r} in every cell; "
+                        f"{int((~tmod.observed).sum())} lack it"
+                    )
+                log_lib = np.log(np.asarray(tmod.matrix.sum(axis=1)).ravel())
+            else:
+                raise ScatlasInputError(
+                    f"library must be 'predicted', 'observed' or a number, got {library!r}"
+                )
+        else:
+            if not library > 0:
+                raise ScatlasInputError(f"library must be > 0, got {library!r}")
+            log_lib = np.full(n, np.log(float(library)))
+        out = []
+        for start in range(0, n, batch_size):
+            sl = slice(start, min(start + batch_size, n))
+            size = batch_size if n > batch_size else n
+            ll = None if log_lib is None else jnp.asarray(_pad(log_lib[sl].astype(np.float32),
+                                                               size))
+            vals = self._decode(self._device_variables, _pad(z[sl], size), m,
+                                _pad(cov[sl], size), ll)
+            out.append(np.asarray(vals)[: sl.stop - sl.start])
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _covariate(self, data: Any, batch: str | None, n: int) -> np.ndarray:
+        if self.config.n_batches == 0:
+            return np.zeros(n, np.int32)
+        if batch is not None:
+            if batch not in self.batch_names:
+                raise ScatlasInputError(f"batch {batch!r} is not one of {self.batch_names}")
+            return np.full(n, self.batch_names.index(batch), np.int32)
+        obs = getattr(data, "obs", None)
+        if self.batch_key is not None and obs is not None and self.batch_key in obs:
+            return batch_codes(data, self.batch_key, self.batch_names)[0]
+        log.warning("no batch given and no obs[%r]: decoding in batch %r",
+                    self.batch_key, self.batch_names[0])
+        return np.zeros(n, np.int32)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the model folder (manifest, first modality's features, weights) atomically."""
+        extra = {
+            "features": {m: list(map(str, f)) for m, f in self.features.items()},
+            "locations": {m: loc for m, loc in self.locations.items() if isinstance(loc, str)},
+            "batch_key": self.batch_key, "batch_names": self.batch_names, "info": self.info,
+        }
+        return write_model(directory, kind=self.kind, config=asdict(self.config),
+                           variables=self.variables, genes=self.genes, extra=extra)
+
+    @classmethod
+    def from_saved(cls, saved: SavedModel) -> MultimodalVAE:
+        config = MVAEConfig(**saved["config"])
+        extra = saved["extra"]
+        return cls(config, saved["variables"], extra["features"],
+                   locations=extra.get("locations"), batch_key=extra.get("batch_key"),
+                   batch_names=extra.get("batch_names", ()), info=extra.get("info", {}))
+
+
+def _resolves(data: Any, name: str, location: Any) -> bool:
+    try:
+        locate(data, name, location)
+    except ScatlasInputError:
+        return False
+    return True
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+    a = np.asarray(a)
+    if a.shape[0] == size:
+        return a
+    pad = np.zeros((size - a.shape[0], *a.shape[1:]), a.dtype)
+    return np.concatenate([a, pad])
+
+
+# ----------------------------------------------------------------------------------- benchmark
+
+def benchmark_callables(
+    n_genes: int = 2000, n_proteins: int = 50, batch_size: int = 1024, *, seed: int = 0,
+    bf16: bool = False, **config_kw: Any,
+) -> dict[str, Any]:
+    """Timed units for ``bench/mvae.py`` at the default architecture, RNA (NB) + protein (NB).
+
+    ``train_step()`` runs one jitted training step (encoders, PoE of the three ELBO subsets,
+    decoders, backward, AdamW) on a fixed device-resident batch of ``batch_size`` cells
+    (Poisson counts, ~10 % non-zero RNA) and blocks until done.
+    """
+    from .train import TrainConfig, Trainer
+
+    rng = np.random.default_rng(seed)
+    batch = {
+        "x0": rng.poisson(0.15, (batch_size, n_genes)).astype(np.float32),
+        "x1": rng.poisson(20.0, (batch_size, n_proteins)).astype(np.float32),
+        "m0": np.ones(batch_size, np.float32), "m1": np.ones(batch_size, np.float32),
+        "cov": np.zeros(batch_size, np.int32),
+    }
+    cfg = MVAEConfig(("rna", "protein"), ("nb", "nb"), (n_genes, n_proteins),
+                     log_lib_mean=(np.log(0.15 * n_genes), np.log(20.0 * n_proteins)),
+                     kl_warmup_steps=1000, bf16=bf16, **config_kw)
+    tcfg = TrainConfig(max_steps=100_000, learning_rate=2e-3, seed=seed, data_parallel=False)
+    trainer = Trainer(MVAETask(cfg), tcfg)
+    holder = {"ts": trainer.init_state(batch)}
+    device_batch = trainer.put(batch)
+
+    def train_step() -> None:
+        holder["ts"], metrics = trainer.train_step(holder["ts"], device_batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return {"train_step": train_step, "config": cfg, "trainer": trainer, "batch": batch}

@@ -1,0 +1,195 @@
+"""Train a multimodal VAE (product-of-experts posterior) from AnnData / MuData: ``train_mvae``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._validate import ScatlasInputError, check_positive_int
+from ._models import _n_devices, _split
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODALITIES = {"rna": "X", "protein": "obsm/protein_counts"}
+
+
+def _select_features(mods: list, train_rows: np.ndarray, n_top: int | None) -> None:
+    """Keep the ``n_top`` most variable features of every count modality wider than that."""
+    import scipy.sparse as sp
+
+    from ..models.mvae_data import COUNT_LIKELIHOODS, highly_variable
+
+    if n_top is None:
+        return
+    n_top = check_positive_int(n_top, "n_top_genes")
+    for mod in mods:
+        if mod.likelihood not in COUNT_LIKELIHOODS or mod.n_features <= n_top:
+            continue
+        rows = train_rows[mod.observed[train_rows]]
+        keep = highly_variable(mod.matrix, rows, n_top)
+        mod.matrix = mod.matrix[:, keep]
+        if sp.issparse(mod.matrix):
+            mod.matrix = sp.csr_matrix(mod.matrix)
+        mod.features = mod.features[keep]
+        empty = np.asarray(mod.matrix.sum(axis=1)).ravel() == 0
+        mod.observed = mod.observed & ~empty
+    observed = np.stack([m.observed for m in mods])
+    if not observed.any(axis=0).all():
+        raise ScatlasInputError(
+            f"{int((~observed.any(axis=0)).sum())} cell(s) have no counts in the selected "
+            f"features of any modality; drop them or raise n_top_genes"
+        )
+
+
+def _library_stats(mods: list, rows: np.ndarray) -> tuple[list[float], list[float]]:
+    means, sds = [], []
+    for mod in mods:
+        r = rows[mod.observed[rows]]
+        if r.size == 0:
+            raise ScatlasInputError(f"no training cell has modality {mod.name!r}")
+        loglib = np.log(np.maximum(np.asarray(mod.matrix[r].sum(axis=1)).ravel(), 1.0))
+        means.append(float(loglib.mean()))
+        sds.append(float(max(loglib.std(), 0.1)))
+    return means, sds
+
+
+def train_mvae(
+    adata: Any,
+    modalities: Mapping[str, Any] | None = None,
+    likelihoods: Mapping[str, str] | None = None,
+    seed: int = 0,
+    *,
+    batch_key: str | None = None,
+    masks: Mapping[str, Any] | None = None,
+    n_top_genes: int | None = None,
+    batch_size: int = 256,
+    max_steps: int | None = None,
+    validation_fraction: float = 0.1,
+    learning_rate: float = 2e-3,
+    weight_decay: float = 0.01,
+    kl_warmup_steps: int | None = None,
+    patience: int | None = None,
+    eval_every: int = 100,
+    checkpoint_dir: str | Path | None = None,
+    log_path: str | Path | None = None,
+    progress: bool | None = None,
+    data_parallel: bool = True,
+    **model_kw: Any,
+):
+    """Train a multimodal VAE with a product-of-experts posterior on paired or mosaic cells.
+
+    Parameters
+    ----------
+    adata
+        AnnData (or MuData, with ``mudata`` installed) of the cells.
+    modalities
+        ``{name: location}``; a location is ``"X"``, ``"layers/NAME"``, ``"obsm/NAME"`` (MuData:
+        ``"MOD"``, ``"MOD/layers/NAME"``, ...) or a (n_cells, n_features) matrix. Default
+        ``{"rna": "X", "protein": "obsm/protein_counts"}``. Raw counts for count likelihoods.
+        A cell misses a modality where its row is all-NaN or all-zero (or ``masks`` says so);
+        every cell needs at least one modality.
+    likelihoods
+        ``{name: "nb" | "nb_mixture" | "bernoulli"}``; missing names get the default for the
+        modality name (rna/gex/... and protein/adt/...: ``"nb"``; atac/peaks/...:
+        ``"bernoulli"``).
+    seed
+        Parameters, dropout, noise, the validation split and the batches derive from it.
+    batch_key
+        ``obs`` column of a batch covariate given to the decoders (batch correction).
+    masks
+        ``{name: bool array or obs column}``: False marks the modality missing in that cell.
+    n_top_genes
+        Keep only this many highly variable features (scanpy's ``seurat`` flavour, on the
+        training cells) of every count modality wider than that; None: all features.
+    batch_size, max_steps
+        Cells per step (capped at the training cells) and steps (default: about 200 passes
+        over the training cells, between 500 and 50,000).
+    validation_fraction
+        Cells held out for the validation negative ELBO (every ``eval_every`` steps; with
+        ``patience`` it stops training early and the best weights are kept).
+    learning_rate, weight_decay
+        AdamW with a cosine schedule (:class:`~scatlas.models.train.TrainConfig`).
+    kl_warmup_steps
+        Steps of linear KL warm-up from 0 to 1 (default: a third of ``max_steps``).
+    **model_kw
+        :class:`~scatlas.models.mvae.MVAEConfig` fields: ``latent_dim`` (20), ``hidden`` (128),
+        ``n_layers`` (1), ``decoder_layers`` (1), ``dropout`` (0.1), ``n_random_subsets`` (1),
+        ``cross_reconstruction`` (True), ``library_weight`` (1), ``bf16`` (False).
+
+    Returns
+    -------
+    :class:`~scatlas.models.mvae.MultimodalVAE`, with the training summary in ``model.info``
+    and the log records in ``model.history``.
+    """
+    from ..models.mvae import MultimodalVAE, MVAEConfig, MVAETask
+    from ..models.mvae_data import (
+        MultiModalBatches,
+        batch_codes,
+        read_modalities,
+        resolve_likelihoods,
+    )
+    from ..models.train import TrainConfig, fit
+
+    if not hasattr(adata, "n_obs") or not hasattr(adata, "obs"):
+        raise ScatlasInputError(f"expected an AnnData or MuData, got {type(adata).__name__}")
+    if adata.n_obs < 2:
+        raise ScatlasInputError(f"need at least 2 cells, got {adata.n_obs}")
+    modalities = dict(DEFAULT_MODALITIES if modalities is None else modalities)
+    liks = resolve_likelihoods(list(modalities), likelihoods)
+    mods = read_modalities(adata, modalities, liks, masks=masks)
+    train_rows, val_rows = _split(adata.n_obs, validation_fraction, seed)
+    _select_features(mods, train_rows, n_top_genes)
+    cov, batch_names = batch_codes(adata, batch_key)
+    lib_mean, lib_sd = _library_stats(mods, train_rows)
+
+    batch_size = check_positive_int(batch_size, "batch_size")
+    n_dev = _n_devices(data_parallel)
+    if batch_size > train_rows.size:
+        batch_size = max(n_dev, train_rows.size // n_dev * n_dev)
+        log.warning("batch_size capped at %d (the training cells)", batch_size)
+    if max_steps is None:
+        max_steps = int(min(50_000, max(500, math.ceil(200 * train_rows.size / batch_size))))
+    max_steps = check_positive_int(max_steps, "max_steps")
+    if kl_warmup_steps is None:
+        kl_warmup_steps = max_steps // 3
+    config = MVAEConfig(
+        modalities=tuple(modalities), likelihoods=tuple(liks[m] for m in modalities),
+        n_features=tuple(m.n_features for m in mods), log_lib_mean=tuple(lib_mean),
+        log_lib_sd=tuple(lib_sd), n_batches=len(batch_names) if batch_key else 0,
+        kl_warmup_steps=int(kl_warmup_steps), **model_kw,
+    )
+    batches = MultiModalBatches(mods, cov, batch_size=batch_size, rows=train_rows, seed=seed)
+    tcfg = TrainConfig(
+        max_steps=max_steps, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
+        eval_every=eval_every, patience=patience,
+        checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+        log_path=None if log_path is None else str(log_path), progress=progress,
+        data_parallel=data_parallel, bf16=config.bf16,
+    )
+    val = None
+    if val_rows.size >= n_dev:
+        vb = max(n_dev, min(batch_size, val_rows.size) // n_dev * n_dev)
+        usable = val_rows[: val_rows.size // vb * vb]
+        val = list(batches.sequential(usable, vb))
+    result = fit(MVAETask(config), batches, tcfg, val_batches=val)
+    observed = {m.name: int(m.observed.sum()) for m in mods}
+    info = {
+        "n_cells": int(adata.n_obs), "n_train": int(train_rows.size), "n_val": int(val_rows.size),
+        "observed": observed, "steps": result.steps, "batch_size": batch_size,
+        "best_step": result.best_step, "best_val": result.best_val,
+        "stopped_early": result.stopped_early, "cells_per_s": result.cells_per_s,
+        "compile_s": result.compile_s, "seed": seed, "n_top_genes": n_top_genes,
+        "train": tcfg.to_dict(),
+    }
+    locations = {name: loc for name, loc in modalities.items() if isinstance(loc, str)}
+    model = MultimodalVAE(
+        config, result.variables, {m.name: m.features for m in mods}, locations=locations,
+        batch_key=batch_key, batch_names=batch_names, info=info,
+    )
+    model.history = result.history
+    return model

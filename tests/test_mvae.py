@@ -1,0 +1,335 @@
+"""Multimodal VAE: the ELBO against a numpy reference, training on mosaic data, embed / impute,
+save / load, and bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy import stats
+from scipy.special import expit, log_softmax, logsumexp
+
+from scatlas._validate import ScatlasInputError
+from scatlas.models.mvae import (
+    INPUT_SCALE,
+    MVAEConfig,
+    MVAETask,
+    negative_elbo,
+    subset_patterns,
+)
+from scatlas.models.mvae_eval import foscttm
+
+# ------------------------------------------------------------------------ numpy reference ELBO
+
+
+def _np_blocks(p, h, n):
+    for i in range(n):
+        d, ln = p[f"Dense_{i}"], p[f"LayerNorm_{i}"]
+        h = h @ d["kernel"] + d["bias"]
+        mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+        h = (h - mean) / np.sqrt(var + 1e-6) * ln["scale"] + ln["bias"]
+        h = np.maximum(h, 0)
+    return h
+
+
+def _np_dense(p, h):
+    return h @ p["kernel"] + p["bias"]
+
+
+def _np_nb(x, mu, theta):
+    return stats.nbinom.logpmf(x, n=theta, p=theta / (theta + mu))
+
+
+def _np_negative_elbo(cfg, params, batch, eps, kl_weight, subsets):
+    """Everything recomputed in float64 numpy / scipy from the flax parameters."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    M = len(cfg.modalities)
+    xs = [np.asarray(batch[f"x{m}"], np.float64) for m in range(M)]
+    obs = np.stack([np.asarray(batch[f"m{m}"]) for m in range(M)], axis=1)
+    B = obs.shape[0]
+    mus, lvs, log_libs = [], [], []
+    for m in range(M):
+        e = p[f"experts_{m}"]
+        lib = np.maximum(xs[m].sum(1), 1.0)
+        log_libs.append(np.log(lib))
+        h = xs[m] if cfg.likelihoods[m] == "bernoulli" else np.log1p(xs[m] * INPUT_SCALE
+                                                                      / lib[:, None])
+        std = (np.log(lib) - cfg.log_lib_mean[m]) / cfg.log_lib_sd[m]
+        h = _np_blocks(e["_Blocks_0"], np.concatenate([h, std[:, None]], 1), cfg.n_layers)
+        mus.append(_np_dense(e["mean"], h))
+        lvs.append(np.clip(_np_dense(e["logvar"], h), -12, 12))
+    subsets = np.broadcast_to(subsets, (subsets.shape[0], B, M))
+    S = subsets.shape[0]
+    onehot = np.eye(cfg.n_batches)[np.asarray(batch["cov"])]
+    terms = np.zeros((S, B))
+    valid = np.zeros((S, B))
+    recon = np.zeros((S, B, M))
+    for s in range(S):
+        sub = subsets[s] * obs
+        valid[s] = sub.sum(1) > 0
+        prec = sum(sub[:, m, None] * np.exp(-lvs[m]) for m in range(M))
+        var = 1.0 / (1.0 + prec)
+        mu = var * sum(sub[:, m, None] * np.exp(-lvs[m]) * mus[m] for m in range(M))
+        z = mu + np.sqrt(var) * eps[s]
+        kl = 0.5 * np.sum(mu**2 + var - 1 - np.log(var), axis=1)
+        for m in range(M):
+            hp = p[f"heads_{m}"]
+            h = _np_blocks(hp["_Blocks_0"], np.concatenate([z, onehot], 1), cfg.decoder_layers)
+            logits = _np_dense(hp["rate"], h)
+            lik, x = cfg.likelihoods[m], xs[m]
+            if lik == "bernoulli":
+                prob = expit(logits + (log_libs[m] - cfg.log_lib_mean[m])[:, None])
+                ll = stats.bernoulli.logpmf(x, prob).sum(1)
+            else:
+                mu1 = np.exp(log_softmax(logits, axis=1) + log_libs[m][:, None])
+                theta = np.exp(hp["log_theta"])
+                if lik == "nb":
+                    ll = _np_nb(x, mu1, theta).sum(1)
+                else:
+                    mu2 = mu1 * (1 + np.logaddexp(0, _np_dense(hp["fore"], h)))
+                    pi = expit(_np_dense(hp["mix"], h))
+                    ll = logsumexp([np.log(pi) + _np_nb(x, mu1, theta),
+                                    np.log1p(-pi) + _np_nb(x, mu2, theta)], axis=0).sum(1)
+            lib_pred = _np_dense(hp["library"], h)[:, 0]
+            std = (log_libs[m] - cfg.log_lib_mean[m]) / cfg.log_lib_sd[m]
+            lib_ll = stats.norm.logpdf(std, lib_pred, np.exp(hp["lib_log_sd"]))
+            recon[s, :, m] = ll + cfg.library_weight * lib_ll
+        weights = obs if cfg.cross_reconstruction else sub
+        terms[s] = -(weights * recon[s]).sum(1) + kl_weight * kl
+    per_cell = (valid * terms).sum(0) / np.maximum(valid.sum(0), 1)
+    return per_cell.mean(), terms, valid, recon
+
+
+def _tiny_batch(rng, B, feats, liks):
+    batch = {}
+    for m, (f, lik) in enumerate(zip(feats, liks, strict=True)):
+        if lik == "bernoulli":
+            x = (rng.random((B, f)) < 0.3).astype(np.float32)
+        else:
+            x = rng.negative_binomial(2, 0.2, size=(B, f)).astype(np.float32)
+        batch[f"x{m}"] = x
+    obs = np.ones((B, len(feats)), np.float32)
+    obs[1, 0] = obs[2, 1] = obs[3, 2] = obs[4, :2] = 0  # mosaic: cells missing modalities
+    for m in range(len(feats)):
+        batch[f"x{m}"][obs[:, m] == 0] = 0
+        batch[f"m{m}"] = obs[:, m]
+    batch["cov"] = rng.integers(0, 2, B).astype(np.int32)
+    return batch
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_negative_elbo_matches_numpy_reference(cross):
+    rng = np.random.default_rng(0)
+    liks, feats = ("nb", "nb_mixture", "bernoulli"), (11, 6, 9)
+    cfg = MVAEConfig(("rna", "protein", "atac"), liks, feats, log_lib_mean=(3.0, 2.5, 1.0),
+                     log_lib_sd=(0.7, 0.9, 0.5), n_batches=2, latent_dim=4, hidden=8,
+                     n_layers=2, decoder_layers=1, dropout=0.0, library_weight=0.7,
+                     cross_reconstruction=cross)
+    B = 7
+    batch = _tiny_batch(rng, B, feats, liks)
+    task = MVAETask(cfg)
+    variables = task.init(jax.random.PRNGKey(1), batch)
+    # perturb the zero-initialised parameters so every term is exercised
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    leaves = [a + 0.3 * rng.standard_normal(a.shape).astype(np.float32) for a in leaves]
+    variables = jax.tree_util.tree_unflatten(tree, leaves)
+    fixed = np.broadcast_to(subset_patterns(3)[:, None], (4, B, 3))
+    random = (rng.random((2, B, 3)) < 0.5).astype(np.float32)
+    subsets = np.concatenate([fixed, random]).astype(np.float32)
+    eps = rng.standard_normal((subsets.shape[0], B, cfg.latent_dim)).astype(np.float32)
+    loss, aux = negative_elbo(task.net, variables, {k: jnp.asarray(v) for k, v in batch.items()},
+                              jnp.asarray(eps), 0.3, jnp.asarray(subsets))
+    ref_loss, terms, valid, recon = _np_negative_elbo(cfg, variables["params"], batch, eps, 0.3,
+                                                      subsets)
+    np.testing.assert_array_equal(np.asarray(aux["valid"]), valid)
+    np.testing.assert_allclose(np.asarray(aux["recon"]), recon, rtol=2e-4, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(aux["terms"]), terms, rtol=2e-4, atol=2e-3)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-4)
+    assert valid[:, 4].tolist()[:4] == [1, 0, 0, 1]  # cell 4 has only atac
+
+
+def test_kl_warmup_is_linear():
+    cfg = MVAEConfig(("rna",), ("nb",), (5,), kl_warmup_steps=10)
+    task = MVAETask(cfg)
+    w = [float(task.kl_weight(jnp.int32(s))) for s in (0, 4, 9, 50)]
+    np.testing.assert_allclose(w, [0.1, 0.5, 1.0, 1.0])
+    assert subset_patterns(1).tolist() == [[1.0]]
+    assert subset_patterns(2).tolist() == [[1, 1], [1, 0], [0, 1]]
+
+
+# -------------------------------------------------------------------------- training and API
+
+
+@pytest.fixture(scope="module")
+def mosaic():
+    """Synthetic RNA + protein cells, a third missing protein, a sixth missing RNA."""
+    from scatlas.datasets import synthetic
+
+    adata = synthetic(900, 300, n_cell_types=6, n_batches=2, protein=True, n_proteins=30,
+                      seed=3, progress=False)
+    prot = adata.obsm["protein_counts"].astype(np.float64)
+    rng = np.random.default_rng(0)
+    test = np.zeros(adata.n_obs, bool)
+    test[rng.choice(adata.n_obs, 200, replace=False)] = True
+    order = rng.permutation(np.flatnonzero(~test))
+    no_prot, no_rna = order[:230], order[230:345]
+    prot.iloc[no_prot] = np.nan
+    X = adata.X.tolil()
+    X[no_rna] = 0
+    adata.X = X.tocsr()
+    adata.obsm["protein_counts"] = prot
+    return adata, test, no_prot, no_rna
+
+
+@pytest.fixture(scope="module")
+def mosaic_model(mosaic):
+    from scatlas.tl import train_mvae
+
+    adata, test, _, _ = mosaic
+    return train_mvae(adata[~test].copy(), batch_key="batch", max_steps=300, batch_size=128,
+                      validation_fraction=0.1, eval_every=100, seed=0, progress=False)
+
+
+def test_trains_on_mosaic_and_aligns_modalities(mosaic, mosaic_model):
+    adata, test, _, _ = mosaic
+    model = mosaic_model
+    assert model.info["observed"] == {"rna": 700 - 115, "protein": 700 - 230}
+    held = adata[test].copy()
+    z_rna = model.embed(held, ["rna"])
+    z_prot = model.embed(held, ["protein"])
+    z_joint = model.embed(held)
+    assert z_rna.shape == (200, 20) and z_rna.dtype == np.float32
+    # the same cells from either modality land close together (random pairing: 0.5)
+    f = foscttm(z_rna, z_prot)
+    assert f < 0.15, f
+    # the joint posterior is tighter than either single-modality posterior
+    _, lv_joint = model.embed(held, return_logvar=True)
+    _, lv_rna = model.embed(held, ["rna"], return_logvar=True)
+    assert np.all(lv_joint <= lv_rna + 1e-5)
+    assert not np.allclose(z_joint, z_rna)
+    # imputed protein tracks the measured protein (per-protein Pearson on log1p counts)
+    pred = np.log1p(model.impute(held, ["rna"], "protein"))
+    meas = np.log1p(held.obsm["protein_counts"].to_numpy(float))
+    r = np.mean([np.corrcoef(pred[:, j], meas[:, j])[0, 1] for j in range(meas.shape[1])])
+    assert r > 0.5, r
+    hist = model.history
+    assert any("val_loss" in h for h in hist)
+    assert hist[-1]["kl_weight"] == pytest.approx(1.0)
+
+
+def test_embed_uses_whatever_modalities_a_cell_has(mosaic, mosaic_model):
+    adata, test, no_prot, no_rna = mosaic
+    train = adata[~test].copy()
+    idx = np.flatnonzero(~test)
+    pos = {c: i for i, c in enumerate(idx)}
+    z_all = mosaic_model.embed(train)
+    z_rna = mosaic_model.embed(train, ["rna"])
+    z_prot = mosaic_model.embed(train, ["protein"])
+    rows_np = [pos[c] for c in no_prot]  # no protein: the joint is the RNA posterior
+    np.testing.assert_allclose(z_all[rows_np], z_rna[rows_np], rtol=1e-5, atol=1e-6)
+    rows_nr = [pos[c] for c in no_rna]
+    np.testing.assert_allclose(z_all[rows_nr], z_prot[rows_nr], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ScatlasInputError, match="every modality missing"):
+        mosaic_model.embed(train, ["protein"])  # cells without protein cannot use only protein
+
+
+def test_save_load_roundtrip(tmp_path, mosaic, mosaic_model):
+    from scatlas.models import load
+
+    adata, test, _, _ = mosaic
+    held = adata[test].copy()
+    path = mosaic_model.save(tmp_path / "mvae")
+    back = load(path)
+    assert back.kind == "mvae" and back.modalities == ["rna", "protein"]
+    assert back.locations == {"rna": "X", "protein": "obsm/protein_counts"}
+    np.testing.assert_array_equal(back.embed(held), mosaic_model.embed(held))
+    np.testing.assert_array_equal(back.impute(held, ["rna"], "protein"),
+                                  mosaic_model.impute(held, ["rna"], "protein"))
+    # genes are aligned by name: shuffled columns give the same embedding
+    perm = np.random.default_rng(0).permutation(held.n_vars)
+    np.testing.assert_allclose(back.embed(held[:, perm].copy(), ["rna"]),
+                               back.embed(held, ["rna"]), rtol=1e-5, atol=1e-6)
+
+
+def test_impute_library_options(mosaic, mosaic_model):
+    adata, test, _, _ = mosaic
+    held = adata[test].copy()
+    fixed = mosaic_model.impute(held, ["rna"], "protein", library=1e4)
+    np.testing.assert_allclose(fixed.sum(1), 1e4, rtol=1e-3)  # NB: softmax x library
+    obs = mosaic_model.impute(held, ["rna"], "protein", library="observed")
+    np.testing.assert_allclose(obs.sum(1), held.obsm["protein_counts"].to_numpy().sum(1),
+                               rtol=1e-3)
+    rna = mosaic_model.impute(held, ["protein"], "rna", batch="batch1")
+    assert rna.shape == (200, 300) and np.all(rna >= 0)
+    with pytest.raises(ScatlasInputError, match="target"):
+        mosaic_model.impute(held, ["rna"], "atac")
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def _paired(n=40, seed=0):
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    a = ad.AnnData(sp.csr_matrix(rng.poisson(1.0, (n, 15)).astype(np.float32)))
+    a.obsm["protein_counts"] = pd.DataFrame(rng.poisson(5, (n, 4)), index=a.obs_names,
+                                            columns=list("ABCD"))
+    return a
+
+
+def test_bad_input_errors():
+    from scatlas.tl import train_mvae
+
+    a = _paired()
+    with pytest.raises(ScatlasInputError, match="has 39 cells but the data have 40"):
+        train_mvae(a, {"rna": "X", "protein": np.ones((39, 4))}, max_steps=1)
+    neg = a.copy()
+    neg.obsm["protein_counts"].iloc[3, 1] = -2
+    with pytest.raises(ScatlasInputError, match="negative values"):
+        train_mvae(neg, max_steps=1)
+    frac = a.copy()
+    frac.X = frac.X * 0.5
+    with pytest.raises(ScatlasInputError, match="integer counts"):
+        train_mvae(frac, max_steps=1)
+    gone = a.copy()
+    gone.obsm["protein_counts"] = gone.obsm["protein_counts"].astype(float)
+    gone.obsm["protein_counts"].iloc[[2, 5]] = np.nan
+    X = gone.X.tolil()
+    X[[2, 5]] = 0
+    gone.X = X.tocsr()
+    with pytest.raises(ScatlasInputError, match="2 cell\\(s\\) have every modality missing"):
+        train_mvae(gone, max_steps=1)
+    part = a.copy()
+    part.obsm["protein_counts"] = part.obsm["protein_counts"].astype(float)
+    part.obsm["protein_counts"].iloc[4, 0] = np.nan
+    with pytest.raises(ScatlasInputError, match="some NaN"):
+        train_mvae(part, max_steps=1)
+    with pytest.raises(ScatlasInputError, match="no obsm key"):
+        train_mvae(a, {"rna": "X", "protein": "obsm/adt"}, max_steps=1)
+    with pytest.raises(ScatlasInputError, match="no default likelihood"):
+        train_mvae(a, {"rna": "X", "spatial": "obsm/protein_counts"}, max_steps=1)
+    with pytest.raises(ScatlasInputError, match="not one of"):
+        train_mvae(a, likelihoods={"protein": "poisson"}, max_steps=1)
+    with pytest.raises(ScatlasInputError, match="not 'X'"):
+        train_mvae(a, {"rna": "varm/x"}, max_steps=1)
+
+
+def test_mudata_mosaic_rows_are_matched():
+    mudata = pytest.importorskip("mudata")
+    import anndata as ad
+
+    from scatlas.models.mvae_data import read_modalities
+
+    a = _paired(30)
+    prot = ad.AnnData(a.obsm["protein_counts"].to_numpy().astype(np.float32)[::-1][:20])
+    prot.obs_names = a.obs_names[::-1][:20]
+    md = mudata.MuData({"rna": ad.AnnData(a.X, obs=a.obs), "prot": prot})
+    mods = read_modalities(md, {"rna": "rna", "protein": "prot"}, {"rna": "nb", "protein": "nb"})
+    cells = pd.Index(md.obs_names)
+    got = mods[1].matrix[cells.get_indexer(a.obs_names[::-1][:20])]
+    np.testing.assert_array_equal(got, prot.X)
+    assert mods[1].observed.sum() == 20
