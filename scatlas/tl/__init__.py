@@ -10,8 +10,9 @@ from ._inmf import inmf, online_inmf, online_inmf_add, project_inmf
 from ._integrate import integrate
 from ._linalg import cca, pca
 from ._models import embed, train_metric
+from ._mvae import train_mvae
 
 __all__ = [
     "cca", "embed", "inmf", "integrate", "online_inmf", "online_inmf_add", "pca", "project_inmf",
-    "train_metric",
+    "train_metric", "train_mvae",
 ]
