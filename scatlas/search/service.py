@@ -495,7 +495,11 @@ class MetadataTable:
             return
         self.columns = [str(c) for c in metadata.columns]
         index = metadata.index
-        is_range = (isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1)
+        # ids that are row positions (the usual case) need no hash lookup per request
+        is_range = ((isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1)
+                    or (index.dtype.kind in "iu" and index.is_monotonic_increasing
+                        and (len(index) == 0 or (index[0] == 0 and index[-1] == len(index) - 1))
+                        and index.is_unique))
         self.positions = None if is_range else index
         for name, col in zip(self.columns, metadata.columns, strict=True):
             self.values[name] = _column_values(metadata[col])
