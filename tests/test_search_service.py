@@ -618,3 +618,34 @@ def test_metadata_table_values_and_non_range_ids():
     json.dumps(rows, allow_nan=False)  # strictly valid JSON
     assert table.rows(np.array([[10]]), ["n"]) == [[{"n": 1}]]
     assert MetadataTable(None).columns == []
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_batch_window_does_not_spin(loop, monkeypatch):
+    """One wait for the first request and one for the window per request: uvloop's millisecond
+    timers fire a little early, and re-waiting for the remainder used to spin ~20 times."""
+    runner = asyncio.run if loop == "asyncio" else pytest.importorskip("uvloop").run
+    waits = 0
+    original = asyncio.Event.wait
+
+    async def counting_wait(self):
+        nonlocal waits
+        waits += 1
+        return await original(self)
+
+    monkeypatch.setattr(asyncio.Event, "wait", counting_wait)
+
+    def search(Q, *, k):
+        return np.zeros((len(Q), k), np.float32), np.zeros((len(Q), k), np.int64)
+
+    async def main():
+        b = MicroBatcher(search, max_wait_ms=2.0)
+        await b.start()
+        for _ in range(20):
+            D, _ = await b.submit(np.zeros((1, 4), np.float32), key=1, k=3)
+            assert D.shape == (1, 3)
+        await b.close()
+        b.shutdown_executor()
+
+    runner(main())
+    assert waits <= 2 * 20 + 2

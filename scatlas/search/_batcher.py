@@ -220,7 +220,8 @@ class MicroBatcher:
                     await wakeup.wait()  # the window ends, the batch fills, or close()
                 finally:
                     timer.cancel()
-                continue
+                # no re-check of the clock: uvloop's millisecond timers may fire a little early,
+                # and waiting again for the remainder would spin
             batch = self._take()
             try:
                 await self._execute(batch)
