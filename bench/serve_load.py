@@ -477,19 +477,22 @@ def _stack(stack: dict[str, Any]) -> str:
 
 
 def markdown(record: dict[str, Any]) -> str:
-    lines = [f"### HTTP search service load test ({record['device']})", "",
-             "`python -m bench.serve_load`: `scatlas serve` on loopback, driven by an async httpx "
-             "client on the same machine (client and server share the CPU); direct = "
-             "`idx.search` in process. Latencies in ms; QPS = requests (of one query each unless "
-             "stated) per second. HTTP floor = the same client against a Starlette endpoint that "
-             "only reads the body and returns a constant: the ceiling of the HTTP stack and "
-             "client on this machine at that moment. Server CPU ms/req = the server process's "
-             "user + system CPU time during the load phase per answered request (less sensitive "
-             "to other work on the machine than wall-clock figures).", "",
+    intro = (
+        "`python -m bench.serve_load`: `scatlas serve` on loopback, driven by an async httpx "
+        "client on the same machine (client and server share the CPU); direct = `idx.search` in "
+        "process. Latencies in ms (client side); q/s = queries per second (one query per "
+        "request, 16 for the q16 rows). HTTP floor = the same client against a Starlette "
+        "endpoint that only reads the body and returns a constant: the ceiling of the HTTP "
+        "stack and client on this machine at that moment. Server CPU ms/req = the server "
+        "process's user + system CPU time during the load phase per answered request (less "
+        "sensitive to other work on the machine than wall-clock figures); server p50 = the "
+        "service's own `/search` latency from `/metrics` (request read to response built).")
+    lines = [f"### HTTP search service load test ({record['device']})", "", intro, "",
              "| cells | engine (nprobe) | direct 1-query p50 / p99 | direct batch q/s "
-             "| HTTP 1-query p50 / p99 | overhead p50 | load: conc. | QPS | p50 / p99 | errors "
-             "| mean batch | server CPU ms/req | HTTP floor QPS (CPU ms/req) | load 1m |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| HTTP 1-query p50 / p99 | overhead p50 | load: conc. | q/s | p50 / p99 | errors "
+             "| mean batch | server p50 | server CPU ms/req | HTTP floor req/s (CPU ms/req) "
+             "| load 1m |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in record["entries"].values():
         d, s, ld = e["direct"], e["http_single"], e["http_load"]
         floor = e.get("http_floor") or {}
@@ -505,6 +508,7 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {ld['concurrency']} | {_fmt(ld['queries_per_s'])} "
             f"| {_fmt(ld['latency_ms']['p50'])} / {_fmt(ld['latency_ms']['p99'])} "
             f"| {ld['errors']} | {_fmt(e['server']['mean_queries_per_call'])} "
+            f"| {_fmt((e['server'].get('search_latency_ms') or {}).get('p50'))} "
             f"| {_fmt(ld.get('server_cpu_ms_per_request'))} "
             f"| {_fmt(floor.get('requests_per_s'))} "
             f"({_fmt(floor.get('server_cpu_ms_per_request'))}) "
