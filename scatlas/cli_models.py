@@ -1,9 +1,14 @@
-"""``scatlas train metric`` and ``scatlas embed``: train a cell encoder, embed cells with it.
+"""``scatlas train metric|mvae``, ``scatlas embed``, ``scatlas impute``: train cell models and
+apply them.
 
 Examples::
 
     scatlas train metric atlas.h5ad --label-key cell_type --study-key study --out model/
     scatlas embed --model model/ query.h5ad query_embedded.h5ad   # obsm['X_scatlas']
+    scatlas train mvae cite.h5ad --modality rna=X --modality protein=obsm/protein_counts \
+        --n-top-genes 2000 --out mvae/
+    scatlas embed --model mvae/ --modalities rna rna_only.h5ad out.h5ad
+    scatlas impute --model mvae/ --source rna --target protein rna_only.h5ad out.h5ad
 """
 
 from __future__ import annotations
@@ -18,7 +23,105 @@ from pathlib import Path
 def _read(path: str, backed: bool = False):
     from .io import read_h5ad
 
+    if str(path).endswith(".h5mu"):
+        return _read_h5mu(path)
     return read_h5ad(path, backed="r" if backed else False)
+
+
+def _read_h5mu(path: str):
+    from ._validate import ScatlasInputError
+
+    try:
+        import mudata
+    except ImportError:
+        raise ScatlasInputError(f"reading {path!r} needs mudata (pip install mudata)") from None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path!r} does not exist")
+    return mudata.read_h5mu(path)
+
+
+def _write(data, path: str) -> None:
+    from .io import atomic_write, write_h5ad
+
+    if hasattr(data, "mod"):  # MuData
+        with atomic_write(Path(path)) as tmp:
+            data.write(str(tmp))
+        return
+    write_h5ad(data, path)
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    """``["name=value", ...]`` -> dict (order kept)."""
+    from ._validate import ScatlasInputError
+
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ScatlasInputError(f"{what} must look like NAME=VALUE, got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def cmd_train_mvae(args: argparse.Namespace) -> int:
+    from . import tl
+    from .models.train import plot_history
+
+    t0 = time.perf_counter()
+    data = _read(args.input)
+    modalities = _pairs(args.modality, "--modality") or None
+    likelihoods = _pairs(args.likelihood, "--likelihood") or None
+    log_path = args.log or str(Path(args.out).with_suffix("")) + ".train.jsonl"
+    model = tl.train_mvae(
+        data, modalities, likelihoods, seed=args.seed, batch_key=args.batch_key,
+        n_top_genes=args.n_top_genes, batch_size=args.batch_size, max_steps=args.max_steps,
+        validation_fraction=args.validation_fraction, learning_rate=args.lr,
+        kl_warmup_steps=args.kl_warmup_steps, patience=args.patience,
+        checkpoint_dir=args.checkpoint_dir, log_path=log_path,
+        progress=None if args.progress else False, latent_dim=args.latent_dim,
+        hidden=args.hidden, n_layers=args.n_layers,
+    )
+    model.save(args.out)
+    if args.plot:
+        plot_history(log_path, args.plot)
+    summary = {k: model.info[k] for k in ("steps", "best_step", "best_val", "cells_per_s",
+                                          "observed")}
+    print(f"scatlas train mvae: {model!r} -> {args.out} in {time.perf_counter() - t0:.1f} s; "
+          f"{json.dumps(summary)}; log {log_path}")
+    return 0
+
+
+def cmd_impute(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ._validate import ScatlasInputError
+    from .models.io import load
+
+    t0 = time.perf_counter()
+    model = load(args.model)
+    if getattr(model, "kind", None) != "mvae":
+        raise ScatlasInputError(f"{args.model!r} is a {model.kind!r} model; impute needs an mvae")
+    data = _read(args.input)
+    library = args.library
+    if library not in ("predicted", "observed"):
+        try:
+            library = float(library)
+        except ValueError:
+            raise ScatlasInputError(
+                f"--library must be 'predicted', 'observed' or a number, got {library!r}"
+            ) from None
+    values = model.impute(data, args.source, args.target, library=library, batch=args.batch,
+                          batch_size=args.batch_size, min_overlap=args.min_overlap,
+                          progress=None if args.progress else False)
+    key = args.key_added or f"{args.target}_imputed"
+    data.obsm[key] = pd.DataFrame(values, index=pd.Index(data.obs_names),
+                                  columns=model.features[args.target])
+    data.uns[key] = {"model": repr(model), "source": list(args.source or []),
+                     "target": args.target, "library": str(library)}
+    _write(data, args.output)
+    print(f"scatlas impute: {args.target} ({values.shape[1]} features) for {values.shape[0]} "
+          f"cells -> obsm[{key!r}] in {args.output} ({time.perf_counter() - t0:.1f} s)")
+    return 0
 
 
 def cmd_train_metric(args: argparse.Namespace) -> int:
@@ -54,10 +157,19 @@ def cmd_embed(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = load(args.model)
     adata = _read(args.input)
-    tl.embed(adata, model, key_added=args.key_added, layer=args.layer, input=args.input_kind,
-             batch_size=args.batch_size, min_overlap=args.min_overlap,
-             progress=None if args.progress else False)
-    write_h5ad(adata, args.output)
+    if getattr(model, "kind", None) == "mvae":
+        Z = model.embed(adata, args.modalities, batch_size=args.batch_size,
+                        min_overlap=args.min_overlap, progress=None if args.progress else False,
+                        layer=args.layer, input=args.input_kind)
+        adata.obsm[args.key_added] = Z
+        adata.uns[args.key_added] = {"model": repr(model), "modalities": args.modalities or [],
+                                     "latent_dim": int(Z.shape[1])}
+        _write(adata, args.output)
+    else:
+        tl.embed(adata, model, key_added=args.key_added, layer=args.layer,
+                 input=args.input_kind, batch_size=args.batch_size,
+                 min_overlap=args.min_overlap, progress=None if args.progress else False)
+        write_h5ad(adata, args.output)
     print(f"scatlas embed: {adata.n_obs} cells -> obsm[{args.key_added!r}] "
           f"({model.latent_dim} dims) in {args.output} ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -71,7 +183,7 @@ def _input_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Callable) -> None:
-    train = sub.add_parser("train", help="train a cell encoder (metric)")
+    train = sub.add_parser("train", help="train a cell model (metric, mvae)")
     models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
 
     p = models.add_parser("metric", help="SCimilarity-style metric-learning encoder",
@@ -114,5 +226,71 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--batch-size", type=int, default=10_000, help="cells per chunk")
     p.add_argument("--min-overlap", type=float, default=0.5,
                    help="minimum fraction of the model's genes present (default 0.5)")
+    p.add_argument("--modalities", nargs="+", default=None, metavar="NAME",
+                   help="mvae models: embed from these modalities only (default: every model "
+                   "modality present in the input)")
     _input_args(p)
     p.set_defaults(func=cmd_embed)
+
+    _register_mvae(models)
+    _register_impute(sub)
+
+
+def _register_mvae(models: argparse._SubParsersAction) -> None:
+    p = models.add_parser(
+        "mvae", help="multimodal VAE with a product-of-experts posterior",
+        description="Train a multimodal VAE (one expert per modality, product-of-experts "
+        "posterior, sub-sampled ELBO) on paired or mosaic cells; writes a model folder.")
+    p.add_argument("input", help="input .h5ad (or .h5mu with mudata installed), raw counts")
+    p.add_argument("--out", required=True, help="model folder to write (atomically)")
+    p.add_argument("--modality", action="append", metavar="NAME=LOCATION",
+                   help="a modality and where it is: X, layers/NAME, obsm/NAME (MuData: MOD, "
+                   "MOD/layers/NAME); repeat per modality (default rna=X "
+                   "protein=obsm/protein_counts)")
+    p.add_argument("--likelihood", action="append", metavar="NAME=LIKELIHOOD",
+                   help="nb, nb_mixture or bernoulli (default by name: rna/protein nb, atac "
+                   "bernoulli)")
+    p.add_argument("--batch-key", default=None, help="obs column of a batch covariate")
+    p.add_argument("--n-top-genes", type=int, default=None,
+                   help="keep this many highly variable features of wide count modalities")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="training steps (default ~200 passes over the cells, 500..50,000)")
+    p.add_argument("--batch-size", type=int, default=256, help="cells per step (default 256)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--kl-warmup-steps", type=int, default=None,
+                   help="linear KL warm-up steps (default a third of the steps)")
+    p.add_argument("--latent-dim", type=int, default=20, help="latent size (default 20)")
+    p.add_argument("--hidden", type=int, default=128, help="hidden units (default 128)")
+    p.add_argument("--n-layers", type=int, default=1, help="encoder hidden layers (default 1)")
+    p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop after this many validations without improvement")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="orbax checkpoints here; rerunning resumes from the latest")
+    p.add_argument("--log", default=None, help="JSON-lines training log (default OUT.train.jsonl)")
+    p.add_argument("--plot", default=None, help="write the loss curve to this PNG")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.set_defaults(func=cmd_train_mvae)
+
+
+def _register_impute(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("impute", help="impute a modality with a multimodal VAE (obsm)",
+                       description="Expected values of the target modality from the source "
+                       "modalities (posterior mean of their product of experts), written to "
+                       "obsm[KEY] as a DataFrame named by the target's features.")
+    p.add_argument("--model", required=True, help="mvae model folder")
+    p.add_argument("input", help="input .h5ad / .h5mu with the source modalities (raw counts)")
+    p.add_argument("output", help="output file (written atomically)")
+    p.add_argument("--target", required=True, help="modality to impute")
+    p.add_argument("--source", nargs="+", default=None, metavar="NAME",
+                   help="modalities to impute from (default: every other one present)")
+    p.add_argument("--library", default="predicted",
+                   help="'predicted' (default), 'observed' or a fixed total per cell")
+    p.add_argument("--batch", default=None, help="batch category to decode in")
+    p.add_argument("--key-added", default=None, help="obsm key (default TARGET_imputed)")
+    p.add_argument("--batch-size", type=int, default=4096, help="cells per chunk")
+    p.add_argument("--min-overlap", type=float, default=0.5,
+                   help="minimum fraction of the model's features present (default 0.5)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.set_defaults(func=cmd_impute)
