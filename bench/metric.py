@@ -289,6 +289,10 @@ def _worker(w: Workload) -> PeerWorker:
                           "torch_threads": worker.setup.get("torch_threads"),
                           "l1_layer_shape": worker.setup.get("l1_layer_shape"),
                           "startup_s": round(worker.startup_s, 2)}
+        w.info["summary"] += (f"; peer scimilarity {worker.hello.get('scimilarity')}, torch "
+                              f"{worker.hello.get('torch')} ({worker.setup.get('torch_threads')}"
+                              f" threads), its L1 term on the {worker.setup.get('l1_layer_shape')}"
+                              " Linear")
     return peer["worker"]
 
 
@@ -399,6 +403,8 @@ def run_interleaved(
     log(f"[metric] interleaved, genes={size_list}, repeats={repeats}, warmup={warmup} -> {path}")
     for size in size_list:
         w = build(size, "cpu", full)
+        w.info["timing"] = "interleaved ABBA"
+        w.info["summary"] += f"; timing interleaved ABBA, warm-up {warmup}"
         results: dict[str, Any] = {}
         for group in GROUP_CELLS:
             group_methods = [m for m in chosen if m.group == group]
