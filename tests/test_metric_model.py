@@ -110,3 +110,11 @@ def test_infonce_and_hierarchy_train(tiny_model):
                                     hierarchy={"type1": "type0"}, progress=False)
     assert any("infonce" in r for r in model.history)
     assert model.embed(a).shape == (a.n_obs, 4)
+
+
+def test_sparse_first_layer_equals_dense_path(tiny_model):
+    """On the CPU, CSR input takes the host sparse first layer; dense input the jitted GEMM."""
+    a, model = tiny_model
+    dense = a.copy()
+    dense.X = dense.X.toarray()
+    np.testing.assert_allclose(model.embed(a), model.embed(dense), rtol=1e-5, atol=1e-6)

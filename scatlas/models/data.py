@@ -104,10 +104,11 @@ def as_source(X: Any) -> MatrixSource | SyntheticSource:
 
 # --------------------------------------------------------------------------------- transforms
 
-def lognorm(X: Any, target_sum: float = 1e4) -> np.ndarray:
-    """``log1p(counts / total * target_sum)`` per row, densified to float32 (B, n_genes).
+def lognorm(X: Any, target_sum: float = 1e4, *, dense: bool = True) -> Any:
+    """``log1p(counts / total * target_sum)`` per row, float32 (B, n_genes).
 
-    Rows with zero total stay zero (SCimilarity's ``scCollator`` guard).
+    Densified unless ``dense=False`` and ``X`` is sparse (then CSR). Rows with zero total stay
+    zero (SCimilarity's ``scCollator`` guard).
     """
     if sp.issparse(X):
         X = sp.csr_matrix(X, dtype=np.float32)
@@ -115,16 +116,20 @@ def lognorm(X: Any, target_sum: float = 1e4) -> np.ndarray:
         scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
         X = sp.diags(scale.astype(np.float32)) @ X
         X.data = np.log1p(X.data)
-        return X.toarray()
+        return X.toarray() if dense else X
     X = np.asarray(X, dtype=np.float32)
     totals = X.sum(axis=1, keepdims=True)
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     return np.log1p(X * scale)
 
 
-def densify(X: Any) -> np.ndarray:
-    """Rows as a dense float32 array (no normalisation: the input is already transformed)."""
-    return (X.toarray() if sp.issparse(X) else np.asarray(X)).astype(np.float32, copy=False)
+def densify(X: Any, *, dense: bool = True) -> Any:
+    """Rows as float32 (no normalisation: the input is already transformed); dense unless
+    ``dense=False`` and ``X`` is sparse (then CSR)."""
+    if sp.issparse(X):
+        return X.toarray().astype(np.float32, copy=False) if dense else sp.csr_matrix(
+            X, dtype=np.float32)
+    return np.asarray(X).astype(np.float32, copy=False)
 
 
 _TRANSFORMS: dict[str, Transform] = {"lognorm": lognorm, "none": densify}

@@ -55,8 +55,10 @@ def model_chunks(
     input: str = "counts",
     chunk_size: int = 10_000,
     min_overlap: float = 0.5,
-) -> Iterator[np.ndarray]:
-    """Dense float32 chunks (rows, len(genes)) ready for the model, in row order.
+    dense: bool = True,
+) -> Iterator[Any]:
+    """Float32 chunks (rows, len(genes)) ready for the model, in row order: dense, or CSR for
+    sparse input when ``dense=False``.
 
     ``data``: an AnnData (in memory or backed; genes matched on ``var_names``) or a matrix whose
     columns are already the model's genes. ``input``: ``"counts"`` (raw counts: validated and
@@ -83,6 +85,6 @@ def model_chunks(
         check_matrix(block, "X", nonnegative=input == "counts", min_rows=0)
         if input == "counts":
             check_integer_counts(block)
-            yield lognorm(block)
+            yield lognorm(block, dense=dense)
         else:
-            yield densify(block)
+            yield densify(block, dense=dense)

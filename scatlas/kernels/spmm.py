@@ -1,0 +1,95 @@
+"""Sparse x dense products for the first layer of cell encoders on the CPU.
+
+Expression input is mostly zeros (10x data: ~5-10 % of 28k genes detected per cell), yet
+encoders multiply it densely: for a batch X (n, G) and a first-layer kernel W (G, H),
+``X @ W`` and the weight gradient ``X^T D`` are the two largest products of a training step at
+atlas gene counts. Both are computed here gene-major (column-compressed X): each row of W (or of
+the gradient) is touched once per batch while the (n, H) side stays in cache, so the cost is
+``nnz * H`` multiply-adds instead of ``n * G * H``.
+
+With numba (a scanpy dependency) the loops run multi-threaded over column blocks (``X @ W``) or
+genes (``X^T D``); without it scipy's CSC product is used (single-threaded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+try:  # numba ships with scanpy; fall back to scipy when it is missing
+    import numba
+except ImportError:  # pragma: no cover - exercised only without numba
+    numba = None
+
+
+
+def _csc(X: Any) -> sp.csc_matrix:
+    X = sp.csc_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsc()
+    return X.astype(np.float32, copy=False)
+
+
+if numba is not None:
+
+    @numba.njit(inline="always")
+    def _first_at_least(indices, lo, hi, row):  # pragma: no cover - compiled
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if indices[mid] < row:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _csc_matmul(indptr, indices, data, W, out, n_parts):  # pragma: no cover - compiled
+        G, H = W.shape
+        n = out.shape[0]
+        for part in numba.prange(n_parts):
+            r0 = part * n // n_parts
+            r1 = (part + 1) * n // n_parts
+            for j in range(G):
+                p0 = _first_at_least(indices, indptr[j], indptr[j + 1], r0)
+                p = p0
+                while p < indptr[j + 1] and indices[p] < r1:
+                    i = indices[p]
+                    v = data[p]
+                    for c in range(H):
+                        out[i, c] += v * W[j, c]
+                    p += 1
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _csc_t_matmul(indptr, indices, data, D, out):  # pragma: no cover - compiled
+        G = out.shape[0]
+        H = D.shape[1]
+        for j in numba.prange(G):
+            for p in range(indptr[j], indptr[j + 1]):
+                i = indices[p]
+                v = data[p]
+                for c in range(H):
+                    out[j, c] += v * D[i, c]
+
+
+def sparse_matmul(X: Any, W: np.ndarray) -> np.ndarray:
+    """``X @ W`` for a mostly-zero X (n, G) (dense or scipy sparse) and dense W (G, H); float32."""
+    Xc = _csc(X)
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    if numba is None:
+        return np.asarray(Xc @ W, dtype=np.float32)
+    out = np.zeros((Xc.shape[0], W.shape[1]), dtype=np.float32)
+    Xc.sort_indices()
+    n_parts = max(1, min(Xc.shape[0], 4 * numba.get_num_threads()))
+    _csc_matmul(Xc.indptr, Xc.indices, Xc.data, W, out, n_parts)
+    return out
+
+
+def sparse_t_matmul(X: Any, D: np.ndarray) -> np.ndarray:
+    """``X^T @ D`` for a mostly-zero X (n, G) and dense D (n, H): (G, H) float32."""
+    Xc = _csc(X)
+    D = np.ascontiguousarray(D, dtype=np.float32)
+    if numba is None:
+        return np.asarray(Xc.T @ D, dtype=np.float32)
+    out = np.zeros((Xc.shape[1], D.shape[1]), dtype=np.float32)
+    _csc_t_matmul(Xc.indptr, Xc.indices, Xc.data, D, out)
+    return out
