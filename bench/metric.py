@@ -23,10 +23,12 @@ baseline throughput):
     dense, on a fixed batch: 20 labels, 5 studies, 10 % non-zero).
 ``embed``
     ``scatlas.metric.embed``: ``benchmark_callables(...)["embed"](X)`` on a dense float32
-    ``(n_embed, n_genes)`` array (host in, host out). ``scimilarity.embed``: SCimilarity's
-    ``Encoder`` in ``eval()`` under ``torch.inference_mode()`` in 10,000-cell chunks, as
-    ``CellEmbedding.get_embeddings`` does on a dense array (``torch.Tensor(X[chunk])``, vstack,
-    ``.numpy()``). Default 10,000 cells (one chunk).
+    ``(n_embed, n_genes)`` array (host in, host out); with ``--param embed_input=csr`` both sides
+    get the same cells as a CSR matrix (SCimilarity's ``get_embeddings`` then densifies each
+    chunk with ``.toarray()``, as it does for an AnnData's sparse ``X``).
+    ``scimilarity.embed``: SCimilarity's ``Encoder`` in ``eval()`` under
+    ``torch.inference_mode()`` in 10,000-cell chunks, as ``CellEmbedding.get_embeddings`` does
+    (``torch.Tensor(X[chunk])``, vstack, ``.numpy()``). Default 10,000 cells (one chunk).
 
 Columns: ``cells/s`` (batch or n_embed / harness median; added by ``python -m bench.metric``),
 ``mining share`` (SCimilarity: median over the timed steps of the time in
@@ -89,6 +91,7 @@ PEER_ENV = "SCATLAS_PEER_PYTHON_SCIMILARITY"
 DEFAULT_PARAMS: dict[str, Any] = {
     "batch_size": 1000,
     "n_embed": 10_000,
+    "embed_input": "dense",  # "csr": both sides get a CSR matrix (SCimilarity densifies chunks)
     "n_labels": 20,
     "n_studies": 5,
     "density": 0.1,
@@ -154,7 +157,8 @@ def build(size: int, device: str, params: Mapping[str, Any]) -> Workload:
         "n_genes": size, "batch_size": p["batch_size"], "n_embed": p["n_embed"],
         "summary": (f"{size:,} genes; train: batch {p['batch_size']:,} cells, "
                     f"{p['n_labels']} labels, {p['n_studies']} studies, "
-                    f"{p['density']:.0%} non-zero; embed: {p['n_embed']:,} cells dense float32; "
+                    f"{p['density']:.0%} non-zero; embed: {p['n_embed']:,} cells dense float32 "
+                    "(rows marked [csr]: the same cells as a CSR matrix); "
                     f"ours jax {_version('jax')}, flax {_version('flax')}; "
                     f"peer torch threads {p['threads']}"),
     }
@@ -170,8 +174,14 @@ def _close(peer: dict[str, Any]) -> None:
         worker.close()
 
 
-def _record(w: Workload, name: str, reply: Mapping[str, Any]) -> None:
-    w.extra["calls"].setdefault(name, []).append(dict(reply))
+def _record(w: Workload, key: str, reply: Mapping[str, Any]) -> None:
+    """Keep one call's in-process facts under ``<role>.<train|embed>``."""
+    w.extra["calls"].setdefault(key, []).append(dict(reply))
+
+
+def _kind(group: str) -> str:
+    """``train`` or ``embed`` (the embed group is ``embed[csr]`` for CSR input)."""
+    return "train" if group == "train" else "embed"
 
 
 # --- ours ----------------------------------------------------------------------------------------
@@ -196,8 +206,13 @@ def _embed_cells(w: Workload) -> np.ndarray:
     """The cells our side embeds: the same generator, seed and shape as the peer's."""
     if "X_embed" not in w.extra:
         p = w.extra["params"]
-        w.extra["X_embed"] = runner_module().synthetic_batch(
+        X = runner_module().synthetic_batch(
             p["n_embed"], w.extra["n_genes"], density=p["density"], seed=p["seed"] + 1)[0]
+        if p["embed_input"] == "csr":
+            import scipy.sparse as sp  # noqa: PLC0415
+
+            X = sp.csr_matrix(X)
+        w.extra["X_embed"] = X
     return w.extra["X_embed"]
 
 
@@ -206,13 +221,13 @@ def _ours_train(w: Workload) -> dict[str, Any]:
     start = time.perf_counter()
     step()
     reply = {"peer_s": time.perf_counter() - start}
-    _record(w, "scatlas.metric.train_step", reply)
+    _record(w, "ours.train", reply)
     return reply
 
 
 def _ours_embed(w: Workload) -> dict[str, Any]:
-    embed = _ours_callables(w)["embed"]
     X = _embed_cells(w)
+    embed = _ours_callables(w)["embed"]
     start = time.perf_counter()
     Z = np.asarray(embed(X))
     seconds = time.perf_counter() - start
@@ -220,7 +235,7 @@ def _ours_embed(w: Workload) -> dict[str, Any]:
         raise RuntimeError(f"embed returned shape {Z.shape}, expected {(X.shape[0], 128)}")
     reply = {"peer_s": seconds,
              "norm_err": float(np.max(np.abs(np.linalg.norm(Z, axis=1) - 1.0)))}
-    _record(w, "scatlas.metric.embed", reply)
+    _record(w, "ours.embed", reply)
     return reply
 
 
@@ -300,14 +315,14 @@ def _peer_train(w: Workload) -> dict[str, Any]:
     reply = _worker(w).request({"cmd": "train"})
     reply = {"peer_s": reply["step_s"], "mining_s": reply["mining_s"],
              "n_triplets": reply["n_triplets"], "loss": reply["loss"]}
-    _record(w, "scimilarity.train_step", reply)
+    _record(w, "baseline.train", reply)
     return reply
 
 
 def _peer_embed(w: Workload) -> dict[str, Any]:
     reply = _worker(w).request({"cmd": "embed"})
     reply = {"peer_s": reply["embed_s"], "norm_err": reply["norm_err"]}
-    _record(w, "scimilarity.embed", reply)
+    _record(w, "baseline.embed", reply)
     return reply
 
 
@@ -321,23 +336,31 @@ def _peer_method(name: str, call: Any, group: str, description: str) -> Method:
 
 
 def methods(params: Mapping[str, Any]) -> list[Method]:
-    """Ours and SCimilarity's, for training steps and for embedding."""
+    """Ours and SCimilarity's, for training steps and for embedding.
+
+    With ``embed_input="csr"`` the embedding methods and their group carry a ``[csr]`` suffix,
+    so dense and CSR results live side by side in one record.
+    """
+    csr = params.get("embed_input", "dense") == "csr"
+    tag = "[csr]" if csr else ""
+    what = "CSR float32" if csr else "dense float32"
     return [
         Method("scatlas.metric.train_step", _ours_train, "ours", "train",
                "benchmark_callables()['train_step']: one jitted step incl. on-device mining"),
         _peer_method("scimilarity.train_step", _peer_train, "train",
                      "SCimilarity 0.4.1 Encoder/Decoder/TripletLoss, MetricLearning."
                      "training_step + backward + AdamW step, torch CPU"),
-        Method("scatlas.metric.embed", _ours_embed, "ours", "embed",
-               "benchmark_callables()['embed'](X), dense float32 host array"),
-        _peer_method("scimilarity.embed", _peer_embed, "embed",
-                     "SCimilarity Encoder.eval() under inference_mode, 10,000-cell chunks"),
+        Method(f"scatlas.metric.embed{tag}", _ours_embed, "ours", f"embed{tag}",
+               f"benchmark_callables()['embed'](X), X {what} on the host"),
+        _peer_method(f"scimilarity.embed{tag}", _peer_embed, f"embed{tag}",
+                     "SCimilarity Encoder.eval() under inference_mode, 10,000-cell chunks"
+                     + (" (each densified with .toarray())" if csr else "")),
     ]
 
 
 def accuracy(w: Workload, method: Method, output: Any) -> dict[str, Any]:
     """Medians of in-process facts over this method's timed calls (warm-up calls left out)."""
-    calls = w.extra["calls"].get(method.name, [])
+    calls = w.extra["calls"].get(f"{method.role}.{_kind(method.group)}", [])
     timed = calls[WARMUP_CALLS:] or calls
     out: dict[str, Any] = {"peer_s": float(np.median([c["peer_s"] for c in timed]))}
     if "mining_s" in output:
@@ -406,7 +429,7 @@ def run_interleaved(
         w.info["timing"] = "interleaved ABBA"
         w.info["summary"] += f"; timing interleaved ABBA, warm-up {warmup}"
         results: dict[str, Any] = {}
-        for group in GROUP_CELLS:
+        for group in dict.fromkeys(m.group for m in chosen):
             group_methods = [m for m in chosen if m.group == group]
             results.update(_interleave_group(w, group_methods, size, repeats, warmup))
         for res in results.values():
@@ -490,9 +513,7 @@ def add_throughput(record: dict[str, Any]) -> None:
             if res.get("status") != "ok" or res.get("median_s", 0) <= 0:
                 continue
             params = runs.get(res.get("run_id"), {}).get("params", DEFAULT_PARAMS)
-            key = GROUP_CELLS.get(res.get("group", ""))
-            if key is None:
-                continue
+            key = GROUP_CELLS[_kind(res.get("group", ""))]
             cells = params.get(key, DEFAULT_PARAMS[key])
             res.setdefault("accuracy", {})["cells_per_s"] = cells / res["median_s"]
 

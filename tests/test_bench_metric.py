@@ -151,9 +151,10 @@ def test_scimilarity_training_step_runs_and_trains(selftest):
 
 
 @needs_peer
-def test_worker_protocol(tmp_path):
+@pytest.mark.parametrize("embed_input", ["dense", "csr"])
+def test_worker_protocol(tmp_path, embed_input):
     params = {**bench_metric.DEFAULT_PARAMS, "batch_size": 60, "n_embed": 25, "n_labels": 5,
-              "n_studies": 2}
+              "n_studies": 2, "embed_input": embed_input}
     worker = bench_metric.PeerWorker(PEER, 40, params, tmp_path)
     try:
         assert worker.setup["torch_threads"] == params["threads"]
@@ -208,3 +209,15 @@ def test_missing_ours_is_a_clear_error(monkeypatch, tmp_path):
                                        methods_=["ours"], n_embed=10, batch_size=20)
     res = rec["results"]["64"]["methods"]["scatlas.metric.train_step"]
     assert res["status"] == "error" and "benchmark_callables" in res["error"]
+
+
+def test_csr_embedding_methods_have_their_own_names_and_group():
+    names = {m.name: m for m in bench_metric.methods({**bench_metric.DEFAULT_PARAMS,
+                                                      "embed_input": "csr"})}
+    assert {"scatlas.metric.embed[csr]", "scimilarity.embed[csr]"} <= set(names)
+    assert names["scatlas.metric.embed[csr]"].group == "embed[csr]"
+    record = {"runs": {}, "results": {"10": {"methods": {
+        "x": {"status": "ok", "median_s": 0.5, "group": "embed[csr]", "run_id": "?"}}}}}
+    bench_metric.add_throughput(record)
+    cells = bench_metric.DEFAULT_PARAMS["n_embed"]
+    assert record["results"]["10"]["methods"]["x"]["accuracy"]["cells_per_s"] == 2 * cells

@@ -45,7 +45,7 @@ else
     "${pip[@]}" install --quiet "${torch_deps[@]}"
 fi
 
-"${pip[@]}" install --quiet numpy pandas obonet
+"${pip[@]}" install --quiet numpy scipy pandas obonet
 "${pip[@]}" install --quiet --no-deps "scimilarity==$scimilarity_version"
 
 "$venv/bin/python" - <<'EOF'

@@ -45,7 +45,9 @@ Workload (:func:`synthetic_batch`, also imported by ``bench/metric.py`` for our 
 float32 log-normalised-like cells (``density`` of the entries non-zero, values ``log1p`` of
 library-size-normalised Gamma counts), integer labels drawn uniformly from ``n_labels``, studies
 drawn uniformly from ``n_studies`` (as the collator hands them over: labels a float
-``torch.Tensor``, studies a NumPy object array of study id strings).
+``torch.Tensor``, studies a NumPy object array of study id strings). The cells to embed are a
+dense array, or with ``embed_input="csr"`` a SciPy CSR matrix (``get_embeddings``' sparse
+branch: each chunk densified with ``.toarray()``).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ DEFAULTS: dict[str, Any] = {
     "n_studies": 5,
     "density": 0.1,
     "n_embed": 10_000,
+    "embed_input": "dense",  # or "csr": get_embeddings' sparse branch (densifies each chunk)
     "buffer_size": 10_000,
     "threads": 2,
     "seed": 0,
@@ -317,8 +320,8 @@ class ScimilarityTrainer:
                 "hard_fraction": float(hard_triplets), "loss": float(loss.detach()),
                 "mse": float(mse.detach()), "triplet": float(triplet_loss.detach())}
 
-    def embed(self, X: np.ndarray, buffer_size: int) -> tuple[float, np.ndarray]:
-        """``CellEmbedding.get_embeddings`` on a dense ndarray: eval, inference mode, chunks."""
+    def embed(self, X: Any, buffer_size: int) -> tuple[float, np.ndarray]:
+        """``CellEmbedding.get_embeddings``: eval, inference mode, chunks (CSR densified)."""
         import torch  # noqa: PLC0415
 
         self.encoder.eval()
@@ -326,7 +329,10 @@ class ScimilarityTrainer:
         parts = []
         with torch.inference_mode():
             for i in range(0, X.shape[0], buffer_size):
-                profiles = torch.Tensor(X[i: i + buffer_size])
+                if isinstance(X, np.ndarray):
+                    profiles = torch.Tensor(X[i: i + buffer_size])
+                else:  # scipy CSR/CSC, as get_embeddings does
+                    profiles = torch.Tensor(X[i: i + buffer_size].toarray())
                 parts.append(self.encoder(profiles))
         embedding = torch.vstack(parts).detach().numpy()
         return time.perf_counter() - start, embedding
@@ -349,6 +355,12 @@ class Session:
         self.trainer = ScimilarityTrainer(n_genes, X, labels, studies, int2label, onto, p)
         self.X_embed = (synthetic_batch(p["n_embed"], n_genes, density=p["density"],
                                         seed=p["seed"] + 1)[0] if p["n_embed"] else None)
+        if self.X_embed is not None and p["embed_input"] == "csr":
+            import scipy.sparse as sp  # noqa: PLC0415
+
+            self.X_embed = sp.csr_matrix(self.X_embed)
+        elif p["embed_input"] not in ("dense", "csr"):
+            raise ValueError(f"embed_input must be 'dense' or 'csr', got {p['embed_input']!r}")
         self.setup_s = time.perf_counter() - start
 
     def embed(self) -> dict[str, Any]:
