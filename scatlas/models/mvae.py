@@ -27,7 +27,10 @@ modality of the cell (``cross_reconstruction=True``, a valid ELBO of all observe
 restricted posterior; it trains the one-modality posteriors to predict the others, as scMM's
 cross-decoding; ``False``: each term reconstructs its own subset, the original MVAE); terms whose
 subset has no observed modality are dropped. The KL weight rises linearly from 0 to 1 over
-``kl_warmup_steps`` (validation uses weight 1: the true negative ELBO).
+``kl_warmup_steps`` (validation uses weight 1). Added to the negative ELBO, outside the warm-up
+(as MultiVI): ``alignment_weight`` x the Jeffreys divergence between the one-modality posteriors
+of every pair of modalities a cell has (MultiVI's ``modality_penalty="Jeffreys"``), which pulls
+the RNA-only and protein-only latents of a cell together.
 """
 
 from __future__ import annotations
@@ -83,7 +86,11 @@ class MVAEConfig:
     covariate (0: none). Sizes: ``latent_dim`` (totalVI: 20), ``hidden`` units, ``n_layers``
     encoder and ``decoder_layers`` decoder blocks, ``dropout`` (encoders). Objective:
     ``kl_warmup_steps``, ``n_random_subsets`` (per step, beyond two modalities),
-    ``cross_reconstruction``, ``library_weight`` (of the log-library term).
+    ``cross_reconstruction``, ``library_weight`` (of the log-library term),
+    ``alignment_weight`` (of the Jeffreys divergence between one-modality posteriors of paired
+    cells, :func:`alignment_penalty`; 0: off, the default: on shallow data it can collapse the
+    posterior to the prior); ``library_input`` (the standardised log library
+    is an encoder input).
     """
 
     modalities: tuple[str, ...]
@@ -610,6 +617,8 @@ class MultimodalVAE:
         library: str | float = "predicted",
         batch: str | None = None,
         masks: Mapping[str, Any] | None = None,
+        n_samples: int = 0,
+        seed: int = 0,
         batch_size: int = 4096,
         min_overlap: float = 0.5,
         progress: bool | None = None,
@@ -623,6 +632,8 @@ class MultimodalVAE:
         ``"observed"`` (the target's observed totals; every cell must have the target) or a
         number (a fixed total, e.g. 1e4 for normalised values). ``batch``: the batch category
         to decode in (default: the cells' ``obs[batch_key]`` when present, else the first).
+        ``n_samples``: 0 decodes the posterior mean; ``k > 0`` averages the decoded means of
+        ``k`` posterior samples (Monte Carlo posterior predictive mean; ``seed`` fixes them).
         """
         c = self.config
         if target not in c.modalities:
@@ -636,8 +647,10 @@ class MultimodalVAE:
         else:
             chosen = self._resolve(data, source, present_only=False)
         batch_size = check_positive_int(batch_size, "batch_size")
+        if int(n_samples) < 0:
+            raise ScatlasInputError(f"n_samples must be >= 0, got {n_samples!r}")
         mods = self._read(data, chosen, masks, min_overlap)
-        z, _ = self._posterior(mods, batch_size, progress)
+        z, z_logvar = self._posterior(mods, batch_size, progress)
         n = z.shape[0]
         cov = self._covariate(data, batch, n)
         if isinstance(library, str):
@@ -660,15 +673,26 @@ class MultimodalVAE:
             if not library > 0:
                 raise ScatlasInputError(f"library must be > 0, got {library!r}")
             log_lib = np.full(n, np.log(float(library)))
+        rng = np.random.default_rng(seed)
         out = []
         for start in range(0, n, batch_size):
             sl = slice(start, min(start + batch_size, n))
             size = batch_size if n > batch_size else n
             ll = None if log_lib is None else jnp.asarray(_pad(log_lib[sl].astype(np.float32),
                                                                size))
-            vals = self._decode(self._device_variables, _pad(z[sl], size), m,
-                                _pad(cov[sl], size), ll)
-            out.append(np.asarray(vals)[: sl.stop - sl.start])
+            cv = _pad(cov[sl], size)
+            if n_samples == 0:
+                vals = np.asarray(self._decode(self._device_variables, _pad(z[sl], size), m,
+                                               cv, ll))
+            else:  # Monte Carlo posterior predictive mean E_q(z|source)[E[x | z]]
+                sd = np.exp(0.5 * z_logvar[sl])
+                vals = 0.0
+                for _ in range(int(n_samples)):
+                    zs = z[sl] + sd * rng.standard_normal(sd.shape).astype(np.float32)
+                    vals = vals + np.asarray(self._decode(self._device_variables,
+                                                          _pad(zs, size), m, cv, ll))
+                vals = vals / int(n_samples)
+            out.append(vals[: sl.stop - sl.start])
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def _covariate(self, data: Any, batch: str | None, n: int) -> np.ndarray:

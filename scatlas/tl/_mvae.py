@@ -119,7 +119,8 @@ def train_mvae(
     **model_kw
         :class:`~scatlas.models.mvae.MVAEConfig` fields: ``latent_dim`` (20), ``hidden`` (128),
         ``n_layers`` (1), ``decoder_layers`` (1), ``dropout`` (0.1), ``n_random_subsets`` (1),
-        ``cross_reconstruction`` (True), ``library_weight`` (1), ``bf16`` (False).
+        ``cross_reconstruction`` (True), ``alignment_weight`` (0), ``library_weight`` (1),
+        ``library_input`` (True), ``bf16`` (False).
 
     Returns
     -------
