@@ -380,13 +380,16 @@ def _sparse_first_layer(config: MetricConfig) -> bool:
 
 # ----------------------------------------------------------------------------------- benchmark
 
-def benchmark_callables(n_genes: int, batch_size: int = 1000, *, seed: int = 0) -> dict[str, Any]:
+def benchmark_callables(
+    n_genes: int, batch_size: int = 1000, *, seed: int = 0, bf16: bool = False
+) -> dict[str, Any]:
     """Timed units for ``bench/metric.py`` at SCimilarity's default architecture.
 
     ``train_step()`` runs one full jitted training step (forward, on-device semi-hard mining,
     triplet + MSE + L1 loss, backward, AdamW) on a fixed device-resident batch (~10% non-zero
     log-normalised values, 20 labels, 5 studies) and blocks until done; ``embed(X)`` embeds a
-    (n, n_genes) float32 array in 10,000-cell chunks.
+    (n, n_genes) float32 array in 10,000-cell chunks. ``bf16=True`` computes the dense layers in
+    bfloat16 (parameters float32), SCimilarity's own runs being float32.
     """
     from .train import Trainer
 
@@ -395,8 +398,8 @@ def benchmark_callables(n_genes: int, batch_size: int = 1000, *, seed: int = 0) 
     x = np.log1p(counts * 1e4 / np.maximum(counts.sum(1, keepdims=True), 1))
     batch = {"x": x, "label": rng.integers(0, 20, batch_size).astype(np.int32),
              "study": rng.integers(0, 5, batch_size).astype(np.int32)}
-    cfg = MetricConfig(n_genes=n_genes)
-    tcfg = TrainConfig(max_steps=10_000, seed=seed, data_parallel=False)
+    cfg = MetricConfig(n_genes=n_genes, bf16=bf16)
+    tcfg = TrainConfig(max_steps=10_000, seed=seed, data_parallel=False, bf16=bf16)
     trainer = Trainer(MetricTask(cfg, tcfg, np.eye(20, dtype=bool)), tcfg)
     holder = {"ts": trainer.init_state(batch)}
     device_batch = trainer.put(batch)
