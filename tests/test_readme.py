@@ -19,10 +19,11 @@ def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", quick, flags=re.S)
 
 
-def test_quickstart_python_runs(capsys):
-    (code,) = _blocks("python")
+def test_quickstart_python_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README quickstart", "exec"), namespace)  # noqa: S102
+    for code in _blocks("python"):
+        exec(compile(code, "README quickstart", "exec"), namespace)  # noqa: S102
     adata = namespace["adata"]
     assert adata.obsm["X_pca"].shape == (20_000, 50)
     assert np.isfinite(adata.obsm["X_cca"]).all()
@@ -34,16 +35,23 @@ def test_quickstart_python_runs(capsys):
     np.fill_diagonal(d, np.inf)
     labels = adata.obs["cell_type"].to_numpy()[:2000]
     assert (labels[d.argmin(1)] == labels).mean() > 0.8
+    # the encoder + index annotate the query's cell types
+    hits, query = namespace["hits"], namespace["query"]
+    assert (hits["label"].to_numpy() == query.obs["cell_type"].astype(str).to_numpy()).mean() > 0.8
+    assert (tmp_path / "atlas.index").is_dir() and (tmp_path / "encoder").is_dir()
 
 
 def test_quickstart_cli_runs(tmp_path, monkeypatch):
-    (script,) = _blocks("bash")
     monkeypatch.chdir(tmp_path)
-    lines = [ln.split("#")[0].strip() for ln in script.splitlines()]
+    lines = [ln.split("#")[0].strip() for block in _blocks("bash") for ln in block.splitlines()]
     for line in filter(None, lines):
         argv = shlex.split(line)
         assert argv[0] == "scatlas"
+        if argv[1] == "serve":  # a server runs until stopped: check that the command parses
+            assert cli.build_parser().parse_args(argv[1:]).func is not None
+            continue
         assert cli.main(argv[1:]) == 0, line
     assert (tmp_path / "report" / "metrics.json").exists()
-    for out in ("atlas_pca.h5ad", "atlas_cca.h5ad", "atlas_inmf.h5ad", "atlas_mnn.h5ad"):
+    for out in ("atlas_pca.h5ad", "atlas_cca.h5ad", "atlas_inmf.h5ad", "atlas_mnn.h5ad",
+                "atlas_emb.h5ad", "q.h5ad"):
         assert (tmp_path / out).exists(), out

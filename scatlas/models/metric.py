@@ -337,6 +337,8 @@ class MetricEncoder:
                               dense=not sparse_first)
         for x in track(chunks, desc="embedding", progress=progress):
             n = x.shape[0]
+            if sparse_first and not sp.issparse(x) and _mostly_zero(x):
+                x = sp.csr_matrix(x)
             if sp.issparse(x):  # first layer as a sparse product on the host (CPU backend)
                 x = self._first_layer(x)
                 encode = self._encode_after_first
@@ -370,6 +372,11 @@ class MetricEncoder:
         extra = saved["extra"]
         return cls(config, saved["variables"], saved["genes"],
                    label_names=extra.get("label_names", ()), info=extra.get("info", {}))
+
+
+def _mostly_zero(x: np.ndarray, threshold: float = 0.3) -> bool:
+    """Fewer than ``threshold`` of the entries are non-zero (dense expression usually is)."""
+    return np.count_nonzero(x) < threshold * x.size
 
 
 def _sparse_first_layer(config: MetricConfig) -> bool:
