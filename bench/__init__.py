@@ -26,6 +26,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
                   "batch integration: fastMNN, Seurat CCA vs harmonypy, scanorama (metrics)"),
     "metric": ("bench.metric",
                "metric-learning cell encoder: train/embed cells/s vs SCimilarity (PyTorch)"),
+    "mvae": ("bench.mvae", "multimodal VAE: training cells/s vs totalVI"),
 }
 
 
