@@ -65,7 +65,6 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
 
 def cmd_train_mvae(args: argparse.Namespace) -> int:
     from . import tl
-    from .models.train import plot_history
 
     t0 = time.perf_counter()
     data = _read(args.input)
@@ -81,15 +80,23 @@ def cmd_train_mvae(args: argparse.Namespace) -> int:
         progress=None if args.progress else False, latent_dim=args.latent_dim,
         hidden=args.hidden, n_layers=args.n_layers,
     )
+    return _finish_training("mvae", model, args, log_path, t0, extra=("observed",))
+
+
+
+def _finish_training(what: str, model, args: argparse.Namespace, log_path: str, t0: float,
+                     extra: tuple[str, ...] = ()) -> int:
+    """Save the trained model, plot the loss curve if asked, print a one-line summary."""
+    from .models.train import plot_history
+
     model.save(args.out)
     if args.plot:
         plot_history(log_path, args.plot)
-    summary = {k: model.info[k] for k in ("steps", "best_step", "best_val", "cells_per_s",
-                                          "observed")}
-    print(f"scatlas train mvae: {model!r} -> {args.out} in {time.perf_counter() - t0:.1f} s; "
+    keys = ("steps", "best_step", "best_val", "cells_per_s", *extra)
+    summary = {k: model.info[k] for k in keys}
+    print(f"scatlas train {what}: {model!r} -> {args.out} in {time.perf_counter() - t0:.1f} s; "
           f"{json.dumps(summary)}; log {log_path}")
     return 0
-
 
 def cmd_impute(args: argparse.Namespace) -> int:
     import pandas as pd
@@ -126,7 +133,6 @@ def cmd_impute(args: argparse.Namespace) -> int:
 
 def cmd_train_metric(args: argparse.Namespace) -> int:
     from . import tl
-    from .models.train import plot_history
 
     t0 = time.perf_counter()
     adata = _read(args.input, backed=args.backed)
@@ -140,13 +146,7 @@ def cmd_train_metric(args: argparse.Namespace) -> int:
         hidden=tuple(args.hidden), latent_dim=args.latent_dim, objective=args.objective,
         mining=args.mining, margin=args.margin,
     )
-    model.save(args.out)
-    if args.plot:
-        plot_history(log_path, args.plot)
-    summary = {k: model.info[k] for k in ("steps", "best_step", "best_val", "cells_per_s")}
-    print(f"scatlas train metric: {model!r} -> {args.out} in {time.perf_counter() - t0:.1f} s; "
-          f"{json.dumps(summary)}; log {log_path}")
-    return 0
+    return _finish_training("metric", model, args, log_path, t0)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
