@@ -13,6 +13,16 @@ Engines (``engine=``; see :mod:`scatlas.search.engines`):
 - ``"faiss-gpu"``: faiss ``GpuIndexIVFFlat`` (needs a faiss build with GPU support); sharded
   over all GPUs (``IndexShards``) when there are several. The GPU default when available.
 
+Sharding (``n_shards=`` of :meth:`CellIndex.build` and :meth:`CellIndex.load`): the native IVF
+is split over several devices by :class:`~scatlas.search.engines.ivf_sharded.ShardedNativeIVF`
+(one shard per GPU, shared centroids, per-shard top-k merged on (key, id): results equal the
+unsharded engine's). ``None`` means one shard per visible GPU when the engine is ``native-ivf``
+on the GPU and there are several, else 1; an int forces that many shards (on the CPU they are
+NumPy shards, the twin the tests use); with ``engine="auto"`` it makes the IVF choice
+``native-ivf`` (the exact engine, below 50,000 cells, stays unsharded). An explicit other engine
+rejects an int above 1 (faiss-gpu shards over all GPUs by itself). A sharded index is saved in
+the unsharded layout, so it loads on any number of devices.
+
 Defaults (overridable; see ``docs/search.md``):
 
 - ``nlist = 4 * sqrt(N)`` (the faiss guideline "IVF K, K = 4..16 sqrt(N)"), capped so that each
@@ -117,6 +127,21 @@ def choose_engine(engine: str, n: int, device: str, nlist: int | None = None) ->
     return "faiss-ivf" if _faiss_available() else "native-ivf"
 
 
+def resolve_shards(n_shards: int | None, engine: str, device: str) -> int:
+    """Shards for ``engine`` on ``device``: see "Sharding" in the module docstring."""
+    if n_shards is None:
+        if engine == "native-ivf" and device == "gpu":
+            from .engines.ivf_sharded import gpu_count  # noqa: PLC0415
+
+            return max(gpu_count(), 1)
+        return 1
+    n_shards = check_positive_int(n_shards, "n_shards")
+    if n_shards > 1 and engine != "native-ivf":
+        raise ScatlasInputError(f"n_shards={n_shards} applies to engine='native-ivf' only, "
+                                f"not {engine!r} (faiss-gpu shards over all GPUs by itself)")
+    return n_shards
+
+
 class CellIndex:
     """A searchable collection of cell embeddings; build with :meth:`build`, or :meth:`load`.
 
@@ -146,7 +171,7 @@ class CellIndex:
               engine: str = "auto", nlist: int | None = None, nprobe: int | None = None,
               train_size: int | None = None, chunk_size: int = 100_000,
               device: str | None = None, seed: int = 0, progress: bool | None = None,
-              obsm_key: str = "X_scatlas") -> CellIndex:
+              obsm_key: str = "X_scatlas", n_shards: int | None = None) -> CellIndex:
         """Build an index over ``embeddings``.
 
         Parameters
@@ -167,6 +192,9 @@ class CellIndex:
             Seed of the training sample and of k-means.
         progress
             Progress bar over the added rows (see :mod:`scatlas._progress`).
+        n_shards
+            Shards of the native IVF (None: one per GPU when there are several; see the module
+            docstring, "Sharding").
         """
         kind = _metric_kind(metric)
         chunk_size = check_positive_int(chunk_size, "chunk_size")
@@ -185,6 +213,10 @@ class CellIndex:
         else:
             n_known = src.n
         name = choose_engine(engine, n_known, dev, nlist)
+        if engine == "auto" and n_shards is not None and n_shards != 1 and name != "exact":
+            name = "native-ivf"  # asking for shards picks the shardable IVF
+        shards = 1 if name == "exact" and engine == "auto" else resolve_shards(n_shards, name,
+                                                                                dev)
         if name == "exact":
             eng = _engines.get_engine_class(name)(src.d, kind, dev)
             if src.n is not None:
@@ -195,8 +227,14 @@ class CellIndex:
             if nlist_used > n_known:
                 raise ScatlasInputError(f"nlist={nlist_used} exceeds the number of cells "
                                         f"({n_known})")
-            eng = _engines.get_engine_class(name).create(
-                src.d, kind, nlist_used, device=dev, variant=name, seed=seed)
+            if shards > 1:
+                from .engines.ivf_sharded import ShardedNativeIVF  # noqa: PLC0415
+
+                eng = ShardedNativeIVF.create(src.d, kind, nlist_used, device=dev, seed=seed,
+                                              n_shards=shards)
+            else:
+                eng = _engines.get_engine_class(name).create(
+                    src.d, kind, nlist_used, device=dev, variant=name, seed=seed)
         self = cls(eng, metric=metric, device=dev, nprobe=None)
         if nprobe is not None:
             self.nprobe = nprobe
@@ -312,6 +350,11 @@ class CellIndex:
     @property
     def device(self) -> str:
         return self._device
+
+    @property
+    def n_shards(self) -> int:
+        """Devices (or NumPy shards) the index is split over; 1 when unsharded."""
+        return int(getattr(self._engine, "n_shards", 1))
 
     @property
     def next_id(self) -> int:
@@ -520,12 +563,37 @@ class CellIndex:
 
     @classmethod
     def load(cls, directory: str | Path, device: str | None = None, *,
-             verify: bool = True) -> CellIndex:
+             verify: bool = True, n_shards: int | None = None) -> CellIndex:
         """Load an index saved by :meth:`save` (checksums verified unless ``verify=False``);
-        onto the GPU when ``device`` resolves to it (native IVF, faiss GPU, exact)."""
+        onto the GPU when ``device`` resolves to it (native IVF, faiss GPU, exact). A native IVF
+        is re-sharded over ``n_shards`` devices (None: every GPU when there are several; see
+        the module docstring, "Sharding"), whatever the shard count it was saved from."""
         from .persist import load_index  # noqa: PLC0415
 
-        return load_index(directory, device=device, verify=verify)
+        dev = backend.resolve_device(device)
+        saved = _saved_engine(directory)
+        shards = resolve_shards(n_shards, saved, dev) if saved is not None else 1
+        if shards <= 1:
+            return load_index(directory, device=device, verify=verify)
+        from .engines.ivf_sharded import ShardedNativeIVF  # noqa: PLC0415
+
+        idx = load_index(directory, device="cpu", verify=verify)  # host first, then shard
+        idx._engine = ShardedNativeIVF.from_native(idx._engine, shards, dev)
+        idx._device = dev
+        return idx
+
+
+def _saved_engine(directory: str | Path) -> str | None:
+    """The engine named by a saved index's manifest (None when unreadable: loading reports it)."""
+    from .persist import _backup_of, read_manifest  # noqa: PLC0415
+
+    folder = Path(directory)
+    if not folder.exists():
+        folder = _backup_of(folder) or folder
+    try:
+        return read_manifest(folder)["engine"]
+    except (ScatlasInputError, OSError):
+        return None
 
 
 def _empty_meta(n: int) -> pd.DataFrame:
