@@ -88,12 +88,27 @@ class ShardedNativeIVF:
         return backend.gpu_module().cuda.Device(dev)
 
     def _to(self, x: Any, j: int) -> Any:
-        """``x`` on shard ``j``'s device (``cupy.asarray`` under the target device copies an
-        array from another GPU; a no-op when it is already there)."""
-        if self.device_ids[j] is None:
+        """``x`` on shard ``j``'s device (a no-op when it is already there).
+
+        ``cupy.asarray`` under the target device copies from another GPU with an asynchronous
+        peer copy on the target's stream, which orders nothing on the source device: the
+        source's stream is synchronised first (its producer kernels done) and the target's
+        after (so the source buffer may be freed and reused at once).
+        """
+        dst = self.device_ids[j]
+        if dst is None:
             return backend.to_host(x)
-        with self._on(j):
-            return backend.gpu_module().asarray(x)
+        cp = backend.gpu_module()
+        if isinstance(x, cp.ndarray) and x.device.id != dst:
+            with x.device:
+                x = cp.ascontiguousarray(x)
+                cp.cuda.get_current_stream().synchronize()
+            with cp.cuda.Device(dst):
+                y = cp.asarray(x)
+                cp.cuda.get_current_stream().synchronize()
+            return y
+        with cp.cuda.Device(dst):
+            return cp.asarray(x)
 
     def _map(self, fn) -> list[Any]:
         """``[fn(j) for j in shards]``, each under its device; in threads when ``parallel``."""
@@ -149,7 +164,7 @@ class ShardedNativeIVF:
     def train(self, sample: Any) -> None:
         """k-means on shard 0 (exactly as the unsharded engine), centroids copied to the rest."""
         with self._on(0):
-            self.shards[0].train(sample)
+            self.shards[0].train(self._to(sample, 0))
         spherical = self.shards[0].spherical
         for j in range(1, self.n_shards):
             with self._on(j):
