@@ -22,6 +22,10 @@ def test_products_equal_dense(shape, kind):
     dense = X.toarray().astype(np.float64)
     np.testing.assert_allclose(spmm.sparse_matmul(Xin, W), dense @ W, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(spmm.sparse_t_matmul(Xin, D), dense.T @ D, rtol=1e-4, atol=1e-4)
+    Xd = X.toarray()
+    np.testing.assert_allclose(spmm.dense_skip_matmul(Xd, W), dense @ W, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(spmm.dense_skip_t_matmul(Xd, D), dense.T @ D, rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_empty_rows_and_columns():

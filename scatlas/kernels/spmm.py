@@ -93,3 +93,62 @@ def sparse_t_matmul(X: Any, D: np.ndarray) -> np.ndarray:
     out = np.zeros((Xc.shape[1], D.shape[1]), dtype=np.float32)
     _csc_t_matmul(Xc.indptr, Xc.indices, Xc.data, D, out)
     return out
+
+
+# ---------------------------------------------------------------------- dense input, zeros skipped
+# Training batches arrive dense (B, G); converting them to CSC costs about what the product saves,
+# so these kernels read the dense rows once and skip their zeros (a W row / gradient row stays in
+# cache while one gene is processed).
+
+if numba is not None:
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _dense_skip_matmul(X, W, out, n_parts):  # pragma: no cover - compiled
+        n, G = X.shape
+        H = W.shape[1]
+        for part in numba.prange(n_parts):
+            r0 = part * n // n_parts
+            r1 = (part + 1) * n // n_parts
+            for j in range(G):
+                for i in range(r0, r1):
+                    v = X[i, j]
+                    if v != 0.0:
+                        for c in range(H):
+                            out[i, c] += v * W[j, c]
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _dense_skip_t_matmul(X, D, out, group):  # pragma: no cover - compiled
+        n, G = X.shape
+        H = D.shape[1]
+        n_groups = (G + group - 1) // group
+        for gb in numba.prange(n_groups):
+            j0 = gb * group
+            j1 = min(G, j0 + group)
+            for i in range(n):
+                for j in range(j0, j1):
+                    v = X[i, j]
+                    if v != 0.0:
+                        for c in range(H):
+                            out[j, c] += v * D[i, c]
+
+
+def dense_skip_matmul(X: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``X @ W`` for a dense but mostly-zero X (n, G), skipping its zeros; float32 (n, H)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    if numba is None:
+        return sparse_matmul(X, W)
+    out = np.zeros((X.shape[0], W.shape[1]), dtype=np.float32)
+    _dense_skip_matmul(X, W, out, max(1, min(X.shape[0], 4 * numba.get_num_threads())))
+    return out
+
+
+def dense_skip_t_matmul(X: np.ndarray, D: np.ndarray) -> np.ndarray:
+    """``X^T @ D`` for a dense but mostly-zero X (n, G), skipping its zeros; float32 (G, H)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    D = np.ascontiguousarray(D, dtype=np.float32)
+    if numba is None:
+        return sparse_t_matmul(X, D)
+    out = np.zeros((X.shape[1], D.shape[1]), dtype=np.float32)
+    _dense_skip_t_matmul(X, D, out, 16)
+    return out

@@ -337,9 +337,8 @@ class MetricEncoder:
                               dense=not sparse_first)
         for x in track(chunks, desc="embedding", progress=progress):
             n = x.shape[0]
-            if sparse_first and not sp.issparse(x) and _mostly_zero(x):
-                x = sp.csr_matrix(x)
-            if sp.issparse(x):  # first layer as a sparse product on the host (CPU backend)
+            if sparse_first and (sp.issparse(x) or _mostly_zero(x)):
+                # first layer over the non-zeros only, on the host (CPU backend)
                 x = self._first_layer(x)
                 encode = self._encode_after_first
             else:
@@ -353,11 +352,13 @@ class MetricEncoder:
             return np.zeros((0, self.latent_dim), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
 
-    def _first_layer(self, X: sp.csr_matrix) -> np.ndarray:
-        from ..kernels.spmm import sparse_matmul
+    def _first_layer(self, X: Any) -> np.ndarray:
+        """``X @ W1 + b1`` for a CSR or mostly-zero dense chunk, skipping its zeros."""
+        from ..kernels import spmm
 
         dense = self.variables["params"]["encoder"]["_Block_0"]["Dense_0"]
-        return sparse_matmul(X, np.asarray(dense["kernel"])) + np.asarray(dense["bias"])
+        product = spmm.sparse_matmul if sp.issparse(X) else spmm.dense_skip_matmul
+        return product(X, np.asarray(dense["kernel"])) + np.asarray(dense["bias"])
 
     def save(self, directory: str | Path) -> Path:
         """Write the model folder (manifest, genes, weights) atomically."""
