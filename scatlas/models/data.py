@@ -366,7 +366,16 @@ class _Prefetcher:
         return value
 
     def close(self) -> None:
+        """Stop the worker and wait for it: a thread still transferring to the device while the
+        interpreter shuts down can abort the process."""
         self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)
 
     def __del__(self) -> None:
         self._stop.set()
