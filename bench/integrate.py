@@ -22,6 +22,15 @@ Methods (group ``integrate``), each returning a cell embedding:
 * ``scanorama`` - ``scanorama.integrate`` on the log-normalised matrices per batch (defaults:
   dimred 100, knn 20, sigma 15, approx Annoy).
 
+mnnpy (the issue's third peer, "where it installs") is not among them. Its last release is
+0.1.9.5 (2019):
+- its shipped C file does not compile on Python 3.11, because it includes ``longintrepr.h``;
+- re-cythonized from its ``.pyx`` it builds, but importing it fails: its numba kernels call
+  ``np.sum(..., axis=...)``, which numba 0.68 rejects in nopython mode.
+
+This was tried on 2026-11-21 in ``bench/.peers/integrate``. batchelor's fastMNN algorithm is
+covered by ``scatlas.mnn``, which is tested against a step-by-step reference.
+
 The peers run in their own virtual environment, ``bench/.peers/integrate`` (harmonypy < 0.2
 and scanorama; created by :func:`install_peers` / ``python -m bench.integrate --install``, or
 point ``$SCATLAS_PEER_PYTHON_INTEGRATE`` at an interpreter that has them), one subprocess per
