@@ -182,6 +182,17 @@ def _input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
+
+def _loop_args(p: argparse.ArgumentParser) -> None:
+    """Options of the shared training loop (validation, early stopping, checkpoints, logs)."""
+    p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop after this many validations without improvement")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="orbax checkpoints here; rerunning resumes from the latest")
+    p.add_argument("--log", default=None, help="JSON-lines training log (default OUT.train.jsonl)")
+    p.add_argument("--plot", default=None, help="write the loss curve to this PNG")
+
 def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Callable) -> None:
     train = sub.add_parser("train", help="train a cell model (metric, mvae)")
     models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
@@ -206,13 +217,7 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--objective", choices=("triplet", "infonce"), default="triplet")
     p.add_argument("--mining", choices=("semihard", "hardest", "random"), default="semihard")
     p.add_argument("--margin", type=float, default=0.05, help="triplet margin (default 0.05)")
-    p.add_argument("--validation-fraction", type=float, default=0.1)
-    p.add_argument("--patience", type=int, default=None,
-                   help="stop after this many validations without improvement")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="orbax checkpoints here; rerunning resumes from the latest")
-    p.add_argument("--log", default=None, help="JSON-lines training log (default OUT.train.jsonl)")
-    p.add_argument("--plot", default=None, help="write the loss curve to this PNG")
+    _loop_args(p)
     p.add_argument("--backed", action="store_true", help="read the .h5ad backed (large files)")
     p.add_argument("--seed", type=int, default=0)
     _input_args(p)
@@ -262,13 +267,7 @@ def _register_mvae(models: argparse._SubParsersAction) -> None:
     p.add_argument("--latent-dim", type=int, default=20, help="latent size (default 20)")
     p.add_argument("--hidden", type=int, default=128, help="hidden units (default 128)")
     p.add_argument("--n-layers", type=int, default=1, help="encoder hidden layers (default 1)")
-    p.add_argument("--validation-fraction", type=float, default=0.1)
-    p.add_argument("--patience", type=int, default=None,
-                   help="stop after this many validations without improvement")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="orbax checkpoints here; rerunning resumes from the latest")
-    p.add_argument("--log", default=None, help="JSON-lines training log (default OUT.train.jsonl)")
-    p.add_argument("--plot", default=None, help="write the loss curve to this PNG")
+    _loop_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=cmd_train_mvae)
