@@ -32,9 +32,7 @@ OUR ``kernels.inmf_objective`` on the float64 data (comparable across methods); 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +46,7 @@ import scipy.sparse as sp
 
 from . import workloads
 from .environment import REPO_ROOT, available_cores, get_backend
+from .peer_process import JsonLinesWorker
 from .runner import log
 from .spec import Benchmark, Method, Metric, Workload
 
@@ -192,53 +191,18 @@ def _ours(solver: str, dtype: Any):
 # --- peers ---------------------------------------------------------------------------------
 
 
-class PeerWorker:
+class PeerWorker(JsonLinesWorker):
     """A peer solver process (``bench/peers/inmf_peer.py``) driven over JSON lines."""
 
     def __init__(self, name: str, python: Path, data_path: Path, log_dir: Path) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.name = name
-        self.log_file = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in close()
         start = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [str(python), "-W", "ignore", str(PEER_SCRIPT), name], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.log_file, text=True, bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.hello = self._reply()
+        super().__init__(name, [python, "-W", "ignore", PEER_SCRIPT, name],
+                         log_dir / f"{name}.log", quit_timeout=10)
         self.request({"cmd": "load", "path": str(data_path)})
         self.startup_s = time.perf_counter() - start
         log(f"[inmf] {name} worker ready in {self.startup_s:.1f} s "
             f"(import {self.hello.get('import_s', 0):.1f} s, {name} {self.hello.get('version')},"
             f" numpy {self.hello.get('numpy')})")
-
-    def _reply(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line:
-            code = self.proc.poll()
-            raise RuntimeError(f"{self.name} worker exited (code {code}); see "
-                               f"{self.log_file.name}")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise RuntimeError(f"{self.name} worker: {reply.get('error')}")
-        return reply
-
-    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        return self._reply()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")  # type: ignore[union-attr]
-                self.proc.stdin.flush()  # type: ignore[union-attr]
-                self.proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.log_file.close()
 
 
 def _write_peer_data(w: Workload) -> Path:

@@ -64,7 +64,6 @@ import argparse
 import gc
 import importlib.metadata
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -79,6 +78,7 @@ from typing import Any
 import numpy as np
 
 from . import workloads
+from .peer_process import JsonLinesWorker
 from .runner import DEFAULT_OUT, load_record, log, result_path, run_benchmark, save_record
 from .spec import Benchmark, Method, Metric, Workload
 
@@ -242,52 +242,19 @@ def _ours_embed(w: Workload) -> dict[str, Any]:
 # --- peer ----------------------------------------------------------------------------------------
 
 
-class PeerWorker:
+class PeerWorker(JsonLinesWorker):
     """``scimilarity_runner.py worker`` in the peer venv, driven over JSON lines."""
 
     def __init__(self, python: Path, n_genes: int, params: Mapping[str, Any],
                  log_dir: Path) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(log_dir / "scimilarity.log", "ab")  # noqa: SIM115 - close()
         start = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [str(python), "-W", "ignore", str(RUNNER), "worker"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.log_file, text=True, bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.hello = self._reply()
+        super().__init__("scimilarity", [python, "-W", "ignore", RUNNER, "worker"],
+                         log_dir / "scimilarity.log")
         self.setup = self.request({"cmd": "setup", "n_genes": n_genes, "params": dict(params)})
         self.startup_s = time.perf_counter() - start
         log(f"[metric] scimilarity worker ready in {self.startup_s:.1f} s (scimilarity "
             f"{self.hello.get('scimilarity')}, torch {self.hello.get('torch')}, "
             f"{self.setup.get('torch_threads')} threads)")
-
-    def _reply(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line:
-            raise RuntimeError(f"scimilarity worker exited (code {self.proc.poll()}); see "
-                               f"{self.log_file.name}")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise RuntimeError(f"scimilarity worker: {reply.get('error')}")
-        return reply
-
-    def request(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        return self._reply()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")  # type: ignore[union-attr]
-                self.proc.stdin.flush()  # type: ignore[union-attr]
-                self.proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.log_file.close()
 
 
 def _worker(w: Workload) -> PeerWorker:
