@@ -405,7 +405,7 @@ class _RunningTopK:
         xp, k = self.xp, self.k
         keys = xp.concatenate([self.key[rows], ck], axis=1)
         ids = xp.concatenate([self.idx[rows], ci], axis=1)
-        top = _lexsort_rows(keys, ids)[:, :k]
+        top = lexsort_rows(keys, ids)[:, :k]
         new_k = xp.take_along_axis(keys, top, axis=1)
         self.key[rows] = new_k
         self.idx[rows] = xp.take_along_axis(ids, top, axis=1)
@@ -578,7 +578,7 @@ class _CandidateBuffer:
         self.cnt[:] = 0
 
 
-def _lexsort_rows(keys: Any, ids: Any) -> Any:
+def lexsort_rows(keys: Any, ids: Any) -> Any:
     """Per-row order by (key, id): indices (n, m) into each row.
 
     NumPy: a plain (SIMD) argsort on the keys, and a lexsort only for the rows where two finite
@@ -644,7 +644,7 @@ def _rerank(Qb: Any, R: Any, ids: Any, k: int, metric: str) -> tuple[Any, Any]:
     keys = xp.concatenate(
         [_pair_keys(Qb[s : s + step], R, ids[s : s + step], metric) for s in range(0, n, step)]
     )
-    o = _lexsort_rows(keys, ids)[:, :k]
+    o = lexsort_rows(keys, ids)[:, :k]
     D = _key_to_distance(xp.take_along_axis(keys, o, axis=1), metric)
     return D, xp.take_along_axis(ids, o, axis=1)
 
@@ -653,7 +653,7 @@ def _finalize(key: Any, ids: Any, metric: str) -> tuple[Any, Any]:
     """Reported distances, re-sorted per row on (distance, index)."""
     xp = backend.array_module(key)
     D = _key_to_distance(key, metric)
-    o = _lexsort_rows(D, ids)
+    o = lexsort_rows(D, ids)
     return xp.take_along_axis(D, o, axis=1), xp.take_along_axis(ids, o, axis=1)
 
 

@@ -26,23 +26,9 @@ from typing import Any
 import numpy as np
 
 from ... import backend
+from ...kernels.neighbors import lexsort_rows
 
 ENGINES = ("exact", "faiss-ivf", "faiss-ivfpq", "native-ivf", "faiss-gpu")
-
-
-def lexsort_rows(keys: Any, ids: Any) -> Any:
-    """Per-row order by (key, id), indices (m, w) into each row (numpy or cupy)."""
-    xp = backend.array_module(keys)
-    if xp is np:
-        o = np.argsort(keys, axis=1, kind="stable")
-        ks = np.take_along_axis(keys, o, axis=1)
-        tied = np.flatnonzero(((ks[:, 1:] == ks[:, :-1]) & np.isfinite(ks[:, 1:])).any(axis=1))
-        if tied.size:
-            o[tied] = np.lexsort((ids[tied], keys[tied]), axis=1)
-        return o
-    o1 = xp.argsort(ids, axis=1)  # cupy sorts are stable
-    o2 = xp.argsort(xp.take_along_axis(keys, o1, axis=1), axis=1)
-    return xp.take_along_axis(o1, o2, axis=1)
 
 
 def smallest_k(keys: Any, ids: Any, k: int) -> tuple[Any, Any]:
