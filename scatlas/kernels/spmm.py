@@ -1,14 +1,14 @@
-"""Sparse x dense products for the first layer of cell encoders on the CPU.
+"""Sparse x dense products for the first layer of cell encoders on the CPU (embedding).
 
 Expression input is mostly zeros (10x data: ~5-10 % of 28k genes detected per cell), yet
-encoders multiply it densely: for a batch X (n, G) and a first-layer kernel W (G, H),
-``X @ W`` and the weight gradient ``X^T D`` are the two largest products of a training step at
-atlas gene counts. Both are computed here gene-major (column-compressed X): each row of W (or of
-the gradient) is touched once per batch while the (n, H) side stays in cache, so the cost is
-``nnz * H`` multiply-adds instead of ``n * G * H``.
+encoders multiply it densely. For a chunk X (n, G) and a first-layer kernel W (G, H), ``X @ W`` is
+computed here gene-major: each row of W is touched once per row block while that block's
+(rows, H) output stays in cache, so the cost is ``nnz * H`` multiply-adds instead of
+``n * G * H``.
 
-With numba (a scanpy dependency) the loops run multi-threaded over column blocks (``X @ W``) or
-genes (``X^T D``); without it scipy's CSC product is used (single-threaded).
+With numba (a scanpy dependency) the loops run multi-threaded over row blocks; without it
+scipy's CSC product is used (single-threaded). Measured use: ``MetricEncoder.embed`` on the CPU
+(``python -m bench.metric --genes 2000,28231``: bench/results/metric_cpu.md).
 """
 
 from __future__ import annotations
@@ -59,16 +59,6 @@ if numba is not None:
                         out[i, c] += v * W[j, c]
                     p += 1
 
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def _csc_t_matmul(indptr, indices, data, D, out):  # pragma: no cover - compiled
-        G = out.shape[0]
-        H = D.shape[1]
-        for j in numba.prange(G):
-            for p in range(indptr[j], indptr[j + 1]):
-                i = indices[p]
-                v = data[p]
-                for c in range(H):
-                    out[j, c] += v * D[i, c]
 
 
 def sparse_matmul(X: Any, W: np.ndarray) -> np.ndarray:
@@ -84,21 +74,10 @@ def sparse_matmul(X: Any, W: np.ndarray) -> np.ndarray:
     return out
 
 
-def sparse_t_matmul(X: Any, D: np.ndarray) -> np.ndarray:
-    """``X^T @ D`` for a mostly-zero X (n, G) and dense D (n, H): (G, H) float32."""
-    Xc = _csc(X)
-    D = np.ascontiguousarray(D, dtype=np.float32)
-    if numba is None:
-        return np.asarray(Xc.T @ D, dtype=np.float32)
-    out = np.zeros((Xc.shape[1], D.shape[1]), dtype=np.float32)
-    _csc_t_matmul(Xc.indptr, Xc.indices, Xc.data, D, out)
-    return out
-
-
 # ---------------------------------------------------------------------- dense input, zeros skipped
-# Training batches arrive dense (B, G); converting them to CSC costs about what the product saves,
-# so these kernels read the dense rows once and skip their zeros (a W row / gradient row stays in
-# cache while one gene is processed).
+# Dense chunks would cost about as much to convert to CSC as the product saves, so this kernel
+# reads the dense rows once and skips their zeros (a W row stays in cache while one gene is
+# processed).
 
 if numba is not None:
 
@@ -116,20 +95,6 @@ if numba is not None:
                         for c in range(H):
                             out[i, c] += v * W[j, c]
 
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def _dense_skip_t_matmul(X, D, out, group):  # pragma: no cover - compiled
-        n, G = X.shape
-        H = D.shape[1]
-        n_groups = (G + group - 1) // group
-        for gb in numba.prange(n_groups):
-            j0 = gb * group
-            j1 = min(G, j0 + group)
-            for i in range(n):
-                for j in range(j0, j1):
-                    v = X[i, j]
-                    if v != 0.0:
-                        for c in range(H):
-                            out[j, c] += v * D[i, c]
 
 
 def dense_skip_matmul(X: np.ndarray, W: np.ndarray) -> np.ndarray:
@@ -142,13 +107,3 @@ def dense_skip_matmul(X: np.ndarray, W: np.ndarray) -> np.ndarray:
     _dense_skip_matmul(X, W, out, max(1, min(X.shape[0], 4 * numba.get_num_threads())))
     return out
 
-
-def dense_skip_t_matmul(X: np.ndarray, D: np.ndarray) -> np.ndarray:
-    """``X^T @ D`` for a dense but mostly-zero X (n, G), skipping its zeros; float32 (G, H)."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    D = np.ascontiguousarray(D, dtype=np.float32)
-    if numba is None:
-        return sparse_t_matmul(X, D)
-    out = np.zeros((X.shape[1], D.shape[1]), dtype=np.float32)
-    _dense_skip_t_matmul(X, D, out, 16)
-    return out

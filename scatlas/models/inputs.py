@@ -36,14 +36,20 @@ def matrix_of(adata: ad.AnnData, layer: str | None) -> Any:
     return adata.layers[layer]
 
 
-def check_integer_counts(X: Any, name: str = "X") -> None:
-    """Raise unless ``X`` holds non-negative integers (raw counts); checks a sample of values."""
+def check_integer_counts(
+    X: Any,
+    name: str = "X",
+    advice: str = "pass input='lognorm' if it is already log-normalised (log1p of counts per 1e4)",
+) -> None:
+    """Raise unless ``X`` holds integer values (raw counts); checks the first 1e6 stored values.
+
+    The message names ``name`` and ends with ``advice`` (what the caller can do instead).
+    """
     values = X.data if sp.issparse(X) else np.asarray(X).ravel()
     sample = values[: 1_000_000]
     if sample.size and not np.all(np.mod(sample, 1) == 0):
         raise ScatlasInputError(
-            f"{name} does not look like raw counts (non-integer values); pass "
-            "input='lognorm' if it is already log-normalised (log1p of counts per 1e4)"
+            f"{name} does not hold integer counts (it does not look like raw counts); {advice}"
         )
 
 

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 
 from .._validate import ScatlasInputError, check_positive_int
 from .data import CellBatches, lognorm
+from .inputs import check_integer_counts
 from .mvae_likelihoods import LIKELIHOODS
 
 #: default likelihood by modality name (case-insensitive)
@@ -209,12 +210,8 @@ def _check_values(X: Any, location: str, likelihood: str) -> None:
             "likelihood needs non-negative counts"
         )
     if likelihood in COUNT_LIKELIHOODS:
-        sample = values[:2_000_000]
-        if sample.size and not np.all(np.mod(sample, 1) == 0):
-            raise ScatlasInputError(
-                f"{location} does not hold integer counts (the {likelihood!r} likelihood models "
-                "raw counts, not normalised values)"
-            )
+        check_integer_counts(values, location, f"the {likelihood!r} likelihood models raw "
+                             "counts, not normalised values")
 
 
 def read_modality(
