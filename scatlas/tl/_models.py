@@ -140,11 +140,7 @@ def train_metric(
     X = _matrix(adata, layer, input)
     config = MetricConfig(n_genes=adata.n_vars, **model_kw)
     train_rows, val_rows = _split(adata.n_obs, validation_fraction, seed)
-    batch_size = check_positive_int(batch_size, "batch_size")
-    n_dev = _n_devices(data_parallel)
-    if batch_size > train_rows.size:
-        batch_size = max(n_dev, train_rows.size // n_dev * n_dev)
-        log.warning("batch_size capped at %d (the training cells)", batch_size)
+    batch_size, n_dev = _batch_size(batch_size, train_rows.size, data_parallel)
     if max_steps is None:
         max_steps = int(min(50_000, max(200, math.ceil(20 * train_rows.size / batch_size))))
     batches = CellBatches(
@@ -161,11 +157,7 @@ def train_metric(
         log_path=None if log_path is None else str(log_path), progress=progress,
         data_parallel=data_parallel, bf16=config.bf16,
     )
-    val = None
-    if val_rows.size >= n_dev:
-        vb = max(n_dev, min(batch_size, val_rows.size) // n_dev * n_dev)
-        usable = val_rows[: val_rows.size // vb * vb]
-        val = list(batches.sequential(usable, vb))
+    val = _validation_batches(batches, val_rows, batch_size, n_dev)
     result = fit(MetricTask(config, tcfg, related), batches, tcfg, val_batches=val)
     info = {
         "label_key": label_key, "study_key": study_key, "n_cells": int(adata.n_obs),
@@ -178,6 +170,28 @@ def train_metric(
                           label_names=batches.label_names, info=info)
     model.history = result.history
     return model
+
+
+def _batch_size(batch_size: int, n_train: int, data_parallel: bool) -> tuple[int, int]:
+    """The step's batch size, capped at the training cells and a multiple of the devices used;
+    returns ``(batch_size, n_devices)``."""
+    batch_size = check_positive_int(batch_size, "batch_size")
+    n_dev = _n_devices(data_parallel)
+    if batch_size > n_train:
+        batch_size = max(n_dev, n_train // n_dev * n_dev)
+        log.warning("batch_size capped at %d (the training cells)", batch_size)
+    return batch_size, n_dev
+
+
+def _validation_batches(batches: Any, val_rows: np.ndarray, batch_size: int,
+                        n_dev: int) -> list | None:
+    """Fixed validation batches over ``val_rows`` (each split evenly over the devices; the few
+    cells that do not fill a last batch are left out); None without enough cells."""
+    if val_rows.size < n_dev:
+        return None
+    vb = max(n_dev, min(batch_size, val_rows.size) // n_dev * n_dev)
+    usable = val_rows[: val_rows.size // vb * vb]
+    return list(batches.sequential(usable, vb))
 
 
 def _n_devices(data_parallel: bool) -> int:

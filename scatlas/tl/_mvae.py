@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .._validate import ScatlasInputError, check_positive_int
-from ._models import _n_devices, _split
+from ._models import _batch_size, _split, _validation_batches
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +148,7 @@ def train_mvae(
     cov, batch_names = batch_codes(adata, batch_key)
     lib_mean, lib_sd = _library_stats(mods, train_rows)
 
-    batch_size = check_positive_int(batch_size, "batch_size")
-    n_dev = _n_devices(data_parallel)
-    if batch_size > train_rows.size:
-        batch_size = max(n_dev, train_rows.size // n_dev * n_dev)
-        log.warning("batch_size capped at %d (the training cells)", batch_size)
+    batch_size, n_dev = _batch_size(batch_size, train_rows.size, data_parallel)
     if max_steps is None:
         max_steps = int(min(50_000, max(500, math.ceil(200 * train_rows.size / batch_size))))
     max_steps = check_positive_int(max_steps, "max_steps")
@@ -172,11 +168,7 @@ def train_mvae(
         log_path=None if log_path is None else str(log_path), progress=progress,
         data_parallel=data_parallel, bf16=config.bf16,
     )
-    val = None
-    if val_rows.size >= n_dev:
-        vb = max(n_dev, min(batch_size, val_rows.size) // n_dev * n_dev)
-        usable = val_rows[: val_rows.size // vb * vb]
-        val = list(batches.sequential(usable, vb))
+    val = _validation_batches(batches, val_rows, batch_size, n_dev)
     result = fit(MVAETask(config), batches, tcfg, val_batches=val)
     observed = {m.name: int(m.observed.sum()) for m in mods}
     info = {
