@@ -66,8 +66,9 @@ def _host_argsort(key: np.ndarray) -> np.ndarray:
 
 
 def argsort_rows(key: jax.Array) -> jax.Array:
-    """Stable argsort of each row (int32). On the CPU backend numpy's sort is ~3x faster than
-    XLA's comparator sort, so it is called back to there; other backends sort in XLA."""
+    """Stable argsort of each row (int32). On the CPU backend it is called back to numpy, which
+    sorted a 1000 x 1000 batch in 0.08 s against 0.25 s for XLA's comparator sort (2-core CPU,
+    shared; ad hoc timing, see the issue note); other backends sort in XLA."""
 
     def on_cpu(k: jax.Array) -> jax.Array:
         return jax.pure_callback(_host_argsort, jax.ShapeDtypeStruct(k.shape, jnp.int32), k)
