@@ -29,3 +29,29 @@ def test_empty_rows_and_columns():
     W = np.ones((6, 5), np.float32)
     assert np.array_equal(spmm.sparse_matmul(X, W), np.zeros((4, 5), np.float32))
     assert np.array_equal(spmm.dense_skip_matmul(X.toarray(), W), np.zeros((4, 5), np.float32))
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 7, 256])
+def test_row_blocks_and_unsorted_duplicate_entries(rows_per_block):
+    """Block edges, unsorted column indices and duplicate (i, j) entries (summed, as scipy)."""
+    rng = np.random.default_rng(1)
+    n, G, H = 40, 30, 17
+    rows = rng.integers(0, n, 300)
+    cols = rng.integers(0, G, 300)
+    vals = rng.normal(size=300).astype(np.float32)
+    X = sp.csr_matrix((vals, (rows, cols)), shape=(n, G))  # coo -> csr sums duplicates
+    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=n))]
+    raw = sp.csr_matrix((vals, cols, indptr), shape=(n, G))  # unsorted, repeated columns
+    W = rng.normal(size=(G, H)).astype(np.float32)
+    for M in (X, raw):
+        ref = M.toarray().astype(np.float64) @ W
+        got = spmm.sparse_matmul(M, W, rows_per_block=rows_per_block)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    dense = X.toarray()
+    np.testing.assert_allclose(spmm.dense_skip_matmul(dense, W, rows_per_block=rows_per_block),
+                               dense.astype(np.float64) @ W, rtol=1e-4, atol=1e-4)
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match="cannot multiply"):
+        spmm.sparse_matmul(sp.csr_matrix((3, 4), dtype=np.float32), np.ones((5, 2), np.float32))
