@@ -104,10 +104,12 @@ METRICS = {
     "mining_share": Metric("mining share", ".2f"),
     "peer_s": Metric("in-process s", ".3g"),
     "norm_err": Metric("‖z‖-1", ".1e"),
+    "cos_min": Metric("min cos to f32", ".5f", higher_is_better=True),
+    "knn15_shared": Metric("shared 15-NN", ".3f", higher_is_better=True),
 }
 
 #: group -> the params key giving the cells one call processes
-GROUP_CELLS = {"train": "batch_size", "embed": "n_embed"}
+GROUP_CELLS = {"train": "batch_size", "embed": "n_embed", "embed_bf16": "n_embed"}
 
 #: calls per method and size that are the harness's warm-up (left out of the in-process medians);
 #: ``python -m bench run`` defaults to 1, :func:`main` sets it to its ``--warmup``
@@ -180,8 +182,10 @@ def _record(w: Workload, key: str, reply: Mapping[str, Any]) -> None:
 
 
 def _kind(group: str) -> str:
-    """``train`` or ``embed`` (the embed group is ``embed[csr]`` for CSR input)."""
-    return "train" if group == "train" else "embed"
+    """``train``, ``embed`` or ``embed_bf16`` (``[csr]`` groups: the same for CSR input)."""
+    if group == "train":
+        return "train"
+    return "embed_bf16" if group.startswith("embed-bf16") else "embed"
 
 
 # --- ours ----------------------------------------------------------------------------------------
@@ -225,18 +229,46 @@ def _ours_train(w: Workload) -> dict[str, Any]:
     return reply
 
 
-def _ours_embed(w: Workload) -> dict[str, Any]:
+def _ours_embed(w: Workload, precision: str = "float32") -> dict[str, Any]:
     X = _embed_cells(w)
     embed = _ours_callables(w)["embed"]
     start = time.perf_counter()
-    Z = np.asarray(embed(X))
+    Z = np.asarray(embed(X, precision=precision))
     seconds = time.perf_counter() - start
     if Z.shape != (X.shape[0], 128):
         raise RuntimeError(f"embed returned shape {Z.shape}, expected {(X.shape[0], 128)}")
     reply = {"peer_s": seconds,
              "norm_err": float(np.max(np.abs(np.linalg.norm(Z, axis=1) - 1.0)))}
-    _record(w, "ours.embed", reply)
+    if precision == "float32":
+        w.extra["Z_float32"] = Z
+    else:
+        reply.update(_agreement(w, Z))
+    _record(w, "ours.embed" if precision == "float32" else "ours.embed_bf16", reply)
     return reply
+
+
+def _ours_embed_bf16(w: Workload) -> dict[str, Any]:
+    return _ours_embed(w, "bfloat16")
+
+
+def _agreement(w: Workload, Z: np.ndarray) -> dict[str, Any]:
+    """How far a reduced-precision embedding is from the float32 one of the same cells: the
+    smallest per-cell cosine, and the mean fraction of shared 15 nearest neighbours (first 2,000
+    cells, exact cosine)."""
+    if "Z_float32" not in w.extra:
+        w.extra["Z_float32"] = np.asarray(_ours_callables(w)["embed"](_embed_cells(w)))
+    ref = w.extra["Z_float32"]
+    cos = np.sum(ref * Z, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(Z, axis=1))
+
+    def knn(E: np.ndarray) -> np.ndarray:
+        E = E[:2000]
+        S = E @ E.T
+        np.fill_diagonal(S, -np.inf)
+        return np.argsort(-S, axis=1)[:, :15]
+
+    a, b = knn(ref), knn(Z)
+    shared = np.mean([len(np.intersect1d(x, y)) / 15 for x, y in zip(a, b, strict=True)])
+    return {"cos_min": float(cos.min()), "knn15_shared": float(shared)}
 
 
 # --- peer ----------------------------------------------------------------------------------------
@@ -286,11 +318,15 @@ def _peer_train(w: Workload) -> dict[str, Any]:
     return reply
 
 
-def _peer_embed(w: Workload) -> dict[str, Any]:
-    reply = _worker(w).request({"cmd": "embed"})
+def _peer_embed(w: Workload, bf16: bool = False) -> dict[str, Any]:
+    reply = _worker(w).request({"cmd": "embed", "bf16": bf16})
     reply = {"peer_s": reply["embed_s"], "norm_err": reply["norm_err"]}
-    _record(w, "baseline.embed", reply)
+    _record(w, "baseline.embed_bf16" if bf16 else "baseline.embed", reply)
     return reply
+
+
+def _peer_embed_bf16(w: Workload) -> dict[str, Any]:
+    return _peer_embed(w, bf16=True)
 
 
 def _peer_method(name: str, call: Any, group: str, description: str) -> Method:
@@ -322,6 +358,12 @@ def methods(params: Mapping[str, Any]) -> list[Method]:
         _peer_method(f"scimilarity.embed{tag}", _peer_embed, f"embed{tag}",
                      "SCimilarity Encoder.eval() under inference_mode, 10,000-cell chunks"
                      + (" (each densified with .toarray())" if csr else "")),
+        Method(f"scatlas.metric.embed-bf16{tag}", _ours_embed_bf16, "ours", f"embed-bf16{tag}",
+               "the same with precision='bfloat16' (dense layers bf16; sparse first layer "
+               "float32); agreement with our float32 embedding recorded"),
+        _peer_method(f"scimilarity.embed-bf16{tag}", _peer_embed_bf16, f"embed-bf16{tag}",
+                     "the same under torch.autocast('cpu', bfloat16): not SCimilarity's own "
+                     "setting, the equal-precision counterpart"),
     ]
 
 
@@ -334,6 +376,9 @@ def accuracy(w: Workload, method: Method, output: Any) -> dict[str, Any]:
         out["mining_share"] = float(np.median([c["mining_s"] / c["peer_s"] for c in timed]))
     if "norm_err" in output:
         out["norm_err"] = output["norm_err"]
+    for key in ("cos_min", "knn15_shared"):
+        if key in output:
+            out[key] = output[key]
     return out
 
 

@@ -168,7 +168,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     else:
         tl.embed(adata, model, key_added=args.key_added, layer=args.layer,
                  input=args.input_kind, batch_size=args.batch_size,
-                 min_overlap=args.min_overlap, progress=None if args.progress else False)
+                 min_overlap=args.min_overlap, precision=args.precision,
+                 progress=None if args.progress else False)
         write_h5ad(adata, args.output)
     print(f"scatlas embed: {adata.n_obs} cells -> obsm[{args.key_added!r}] "
           f"({model.latent_dim} dims) in {args.output} ({time.perf_counter() - t0:.1f} s)")
@@ -234,6 +235,8 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--modalities", nargs="+", default=None, metavar="NAME",
                    help="mvae models: embed from these modalities only (default: every model "
                    "modality present in the input)")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                   help="metric models: precision of the dense layers (default: the model's)")
     _input_args(p)
     p.set_defaults(func=cmd_embed)
 

@@ -26,6 +26,10 @@ def test_train_then_embed(tmp_path, capsys):
     emb = ad.read_h5ad(out).obsm["X_scatlas"]
     expect = load(model_dir).embed(ad.read_h5ad(data))
     np.testing.assert_allclose(emb, expect, rtol=1e-6)
+    assert cli.main(["embed", "--model", str(model_dir), "--precision", "bfloat16", str(data),
+                     str(out)]) == 0
+    expect = load(model_dir).embed(ad.read_h5ad(data), precision="bfloat16")
+    np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_scatlas"], expect, rtol=1e-6)
 
 
 def test_errors_exit_2(tmp_path, capsys):

@@ -123,3 +123,21 @@ def test_sparse_first_layer_equals_dense_path(tiny_model):
     dense = a.copy()
     dense.X = dense.X.toarray()
     np.testing.assert_allclose(model.embed(dense), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_embedding_agrees_with_float32(tiny_model):
+    """precision="bfloat16" computes the dense layers in bf16: the embedding stays within bf16
+    rounding of the float32 one (cosine per cell) and keeps the same nearest neighbours."""
+    a, model = tiny_model
+    Z32 = model.embed(a)
+    Z16 = model.embed(a, precision="bfloat16")
+    assert Z16.dtype == np.float32 and Z16.shape == Z32.shape
+    cos = np.sum(Z32 * Z16, axis=1)
+    assert cos.min() > 0.99, cos.min()
+    assert not np.array_equal(Z16, Z32)  # it did run in reduced precision
+    nn32 = np.argsort(-(Z32 @ Z32.T), axis=1)[:, 1:6]
+    nn16 = np.argsort(-(Z16 @ Z16.T), axis=1)[:, 1:6]
+    shared = np.mean([len(np.intersect1d(x, y)) / 5 for x, y in zip(nn32, nn16, strict=True)])
+    assert shared > 0.8, shared
+    with pytest.raises(ScatlasInputError, match="precision"):
+        model.embed(a, precision="float16")

@@ -320,20 +320,23 @@ class ScimilarityTrainer:
                 "hard_fraction": float(hard_triplets), "loss": float(loss.detach()),
                 "mse": float(mse.detach()), "triplet": float(triplet_loss.detach())}
 
-    def embed(self, X: Any, buffer_size: int) -> tuple[float, np.ndarray]:
-        """``CellEmbedding.get_embeddings``: eval, inference mode, chunks (CSR densified)."""
+    def embed(self, X: Any, buffer_size: int, bf16: bool = False) -> tuple[float, np.ndarray]:
+        """``CellEmbedding.get_embeddings``: eval, inference mode, chunks (CSR densified).
+
+        ``bf16``: the same under ``torch.autocast("cpu", bfloat16)`` (not SCimilarity's own
+        setting; the equal-precision counterpart of our bfloat16 embedding)."""
         import torch  # noqa: PLC0415
 
         self.encoder.eval()
         start = time.perf_counter()
         parts = []
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             for i in range(0, X.shape[0], buffer_size):
                 if isinstance(X, np.ndarray):
                     profiles = torch.Tensor(X[i: i + buffer_size])
                 else:  # scipy CSR/CSC, as get_embeddings does
                     profiles = torch.Tensor(X[i: i + buffer_size].toarray())
-                parts.append(self.encoder(profiles))
+                parts.append(self.encoder(profiles).float())
         embedding = torch.vstack(parts).detach().numpy()
         return time.perf_counter() - start, embedding
 
@@ -363,10 +366,10 @@ class Session:
             raise ValueError(f"embed_input must be 'dense' or 'csr', got {p['embed_input']!r}")
         self.setup_s = time.perf_counter() - start
 
-    def embed(self) -> dict[str, Any]:
+    def embed(self, bf16: bool = False) -> dict[str, Any]:
         if self.X_embed is None:
             raise RuntimeError("n_embed is 0: no cells to embed")
-        seconds, Z = self.trainer.embed(self.X_embed, int(self.p["buffer_size"]))
+        seconds, Z = self.trainer.embed(self.X_embed, int(self.p["buffer_size"]), bf16)
         norms = np.linalg.norm(Z, axis=1)
         return {"embed_s": seconds, "n_cells": int(Z.shape[0]), "dim": int(Z.shape[1]),
                 "norm_err": float(np.max(np.abs(norms - 1.0)))}
@@ -443,7 +446,7 @@ def worker(proto: Any) -> int:
             elif cmd == "train":
                 reply = session.trainer.training_step()
             elif cmd == "embed":
-                reply = session.embed()
+                reply = session.embed(bool(msg.get("bf16", False)))
             else:
                 raise ValueError(f"unknown command {cmd!r}")
             proto.write(json.dumps({"ok": True, **reply}) + "\n")

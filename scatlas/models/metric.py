@@ -20,10 +20,11 @@ PReLU slope initialised at 0.25 as torch's.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,22 @@ from .train import TrainConfig, make_schedule
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("triplet", "infonce")
+PRECISIONS = ("float32", "bfloat16")
 _DEFAULT_WEIGHT = {"triplet": 0.001, "infonce": 0.05}
 
 
 # ------------------------------------------------------------------------------------- network
+
+def _dense(features: int, dtype: Any) -> nn.Dense:
+    """``nn.Dense`` computing in ``dtype``; bfloat16 products accumulate into float32 outputs
+    (XLA's CPU dot with a bfloat16 result is slower than with a float32 one, measured 123 vs
+    262 GFLOPS on a 10,000 x 1024 x 1024 product, AMD EPYC Zen 4 with AVX512-BF16)."""
+    if dtype == jnp.float32:
+        return nn.Dense(features, dtype=dtype)
+    return nn.Dense(features, dtype=dtype,
+                    dot_general=functools.partial(jax.lax.dot_general,
+                                                  preferred_element_type=jnp.float32))
+
 
 class _Block(nn.Module):
     features: int
@@ -58,9 +71,9 @@ class _Block(nn.Module):
         if not dense_done:  # dense_done: x is already this block's Dense output (sparse path)
             if self.dropout > 0:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
-            x = nn.Dense(self.features, dtype=self.dtype)(x)
+            x = _dense(self.features, self.dtype)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype)(x)
+                         dtype=jnp.float32)(x)
         return nn.PReLU(negative_slope_init=0.25)(x)
 
 
@@ -78,7 +91,7 @@ class Encoder(nn.Module):
         for i, h in enumerate(self.hidden):
             block = _Block(h, self.input_dropout if i == 0 else self.dropout, self.dtype)
             x = block(x, train, dense_done=first_done and i == 0)
-        z = nn.Dense(self.latent, dtype=self.dtype)(x).astype(jnp.float32)
+        z = _dense(self.latent, self.dtype)(x).astype(jnp.float32)
         return z / jnp.maximum(jnp.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 
 
@@ -94,7 +107,7 @@ class Decoder(nn.Module):
     def __call__(self, z: jax.Array, train: bool) -> jax.Array:
         for i, h in enumerate(self.hidden):
             z = _Block(h, 0.0 if i == 0 else self.dropout, self.dtype)(z, train)
-        return nn.Dense(self.n_genes, dtype=self.dtype)(z).astype(jnp.float32)
+        return _dense(self.n_genes, self.dtype)(z).astype(jnp.float32)
 
 
 class MetricNet(nn.Module):
@@ -292,12 +305,24 @@ class MetricEncoder:
             )
         self.label_names = list(label_names)
         self.info = dict(info or {})
-        self._net = config.net()
         self._device_variables = jax.device_put(self.variables)
-        self._encode = jax.jit(lambda v, x: self._net.apply(v, x, method=MetricNet.encode))
-        self._encode_after_first = jax.jit(
-            lambda v, h: self._net.apply(v, h, method=MetricNet.encode_after_first)
-        )
+        self._compiled: dict[str, tuple[Any, Any]] = {}
+        self._encode, self._encode_after_first = self._encoders(self._default_precision)
+
+    @property
+    def _default_precision(self) -> str:
+        return "bfloat16" if self.config.bf16 else "float32"
+
+    def _encoders(self, precision: str) -> tuple[Any, Any]:
+        """Jitted ``(encode(x), encode_after_first(h))`` computing the dense layers in
+        ``precision`` (parameters stay float32; bfloat16 layers accumulate as XLA's dot does)."""
+        if precision not in self._compiled:
+            net = replace(self.config, bf16=precision == "bfloat16").net()
+            self._compiled[precision] = (
+                jax.jit(lambda v, x: net.apply(v, x, method=MetricNet.encode)),
+                jax.jit(lambda v, h: net.apply(v, h, method=MetricNet.encode_after_first)),
+            )
+        return self._compiled[precision]
 
     @property
     def latent_dim(self) -> int:
@@ -316,6 +341,7 @@ class MetricEncoder:
         input: str = "counts",
         batch_size: int = 10_000,
         min_overlap: float = 0.5,
+        precision: str | None = None,
         progress: bool | None = None,
     ) -> np.ndarray:
         """Embed cells: (n_cells, latent_dim) float32, unit-length rows.
@@ -326,11 +352,20 @@ class MetricEncoder:
         Chunks of ``batch_size`` cells are embedded on the default JAX device. On the CPU,
         sparse input stays sparse for the first layer (``x @ W1`` over the non-zeros only,
         :mod:`scatlas.kernels.spmm`); the rest of the network runs jitted.
+
+        ``precision``: ``"float32"`` or ``"bfloat16"`` for the dense layers (default: the
+        precision the model was trained in). bfloat16 roughly doubles GEMM throughput on CPUs
+        with AVX512-BF16 and on GPUs; on the CPU the sparse first layer stays float32. Agreement
+        with float32 is measured in ``bench/results/metric_cpu.md`` (cosine, shared neighbours).
         """
         from .._progress import track
 
         batch_size = check_positive_int(batch_size, "batch_size")
-        sparse_first = _sparse_first_layer(self.config)
+        precision = self._default_precision if precision is None else precision
+        if precision not in PRECISIONS:
+            raise ScatlasInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        encode_full, encode_after_first = self._encoders(precision)
+        sparse_first = _sparse_first_layer()
         out = []
         chunks = model_chunks(data, self.genes, layer=layer, input=input,
                               chunk_size=batch_size, min_overlap=min_overlap,
@@ -340,9 +375,9 @@ class MetricEncoder:
             if sparse_first and (sp.issparse(x) or _mostly_zero(x)):
                 # first layer over the non-zeros only, on the host (CPU backend)
                 x = self._first_layer(x)
-                encode = self._encode_after_first
+                encode = encode_after_first
             else:
-                encode = self._encode
+                encode = encode_full
             pad = batch_size - n if n < batch_size and out else 0
             if pad:  # keep one compiled shape for the tail chunk
                 x = np.concatenate([x, np.zeros((pad, x.shape[1]), np.float32)])
@@ -380,10 +415,10 @@ def _mostly_zero(x: np.ndarray, threshold: float = 0.3) -> bool:
     return np.count_nonzero(x) < threshold * x.size
 
 
-def _sparse_first_layer(config: MetricConfig) -> bool:
-    """Embed with the first layer as a host sparse product: on the CPU backend in float32, where
+def _sparse_first_layer() -> bool:
+    """Embed with the first layer as a host sparse product (float32): on the CPU backend, where
     skipping the zeros of expression input (~90 %) beats the dense GEMM (kernels.spmm)."""
-    return jax.default_backend() == "cpu" and not config.bf16
+    return jax.default_backend() == "cpu"
 
 
 # ----------------------------------------------------------------------------------- benchmark
@@ -396,7 +431,8 @@ def benchmark_callables(
     ``train_step()`` runs one full jitted training step (forward, on-device semi-hard mining,
     triplet + MSE + L1 loss, backward, AdamW) on a fixed device-resident batch (~10% non-zero
     log-normalised values, 20 labels, 5 studies) and blocks until done; ``embed(X)`` embeds a
-    (n, n_genes) float32 array in 10,000-cell chunks. ``bf16=True`` computes the dense layers in
+    (n, n_genes) float32 array in 10,000-cell chunks (``precision="bfloat16"``: dense layers in
+    bfloat16). ``bf16=True`` computes the dense layers in
     bfloat16 (parameters float32), SCimilarity's own runs being float32.
     """
     from .train import Trainer
@@ -419,7 +455,7 @@ def benchmark_callables(
     variables = jax.device_get({"params": holder["ts"].params, **holder["ts"].state})
     model = MetricEncoder(cfg, variables, [f"g{i}" for i in range(n_genes)])
 
-    def embed(X: np.ndarray) -> np.ndarray:
-        return model.embed(X, input="lognorm", batch_size=10_000)
+    def embed(X: np.ndarray, precision: str = "float32") -> np.ndarray:
+        return model.embed(X, input="lognorm", batch_size=10_000, precision=precision)
 
     return {"train_step": train_step, "embed": embed}

@@ -209,13 +209,15 @@ def embed(
     input: str = "counts",
     batch_size: int = 10_000,
     min_overlap: float = 0.5,
+    precision: str | None = None,
     progress: bool | None = None,
 ) -> np.ndarray:
     """Embed ``adata`` with a trained model (or a model folder) into ``.obsm[key_added]``.
 
     Genes are aligned to the model's by name (zero fill, ``min_overlap`` enforced) and raw
-    counts log-normalised (``input="counts"``). Returns the (n_cells, latent_dim) float32
-    embedding and records the model in ``.uns[key_added]``.
+    counts log-normalised (``input="counts"``). ``precision`` ("float32" or "bfloat16"; default
+    the model's) is passed to :meth:`MetricEncoder.embed`. Returns the (n_cells, latent_dim)
+    float32 embedding and records the model in ``.uns[key_added]``.
     """
     from ..models.io import load
 
@@ -223,8 +225,9 @@ def embed(
         model = load(model)
     if not isinstance(adata, ad.AnnData):
         raise ScatlasInputError(f"expected an AnnData, got {type(adata).__name__}")
+    extra = {} if precision is None else {"precision": precision}
     Z = model.embed(adata, layer=layer, input=input, batch_size=batch_size,
-                    min_overlap=min_overlap, progress=progress)
+                    min_overlap=min_overlap, progress=progress, **extra)
     adata.obsm[key_added] = Z
     adata.uns[key_added] = {"model": repr(model), "n_genes": len(model.genes),
                             "latent_dim": int(Z.shape[1])}
