@@ -179,8 +179,8 @@ def test_interleaved_run_records_harness_entries(monkeypatch, tmp_path):
         def train_step():
             order.append("train")
 
-        def embed(X):
-            order.append("embed")
+        def embed(X, precision="float32"):
+            order.append("embed" if precision == "float32" else precision)
             Z = np.ones((X.shape[0], 128), dtype=np.float32)
             return Z / np.sqrt(128)
 
@@ -191,12 +191,23 @@ def test_interleaved_run_records_harness_entries(monkeypatch, tmp_path):
                                        batch_size=50)
     res = rec["results"]["64"]["methods"]
     train, embed = res["scatlas.metric.train_step"], res["scatlas.metric.embed"]
-    assert order == ["train"] * 5 + ["embed"] * 5
-    for entry, cells in ((train, 50), (embed, 30)):
+    assert order == ["train"] * 5 + ["embed"] * 5 + ["bfloat16"] * 5
+    bf16 = res["scatlas.metric.embed-bf16"]
+    for entry, cells in ((train, 50), (embed, 30), (bf16, 30)):
         assert entry["status"] == "ok" and len(entry["times_s"]) == entry["repeats"] == 3
         assert len(entry["load_1m_all"]) == 3
         assert entry["accuracy"]["cells_per_s"] == pytest.approx(cells / entry["median_s"])
     assert embed["accuracy"]["norm_err"] < 1e-6
+    # dense-equivalent FLOPs of the 64-gene model, by hand: encoder / encoder + decoder
+    enc = 64 * 1024 + 2 * 1024 * 1024 + 1024 * 128
+    train_flops = 2 * (3 * 2 * enc - 64 * 1024)
+    assert embed["accuracy"]["gflops_dense_eq"] == pytest.approx(
+        embed["accuracy"]["cells_per_s"] * 2 * enc / 1e9)
+    assert train["accuracy"]["gflops_dense_eq"] == pytest.approx(
+        train["accuracy"]["cells_per_s"] * train_flops / 1e9)
+    # identical outputs agree perfectly with the float32 embedding
+    assert bf16["accuracy"]["cos_min"] == pytest.approx(1.0)
+    assert bf16["accuracy"]["knn15_shared"] == pytest.approx(1.0)
     assert res["scimilarity.train_step"]["status"] == "skipped"
     saved = json.loads((tmp_path / "metric_cpu.json").read_text())
     assert saved["results"]["64"]["methods"]["scatlas.metric.embed"]["status"] == "ok"
