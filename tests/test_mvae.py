@@ -276,6 +276,23 @@ def test_impute_library_options(mosaic, mosaic_model):
     obs = mosaic_model.impute(held, ["rna"], "protein", library="observed")
     np.testing.assert_allclose(obs.sum(1), held.obsm["protein_counts"].to_numpy().sum(1),
                                rtol=1e-3)
+    # log1p scale: at a fixed library exactly log1p of the counts; over posterior samples the
+    # average is taken on the log scale, so by Jensen below log1p of the averaged counts
+    log_fixed = mosaic_model.impute(held, ["rna"], "protein", library=1e4, scale="log1p")
+    np.testing.assert_allclose(log_fixed, np.log1p(fixed), rtol=1e-5, atol=1e-5)
+    mc_log = mosaic_model.impute(held, ["rna"], "protein", library=1e4, scale="log1p",
+                                 n_samples=8, seed=3)
+    mc = mosaic_model.impute(held, ["rna"], "protein", library=1e4, n_samples=8, seed=3)
+    assert np.all(mc_log <= np.log1p(mc) + 1e-5)
+    assert np.mean(np.log1p(mc) - mc_log) > 1e-4
+    # the predicted library enters log1p at its log-scale mean (no lognormal correction): the
+    # ratio to the counts-scale values is one constant for every cell and protein
+    ratio = np.expm1(mosaic_model.impute(held, ["rna"], "protein", scale="log1p")) / \
+        mosaic_model.impute(held, ["rna"], "protein")
+    np.testing.assert_allclose(ratio, ratio[0, 0], rtol=1e-3)
+    assert ratio[0, 0] < 1
+    with pytest.raises(ScatlasInputError, match="scale"):
+        mosaic_model.impute(held, ["rna"], "protein", scale="log")
     rna = mosaic_model.impute(held, ["protein"], "rna", batch="batch1")
     assert rna.shape == (200, 300) and np.all(rna >= 0)
     with pytest.raises(ScatlasInputError, match="target"):
@@ -351,9 +368,11 @@ def test_mudata_mosaic_rows_are_matched():
 
 # ----------------------------------------------------------------- CITE-seq vs linear baselines
 
-#: the model settings the CITE-seq comparison uses (chosen on two splits, see docs/mvae.md)
+#: the model settings the CITE-seq comparison uses (chosen on other splits than the test's
+#: folds, see docs/mvae.md)
 CITE_KW = {"n_top_genes": 2000, "max_steps": 1000, "batch_size": 128,
-           "validation_fraction": 0.0, "dropout": 0.3, "alignment_weight": 1.0}
+           "validation_fraction": 0.0, "dropout": 0.3, "alignment_weight": 1.0,
+           "library_weight": 5.0}
 
 
 @pytest.mark.slow
@@ -377,19 +396,20 @@ def test_cite_seq_beats_linear_baselines(shared_data):
         model = train_mvae(adata[train].copy(), seed=fold, progress=False, **CITE_KW)
         held = adata[test].copy()
         f_ours = foscttm(model.embed(held, ["rna"]), model.embed(held, ["protein"]))
-        r_ours = per_feature_pearson(np.log1p(model.impute(held, ["rna"], "protein")),
+        # the log-scale imputation (posterior average of log1p expected counts), scored on log1p
+        r_ours = per_feature_pearson(model.impute(held, ["rna"], "protein", scale="log1p",
+                                                  n_samples=100), np.log1p(Y[test]))
+        # for comparison: log1p of the counts decoded at the posterior mean
+        r_plug = per_feature_pearson(np.log1p(model.impute(held, ["rna"], "protein")),
                                      np.log1p(Y[test]))
-        r_mc = per_feature_pearson(np.log1p(model.impute(held, ["rna"], "protein",
-                                                         n_samples=25)), np.log1p(Y[test]))
         hv = highly_variable(X, train, 2000)  # the baselines get the same HVGs, train-only
         f_cca = {k: cca_baseline(X[:, hv], Y, train, test, n_components=k) for k in (5, 10, 20)}
         r_ridge = per_feature_pearson(ridge_baseline(X[:, hv], Y, train, test), np.log1p(Y[test]))
         rows.append({"foscttm": f_ours, "cca5": f_cca[5], "cca10": f_cca[10],
-                     "cca20": f_cca[20], "r": r_ours, "r_mc25": r_mc, "ridge": r_ridge})
+                     "cca20": f_cca[20], "r": r_ours, "r_plugin": r_plug, "ridge": r_ridge})
     table = pd.DataFrame(rows)
     print("\nCITE-seq 5-fold (per fold, then mean):\n" + table.round(4).to_string()
           + "\nmean\n" + table.mean().round(4).to_string())
     mean = table.mean()
     assert mean["foscttm"] < min(mean["cca5"], mean["cca10"], mean["cca20"]), mean
-    # measured (docs/mvae.md): 0.527 vs ridge 0.528, a tie, not the "better"
-    assert mean["r"] > mean["ridge"] - 0.01, mean
+    assert mean["r"] > mean["ridge"], mean

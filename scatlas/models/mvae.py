@@ -468,7 +468,7 @@ class MultimodalVAE:
         self._net = config.net()
         self._device_variables = jax.device_put(self.variables)
         self._encode = jax.jit(self._encode_impl)
-        self._decode = jax.jit(self._decode_impl, static_argnums=(2,))
+        self._decode = jax.jit(self._decode_impl, static_argnums=(2, 5))
 
     # -- properties ------------------------------------------------------------------------
 
@@ -503,14 +503,17 @@ class MultimodalVAE:
         mus, logvars = self._net.apply(variables, xs, libs, False, method=MVAENet.encode)
         return product_of_experts(mus, logvars, masks)
 
-    def _decode_impl(self, variables, z, m, cov, log_lib):
+    def _decode_impl(self, variables, z, m, cov, log_lib, log_scale):
         c = self.config
         outs = self._net.apply(variables, z, one_hot(cov, c.n_batches), method=MVAENet.decode)
         out = outs[m]
-        if log_lib is None:  # the model's predicted log library (mean of its lognormal)
-            sd = jnp.exp(out["lib_log_sd"]) * c.log_lib_sd[m]
-            log_lib = out["lib"] * c.log_lib_sd[m] + c.log_lib_mean[m] + 0.5 * sd**2
-        return expected_value(c.likelihoods[m], out, log_lib, c.log_lib_mean[m])
+        if log_lib is None:  # the model's predicted log library
+            log_lib = out["lib"] * c.log_lib_sd[m] + c.log_lib_mean[m]
+            if not log_scale:  # the mean of its lognormal (log scale: its mean, the median)
+                sd = jnp.exp(out["lib_log_sd"]) * c.log_lib_sd[m]
+                log_lib = log_lib + 0.5 * sd**2
+        mean = expected_value(c.likelihoods[m], out, log_lib, c.log_lib_mean[m])
+        return jnp.log1p(mean) if log_scale else mean
 
     # -- data ------------------------------------------------------------------------------
 
@@ -618,6 +621,7 @@ class MultimodalVAE:
         batch: str | None = None,
         masks: Mapping[str, Any] | None = None,
         n_samples: int = 0,
+        scale: str = "counts",
         seed: int = 0,
         batch_size: int = 4096,
         min_overlap: float = 0.5,
@@ -634,6 +638,13 @@ class MultimodalVAE:
         to decode in (default: the cells' ``obs[batch_key]`` when present, else the first).
         ``n_samples``: 0 decodes the posterior mean; ``k > 0`` averages the decoded means of
         ``k`` posterior samples (Monte Carlo posterior predictive mean; ``seed`` fixes them).
+        ``scale``: ``"counts"`` (the values above) or ``"log1p"``: ``log1p`` of them, the library
+        taken at its predicted log-scale mean (the median of its lognormal, not the mean), and
+        with ``n_samples=k`` the average over posterior samples taken on that scale,
+        ``E_q(z|source)[log1p E[x | z]]``: the estimate of the log-scale values under posterior
+        uncertainty in ``z`` (what a log-scale comparison such as the Pearson correlation of
+        ``log1p`` counts scores; averaging counts and then taking the log favours the samples
+        with the largest values).
         """
         c = self.config
         if target not in c.modalities:
@@ -649,6 +660,11 @@ class MultimodalVAE:
         batch_size = check_positive_int(batch_size, "batch_size")
         if int(n_samples) < 0:
             raise ScatlasInputError(f"n_samples must be >= 0, got {n_samples!r}")
+        if scale not in ("counts", "log1p"):
+            raise ScatlasInputError(f"scale must be 'counts' or 'log1p', got {scale!r}")
+        if scale == "log1p" and c.likelihoods[m] == "bernoulli":
+            raise ScatlasInputError(f"scale='log1p' needs a count target; {target!r} is bernoulli")
+        log_scale = scale == "log1p"
         mods = self._read(data, chosen, masks, min_overlap)
         z, z_logvar = self._posterior(mods, batch_size, progress)
         n = z.shape[0]
@@ -683,14 +699,14 @@ class MultimodalVAE:
             cv = _pad(cov[sl], size)
             if n_samples == 0:
                 vals = np.asarray(self._decode(self._device_variables, _pad(z[sl], size), m,
-                                               cv, ll))
-            else:  # Monte Carlo posterior predictive mean E_q(z|source)[E[x | z]]
+                                               cv, ll, log_scale))
+            else:  # Monte Carlo mean over q(z | source) of E[x | z] (or of its log1p)
                 sd = np.exp(0.5 * z_logvar[sl])
                 vals = 0.0
                 for _ in range(int(n_samples)):
                     zs = z[sl] + sd * rng.standard_normal(sd.shape).astype(np.float32)
                     vals = vals + np.asarray(self._decode(self._device_variables,
-                                                          _pad(zs, size), m, cv, ll))
+                                                          _pad(zs, size), m, cv, ll, log_scale))
                 vals = vals / int(n_samples)
             out.append(vals[: sl.stop - sl.start])
         return np.concatenate(out).astype(np.float32, copy=False)
