@@ -118,13 +118,15 @@ def cmd_impute(args: argparse.Namespace) -> int:
                 f"--library must be 'predicted', 'observed' or a number, got {library!r}"
             ) from None
     values = model.impute(data, args.source, args.target, library=library, batch=args.batch,
+                          n_samples=args.n_samples, scale=args.scale, seed=args.seed,
                           batch_size=args.batch_size, min_overlap=args.min_overlap,
                           progress=None if args.progress else False)
     key = args.key_added or f"{args.target}_imputed"
     data.obsm[key] = pd.DataFrame(values, index=pd.Index(data.obs_names),
                                   columns=model.features[args.target])
     data.uns[key] = {"model": repr(model), "source": list(args.source or []),
-                     "target": args.target, "library": str(library)}
+                     "target": args.target, "library": str(library), "scale": args.scale,
+                     "n_samples": args.n_samples}
     _write(data, args.output)
     print(f"scatlas impute: {args.target} ({values.shape[1]} features) for {values.shape[0]} "
           f"cells -> obsm[{key!r}] in {args.output} ({time.perf_counter() - t0:.1f} s)")
@@ -290,6 +292,11 @@ def _register_impute(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--library", default="predicted",
                    help="'predicted' (default), 'observed' or a fixed total per cell")
     p.add_argument("--batch", default=None, help="batch category to decode in")
+    p.add_argument("--scale", choices=("counts", "log1p"), default="counts",
+                   help="expected counts, or their log1p averaged on that scale (default counts)")
+    p.add_argument("--n-samples", type=int, default=0,
+                   help="average over this many posterior samples (default 0: posterior mean)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
     p.add_argument("--key-added", default=None, help="obsm key (default TARGET_imputed)")
     p.add_argument("--batch-size", type=int, default=4096, help="cells per chunk")
     p.add_argument("--min-overlap", type=float, default=0.5,

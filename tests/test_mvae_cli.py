@@ -55,6 +55,11 @@ def test_train_embed_impute_cli(tmp_path, capsys):
         adata.obsm["protein_counts"].columns)
     np.testing.assert_allclose(imp.to_numpy(), model.impute(adata, ["rna"], "protein"),
                                rtol=1e-4)
+    assert cli.main(["impute", "--model", str(model_dir), str(q), str(out2), "--target",
+                     "protein", "--source", "rna", "--scale", "log1p", "--n-samples", "3"]) == 0
+    expect = model.impute(adata, ["rna"], "protein", scale="log1p", n_samples=3)
+    np.testing.assert_allclose(read_h5ad(out2).obsm["protein_imputed"].to_numpy(), expect,
+                               rtol=1e-4, atol=1e-6)
     # bad input: a clear error and exit code 2
     assert cli.main(["embed", "--model", str(model_dir), str(q), str(out),
                      "--modalities", "protein"]) == 2
