@@ -60,11 +60,14 @@ def check_matrix(
     kind = np.dtype(vals.dtype).kind
     if kind not in "biuf":
         raise ScatlasInputError(f"{name} must be numeric, got dtype {vals.dtype}")
-    if finite and kind == "f" and vals.size:
+    # one reduction first (NaN/inf propagate into a sum, a negative value into the minimum);
+    # the exact count, with its temporary mask, only when that flags something
+    if finite and kind == "f" and vals.size and not bool(xp.isfinite(vals.sum())):
         bad = int(xp.count_nonzero(~xp.isfinite(vals)))
         if bad:
             raise ScatlasInputError(f"{name} contains {bad} NaN or infinite value(s)")
-    if nonnegative and kind in "if" and vals.size:
+    checked_finite = finite or kind != "f"
+    if nonnegative and kind in "if" and vals.size and (not checked_finite or vals.min() < 0):
         neg = int(xp.count_nonzero(vals < 0))
         if neg:
             raise ScatlasInputError(

@@ -78,7 +78,7 @@ def model_chunks(
         positions, _ = gene_positions(data.var_names, genes, min_overlap=min_overlap)
         blocks = (align_matrix(X, positions) for _, _, X in iter_chunks(data, chunk_size, layer))
     else:
-        X = check_matrix(data, "X")
+        X = check_matrix(data, "X", finite=False)  # values: per chunk below
         if X.shape[1] != len(genes):
             raise ScatlasInputError(
                 f"X has {X.shape[1]} columns but the model has {len(genes)} genes; pass an "
