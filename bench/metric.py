@@ -440,16 +440,17 @@ def run_interleaved(
     declared = methods(full)
     chosen = runner.select_methods(declared, methods_)
     size_list = runner.parse_sizes(sizes)
-    path = result_path(out, BENCHMARK.name, "cpu")
-    record = load_record(path) or runner.new_record(BENCHMARK, "cpu")
+    device = _jax_device()
+    path = result_path(out, BENCHMARK.name, device)
+    record = load_record(path) or runner.new_record(BENCHMARK, device)
     record.update(description=BENCHMARK.description, size_label=BENCHMARK.size_label,
                   metrics={k: m.to_json() for k, m in BENCHMARK.metrics.items()})
-    run_id, _ = runner._start_run(record, "cpu", full, repeats, warmup, None)  # noqa: SLF001
+    run_id, _ = runner._start_run(record, device, full, repeats, warmup, None)  # noqa: SLF001
     record["runs"][run_id]["timing"] = "interleaved ABBA (bench.metric.run_interleaved)"
     record["methods"] = runner._method_table(declared, record["methods"])  # noqa: SLF001
     log(f"[metric] interleaved, genes={size_list}, repeats={repeats}, warmup={warmup} -> {path}")
     for size in size_list:
-        w = build(size, "cpu", full)
+        w = build(size, device, full)
         w.info["timing"] = "interleaved ABBA"
         w.info["summary"] += f"; timing interleaved ABBA, warm-up {warmup}"
         results: dict[str, Any] = {}
@@ -466,6 +467,14 @@ def run_interleaved(
         add_throughput(record)
         save_record(record, path)
     return record
+
+
+def _jax_device() -> str:
+    """``gpu`` when JAX's default backend is a GPU (our side then runs there), else ``cpu``:
+    the device the result file is named after."""
+    import jax  # noqa: PLC0415
+
+    return "cpu" if jax.default_backend() == "cpu" else "gpu"
 
 
 def _interleave_group(w: Workload, group_methods: Sequence[Method], size: int, repeats: int,
@@ -624,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         global WARMUP_CALLS  # noqa: PLW0603 - read by accuracy() during this run
         WARMUP_CALLS = args.warmup
         run_benchmark("metric", sizes=args.genes, repeats=args.repeats, warmup=args.warmup,
-                      device="cpu", out=args.out, methods=methods_, budget_s=args.budget,
+                      device=_jax_device(), out=args.out, methods=methods_, budget_s=args.budget,
                       report=False, **params)
     else:
         run_interleaved(args.genes, args.repeats, args.warmup, args.out, methods_=methods_,
