@@ -146,13 +146,16 @@ def dir_bytes(path: Path) -> int:
 # ----------------------------------------------------------------------------------------------
 # methods
 # ----------------------------------------------------------------------------------------------
-def run_ours(X, Q, gt, args, engine="auto", label="scatlas.CellIndex") -> dict[str, Any]:
+def run_ours(X, Q, gt, args, engine="auto", label="scatlas.CellIndex",
+             device: str | None = None) -> dict[str, Any]:
     gc.collect()
     r0 = rss_mb()
     t0 = time.perf_counter()
-    idx = CellIndex.build(X, engine=engine, chunk_size=200_000)
+    idx = CellIndex.build(X, engine=engine, chunk_size=200_000,
+                          device=device or args.device)
     build = time.perf_counter() - t0
-    res: dict[str, Any] = {"method": label, "engine": idx.engine, "nlist": idx.nlist,
+    res: dict[str, Any] = {"method": label, "engine": idx.engine, "device": device or args.device,
+                           "nlist": idx.nlist,
                            "nprobe": idx.nprobe, "build_s": build, "build_load_1m": load1(),
                            "rss_growth_mb": rss_mb() - r0}
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
@@ -306,14 +309,17 @@ def bench_size(n: int, args) -> dict[str, Any]:
     log("scatlas.CellIndex (auto)")
     ours, idx = run_ours(X, Q, gt, args)
     out["methods"].append(ours)
-    log("raw faiss")
-    out["methods"].append(run_raw_faiss(X, Q, gt, idx, args))
+    if n <= args.raw_build_max or idx.engine.startswith("faiss"):
+        log("raw faiss")
+        out["methods"].append(run_raw_faiss(X, Q, gt, idx, args))
+    else:  # nothing to reuse: ours is not a faiss index, and a CPU build is past the cap
+        log(f"raw faiss skipped ({idx.engine} engine, n > --raw-build-max)")
     del idx
     gc.collect()
     if n <= args.native_max:
         log("native-ivf (NumPy twin)")
         nat, nidx = run_ours(X, Q, gt, args, engine="native-ivf",
-                             label="scatlas.CellIndex native-ivf (NumPy)")
+                             label="scatlas.CellIndex native-ivf (NumPy)", device="cpu")
         out["methods"].append(nat)
         del nidx
         gc.collect()
@@ -406,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--native-max", type=float, default=1e6)
     p.add_argument("--hnsw-size", type=float, default=1e5, help="0 skips hnswlib")
     p.add_argument("--hnsw-timeout", type=float, default=3600)
+    p.add_argument("--device", default="auto", choices=("cpu", "gpu", "auto"),
+                   help="where our index is built and searched (gpu: the native CuPy IVF, or "
+                   "faiss-gpu when installed); results go to search_<device>.json")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--install-hnswlib", action="store_true")
     args = p.parse_args(argv)
@@ -414,8 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     args.sweep = [int(s) for s in args.sweep.split(",") if s]
     args.hnsw_size = int(args.hnsw_size)
     sizes = sorted({int(float(s)) for s in args.sizes.split(",")})
+    from scatlas.backend import resolve_device
+
+    args.device = resolve_device(args.device)
     out = Path(args.out)
-    path = out / "search_cpu.json"
+    path = out / f"search_{args.device}.json"
     results = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
     results["environment"] = environment()
     results["command"] = "OMP_NUM_THREADS=" + str(os.environ.get("OMP_NUM_THREADS")) + \
@@ -426,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         r["command"] = results["command"]
         results["sizes"][str(n)] = r
         atomic_write_text(path, json.dumps(results, indent=2))
-        atomic_write_text(out / "search_cpu.md", to_markdown(results))
+        atomic_write_text(out / f"search_{args.device}.md", to_markdown(results))
         log(to_markdown({**results, "sizes": {str(n): r}}))
     return 0
 
