@@ -119,6 +119,12 @@ def gpu_module():
     return _require_cupy()
 
 
+def device_module(device: str):
+    """The dense array module of a resolved device name: ``numpy`` for "cpu", ``cupy`` for
+    "gpu" (raises without a GPU)."""
+    return _require_cupy() if device == "gpu" else np
+
+
 def _require_cupy():
     cp = _cupy()
     if cp is None:

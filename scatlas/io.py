@@ -420,7 +420,7 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
         if not tmp.exists():
             raise RuntimeError(f"atomic_write: nothing was written to {str(tmp)!r}")
         if tmp.is_dir() and path.is_dir():
-            _swap_folders(tmp, path)
+            swap_folder(tmp, path)
         else:
             os.replace(tmp, path)
     except BaseException:
@@ -428,15 +428,34 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
         raise
 
 
-def _swap_folders(new: Path, path: Path) -> None:
-    old = new.with_name(new.name + ".old")
-    os.replace(path, old)
+def swap_folder(new: str | Path, path: str | Path) -> None:
+    """Move the finished folder ``new`` onto ``path`` (same parent folder).
+
+    An existing ``path`` is first renamed to a hidden backup beside it (``.<name>.old-*``, listed
+    by :func:`folder_backups`), then ``new`` is renamed in and the backup deleted: ``path`` is
+    at every moment the complete old folder or the complete new one, and a crash between the two
+    renames leaves the old folder as a backup a reader can recover.
+    """
+    new, path = Path(new), Path(path)
+    if not path.exists():
+        os.replace(new, path)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    backup.rmdir()
+    os.replace(path, backup)
     try:
         os.replace(new, path)
     except BaseException:
-        os.replace(old, path)
+        os.replace(backup, path)
         raise
-    _remove(old)
+    _remove(backup)
+
+
+def folder_backups(path: str | Path) -> list[Path]:
+    """Backups of ``path`` left by an interrupted :func:`swap_folder`, newest first."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime,
+                  reverse=True)
 
 
 def _remove(tmp: Path) -> None:

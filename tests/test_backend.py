@@ -40,6 +40,9 @@ def test_gpu_request_without_gpu_raises(monkeypatch):
     monkeypatch.setenv("SCATLAS_DEVICE", "gpu")
     with pytest.raises(backend.DeviceUnavailableError):
         backend.to_device(np.zeros(3))
+    with pytest.raises(backend.DeviceUnavailableError):
+        backend.device_module("gpu")
+    assert backend.device_module("cpu") is np
 
 
 def test_host_arrays_stay_put():

@@ -39,6 +39,7 @@ import pandas as pd
 from .. import __version__ as scatlas_version
 from .. import backend
 from .._validate import ScatlasInputError
+from ..io import folder_backups, swap_folder
 from . import engines as _engines
 
 FORMAT = "scatlas-cell-index"
@@ -118,37 +119,16 @@ def save_index(idx: Any, directory: str | Path) -> Path:
             json.dump(manifest, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _swap_in(tmp, target)
+        swap_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Move the finished folder ``tmp`` onto ``target`` (replacing an existing folder)."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    backup.rmdir()
-    os.replace(target, backup)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
 def _backup_of(target: Path) -> Path | None:
     """The newest complete backup left by an interrupted replacement, if any."""
-    cands = sorted(target.parent.glob(f".{target.name}.old-*"),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    for c in cands:
-        if (c / MANIFEST).is_file():
-            return c
-    return None
+    return next((c for c in folder_backups(target) if (c / MANIFEST).is_file()), None)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

@@ -61,6 +61,19 @@ def smallest_k(keys: Any, ids: Any, k: int) -> tuple[Any, Any]:
     return keys, ids
 
 
+def hits_per_query(qidx: Any, keys: Any, ids: Any, n_queries: int) -> list[tuple[Any, Any]]:
+    """Range-search hits (query index, key, id), in any order, as one ``(keys, ids)`` pair per
+    query for ``n_queries`` queries, each sorted by key then id (deterministic ties)."""
+    xp = backend.array_module(keys)
+    # one dtype for the sort keys (CuPy's lexsort wants it; ids and query indices < 2**53)
+    order = xp.lexsort(xp.stack([ids.astype(np.float64), keys.astype(np.float64),
+                                 qidx.astype(np.float64)]))
+    qidx, keys, ids = qidx[order], keys[order], ids[order]
+    bounds = backend.to_host(xp.searchsorted(qidx, xp.arange(n_queries + 1)))
+    return [(keys[bounds[i] : bounds[i + 1]], ids[bounds[i] : bounds[i + 1]])
+            for i in range(n_queries)]
+
+
 def pair_keys(Q: Any, X: Any, qrows: Any, xrows: Any, kind: str) -> Any:
     """Exact keys of the pairs (Q[qrows[i]], X[xrows[i]]), each summed on its own (no GEMM
     tiling effects: identical vectors get bit-identical keys). 1-D inputs of equal length."""

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ... import backend
-from . import pair_keys, smallest_k
+from . import hits_per_query, pair_keys, smallest_k
 
 SLACK = 8
 _BLOCK_SCORES = 32 * 2**20  # scores per block in range search on the CPU
@@ -51,9 +51,6 @@ def _one_blas_thread(Q: Any):
         return contextlib.nullcontext()
     return ctl.limit(limits=1, user_api="blas")
 
-
-def _xp_device(device: str):
-    return backend.gpu_module() if device == "gpu" else np
 
 
 def blocked_topk(Q: Any, X: Any, k: int, kind: str, *, ids: Any = None, allowed_rows: Any = None,
@@ -138,7 +135,7 @@ class ExactEngine:
 
     def __init__(self, d: int, kind: str, device: str = "cpu"):
         self.d, self.kind, self.device = d, kind, device
-        xp = _xp_device(device)
+        xp = backend.device_module(device)
         self.X = xp.empty((0, d), dtype=np.float32)
         self.ids = xp.empty(0, dtype=np.int64)
         self.sqnorms = xp.empty(0, dtype=np.float32)
@@ -152,13 +149,13 @@ class ExactEngine:
 
     def reserve(self, n: int) -> None:
         """Pre-allocate for a build of known size (one copy of the data, filled in place)."""
-        xp = _xp_device(self.device)
+        xp = backend.device_module(self.device)
         self._buf = xp.empty((n, self.d), dtype=np.float32)
         self._buf_ids = xp.empty(n, dtype=np.int64)
         self._fill = 0
 
     def add(self, X: Any, ids: Any) -> None:
-        xp = _xp_device(self.device)
+        xp = backend.device_module(self.device)
         X = xp.asarray(X, dtype=np.float32)
         ids = xp.asarray(ids, dtype=np.int64)
         buf = getattr(self, "_buf", None)
@@ -187,7 +184,7 @@ class ExactEngine:
     def _allowed_rows(self, allowed: Any) -> Any:
         if allowed is None:
             return None
-        xp = _xp_device(self.device)
+        xp = backend.device_module(self.device)
         return xp.asarray(allowed)[self.ids]
 
     def search(self, Q: Any, k: int, nprobe: int | None = None, allowed: Any = None):
@@ -197,7 +194,7 @@ class ExactEngine:
 
     def range_search(self, Q: Any, max_key: float, nprobe: int | None = None,
                      allowed: Any = None) -> list[tuple[Any, Any]]:
-        xp = _xp_device(self.device)
+        xp = backend.device_module(self.device)
         rows_ok = self._allowed_rows(allowed)
         out = []
         step = max(1, _BLOCK_SCORES // max(self.ntotal, 1))
@@ -214,18 +211,12 @@ class ExactEngine:
             qi, ri = xp.nonzero(hit)
             keys = pair_keys(Qb, self.X, qi, ri, self.kind)
             keep = keys <= max_key
-            qi, ri, keys = qi[keep], ri[keep], keys[keep]
-            ids = self.ids[ri]
-            order = xp.lexsort(xp.stack([ids, keys, qi]))
-            qi, keys, ids = qi[order], keys[order], ids[order]
-            bounds = backend.to_host(xp.searchsorted(qi, xp.arange(Qb.shape[0] + 1)))
-            out.extend((keys[bounds[i] : bounds[i + 1]], ids[bounds[i] : bounds[i + 1]])
-                       for i in range(Qb.shape[0]))
+            out.extend(hits_per_query(qi[keep], keys[keep], self.ids[ri[keep]], Qb.shape[0]))
         return out
 
     def remove(self, ids: Any) -> int:
         self.finish()
-        xp = _xp_device(self.device)
+        xp = backend.device_module(self.device)
         drop = xp.isin(self.ids, xp.asarray(ids, dtype=np.int64))
         n = int(drop.sum())
         if n:
@@ -245,7 +236,7 @@ class ExactEngine:
     @classmethod
     def load(cls, folder: Path, meta: dict[str, Any], device: str) -> ExactEngine:
         eng = cls(int(meta["dim"]), meta["kind"], device)
-        xp = _xp_device(device)
+        xp = backend.device_module(device)
         eng.X = xp.asarray(np.load(folder / "vectors.npy"))
         eng.ids = xp.asarray(np.load(folder / "ids.npy"))
         eng.sqnorms = (eng.X * eng.X).sum(axis=1)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ... import backend
-from . import mismatch, pair_keys, smallest_k
+from . import hits_per_query, mismatch, pair_keys, smallest_k
 from ._kmeans import assign, kmeans
 
 _CAND_ROWS_CPU = 2**18  # candidate rows gathered per query batch
@@ -42,8 +42,14 @@ _COMPACT_FRACTION = 0.25
 _NITER = 10
 
 
-def _xp(device: str):
-    return backend.gpu_module() if device == "gpu" else np
+
+def replayable(make_chunks, reiterable: bool):
+    """``make_chunks(record)`` callable twice (the two-pass build): as given when its source
+    re-reads, else one that replays the chunks read once and held in memory."""
+    if reiterable:
+        return make_chunks
+    held = list(make_chunks(True))
+    return lambda record: iter(held)  # noqa: ARG005
 
 
 class NativeIVF:
@@ -53,7 +59,7 @@ class NativeIVF:
 
     def __init__(self, d: int, kind: str, nlist: int, device: str = "cpu", seed: int = 0):
         self.d, self.kind, self.nlist, self.device, self.seed = d, kind, nlist, device, seed
-        xp = _xp(device)
+        xp = backend.device_module(device)
         self.centroids: Any = None
         self.spherical = False
         self.vectors = xp.empty((0, d), dtype=np.float32)
@@ -78,7 +84,7 @@ class NativeIVF:
 
     def set_centroids(self, C: Any) -> None:
         """Use given coarse centroids (nlist, d) instead of training."""
-        xp = _xp(self.device)
+        xp = backend.device_module(self.device)
         C = xp.asarray(C, dtype=np.float32)
         if C.shape != (self.nlist, self.d):
             raise ValueError(f"centroids must have shape {(self.nlist, self.d)}, got {C.shape}")
@@ -86,7 +92,7 @@ class NativeIVF:
         self._cnorm = (self.centroids * self.centroids).sum(axis=1)
 
     def train(self, sample: Any) -> None:
-        xp = _xp(self.device)
+        xp = backend.device_module(self.device)
         X = xp.asarray(sample, dtype=np.float32)
         norms = xp.sqrt((X * X).sum(axis=1))
         self.spherical = bool(self.kind == "ip" and float(xp.abs(norms - 1).max()) < 1e-3)
@@ -103,13 +109,8 @@ class NativeIVF:
             for X, ids in make_chunks(True):
                 self.add(X, ids)
             return
-        if not reiterable:
-            held = list(make_chunks(True))
-
-            def make_chunks(record: bool, _held=held):  # noqa: ARG001
-                return iter(_held)
-
-        xp = _xp(self.device)
+        make_chunks = replayable(make_chunks, reiterable)
+        xp = backend.device_module(self.device)
         labels_all, counts = [], np.zeros(self.nlist, dtype=np.int64)
         for X, _ in make_chunks(True):
             lab = self._assign(X)
@@ -142,7 +143,7 @@ class NativeIVF:
         return pos
 
     def add(self, X: Any, ids: Any) -> None:
-        xp = _xp(self.device)
+        xp = backend.device_module(self.device)
         X = xp.asarray(X, dtype=np.float32)
         ids = xp.asarray(ids, dtype=np.int64)
         lab = self._assign(X)
@@ -163,13 +164,13 @@ class NativeIVF:
         self.vectors, self.ids, self.dead, self.offsets = vectors, new_ids, dead, offsets
 
     def _list_of_rows(self) -> Any:
-        xp = _xp(self.device)
+        xp = backend.device_module(self.device)
         n = self.ids.shape[0]
         return xp.searchsorted(self.offsets[1:], xp.arange(n), side="right")
 
     # -- search ---------------------------------------------------------------------------------
     def _probe(self, Q: Any, nprobe: int) -> Any:
-        xp = _xp(self.device)
+        xp = backend.device_module(self.device)
         S = Q @ self.centroids.T
         keys = (self._cnorm[None, :] - 2.0 * S) if self.kind == "l2" else -S
         lists = xp.broadcast_to(xp.arange(self.nlist, dtype=np.int64), keys.shape)
@@ -178,7 +179,7 @@ class NativeIVF:
 
     def _candidates(self, probe: Any) -> tuple[Any, Any, Any]:
         """Flat candidate rows of a batch: (rows (T,), query of each (T,), count per query)."""
-        xp = _xp(self.device)
+        xp = backend.device_module(self.device)
         mb, p = probe.shape
         starts = self.offsets[probe].ravel()
         lens = (self.offsets[probe + 1] - self.offsets[probe]).ravel()
@@ -200,7 +201,7 @@ class NativeIVF:
             yield s, Q[s : s + step]
 
     def _keys(self, Qb: Any, rows: Any, qidx: Any, allowed: Any) -> Any:
-        xp = _xp(self.device)
+        xp = backend.device_module(self.device)
         keys = pair_keys(Qb, self.vectors, qidx, rows, self.kind)
         bad = None
         if self.n_dead:
@@ -213,7 +214,7 @@ class NativeIVF:
         return keys
 
     def search(self, Q: Any, k: int, nprobe: int, allowed: Any = None) -> tuple[Any, Any]:
-        xp = _xp(self.device)
+        xp = backend.device_module(self.device)
         Q = xp.asarray(Q, dtype=np.float32)
         allowed = None if allowed is None else xp.asarray(allowed)
         out_k, out_i = [], []
@@ -236,7 +237,7 @@ class NativeIVF:
         return xp.concatenate(out_k), xp.concatenate(out_i)
 
     def range_search(self, Q: Any, max_key: float, nprobe: int, allowed: Any = None):
-        xp = _xp(self.device)
+        xp = backend.device_module(self.device)
         Q = xp.asarray(Q, dtype=np.float32)
         allowed = None if allowed is None else xp.asarray(allowed)
         out = []
@@ -245,18 +246,13 @@ class NativeIVF:
             rows, qidx, _ = self._candidates(probe)
             keys = self._keys(Qb, rows, qidx, allowed)
             keep = keys <= max_key
-            qidx, keys, ids = qidx[keep], keys[keep], self.ids[rows[keep]]
-            order = xp.lexsort(xp.stack([ids.astype(np.float64), keys.astype(np.float64),
-                                         qidx.astype(np.float64)]))
-            qidx, keys, ids = qidx[order], keys[order], ids[order]
-            bounds = backend.to_host(xp.searchsorted(qidx, xp.arange(Qb.shape[0] + 1)))
-            out.extend((keys[bounds[i] : bounds[i + 1]], ids[bounds[i] : bounds[i + 1]])
-                       for i in range(Qb.shape[0]))
+            out.extend(hits_per_query(qidx[keep], keys[keep], self.ids[rows[keep]],
+                                      Qb.shape[0]))
         return out
 
     # -- removal --------------------------------------------------------------------------------
     def remove(self, ids: Any) -> int:
-        xp = _xp(self.device)
+        xp = backend.device_module(self.device)
         hit = xp.isin(self.ids, xp.asarray(ids, dtype=np.int64)) & ~self.dead
         n = int(hit.sum())
         self.dead |= hit
@@ -267,7 +263,7 @@ class NativeIVF:
 
     def compact(self) -> None:
         """Drop tombstoned rows (a copy of the live rows)."""
-        xp = _xp(self.device)
+        xp = backend.device_module(self.device)
         if not self.n_dead:
             return
         keep = ~self.dead
@@ -293,7 +289,7 @@ class NativeIVF:
 
     @classmethod
     def load(cls, folder: Path, meta: dict[str, Any], device: str) -> NativeIVF:
-        xp = _xp(device)
+        xp = backend.device_module(device)
         arrays = {name: np.load(folder / f"{name}.npy") for name in cls._FILES}
         nlist, d = arrays["centroids"].shape
         if d != int(meta["dim"]):

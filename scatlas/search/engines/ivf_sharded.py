@@ -34,7 +34,7 @@ import numpy as np
 
 from ... import backend
 from . import smallest_k
-from .ivf_native import NativeIVF
+from .ivf_native import NativeIVF, replayable
 
 __all__ = ["ShardedNativeIVF", "gpu_count"]
 
@@ -196,11 +196,7 @@ class ShardedNativeIVF:
             for X, ids in make_chunks(True):
                 self.add(X, ids)
             return
-        if not reiterable:
-            held = list(make_chunks(True))
-
-            def make_chunks(record: bool, _held=held):  # noqa: ARG001
-                return iter(_held)
+        make_chunks = replayable(make_chunks, reiterable)
 
         n, nl = self.n_shards, self.nlist
         with self._on(0):
