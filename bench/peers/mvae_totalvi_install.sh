@@ -4,34 +4,20 @@
 #   bench/peers/mvae_totalvi_install.sh
 #
 # bench/.peers/totalvi/ (gitignored) gets CPU-only torch and scvi-tools (with its dependencies:
-# lightning, pyro-ppl, anndata, mudata, ...). torch, first match wins: $SCATLAS_TORCH_WHEEL, a
-# local CPU wheel (/opt/wheels/torch-*+cpu-*.whl), the PyTorch CPU index, PyPI.
+# lightning, pyro-ppl, anndata, mudata, ...). torch: see torch_venv.sh (a local CPU wheel, the
+# PyTorch CPU index, or PyPI without its CUDA wheels).
 # Override the interpreter with PYTHON=/path/to/python3.11, the location with SCATLAS_PEERS_DIR,
 # the scvi-tools requirement with SCVI_SPEC (default: scvi-tools, the newest release).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 root="${SCATLAS_PEERS_DIR:-$here/.peers}"
-py="${PYTHON:-python3}"
 venv="$root/totalvi"
 spec="${SCVI_SPEC:-scvi-tools}"
 
 echo "== totalvi -> $venv"
-"$py" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install --quiet --upgrade pip
-
-wheel="${SCATLAS_TORCH_WHEEL:-}"
-if [ -z "$wheel" ]; then
-    wheel="$(ls /opt/wheels/torch-*+cpu-*.whl 2>/dev/null | sort -V | tail -n 1 || true)"
-fi
-if [ -n "$wheel" ]; then
-    echo "   torch from local wheel $wheel"
-    "${pip[@]}" install --quiet "$wheel"
-elif "${pip[@]}" install --quiet torch --index-url https://download.pytorch.org/whl/cpu; then
-    echo "   torch from the PyTorch CPU index"
-else
-    "${pip[@]}" install --quiet torch
-fi
+# shellcheck source=torch_venv.sh
+source "$here/peers/torch_venv.sh"
+torch_venv "$venv"
 "${pip[@]}" install --quiet "$spec"
 
 "$venv/bin/python" - <<'PY'

@@ -10,40 +10,19 @@
 # (its full list pulls pytorch-lightning, tiledb, tiledb-vector-search, hnswlib, captum, zarr,
 # scanpy).
 #
-# torch, first match wins:
-#   1. $SCATLAS_TORCH_WHEEL, or a local CPU wheel (/opt/wheels/torch-*+cpu-*.whl);
-#   2. the PyTorch CPU index (https://download.pytorch.org/whl/cpu), when reachable;
-#   3. the PyPI wheel with --no-deps plus its pure-Python deps (skips the multi-GB CUDA wheels;
-#      the PyPI build runs on the CPU without them).
+# torch: see torch_venv.sh (a local CPU wheel, the PyTorch CPU index, or PyPI without CUDA).
 # Override the interpreter with PYTHON=/path/to/python3.11, the location with SCATLAS_PEERS_DIR.
 # bench/metric.py finds the venv there, or via SCATLAS_PEER_PYTHON_SCIMILARITY.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 root="${SCATLAS_PEERS_DIR:-$here/.peers}"
-py="${PYTHON:-python3}"
 venv="$root/scimilarity"
 scimilarity_version="${SCIMILARITY_VERSION:-0.4.1}"
-torch_deps=(filelock typing-extensions sympy networkx jinja2 fsspec)
 
 echo "== scimilarity -> $venv"
-"$py" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install --quiet --upgrade pip
-
-wheel="${SCATLAS_TORCH_WHEEL:-}"
-if [ -z "$wheel" ]; then
-    wheel="$(ls /opt/wheels/torch-*+cpu-*.whl 2>/dev/null | sort -V | tail -n 1 || true)"
-fi
-if [ -n "$wheel" ]; then
-    echo "   torch from local wheel $wheel"
-    "${pip[@]}" install --quiet "$wheel"
-elif "${pip[@]}" install --quiet torch --index-url https://download.pytorch.org/whl/cpu; then
-    echo "   torch from the PyTorch CPU index"
-else
-    echo "   torch from PyPI without its CUDA dependencies"
-    "${pip[@]}" install --quiet --no-deps torch
-    "${pip[@]}" install --quiet "${torch_deps[@]}"
-fi
+# shellcheck source=torch_venv.sh
+source "$here/peers/torch_venv.sh"
+torch_venv "$venv"
 
 "${pip[@]}" install --quiet numpy scipy pandas obonet
 "${pip[@]}" install --quiet --no-deps "scimilarity==$scimilarity_version"
