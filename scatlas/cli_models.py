@@ -153,6 +153,7 @@ def cmd_train_metric(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from . import tl
+    from ._validate import ScatlasInputError
     from .io import write_h5ad
     from .models.io import load
 
@@ -160,6 +161,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     model = load(args.model)
     adata = _read(args.input)
     if getattr(model, "kind", None) == "mvae":
+        if args.precision is not None:
+            raise ScatlasInputError("--precision applies to metric models; this is an mvae model")
         Z = model.embed(adata, args.modalities, batch_size=args.batch_size,
                         min_overlap=args.min_overlap, progress=None if args.progress else False,
                         layer=args.layer, input=args.input_kind)

@@ -64,5 +64,8 @@ def test_train_embed_impute_cli(tmp_path, capsys):
     assert cli.main(["embed", "--model", str(model_dir), str(q), str(out),
                      "--modalities", "protein"]) == 2
     assert "protein" in capsys.readouterr().err
+    assert cli.main(["embed", "--model", str(model_dir), str(q), str(out),
+                     "--precision", "bfloat16"]) == 2
+    assert "metric models" in capsys.readouterr().err
     assert cli.main(["impute", "--model", str(model_dir), str(q), str(out2),
                      "--target", "atac"]) == 2

@@ -393,8 +393,9 @@ class MetricEncoder:
         from ..kernels import spmm
 
         dense = self.variables["params"]["encoder"]["_Block_0"]["Dense_0"]
-        product = spmm.sparse_matmul if sp.issparse(X) else spmm.dense_skip_matmul
-        return product(X, np.asarray(dense["kernel"])) + np.asarray(dense["bias"])
+        out = spmm.sparse_matmul(X, np.asarray(dense["kernel"]))  # dense X: zeros skipped in place
+        out += np.asarray(dense["bias"])
+        return out
 
     def save(self, directory: str | Path) -> Path:
         """Write the model folder (manifest, genes, weights) atomically."""
