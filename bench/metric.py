@@ -386,11 +386,7 @@ def accuracy(w: Workload, method: Method, output: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"peer_s": float(np.median([c["peer_s"] for c in timed]))}
     if "mining_s" in output:
         out["mining_share"] = float(np.median([c["mining_s"] / c["peer_s"] for c in timed]))
-    if "norm_err" in output:
-        out["norm_err"] = output["norm_err"]
-    for key in ("cos_min", "knn15_shared"):
-        if key in output:
-            out[key] = output[key]
+    out.update({k: output[k] for k in ("norm_err", "cos_min", "knn15_shared") if k in output})
     return out
 
 
