@@ -135,6 +135,32 @@ def densify(X: Any, *, dense: bool = True) -> Any:
 _TRANSFORMS: dict[str, Transform] = {"lognorm": lognorm, "none": densify}
 
 
+def csr_capacity(nnz: int) -> int:
+    """Stored entries a CSR batch is padded to: the smallest ``2^k * m / 8`` (m in 8..15) that
+    holds ``nnz``, at least 1,024. Batches of similar density share a capacity, so a jitted step
+    sees few shapes (at most 12.5 % padding)."""
+    nnz = max(int(nnz), 1024)
+    k = max(nnz.bit_length() - 4, 0)
+    return -(-nnz // (1 << k)) << k
+
+
+def csr_arrays(X: Any, capacity: int | None = None) -> dict[str, np.ndarray]:
+    """A CSR batch as fixed-size arrays: ``x_indptr`` int32 (B + 1), ``x_indices`` int32 (cap)
+    and ``x_data`` float32 (cap), padded with zeros to ``capacity`` (default
+    :func:`csr_capacity`) — the input of :mod:`scatlas.models.sparse_ops`."""
+    X = sp.csr_matrix(X, dtype=np.float32)
+    cap = csr_capacity(X.nnz) if capacity is None else int(capacity)
+    if cap < X.nnz:
+        raise ValueError(f"capacity {cap} is below the {X.nnz} stored entries")
+    if X.nnz >= 2**31:
+        raise ValueError(f"{X.nnz} stored entries do not fit int32 indices")
+    indices = np.zeros(cap, np.int32)
+    data = np.zeros(cap, np.float32)
+    indices[: X.nnz] = X.indices
+    data[: X.nnz] = X.data
+    return {"x_indptr": X.indptr.astype(np.int32), "x_indices": indices, "x_data": data}
+
+
 def resolve_transform(transform: str | Transform | None) -> Transform:
     """``"lognorm"`` (raw counts in), ``"none"`` / None (already normalised), or a callable."""
     if transform is None:
@@ -233,6 +259,10 @@ class CellBatches:
     transform
         ``"lognorm"`` for raw counts, ``"none"`` for data already normalised, or a callable on a
         row block returning dense float32.
+    sparse
+        Batches carry the expression as CSR arrays (``x_indptr``, ``x_indices``, ``x_data``,
+        :func:`csr_arrays`) instead of a dense ``x``: the input of the sparse training step
+        (:mod:`scatlas.models.sparse_ops`).
     rows
         Restrict sampling to these cells (a training split), int array.
     seed
@@ -250,6 +280,7 @@ class CellBatches:
         transform: str | Transform | None = "lognorm",
         rows: np.ndarray | None = None,
         seed: int = 0,
+        sparse: bool = False,
     ):
         self.source = as_source(X)
         n = self.source.n_obs
@@ -262,6 +293,7 @@ class CellBatches:
             batch_size, "batch_size", upper=int(self.rows.size), what="the number of cells"
         )
         self.transform = resolve_transform(transform)
+        self.sparse = bool(sparse)
         self.seed = int(seed)
         w = sampling_weights(self.labels[self.rows], self.studies[self.rows], balance)
         self._cdf = None if w is None else np.cumsum(w)
@@ -285,14 +317,26 @@ class CellBatches:
         index = np.asarray(index, dtype=np.int64)
         order = np.argsort(index, kind="stable")
         block = self.source.rows(index[order])
+        meta = {"label": self.labels[index], "study": self.studies[index], "index": index}
+        if self.sparse:
+            if self.transform in _TRANSFORMS.values():
+                rows = self.transform(block, dense=False)
+            else:
+                rows = self.transform(block)
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(order.size)
+            return {**csr_arrays(sp.csr_matrix(rows, dtype=np.float32)[inverse]), **meta}
         x = np.empty((index.size, self.n_vars), dtype=np.float32)
         x[order] = self.transform(block)
-        return {
-            "x": x,
-            "label": self.labels[index],
-            "study": self.studies[index],
-            "index": index,
-        }
+        return {"x": x, **meta}
+
+    def density(self, n_rows: int = 256) -> float:
+        """Fraction of non-zero entries in (up to) ``n_rows`` evenly spaced sampled cells."""
+        pick = np.unique(np.linspace(0, self.rows.size - 1, min(n_rows, self.rows.size))
+                         .astype(np.int64))
+        block = self.source.rows(np.sort(self.rows[pick]))
+        nnz = block.nnz if sp.issparse(block) else np.count_nonzero(block)
+        return float(nnz) / max(1, pick.size * self.n_vars)
 
     def iterate(
         self,

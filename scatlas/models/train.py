@@ -198,6 +198,15 @@ def _device_batch(batch: Batch, sharding: NamedSharding) -> Batch:
     return out
 
 
+def _batch_cells(batch: Batch) -> int:
+    """Cells in a host batch: dense ``x``, CSR ``x_indptr`` (cells + 1) or its first entry."""
+    if "x" in batch:
+        return len(batch["x"])
+    if "x_indptr" in batch:
+        return len(batch["x_indptr"]) - 1
+    return len(next(iter(batch.values())))
+
+
 def _strip(batch: Batch) -> Batch:
     """Drop host-only entries (``index``) that the step does not use."""
     return {k: v for k, v in batch.items() if k != "index"}
@@ -262,7 +271,7 @@ class Trainer:
         sums: dict[str, float] = {}
         total = 0
         for b in batches:
-            n = len(b["x"]) if "x" in b else len(next(iter(b.values())))
+            n = _batch_cells(b)
             if n % self.n_devices:
                 raise ScatlasInputError(
                     f"validation batch of {n} cells does not split over {self.n_devices} devices"

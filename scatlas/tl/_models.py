@@ -89,6 +89,7 @@ def train_metric(
     log_path: str | Path | None = None,
     progress: bool | None = None,
     data_parallel: bool = True,
+    sparse_step: bool | None = None,
     **model_kw: Any,
 ):
     """Train a SCimilarity-style metric-learning encoder on labelled cells.
@@ -113,6 +114,12 @@ def train_metric(
     validation_fraction
         Cells held out for the validation loss (logged every ``eval_every`` steps; with
         ``patience`` they stop training early and the best weights are kept).
+    sparse_step
+        Train on CSR batches (:mod:`scatlas.models.sparse_ops`: the first layer and the
+        reconstruction loss over the non-zeros; CPU, one device, float32). None (default):
+        chosen when it pays, from 6,000 genes at up to 15 % non-zero inputs (1.37x faster steps
+        at 28,231 genes); True insists; False never. The loss is the same; the random dropout
+        draws differ, so a run is reproducible for a given choice.
     **model_kw
         :class:`~scatlas.models.metric.MetricConfig` fields: ``hidden``, ``latent_dim``,
         ``dropout``, ``input_dropout``, ``objective`` ("triplet" | "infonce"), ``margin``,
@@ -130,6 +137,7 @@ def train_metric(
         MetricTask,
         read_hierarchy,
         related_labels,
+        use_sparse_step,
     )
     from ..models.train import TrainConfig, fit
 
@@ -148,6 +156,8 @@ def train_metric(
         batch_size=batch_size, balance=balance, transform="lognorm" if input == "counts" else None,
         rows=train_rows, seed=seed,
     )
+    density = batches.density() if sparse_step is None else None
+    batches.sparse = use_sparse_step(sparse_step, config, n_dev, density)
     if isinstance(hierarchy, str | Path):
         hierarchy = read_hierarchy(hierarchy)
     related = related_labels(batches.label_names, hierarchy)
@@ -164,7 +174,7 @@ def train_metric(
         "n_train": int(train_rows.size), "n_val": int(val_rows.size), "steps": result.steps,
         "batch_size": batch_size, "best_step": result.best_step, "best_val": result.best_val,
         "stopped_early": result.stopped_early, "cells_per_s": result.cells_per_s,
-        "seed": seed, "train": tcfg.to_dict(),
+        "seed": seed, "sparse_step": batches.sparse, "train": tcfg.to_dict(),
     }
     model = MetricEncoder(config, result.variables, adata.var_names,
                           label_names=batches.label_names, info=info)

@@ -1,0 +1,253 @@
+"""The sparse products of :mod:`.spmm` as XLA custom calls on the CPU (zero-copy, inside a jit).
+
+A training step that keeps its expression batch sparse needs ``X @ B`` and ``X.T @ D`` for a CSR
+batch X inside the jitted step. ``jax.pure_callback`` copies every operand and result through
+Python (0.077 s for a 28,231 x 1,024 float32 weight, 0.05 s for a result of that size: as long as
+the product itself), so these products are registered instead as typed XLA FFI handlers
+(``jax.ffi``, API 0.x) written as numba C callbacks: XLA passes its own buffers, nothing is
+copied, and the products run on numba's threads.
+
+The handlers read XLA's C structs (``xla/ffi/api/c_api.h``: the call frame, argument and result
+lists, buffers) as 64-bit words; they answer XLA's metadata query (API version 0.3, no traits).
+A process-wide mutex serialises them, because numba's default threading layer refuses
+concurrent parallel launches and XLA may run independent custom calls at once.
+:func:`available` registers them once and checks them against scipy on a small product; callers
+fall back to dense products when it is False (no numba, a platform without pthreads, or an XLA
+whose FFI they do not match).
+
+Both products take the CSR batch as three arrays: ``indptr`` int32 (n + 1), ``indices`` int32
+(cap) and ``data`` float32 (cap); entries from ``indptr[n]`` to ``cap`` are padding (ignored),
+and explicit zeros are skipped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_TARGETS = {"matmul": "scatlas_csr_matmul", "t_matmul": "scatlas_csr_t_matmul",
+            "gram": "scatlas_gram"}
+_state: dict[str, Any] = {"ok": None}
+
+
+def _compile_handlers() -> dict[str, Any]:
+    """Compile the numba C callbacks (on first use: a few seconds)."""
+    import numba
+    from numba import types
+    from numba.core.extending import intrinsic
+
+    from . import spmm
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+    lock, unlock, init = libc.pthread_mutex_lock, libc.pthread_mutex_unlock, libc.pthread_mutex_init
+    for fn in (lock, unlock):
+        fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
+    init.argtypes, init.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+    mutex = ctypes.create_string_buffer(128)  # larger than any pthread_mutex_t
+    if init(ctypes.addressof(mutex), None) != 0:
+        raise OSError("pthread_mutex_init failed")
+    mutex_addr = ctypes.addressof(mutex)
+
+    @intrinsic
+    def _ptr(typingctx, addr):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+        return types.voidptr(types.int64), codegen
+
+    @numba.njit(inline="always")
+    def words(addr, n):
+        return numba.carray(_ptr(addr), (n,), np.int64)
+
+    @numba.njit(inline="always")
+    def buffer(list_addr, i):
+        # XLA_FFI_Buffer: struct_size, extension_start, dtype, data, rank, dims
+        b = words(words(list_addr, i + 1)[i], 6)
+        return b[3], words(b[5], b[4])
+
+    @numba.njit(inline="always")
+    def answered_metadata(frame):
+        """XLA's metadata query: fill in the API version (0.3) and traits (none)."""
+        ext = frame[1]
+        if ext != 0:
+            e = words(ext, 4)  # XLA_FFI_Metadata_Extension: size, type, next, metadata
+            if (e[1] & 0xFFFFFFFF) == 1:
+                md = words(e[3], 5)  # XLA_FFI_Metadata: size, api_version (3 words), traits
+                md[1] = 28  # XLA_FFI_Api_Version_STRUCT_SIZE
+                md[2] = 0
+                md[3] = 3 << 32  # major 0 (low half), minor 3 (high half)
+                md[4] = 0
+                return True
+        return False
+
+    @numba.njit(inline="always")
+    def csr_args(args):
+        p_addr, p_dims = buffer(args, 0)
+        i_addr, i_dims = buffer(args, 1)
+        d_addr, _ = buffer(args, 2)
+        indptr = numba.carray(_ptr(p_addr), (p_dims[0],), np.int32)
+        indices = numba.carray(_ptr(i_addr), (i_dims[0],), np.int32)
+        data = numba.carray(_ptr(d_addr), (i_dims[0],), np.float32)
+        return indptr, indices, data
+
+    @numba.njit(inline="always")
+    def matrix(list_addr, i):
+        addr, dims = buffer(list_addr, i)
+        return numba.carray(_ptr(addr), (dims[0], dims[1]), np.float32)
+
+    def csr_handler(kernel):
+        """A C callback running ``kernel(indptr, indices, data, operand, out)`` on XLA's
+        buffers (the call frame as words: 1 extension_start, 9 args.args, 14 rets.rets)."""
+
+        @numba.cfunc(types.int64(types.voidptr))
+        def handler(frame_ptr):  # pragma: no cover - called by XLA
+            frame = numba.carray(frame_ptr, (15,), np.int64)
+            if answered_metadata(frame):
+                return 0
+            indptr, indices, data = csr_args(frame[9])
+            lock(_ptr(mutex_addr))
+            kernel(indptr, indices, data, matrix(frame[9], 3), matrix(frame[14], 0))
+            unlock(_ptr(mutex_addr))
+            return 0
+
+        return handler
+
+    @numba.njit
+    def row_blocked(indptr, indices, data, B, out):  # pragma: no cover - compiled
+        spmm._csr_matmul(indptr, indices, data, B, out, spmm.ROWS_PER_BLOCK)
+
+    matmul, t_matmul = csr_handler(row_blocked), csr_handler(spmm._csr_t_matmul)
+
+    syrk_fn = _blas_ssyrk()
+
+    @numba.njit
+    def gram(A, out):  # pragma: no cover - compiled
+        """out = A.T @ A for a row-major A (m, K): BLAS ssyrk on A read as column-major (K, m),
+        its upper triangle (the lower one in row-major terms) mirrored."""
+        K, m = A.shape[1], A.shape[0]
+        ints = np.array([K, m, K, K], np.int32)  # n, k, lda, ldc
+        scal = np.array([1.0, 0.0], np.float32)  # alpha, beta
+        chars = np.array([ord("U"), ord("N")], np.uint8)
+        syrk_fn(chars[0:].ctypes, chars[1:].ctypes, ints[0:].ctypes, ints[1:].ctypes,
+                scal[0:].ctypes, A.ctypes, ints[2:].ctypes, scal[1:].ctypes, out.ctypes,
+                ints[3:].ctypes)
+        for i in range(K):
+            for j in range(i + 1, K):
+                out[i, j] = out[j, i]
+
+    @numba.cfunc(types.int64(types.voidptr))
+    def gram_handler(frame_ptr):  # pragma: no cover - called by XLA
+        frame = numba.carray(frame_ptr, (15,), np.int64)
+        if answered_metadata(frame):
+            return 0
+        lock(_ptr(mutex_addr))
+        gram(matrix(frame[9], 0), matrix(frame[14], 0))
+        unlock(_ptr(mutex_addr))
+        return 0
+
+    return {"matmul": matmul, "t_matmul": t_matmul, "gram": gram_handler, "mutex": mutex}
+
+
+def _blas_ssyrk() -> Any:
+    """scipy's BLAS ``ssyrk`` (its bundled OpenBLAS) as a ctypes function numba can call."""
+    from numba.extending import get_cython_function_address
+
+    addr = get_cython_function_address("scipy.linalg.cython_blas", "ssyrk")
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 10)(addr)
+
+
+def _register() -> None:
+    import jax
+
+    handlers = _compile_handlers()
+    new_capsule = ctypes.pythonapi.PyCapsule_New
+    new_capsule.restype = ctypes.py_object
+    new_capsule.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+    for key, name in _TARGETS.items():
+        capsule = new_capsule(handlers[key].address, b"xla._CUSTOM_CALL_TARGET", None)
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    _state["handlers"] = handlers  # keep the callbacks and the mutex alive
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError("scatlas's sparse XLA custom calls are unavailable in this process "
+                           "(see scatlas.kernels.xla_ffi.available)")
+
+
+def csr_matmul(indptr: Any, indices: Any, data: Any, B: Any) -> Any:
+    """``X @ B`` for the CSR batch X (n, G) and B (G, K) float32: a (n, K) float32 jax array."""
+    import jax
+    import jax.numpy as jnp
+
+    _require()
+    out = jax.ShapeDtypeStruct((indptr.shape[0] - 1, B.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["matmul"], out)(indptr, indices, data, B)
+
+
+def csr_t_matmul(indptr: Any, indices: Any, data: Any, D: Any, n_cols: int) -> Any:
+    """``X.T @ D`` for the CSR batch X (n, n_cols) and D (n, K) float32: (n_cols, K) float32."""
+    import jax
+    import jax.numpy as jnp
+
+    _require()
+    out = jax.ShapeDtypeStruct((int(n_cols), D.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["t_matmul"], out)(indptr, indices, data, D)
+
+
+def gram(A: Any) -> Any:
+    """``A.T @ A`` (K, K) float32 for A (m, K) float32, by BLAS ``ssyrk`` (half a GEMM's
+    multiply-adds: 0.15 s vs XLA's 0.29 s for a 28,231 x 1,024 A on 2 Zen 4 cores)."""
+    import jax
+    import jax.numpy as jnp
+
+    _require()
+    out = jax.ShapeDtypeStruct((A.shape[1], A.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["gram"], out)(A)
+
+
+def _self_test() -> bool:
+    import jax
+    import jax.numpy as jnp
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    X = sp.random(37, 53, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+    cap = X.nnz + 5
+    indptr = jnp.asarray(X.indptr.astype(np.int32))
+    indices = jnp.asarray(np.r_[X.indices, np.zeros(5, np.int32)].astype(np.int32))
+    data = jnp.asarray(np.r_[X.data, np.full(5, 9.0, np.float32)])
+    assert indices.shape == (cap,)
+    B = rng.normal(size=(53, 19)).astype(np.float32)
+    D = rng.normal(size=(37, 19)).astype(np.float32)
+    prod = jax.jit(csr_matmul)(indptr, indices, data, jnp.asarray(B))
+    tprod = jax.jit(csr_t_matmul, static_argnums=4)(indptr, indices, data, jnp.asarray(D), 53)
+    g = jax.jit(gram)(jnp.asarray(B))
+    return bool(np.allclose(np.asarray(prod), X @ B, rtol=1e-4, atol=1e-4)
+                and np.allclose(np.asarray(tprod), X.T @ D, rtol=1e-4, atol=1e-4)
+                and np.allclose(np.asarray(g), B.T @ B, rtol=1e-4, atol=1e-3))
+
+
+def available() -> bool:
+    """The custom calls are registered and agree with scipy (checked once per process)."""
+    if _state["ok"] is None:
+        try:
+            import jax
+
+            if jax.default_backend() != "cpu":
+                raise RuntimeError(f"the default JAX backend is {jax.default_backend()!r}")
+            _register()
+            _state["ok"] = True  # registered: let the self-test's calls through
+            with jax.ensure_compile_time_eval():  # evaluated now, even if called while tracing
+                _state["ok"] = _self_test()
+            if not _state["ok"]:
+                log.warning("scatlas sparse custom calls disagree with scipy; not used")
+        except Exception as exc:  # no numba, no pthreads, an XLA without this FFI ...
+            log.info("scatlas sparse custom calls unavailable: %s", exc)
+            _state["ok"] = False
+    return bool(_state["ok"])
