@@ -147,6 +147,7 @@ def cmd_train_metric(args: argparse.Namespace) -> int:
         log_path=log_path, progress=None if args.progress else False,
         hidden=tuple(args.hidden), latent_dim=args.latent_dim, objective=args.objective,
         mining=args.mining, margin=args.margin,
+        sparse_step={"auto": None, "on": True, "off": False}[args.sparse_step],
     )
     return _finish_training("metric", model, args, log_path, t0)
 
@@ -223,6 +224,9 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--objective", choices=("triplet", "infonce"), default="triplet")
     p.add_argument("--mining", choices=("semihard", "hardest", "random"), default="semihard")
     p.add_argument("--margin", type=float, default=0.05, help="triplet margin (default 0.05)")
+    p.add_argument("--sparse-step", choices=("auto", "on", "off"), default="auto",
+                   help="train on CSR batches (CPU; first layer and reconstruction loss over the "
+                   "non-zeros). auto: from 6,000 genes at <=15%% non-zero")
     _loop_args(p)
     p.add_argument("--backed", action="store_true", help="read the .h5ad backed (large files)")
     p.add_argument("--seed", type=int, default=0)

@@ -175,23 +175,27 @@ def test_interleaved_run_records_harness_entries(monkeypatch, tmp_path):
     monkeypatch.setenv(bench_metric.PEER_ENV, str(tmp_path / "no" / "python"))
     order: list[str] = []
 
-    def fake(w):
+    def fake(w, step="auto"):
         def train_step():
-            order.append("train")
+            order.append("train" if step == "auto" else f"train-{step}")
 
         def embed(X, precision="float32"):
             order.append("embed" if precision == "float32" else precision)
             Z = np.ones((X.shape[0], 128), dtype=np.float32)
             return Z / np.sqrt(128)
 
-        return {"train_step": train_step, "embed": embed}
+        return {"train_step": train_step, "embed": embed, "sparse_step": False}
 
     monkeypatch.setattr(bench_metric, "_ours_callables", fake)
     rec = bench_metric.run_interleaved("64", repeats=3, warmup=2, out=tmp_path, n_embed=30,
                                        batch_size=50)
     res = rec["results"]["64"]["methods"]
     train, embed = res["scatlas.metric.train_step"], res["scatlas.metric.embed"]
-    assert order == ["train"] * 5 + ["embed"] * 5 + ["bfloat16"] * 5
+    # warm-ups, then ABBA over the two ours train methods; then embedding
+    assert order[:4] == ["train", "train", "train-dense", "train-dense"]
+    assert order[4:10] == ["train", "train-dense", "train-dense", "train", "train", "train-dense"]
+    assert order[10:] == ["embed"] * 5 + ["bfloat16"] * 5
+    assert res["scatlas.metric.train_step[dense]"]["status"] == "ok"
     bf16 = res["scatlas.metric.embed-bf16"]
     for entry, cells in ((train, 50), (embed, 30), (bf16, 30)):
         assert entry["status"] == "ok" and len(entry["times_s"]) == entry["repeats"] == 3

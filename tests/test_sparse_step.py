@@ -185,3 +185,17 @@ def test_use_sparse_step_rules():
     with pytest.raises(ScatlasInputError, match="float32"):
         use_sparse_step(True, MetricConfig(n_genes=50, bf16=True), 1)
     assert not use_sparse_step(None, big, 2, density=0.05)
+
+
+def test_cli_sparse_step_option(tmp_path):
+    from scatlas import cli
+    from scatlas.models import load
+
+    data = tmp_path / "atlas.h5ad"
+    datasets.write_synthetic_h5ad(data, 200, 40, n_batches=2, seed=0)
+    for choice, expect in (("on", True), ("off", False)):
+        out = tmp_path / choice
+        assert cli.main(["train", "metric", str(data), "--out", str(out), "--label-key",
+                         "cell_type", "--max-steps", "5", "--batch-size", "50", "--hidden", "16",
+                         "--latent-dim", "4", "--sparse-step", choice]) == 0
+        assert load(out).info["sparse_step"] is expect

@@ -9,9 +9,16 @@ import scipy.sparse as sp
 from scatlas.kernels import spmm
 
 
+@pytest.fixture(params=["row-major", "row-blocks"])
+def path(request, monkeypatch):
+    """Both kernels of X @ W: W read per cell (small W) or through row blocks (large W)."""
+    monkeypatch.setattr(spmm, "ROW_MAJOR_MAX_BYTES", 2**40 if request.param == "row-major" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(1, 7, 3), (53, 400, 65), (300, 1000, 128)])
 @pytest.mark.parametrize("kind", ["csr", "csc", "dense"])
-def test_products_equal_dense(shape, kind):
+def test_products_equal_dense(shape, kind, path):
     n, G, H = shape
     rng = np.random.default_rng(n)
     X = sp.random(n, G, density=0.08, format="csr", dtype=np.float32, random_state=rng)
@@ -24,7 +31,7 @@ def test_products_equal_dense(shape, kind):
     np.testing.assert_allclose(spmm.dense_skip_matmul(Xd, W), dense @ W, rtol=1e-4, atol=1e-4)
 
 
-def test_empty_rows_and_columns():
+def test_empty_rows_and_columns(path):
     X = sp.csr_matrix((4, 6), dtype=np.float32)
     W = np.ones((6, 5), np.float32)
     assert np.array_equal(spmm.sparse_matmul(X, W), np.zeros((4, 5), np.float32))
@@ -32,7 +39,7 @@ def test_empty_rows_and_columns():
 
 
 @pytest.mark.parametrize("rows_per_block", [1, 7, 256])
-def test_row_blocks_and_unsorted_duplicate_entries(rows_per_block):
+def test_row_blocks_and_unsorted_duplicate_entries(rows_per_block, path):
     """Block edges, unsorted column indices and duplicate (i, j) entries (summed, as scipy)."""
     rng = np.random.default_rng(1)
     n, G, H = 40, 30, 17

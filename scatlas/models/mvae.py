@@ -793,6 +793,6 @@ def benchmark_callables(
 
     def train_step() -> None:
         holder["ts"], metrics = trainer.train_step(holder["ts"], device_batch)
-        jax.block_until_ready(metrics["loss"])
+        jax.block_until_ready((holder["ts"], metrics))  # the whole update, not just the loss
 
     return {"train_step": train_step, "config": cfg, "trainer": trainer, "batch": batch}

@@ -22,6 +22,7 @@ is indexable by step (:class:`~scatlas.models.data.CellBatches` or anything with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .._host_memory import reused_freed_memory
 from .._progress import bar
 from .._validate import ScatlasInputError, check_positive_int
 
@@ -57,7 +59,9 @@ class TrainConfig:
     stay float32). ``eval_every`` steps the validation loss is computed (when a validation set is
     given) and ``patience`` evaluations without improvement stop the run (None: never).
     ``checkpoint_dir``/``checkpoint_every``/``keep_checkpoints`` control orbax checkpoints,
-    ``log_path``/``log_every`` the JSON-lines log.
+    ``log_path``/``log_every`` the JSON-lines log. ``reuse_host_memory``: on the CPU, glibc
+    keeps freed memory during the run instead of page-faulting each step's temporaries in
+    again (:mod:`scatlas._host_memory`; the process holds its peak memory until the run ends).
     """
 
     max_steps: int = 1000
@@ -79,6 +83,7 @@ class TrainConfig:
     progress: bool | None = None
     data_parallel: bool = True
     prefetch: int = 2
+    reuse_host_memory: bool = True
 
     def __post_init__(self) -> None:
         check_positive_int(self.max_steps, "max_steps")
@@ -367,6 +372,9 @@ def fit(
     t_first = t_timed = None
     timed_steps = 0
     stopped = False
+    memory = contextlib.ExitStack()
+    memory.enter_context(reused_freed_memory(
+        cfg.reuse_host_memory and jax.default_backend() == "cpu"))
     try:
         with bar(desc="training", total=cfg.max_steps, progress=cfg.progress, unit="step") as pb:
             pb.update(start)
@@ -411,6 +419,7 @@ def fit(
                     log.info("early stop at step %d (best step %s)", done, loop["best_step"])
                     break
     finally:
+        memory.close()
         if hasattr(stream, "close"):
             stream.close()
         logger.close()

@@ -1,0 +1,79 @@
+"""Keep freed host memory for reuse during CPU training (glibc ``mallopt``).
+
+XLA on the CPU allocates a step's temporaries afresh at every execution (726 MB per step for the
+metric encoder at 28,231 genes: gradients of the two (28,231 x 1,024) layers and their
+intermediates). glibc serves blocks that large with ``mmap`` and unmaps them on ``free``, so
+every step page-faults all of them in again: 177,000 minor faults a step, measured with
+``getrusage``. With ``M_MMAP_MAX = 0`` glibc serves them from its heap instead, and with a high
+``M_TRIM_THRESHOLD`` it keeps freed heap memory for the next step (about 1,000 faults a step;
+the step 1.56 -> 1.40 s on the 2-core Zen 4 VM). PyTorch's performance guide gives the same
+advice for CPU training (a caching allocator such as jemalloc or tcmalloc).
+
+The price is that the process keeps its peak memory while the setting is on; the context
+manager restores glibc's defaults and returns the memory (``malloc_trim``) when training ends.
+Elsewhere than glibc (macOS, musl) nothing is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import platform
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_KEEP_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB free at the top
+_state = {"depth": 0}
+
+
+def _libc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        return libc
+    except (OSError, AttributeError):  # pragma: no cover - unusual libc
+        return None
+
+
+def keep_freed_memory(keep: bool = True) -> bool:
+    """Ask glibc to keep (``True``) or, with its defaults, return (``False``) freed memory;
+    True when the setting took effect (glibc only)."""
+    libc = _libc()
+    if libc is None:
+        return False
+    if keep:
+        ok = (libc.mallopt(_M_MMAP_MAX, 0) == 1
+              and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD) == 1)
+    else:
+        ok = (libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) == 1
+              and libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD) == 1)
+        libc.malloc_trim(0)
+    if not ok:  # pragma: no cover - glibc refused a documented option
+        log.debug("mallopt refused the setting keep=%s", keep)
+    return ok
+
+
+@contextlib.contextmanager
+def reused_freed_memory(enabled: bool = True) -> Iterator[bool]:
+    """Within the block freed memory is kept for reuse (see the module docstring); nested
+    blocks are fine. Yields whether the setting is in effect."""
+    if not enabled:
+        yield False
+        return
+    outer = _state["depth"] == 0
+    on = keep_freed_memory(True) if outer else True
+    _state["depth"] += 1
+    try:
+        yield on
+    finally:
+        _state["depth"] -= 1
+        if outer and on:
+            keep_freed_memory(False)
