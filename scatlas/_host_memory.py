@@ -5,7 +5,7 @@ metric encoder at 28,231 genes: gradients of the two (28,231 x 1,024) layers and
 intermediates). glibc serves blocks that large with ``mmap`` and unmaps them on ``free``, so
 every step page-faults all of them in again: 177,000 minor faults a step, measured with
 ``getrusage``. With ``M_MMAP_MAX = 0`` glibc serves them from its heap instead, and with a high
-``M_TRIM_THRESHOLD`` it keeps freed heap memory for the next step (about 1,000 faults a step;
+``M_TRIM_THRESHOLD`` it keeps freed heap memory for the next step (327 faults a step;
 the step 1.56 -> 1.40 s on the 2-core Zen 4 VM). PyTorch's performance guide gives the same
 advice for CPU training (a caching allocator such as jemalloc or tcmalloc).
 

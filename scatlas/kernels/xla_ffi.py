@@ -202,7 +202,7 @@ def csr_t_matmul(indptr: Any, indices: Any, data: Any, D: Any, n_cols: int) -> A
 
 def gram(A: Any) -> Any:
     """``A.T @ A`` (K, K) float32 for A (m, K) float32, by BLAS ``ssyrk`` (half a GEMM's
-    multiply-adds: 0.15 s vs XLA's 0.29 s for a 28,231 x 1,024 A on 2 Zen 4 cores)."""
+    multiply-adds: 0.17 s vs 0.31 s for XLA's A.T @ A, A 28,231 x 1,024, 2 Zen 4 cores)."""
     import jax
     import jax.numpy as jnp
 
