@@ -110,12 +110,13 @@ def time_call(
 
 
 def select_methods(methods: Sequence[Method], patterns: Sequence[str] | None) -> list[Method]:
-    """Methods whose name (or role) matches any shell-style pattern; all when none given."""
+    """Methods whose name (or role) equals or matches any shell-style pattern; all when none
+    given (an exact name counts even when it has brackets, e.g. ``scatlas.metric.embed[csr]``)."""
     if not patterns:
         return list(methods)
     chosen = [
         m for m in methods
-        if any(fnmatch.fnmatchcase(m.name, p) or p == m.role for p in patterns)
+        if any(p in (m.name, m.role) or fnmatch.fnmatchcase(m.name, p) for p in patterns)
     ]
     if not chosen:
         known = ", ".join(m.name for m in methods)

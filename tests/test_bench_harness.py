@@ -185,3 +185,15 @@ def test_cli_list_and_report(tmp_path, capsys):
     assert "rsvd" in capsys.readouterr().out
     assert main(["report", "--results", str(tmp_path), "--no-readme"]) == 0
     assert "No benchmark results yet" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_select_methods_by_exact_name_glob_or_role():
+    """Names with brackets select themselves (fnmatch alone would read [csr] as a class)."""
+    ms = [Method("a.embed[csr]", lambda w: None, role="ours"), Method("b.embed", lambda w: None),
+          Method("b.embed[csr]", lambda w: None)]
+    pick = runner.select_methods
+    assert [m.name for m in pick(ms, ["a.embed[csr]"])] == ["a.embed[csr]"]
+    assert [m.name for m in pick(ms, ["b.*"])] == ["b.embed", "b.embed[csr]"]
+    assert [m.name for m in pick(ms, ["ours"])] == ["a.embed[csr]"]
+    with pytest.raises(ValueError, match="no method matches"):
+        pick(ms, ["nope"])
