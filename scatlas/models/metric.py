@@ -353,6 +353,7 @@ class MetricEncoder:
         self.info = dict(info or {})
         self._device_variables = jax.device_put(self.variables)
         self._compiled: dict[str, tuple[Any, Any]] = {}
+        self._tail: _HostTail | None = None
         self._encode, self._encode_after_first = self._encoders(self._default_precision)
 
     @property
@@ -420,8 +421,12 @@ class MetricEncoder:
         for x in track(chunks, desc="embedding", progress=progress):
             n = x.shape[0]
             if sparse_first and (sp.issparse(x) or _mostly_zero(x)):
-                # first layer over the non-zeros only, on the host (CPU backend)
+                # first layer over the non-zeros only, on the host (CPU backend); in float32
+                # the rest runs there too, by numpy's BLAS (_HostTail)
                 x = self._first_layer(x)
+                if precision == "float32":
+                    out.append(self._host_tail()(x))
+                    continue
                 encode = encode_after_first
             else:
                 encode = encode_full
@@ -433,6 +438,11 @@ class MetricEncoder:
         if not out:
             return np.zeros((0, self.latent_dim), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _host_tail(self) -> _HostTail:
+        if self._tail is None:
+            self._tail = _HostTail(self.variables)
+        return self._tail
 
     def _first_layer(self, X: Any) -> np.ndarray:
         """``X @ W1 + b1`` for a CSR or mostly-zero dense chunk, skipping its zeros."""
@@ -456,6 +466,57 @@ class MetricEncoder:
         extra = saved["extra"]
         return cls(config, saved["variables"], saved["genes"],
                    label_names=extra.get("label_names", ()), info=extra.get("info", {}))
+
+
+class _HostTail:
+    """The encoder after its first Dense layer, in float32 numpy (BLAS ``sgemm``) for CPU
+    inference: ``BatchNorm -> PReLU`` of block 0, then ``Dense -> BatchNorm -> PReLU`` blocks with
+    each BatchNorm folded into its Dense (``W * a``, ``b * a + c`` with
+    ``a = scale / sqrt(var + 1e-5)``, ``c = bias - mean * a``), the last Dense and the L2
+    normalisation. The same function as ``MetricNet.encode_after_first`` (tested); numpy's
+    OpenBLAS ran the three 10,000-cell dense layers of SCimilarity's architecture in 0.25 s
+    where XLA took 0.28 s, plus 0.02-0.03 s to move the chunk in and out (2-core Zen 4).
+    """
+
+    def __init__(self, variables: Mapping[str, Any]):
+        params = variables["params"]["encoder"]
+        stats = variables["batch_stats"]["encoder"]
+        #: per block (W or None, multiplier or None, shift, PReLU slope): h = (h @ W) * m + c
+        self.layers: list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray, float]] = []
+        n_blocks = sum(1 for k in params if k.startswith("_Block_"))
+        for i in range(n_blocks):
+            block, stat = params[f"_Block_{i}"], stats[f"_Block_{i}"]["BatchNorm_0"]
+            bn = block["BatchNorm_0"]
+            a = np.asarray(bn["scale"], np.float32) / np.sqrt(
+                np.asarray(stat["var"], np.float32) + np.float32(1e-5))
+            c = np.asarray(bn["bias"], np.float32) - np.asarray(stat["mean"], np.float32) * a
+            slope = float(np.asarray(block["PReLU_0"]["negative_slope"]))
+            if i == 0:  # the first Dense is applied by the caller (the sparse product)
+                self.layers.append((None, a, c, slope))
+            else:
+                dense = block["Dense_0"]
+                W = np.ascontiguousarray(np.asarray(dense["kernel"], np.float32) * a)
+                self.layers.append((W, None, np.asarray(dense["bias"], np.float32) * a + c,
+                                    slope))
+        self.W_out = np.asarray(params["Dense_0"]["kernel"], np.float32)
+        self.b_out = np.asarray(params["Dense_0"]["bias"], np.float32)
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        """(n, hidden[0]) float32 first-layer outputs -> (n, latent) unit-length rows."""
+        for W, multiplier, shift, slope in self.layers:
+            if W is not None:
+                h = h @ W
+            if multiplier is not None:
+                h *= multiplier
+            h += shift
+            if 0.0 <= slope <= 1.0:
+                np.maximum(h, slope * h, out=h)
+            else:
+                h = np.where(h >= 0, h, slope * h)
+        z = h @ self.W_out
+        z += self.b_out
+        z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), np.float32(1e-12))
+        return z
 
 
 def _mostly_zero(x: np.ndarray, threshold: float = 0.3, sample_rows: int = 64) -> bool:
