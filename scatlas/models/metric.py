@@ -398,7 +398,8 @@ class MetricEncoder:
         whose columns are the model's genes. ``input="lognorm"`` for data already log-normalised.
         Chunks of ``batch_size`` cells are embedded on the default JAX device. On the CPU,
         sparse input stays sparse for the first layer (``x @ W1`` over the non-zeros only,
-        :mod:`scatlas.kernels.spmm`); the rest of the network runs jitted.
+        :mod:`scatlas.kernels.spmm`) and, in float32, the rest of the encoder runs in numpy
+        (BLAS, BatchNorm folded: ``_HostTail``); elsewhere the network runs jitted.
 
         ``precision``: ``"float32"`` or ``"bfloat16"`` for the dense layers (default: the
         precision the model was trained in). On a CPU with AVX512-BF16 XLA's bfloat16 products
