@@ -3,10 +3,11 @@
 XLA on the CPU allocates a step's temporaries afresh at every execution (726 MB per step for the
 metric encoder at 28,231 genes: gradients of the two (28,231 x 1,024) layers and their
 intermediates). glibc serves blocks that large with ``mmap`` and unmaps them on ``free``, so
-every step page-faults all of them in again: 177,000 minor faults a step, measured with
-``getrusage``. With ``M_MMAP_MAX = 0`` glibc serves them from its heap instead, and with a high
-``M_TRIM_THRESHOLD`` it keeps freed heap memory for the next step (327 faults a step;
-the step 1.56 -> 1.40 s on the 2-core Zen 4 VM). PyTorch's performance guide gives the same
+every step page-faults all of them in again: 190,000 minor faults a step (``getrusage``). With
+``M_MMAP_MAX = 0`` glibc serves them from its heap instead, and with a high
+``M_TRIM_THRESHOLD`` it keeps freed heap memory for the next step: 2 faults a step, and the
+sparse step 1.65 -> 1.46 s (dense 2.23 -> 2.01 s) on the 2-core Zen 4 VM
+(``python -m bench.metric_parts``). PyTorch's performance guide gives the same
 advice for CPU training (a caching allocator such as jemalloc or tcmalloc).
 
 The price is that the process keeps its peak memory while the setting is on; the context

@@ -141,31 +141,3 @@ def test_bfloat16_embedding_agrees_with_float32(tiny_model):
     assert shared > 0.8, shared
     with pytest.raises(ScatlasInputError, match="precision"):
         model.embed(a, precision="float16")
-
-
-@pytest.mark.parametrize("slope", [0.25, -0.5, 1.5])
-def test_host_tail_equals_the_jitted_network(slope):
-    """The CPU's numpy tail (BatchNorm folded into the Dense layers) computes what
-    MetricNet.encode_after_first computes, for three blocks, non-trivial running statistics and
-    PReLU slopes inside and outside [0, 1]."""
-    import jax
-
-    from scatlas.models.metric import MetricConfig, MetricEncoder, _HostTail
-
-    cfg = MetricConfig(n_genes=40, hidden=(24, 16, 12), latent_dim=6)
-    variables = jax.device_get(cfg.net().init(jax.random.PRNGKey(0),
-                                              np.zeros((2, 40), np.float32), train=False))
-    rng = np.random.default_rng(0)
-    variables = jax.tree_util.tree_map(
-        lambda a: (a + rng.normal(size=a.shape).astype(np.float32) * 0.3) if a.ndim else a,
-        variables)
-    for stats in variables["batch_stats"]["encoder"].values():
-        stats["BatchNorm_0"]["var"] = np.abs(stats["BatchNorm_0"]["var"]) + 0.5
-    for name, block in variables["params"]["encoder"].items():
-        if name.startswith("_Block_"):
-            block["PReLU_0"]["negative_slope"] = np.float32(slope)
-    model = MetricEncoder(cfg, variables, [f"g{i}" for i in range(40)])
-    h = rng.normal(size=(50, 24)).astype(np.float32)
-    want = np.asarray(model._encode_after_first(model._device_variables, h))
-    got = _HostTail(variables)(h.copy())
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

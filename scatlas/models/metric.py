@@ -353,7 +353,6 @@ class MetricEncoder:
         self.info = dict(info or {})
         self._device_variables = jax.device_put(self.variables)
         self._compiled: dict[str, tuple[Any, Any]] = {}
-        self._tail: _HostTail | None = None
         self._encode, self._encode_after_first = self._encoders(self._default_precision)
 
     @property
@@ -398,8 +397,7 @@ class MetricEncoder:
         whose columns are the model's genes. ``input="lognorm"`` for data already log-normalised.
         Chunks of ``batch_size`` cells are embedded on the default JAX device. On the CPU,
         sparse input stays sparse for the first layer (``x @ W1`` over the non-zeros only,
-        :mod:`scatlas.kernels.spmm`) and, in float32, the rest of the encoder runs in numpy
-        (BLAS, BatchNorm folded: ``_HostTail``); elsewhere the network runs jitted.
+        :mod:`scatlas.kernels.spmm`); the rest of the network runs jitted.
 
         ``precision``: ``"float32"`` or ``"bfloat16"`` for the dense layers (default: the
         precision the model was trained in). On a CPU with AVX512-BF16 XLA's bfloat16 products
@@ -422,12 +420,8 @@ class MetricEncoder:
         for x in track(chunks, desc="embedding", progress=progress):
             n = x.shape[0]
             if sparse_first and (sp.issparse(x) or _mostly_zero(x)):
-                # first layer over the non-zeros only, on the host (CPU backend); in float32
-                # the rest runs there too, by numpy's BLAS (_HostTail)
+                # first layer over the non-zeros only, on the host (CPU backend)
                 x = self._first_layer(x)
-                if precision == "float32":
-                    out.append(self._host_tail()(x))
-                    continue
                 encode = encode_after_first
             else:
                 encode = encode_full
@@ -439,11 +433,6 @@ class MetricEncoder:
         if not out:
             return np.zeros((0, self.latent_dim), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
-
-    def _host_tail(self) -> _HostTail:
-        if self._tail is None:
-            self._tail = _HostTail(self.variables)
-        return self._tail
 
     def _first_layer(self, X: Any) -> np.ndarray:
         """``X @ W1 + b1`` for a CSR or mostly-zero dense chunk, skipping its zeros."""
@@ -469,57 +458,6 @@ class MetricEncoder:
                    label_names=extra.get("label_names", ()), info=extra.get("info", {}))
 
 
-class _HostTail:
-    """The encoder after its first Dense layer, in float32 numpy (BLAS ``sgemm``) for CPU
-    inference: ``BatchNorm -> PReLU`` of block 0, then ``Dense -> BatchNorm -> PReLU`` blocks with
-    each BatchNorm folded into its Dense (``W * a``, ``b * a + c`` with
-    ``a = scale / sqrt(var + 1e-5)``, ``c = bias - mean * a``), the last Dense and the L2
-    normalisation. The same function as ``MetricNet.encode_after_first`` (tested); numpy's
-    OpenBLAS ran the three 10,000-cell dense layers of SCimilarity's architecture in 0.25 s
-    where XLA took 0.28 s, plus 0.02-0.03 s to move the chunk in and out (2-core Zen 4).
-    """
-
-    def __init__(self, variables: Mapping[str, Any]):
-        params = variables["params"]["encoder"]
-        stats = variables["batch_stats"]["encoder"]
-        #: per block (W or None, multiplier or None, shift, PReLU slope): h = (h @ W) * m + c
-        self.layers: list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray, float]] = []
-        n_blocks = sum(1 for k in params if k.startswith("_Block_"))
-        for i in range(n_blocks):
-            block, stat = params[f"_Block_{i}"], stats[f"_Block_{i}"]["BatchNorm_0"]
-            bn = block["BatchNorm_0"]
-            a = np.asarray(bn["scale"], np.float32) / np.sqrt(
-                np.asarray(stat["var"], np.float32) + np.float32(1e-5))
-            c = np.asarray(bn["bias"], np.float32) - np.asarray(stat["mean"], np.float32) * a
-            slope = float(np.asarray(block["PReLU_0"]["negative_slope"]))
-            if i == 0:  # the first Dense is applied by the caller (the sparse product)
-                self.layers.append((None, a, c, slope))
-            else:
-                dense = block["Dense_0"]
-                W = np.ascontiguousarray(np.asarray(dense["kernel"], np.float32) * a)
-                self.layers.append((W, None, np.asarray(dense["bias"], np.float32) * a + c,
-                                    slope))
-        self.W_out = np.asarray(params["Dense_0"]["kernel"], np.float32)
-        self.b_out = np.asarray(params["Dense_0"]["bias"], np.float32)
-
-    def __call__(self, h: np.ndarray) -> np.ndarray:
-        """(n, hidden[0]) float32 first-layer outputs -> (n, latent) unit-length rows."""
-        for W, multiplier, shift, slope in self.layers:
-            if W is not None:
-                h = h @ W
-            if multiplier is not None:
-                h *= multiplier
-            h += shift
-            if 0.0 <= slope <= 1.0:
-                np.maximum(h, slope * h, out=h)
-            else:
-                h = np.where(h >= 0, h, slope * h)
-        z = h @ self.W_out
-        z += self.b_out
-        z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), np.float32(1e-12))
-        return z
-
-
 def _mostly_zero(x: np.ndarray, threshold: float = 0.3, sample_rows: int = 64) -> bool:
     """Fewer than ``threshold`` of the entries are non-zero (dense expression usually is),
     judged on ``sample_rows`` evenly spaced rows (counting a whole 10,000 x 28,231 chunk took
@@ -529,8 +467,9 @@ def _mostly_zero(x: np.ndarray, threshold: float = 0.3, sample_rows: int = 64) -
 
 
 #: the sparse training step (sparse_ops) is chosen automatically from this many genes on (at
-#: 2,000 genes it ties the dense step, at 10,000 it is 1.15x faster, at 28,231 1.37x; 10 %
-#: non-zero, batch 1,000, 2-core Zen 4) and up to this fraction of non-zero inputs
+#: 2,000 genes it is 5 % slower than the dense step, at 5,000 it ties, at 10,000 it is 1.18x
+#: faster, at 28,231 1.38x; 10 % non-zero, batch 1,000, 2-core Zen 4: python -m
+#: bench.metric_parts) and up to this fraction of non-zero inputs
 SPARSE_STEP_MIN_GENES = 6000
 SPARSE_STEP_MAX_DENSITY = 0.15
 
@@ -556,9 +495,9 @@ def use_sparse_step(
     if config.bf16:
         blockers.append("it computes in float32 (bf16=True given)")
     if not blockers:
-        from . import sparse_ops
+        from ..kernels import xla_ffi
 
-        if not sparse_ops.available():
+        if not xla_ffi.available():
             blockers.append("its XLA custom calls are unavailable here (see "
                             "scatlas.kernels.xla_ffi)")
     if requested is True:

@@ -118,8 +118,3 @@ def _mse_bwd(res, g):
 
 
 reconstruction_mse.defvjp(_mse_fwd, _mse_bwd)
-
-
-def available() -> bool:
-    """The sparse custom calls work in this process (CPU backend, numba, matching XLA FFI)."""
-    return xla_ffi.available()

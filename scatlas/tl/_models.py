@@ -117,7 +117,7 @@ def train_metric(
     sparse_step
         Train on CSR batches (:mod:`scatlas.models.sparse_ops`: the first layer and the
         reconstruction loss over the non-zeros; CPU, one device, float32). None (default):
-        chosen when it pays, from 6,000 genes at up to 15 % non-zero inputs (1.37x faster steps
+        chosen when it pays, from 6,000 genes at up to 15 % non-zero inputs (1.38x faster steps
         at 28,231 genes); True insists; False never. The loss is the same; the random dropout
         draws differ, so a run is reproducible for a given choice.
     **model_kw

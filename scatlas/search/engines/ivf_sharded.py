@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ... import backend
-from . import smallest_k
+from . import hits_per_query, smallest_k
 from .ivf_native import NativeIVF, replayable
 
 __all__ = ["ShardedNativeIVF", "gpu_count"]
@@ -296,12 +296,7 @@ class ShardedNativeIVF:
             ids = xp.concatenate([self._to(ii, 0) for _, ii, _ in res])
             qidx = xp.asarray(np.concatenate([np.repeat(np.arange(m), lens)
                                               for _, _, lens in res]))
-            order = xp.lexsort(xp.stack([ids.astype(np.float64), keys.astype(np.float64),
-                                         qidx.astype(np.float64)]))
-            qidx, keys, ids = qidx[order], keys[order], ids[order]
-            bounds = backend.to_host(xp.searchsorted(qidx, xp.arange(m + 1)))
-            return [(keys[bounds[i] : bounds[i + 1]], ids[bounds[i] : bounds[i + 1]])
-                    for i in range(m)]
+            return hits_per_query(qidx, keys, ids, m)
 
     # -- removal --------------------------------------------------------------------------------
     def remove(self, ids: Any) -> int:
