@@ -18,7 +18,7 @@ baseline throughput):
     seed)["train_step"]``, one jitted step incl. on-device mining on a fixed device-resident
     batch, blocking until the whole new state is computed (not only the loss: the optimizer
     update would otherwise spill into the next timed call). The step is the one
-    ``tl.train_metric`` chooses: from 6,000 genes the sparse step on a CSR batch
+    ``tl.train_metric`` chooses: from 1,000 genes the sparse step on a CSR batch
     (``scatlas.models.sparse_ops``); ``scatlas.metric.train_step[dense]`` is always the dense
     step. Both keep freed host memory as ``fit`` does (``scatlas._host_memory``; embedding
     calls are timed with glibc's defaults, as ``tl.embed`` runs).
@@ -209,7 +209,7 @@ def _kind(group: str) -> str:
 
 def _ours_callables(w: Workload, step: str = "auto") -> dict[str, Any]:
     """Our timed units; ``step="dense"`` forces the dense training step (else chosen as
-    ``tl.train_metric`` does: the sparse step from 6,000 genes)."""
+    ``tl.train_metric`` does: the sparse step from 1,000 genes)."""
     key = "ours" if step == "auto" else f"ours_{step}"
     if key not in w.extra:
         try:
@@ -383,7 +383,7 @@ def methods(params: Mapping[str, Any]) -> list[Method]:
     return [
         Method("scatlas.metric.train_step", _ours_train, "ours", "train",
                "benchmark_callables()['train_step']: one jitted step incl. on-device mining; "
-               "the step tl.train_metric chooses (sparse from 6,000 genes: CSR batch, "
+               "the step tl.train_metric chooses (sparse from 1,000 genes: CSR batch, "
                "scatlas.models.sparse_ops)"),
         Method("scatlas.metric.train_step[dense]", _ours_train_dense, "ours", "train",
                "the same, always the dense step (dense batch)"),

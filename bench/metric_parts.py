@@ -9,7 +9,10 @@ The docstrings of :mod:`scatlas.kernels.spmm`, :mod:`scatlas.kernels.xla_ffi`,
   scipy; ``X.T @ D`` (1,000 cells) against scipy;
 - ``callback``: what ``jax.pure_callback`` costs to pass a 28,231 x 1,024 float32 operand in, or
   to return a result that size (a callback doing nothing else);
-- ``gram``: ``A.T @ A`` for A 28,231 x 1,024 by BLAS ``ssyrk`` (custom call) against XLA;
+- ``mining``: semi-hard mining of a 1,000-cell batch by the host loop (CPU backend) against
+  XLA's array form;
+- ``blocks``: XLA's 1,024-wide product by rows, and the embedding's dense layers for 10,000
+  cells in one call against equal blocks;
 - ``step``: one training step (batch 1,000, 10 % non-zero), sparse against dense, per gene count,
   with the minor page faults per step (``getrusage``), with and without freed memory kept.
 
@@ -102,19 +105,60 @@ def callback_rows(repeats: int) -> dict[str, Any]:
         "neither (1,000 x 1,024)": lambda: none(small).block_until_ready()}, repeats)}
 
 
-def gram_rows(repeats: int) -> dict[str, Any]:
+def mining_rows(repeats: int) -> dict[str, Any]:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from scatlas.kernels import xla_ffi  # noqa: PLC0415
+    from scatlas.models import host_mining, metric_losses  # noqa: PLC0415
 
-    if not xla_ffi.available():
-        return {"A.T @ A": {"skipped": "custom calls unavailable"}}
-    A = jnp.asarray(np.random.default_rng(0).standard_normal((28231, 1024)).astype(np.float32))
-    syrk, xla = jax.jit(xla_ffi.gram), jax.jit(lambda a: a.T @ a)
-    return {"A.T @ A, A 28,231 x 1,024": _alternate({
-        "ssyrk custom call": lambda: syrk(A).block_until_ready(),
-        "XLA": lambda: xla(A).block_until_ready()}, repeats)}
+    rng = np.random.default_rng(0)
+    B = 1000
+    z = rng.normal(size=(B, 128)).astype(np.float32)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    labels = jnp.asarray(rng.integers(0, 20, B), jnp.int32)
+    studies = jnp.asarray(rng.integers(0, 5, B), jnp.int32)
+    args = (metric_losses.squared_distances(jnp.asarray(z)),
+            metric_losses.candidate_pairs(labels, studies, True),
+            metric_losses.candidate_negatives(labels, jnp.eye(20, dtype=bool)),
+            jnp.asarray(rng.random((B, B)), jnp.float32))
+    host_args = [np.asarray(a) for a in args]
+    in_xla = jax.jit(lambda *a: metric_losses.mine_in_xla(*a, margin=0.05))
+    return {"semi-hard mining, batch 1,000 (20 labels, 5 studies)": _alternate({
+        "host loop (host_mining.mine_on_host)": lambda: host_mining.mine_on_host(
+            *host_args, 0.05, "semihard"),
+        "XLA array form (metric_losses.mine_in_xla)": lambda: jax.block_until_ready(
+            in_xla(*args))}, repeats)}
+
+
+def block_rows(repeats: int) -> dict[str, Any]:
+    """XLA's (n, 1,024) x (1,024, 1,024) product by rows, and the embedding's dense layers for
+    10,000 cells in one call or in blocks (``metric.CPU_BLOCK_ROWS``)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from scatlas.models import metric  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    B = jnp.asarray(rng.standard_normal((1024, 1024)), jnp.float32)
+    product = jax.jit(lambda a, b: a @ b)
+    gflops: dict[str, float] = {}
+    for n in (1000, 2500, 5000, 10_000):
+        A = jnp.asarray(rng.standard_normal((n, 1024)), jnp.float32)
+        t = _alternate({"p": lambda A=A: product(A, B).block_until_ready()}, repeats)["p"]
+        gflops[f"{n:,} rows, GFLOPS"] = round(2 * n * 1024 * 1024 / t / 1e9, 1)
+    model = metric.benchmark_callables(2000)["model"]
+    H = rng.standard_normal((10_000, 1024)).astype(np.float32)
+    _, after_first = model._encoders("float32")
+
+    def layers(rows: int) -> None:
+        for s in range(0, H.shape[0], rows):
+            np.asarray(after_first(model._device_variables, H[s: s + rows]))
+
+    rows = metric._block_rows(10_000)
+    return {"XLA product (n, 1,024) x (1,024, 1,024)": gflops,
+            "embedding dense layers, 10,000 cells": _alternate(
+                {"one call": lambda: layers(10_000),
+                 f"blocks of {rows:,} rows": lambda: layers(rows)}, repeats)}
 
 
 def step_rows(genes: Sequence[int], repeats: int) -> dict[str, Any]:
@@ -155,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record: dict[str, Any] = {"benchmark": "metric_parts",
                               "machine": describe_hardware(capture("cpu")),
                               "repeats": args.repeats, "unit": "median seconds", "rows": {}}
-    for part in (spmm_rows, callback_rows, gram_rows):
+    for part in (spmm_rows, callback_rows, mining_rows, block_rows):
         log(f"[metric_parts] {part.__name__} ...")
         record["rows"].update(part(args.repeats))
     log("[metric_parts] step_rows ...")

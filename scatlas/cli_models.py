@@ -225,8 +225,8 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--mining", choices=("semihard", "hardest", "random"), default="semihard")
     p.add_argument("--margin", type=float, default=0.05, help="triplet margin (default 0.05)")
     p.add_argument("--sparse-step", choices=("auto", "on", "off"), default="auto",
-                   help="train on CSR batches (CPU; first layer and reconstruction loss over the "
-                   "non-zeros). auto: from 6,000 genes at <=15%% non-zero")
+                   help="train on CSR batches (CPU; the first layer over the non-zeros). "
+                   "auto: from 1,000 genes at <=30%% non-zero")
     _loop_args(p)
     p.add_argument("--backed", action="store_true", help="read the .h5ad backed (large files)")
     p.add_argument("--seed", type=int, default=0)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from scatlas.models import host_mining
 from scatlas.models import metric_losses as ml
 from scatlas.models.metric import related_labels
 
@@ -49,9 +50,20 @@ def ref_mine(sq, labels, studies, related, u, margin, strategy, across):
     return picks
 
 
+def _mine_with(implementation, *args, **kw):
+    """``mine`` as the jitted step calls it (host loop on the CPU), or one form directly."""
+    if implementation == "xla":
+        return ml.mine_in_xla(*args, **kw)
+    if implementation == "host":
+        return host_mining.mine_on_host(*(np.asarray(a) for a in args), kw["margin"],
+                                        kw["strategy"])
+    return jax.jit(lambda *a: ml.mine(*a, **kw))(*args)
+
+
+@pytest.mark.parametrize("implementation", ["mine", "xla", "host"])
 @pytest.mark.parametrize("strategy", ["semihard", "hardest", "random"])
 @pytest.mark.parametrize("across", [True, False])
-def test_mining_equals_reference(strategy, across):
+def test_mining_equals_reference(strategy, across, implementation):
     rng = np.random.default_rng(3)
     B = 48
     z = _embeddings(rng, B)
@@ -63,7 +75,8 @@ def test_mining_equals_reference(strategy, across):
     sq = np.asarray(ml.squared_distances(jnp.asarray(z)))
     u = rng.random((B, B)).astype(np.float32)
     margin = 0.3  # wide enough that every strategy has work to do on random embeddings
-    neg, mask = ml.mine(
+    neg, mask = _mine_with(
+        implementation,
         jnp.asarray(sq), ml.candidate_pairs(jnp.asarray(labels), jnp.asarray(studies), across),
         ml.candidate_negatives(jnp.asarray(labels), jnp.asarray(related)), jnp.asarray(u),
         margin=margin, strategy=strategy,
@@ -132,3 +145,30 @@ def test_mined_loss_is_zero_without_triplets_and_grads_flow():
     g = jax.grad(lambda z: ml.mined_triplet_loss(
         z, labels, labels * 0, jnp.eye(3, dtype=bool), jax.random.PRNGKey(0), margin=1.0)[0])(z)
     assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
+
+
+@pytest.mark.parametrize("strategy", ["semihard", "hardest", "random"])
+@pytest.mark.parametrize("margin", [0.0, 0.05, 0.5])
+def test_host_mining_equals_xla_with_tied_distances(strategy, margin):
+    """Duplicated cells give exactly tied (and zero) distances: both forms break ties by row."""
+    rng = np.random.default_rng(5)
+    z = _embeddings(rng, 60, 6)
+    z = np.concatenate([z, z[:40], z[:20]])  # 120 cells, many exact ties
+    labels = rng.integers(0, 6, 120).astype(np.int32)
+    labels[-2:] = -1
+    studies = rng.integers(0, 2, 120).astype(np.int32)
+    related = related_labels(list("abcdef"), {"c": "b"})
+    sq = ml.squared_distances(jnp.asarray(z))
+    args = (sq, ml.candidate_pairs(jnp.asarray(labels), jnp.asarray(studies), True),
+            ml.candidate_negatives(jnp.asarray(labels), jnp.asarray(related)),
+            jnp.asarray(rng.random((120, 120)).astype(np.float32)))
+    neg_x, mask_x = (np.asarray(a) for a in ml.mine_in_xla(*args, margin=margin,
+                                                             strategy=strategy))
+    neg_h, mask_h = host_mining.mine_on_host(*(np.asarray(a) for a in args), margin, strategy)
+    assert (np.asarray(sq) == 0).sum() > 120  # the duplicates are there
+    if margin == 0 and strategy == "semihard":
+        assert mask_h.sum() == 0  # d_ap < d_an < d_ap is empty
+    else:
+        assert mask_h.sum() > 100
+    np.testing.assert_array_equal(mask_h, mask_x)
+    np.testing.assert_array_equal(neg_h[mask_h], neg_x[mask_x])

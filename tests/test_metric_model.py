@@ -125,6 +125,23 @@ def test_sparse_first_layer_equals_dense_path(tiny_model):
     np.testing.assert_allclose(model.embed(dense), reference, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch_size", [400, 150, 37])
+def test_embedding_in_row_blocks_equals_one_call(tiny_model, monkeypatch, batch_size):
+    """Chunks split into equal row blocks (the last one padded) give the rows of one call of
+    the jitted network over all cells."""
+    from scatlas.models import metric
+    from scatlas.models.data import lognorm
+
+    a, model = tiny_model
+    reference = np.asarray(model._encode(model._device_variables, lognorm(a.X)))
+    monkeypatch.setattr(metric, "CPU_BLOCK_ROWS", 60)
+    rows = metric._block_rows(batch_size)
+    assert rows <= 60 and -(-batch_size // rows) == -(-batch_size // 60)
+    got = model.embed(a, batch_size=batch_size)
+    assert got.shape == (a.n_obs, model.latent_dim)
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_embedding_agrees_with_float32(tiny_model):
     """precision="bfloat16" computes the dense layers in bf16: the embedding stays within bf16
     rounding of the float32 one (cosine per cell) and keeps the same nearest neighbours."""

@@ -35,7 +35,7 @@ def _random_csr(n: int, G: int, seed: int, density: float = 0.1) -> sp.csr_matri
 
 
 def test_custom_calls_equal_scipy():
-    """X @ B, X.T @ D (with padding past indptr[-1] and explicit zeros) and A.T @ A."""
+    """X @ B, X.T @ D and X densely (with padding past indptr[-1] and explicit zeros)."""
     X = _random_csr(37, 211, seed=0)
     rng = np.random.default_rng(1)
     B = rng.normal(size=(211, 19)).astype(np.float32)
@@ -47,10 +47,8 @@ def test_custom_calls_equal_scipy():
     np.testing.assert_allclose(np.asarray(got), X @ B, rtol=1e-5, atol=1e-5)
     got_t = jax.jit(xla_ffi.csr_t_matmul, static_argnums=4)(*csr, jnp.asarray(D), 211)
     np.testing.assert_allclose(np.asarray(got_t), X.T @ D, rtol=1e-5, atol=1e-5)
-    gram = jax.jit(xla_ffi.gram)(jnp.asarray(B))
-    np.testing.assert_allclose(np.asarray(gram), B.T.astype(np.float64) @ B, rtol=1e-5,
-                               atol=1e-4)
-    assert np.array_equal(np.asarray(gram), np.asarray(gram).T)
+    dense = jax.jit(xla_ffi.csr_to_dense, static_argnums=3)(*csr, 211)
+    np.testing.assert_array_equal(np.asarray(dense), X.toarray())
 
 
 def test_csr_matmul_gradient_equals_dense():
@@ -61,30 +59,6 @@ def test_csr_matmul_gradient_equals_dense():
     want = jax.grad(lambda B: jnp.sum(jnp.sin(Xd @ B)))(B)
     got = jax.jit(jax.grad(lambda B: jnp.sum(jnp.sin(sparse_ops.csr_matmul(csr, B)))))(B)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
-def test_reconstruction_mse_and_gradients_equal_dense():
-    """The expanded-square MSE equals mean((H W^T + b - X)^2) and so do its gradients."""
-    n, G, K = 40, 300, 32
-    X = _random_csr(n, G, seed=4)
-    rng = np.random.default_rng(5)
-    H = jnp.asarray(rng.normal(size=(n, K)).astype(np.float32))
-    W = jnp.asarray(0.1 * rng.normal(size=(G, K)).astype(np.float32))
-    b = jnp.asarray(0.1 * rng.normal(size=G).astype(np.float32))
-    Xd = jnp.asarray(X.toarray())
-    csr = _csr(X, pad=17)
-
-    def dense(H, W, b):
-        return jnp.mean((H @ W.T + b - Xd) ** 2)
-
-    def sparse(H, W, b):
-        return sparse_ops.reconstruction_mse(H, W, b, csr)
-
-    v_want, g_want = jax.value_and_grad(dense, argnums=(0, 1, 2))(H, W, b)
-    v_got, g_got = jax.jit(jax.value_and_grad(sparse, argnums=(0, 1, 2)))(H, W, b)
-    np.testing.assert_allclose(v_got, v_want, rtol=1e-5)
-    for got, want in zip(g_got, g_want, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
 def test_csr_dropout_matches_dense_dropout_statistics():
@@ -148,7 +122,8 @@ def test_sparse_step_equals_dense_step(train):
     np.testing.assert_allclose(got[1]["mse"], want[1]["mse"], rtol=1e-5)
     for g, w in zip(jax.tree_util.tree_leaves((got[2], got[3])),
                     jax.tree_util.tree_leaves((want[2], want[3])), strict=True):
-        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * float(np.abs(w).max()) + 1e-8)
+        # biases feeding BatchNorm have zero gradient up to rounding (~1e-8): an absolute floor
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * float(np.abs(w).max()) + 1e-7)
 
 
 def test_train_metric_sparse_step_learns_as_the_dense_step():
@@ -177,7 +152,8 @@ def test_use_sparse_step_rules():
     big = MetricConfig(n_genes=20_000)
     assert use_sparse_step(None, big, 1, density=0.08)
     assert not use_sparse_step(None, big, 1, density=0.4)  # dense inputs: the dense step pays
-    assert not use_sparse_step(None, MetricConfig(n_genes=2000), 1, density=0.05)
+    assert use_sparse_step(None, MetricConfig(n_genes=2000), 1, density=0.1)
+    assert not use_sparse_step(None, MetricConfig(n_genes=500), 1, density=0.05)
     assert not use_sparse_step(False, big, 1)
     assert use_sparse_step(True, MetricConfig(n_genes=50), 1)
     with pytest.raises(ScatlasInputError, match="one device"):

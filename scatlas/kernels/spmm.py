@@ -185,6 +185,15 @@ if numba is not None:
                     q += 1
         return counts, indices, data
 
+    @numba.njit(parallel=True, cache=True)
+    def _csr_to_dense(indptr, indices, data, out):  # pragma: no cover - compiled
+        """out (n, G) = the CSR matrix, rows in parallel (duplicate entries summed)."""
+        for i in numba.prange(out.shape[0]):
+            o = out[i]
+            o[:] = 0
+            for p in range(indptr[i], indptr[i + 1]):
+                o[indices[p]] += data[p]
+
     @numba.njit(cache=True)
     def _csr_t_matmul(indptr, indices, data, D, out):  # pragma: no cover - compiled
         starts, rows, vals = _gene_major(indptr, indices, data, out.shape[0])

@@ -1,24 +1,24 @@
-"""The sparse products of :mod:`.spmm` as XLA custom calls on the CPU (zero-copy, inside a jit).
+"""Sparse batch kernels of :mod:`.spmm` as XLA custom calls on the CPU (zero-copy, in a jit).
 
-A training step that keeps its expression batch sparse needs ``X @ B`` and ``X.T @ D`` for a CSR
-batch X inside the jitted step. ``jax.pure_callback`` copies every operand and result through
-Python (0.018 s for a 28,231 x 1,024 float32 operand, 0.053 s for a result of that size: four
-results and two weights a step, ``python -m bench.metric_parts``), so these products are
-registered instead as typed XLA FFI handlers
-(``jax.ffi``, API 0.x) written as numba C callbacks: XLA passes its own buffers, nothing is
-copied, and the products run on numba's threads.
+A training step that keeps its expression batch sparse needs, inside the jitted step, ``X @ B``
+and ``X.T @ D`` for a CSR batch X (the first layer and its weight gradient) and X written out
+densely (the reconstruction target). ``jax.pure_callback`` copies every operand and result
+through Python (0.018 s for a 28,231 x 1,024 float32 operand, 0.053 s for a result of that
+size, ``python -m bench.metric_parts``), so these are registered instead as typed XLA FFI
+handlers (``jax.ffi``, API 0.x) written as numba C callbacks: XLA passes its own buffers,
+nothing is copied, and the kernels run on numba's threads.
 
 The handlers read XLA's C structs (``xla/ffi/api/c_api.h``: the call frame, argument and result
 lists, buffers) as 64-bit words; they answer XLA's metadata query (API version 0.3, no traits).
 A process-wide mutex serialises them, because numba's default threading layer refuses
 concurrent parallel launches and XLA may run independent custom calls at once.
 :func:`available` registers them once and checks them against scipy on a small product; callers
-fall back to dense products when it is False (no numba, a platform without pthreads, or an XLA
+fall back to the dense step when it is False (no numba, a platform without pthreads, or an XLA
 whose FFI they do not match).
 
-Both products take the CSR batch as three arrays: ``indptr`` int32 (n + 1), ``indices`` int32
-(cap) and ``data`` float32 (cap); entries from ``indptr[n]`` to ``cap`` are padding (ignored),
-and explicit zeros are skipped.
+All take the CSR batch as three arrays: ``indptr`` int32 (n + 1), ``indices`` int32 (cap) and
+``data`` float32 (cap); entries from ``indptr[n]`` to ``cap`` are padding (ignored). The
+products skip explicit zeros (dropped-out inputs).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _TARGETS = {"matmul": "scatlas_csr_matmul", "t_matmul": "scatlas_csr_t_matmul",
-            "gram": "scatlas_gram"}
+            "densify": "scatlas_csr_densify"}
 _state: dict[str, Any] = {"ok": None}
 
 
@@ -124,42 +124,19 @@ def _compile_handlers() -> dict[str, Any]:
 
     matmul, t_matmul = csr_handler(row_blocked), csr_handler(spmm._csr_t_matmul)
 
-    syrk_fn = _blas_ssyrk()
-
-    @numba.njit
-    def gram(A, out):  # pragma: no cover - compiled
-        """out = A.T @ A for a row-major A (m, K): BLAS ssyrk on A read as column-major (K, m),
-        its upper triangle (the lower one in row-major terms) mirrored."""
-        K, m = A.shape[1], A.shape[0]
-        ints = np.array([K, m, K, K], np.int32)  # n, k, lda, ldc
-        scal = np.array([1.0, 0.0], np.float32)  # alpha, beta
-        chars = np.array([ord("U"), ord("N")], np.uint8)
-        syrk_fn(chars[0:].ctypes, chars[1:].ctypes, ints[0:].ctypes, ints[1:].ctypes,
-                scal[0:].ctypes, A.ctypes, ints[2:].ctypes, scal[1:].ctypes, out.ctypes,
-                ints[3:].ctypes)
-        for i in range(K):
-            for j in range(i + 1, K):
-                out[i, j] = out[j, i]
-
     @numba.cfunc(types.int64(types.voidptr))
-    def gram_handler(frame_ptr):  # pragma: no cover - called by XLA
+    def densify_handler(frame_ptr):  # pragma: no cover - called by XLA
         frame = numba.carray(frame_ptr, (15,), np.int64)
         if answered_metadata(frame):
             return 0
+        indptr, indices, data = csr_args(frame[9])
         lock(_ptr(mutex_addr))
-        gram(matrix(frame[9], 0), matrix(frame[14], 0))
+        spmm._csr_to_dense(indptr, indices, data, matrix(frame[14], 0))
         unlock(_ptr(mutex_addr))
         return 0
 
-    return {"matmul": matmul, "t_matmul": t_matmul, "gram": gram_handler, "mutex": mutex}
-
-
-def _blas_ssyrk() -> Any:
-    """scipy's BLAS ``ssyrk`` (its bundled OpenBLAS) as a ctypes function numba can call."""
-    from numba.extending import get_cython_function_address
-
-    addr = get_cython_function_address("scipy.linalg.cython_blas", "ssyrk")
-    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 10)(addr)
+    return {"matmul": matmul, "t_matmul": t_matmul, "densify": densify_handler,
+            "mutex": mutex}
 
 
 def _register() -> None:
@@ -201,16 +178,14 @@ def csr_t_matmul(indptr: Any, indices: Any, data: Any, D: Any, n_cols: int) -> A
     return jax.ffi.ffi_call(_TARGETS["t_matmul"], out)(indptr, indices, data, D)
 
 
-def gram(A: Any) -> Any:
-    """``A.T @ A`` (K, K) float32 for A (m, K) float32, by BLAS ``ssyrk`` (half a GEMM's
-    multiply-adds: 0.22 s vs 0.37 s for XLA's A.T @ A, A 28,231 x 1,024, 2 Zen 4 cores;
-    ``python -m bench.metric_parts``)."""
+def csr_to_dense(indptr: Any, indices: Any, data: Any, n_cols: int) -> Any:
+    """The CSR batch X (n, n_cols) as a dense (n, n_cols) float32 jax array."""
     import jax
     import jax.numpy as jnp
 
     _require()
-    out = jax.ShapeDtypeStruct((A.shape[1], A.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS["gram"], out)(A)
+    out = jax.ShapeDtypeStruct((indptr.shape[0] - 1, int(n_cols)), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["densify"], out)(indptr, indices, data)
 
 
 def _self_test() -> bool:
@@ -227,10 +202,10 @@ def _self_test() -> bool:
     D = rng.normal(size=(37, 19)).astype(np.float32)
     prod = jax.jit(csr_matmul)(indptr, indices, data, jnp.asarray(B))
     tprod = jax.jit(csr_t_matmul, static_argnums=4)(indptr, indices, data, jnp.asarray(D), 53)
-    g = jax.jit(gram)(jnp.asarray(B))
-    return bool(np.allclose(np.asarray(prod), X @ B, rtol=1e-4, atol=1e-4)
-                and np.allclose(np.asarray(tprod), X.T @ D, rtol=1e-4, atol=1e-4)
-                and np.allclose(np.asarray(g), B.T @ B, rtol=1e-4, atol=1e-3))
+    dense = jax.jit(csr_to_dense, static_argnums=3)(indptr, indices, data, 53)
+    return bool(np.array_equal(np.asarray(dense), X.toarray())
+                and np.allclose(np.asarray(prod), X @ B, rtol=1e-4, atol=1e-4)
+                and np.allclose(np.asarray(tprod), X.T @ D, rtol=1e-4, atol=1e-4))
 
 
 def available() -> bool:

@@ -291,6 +291,7 @@ class MetricTask:
         if "x_indptr" not in batch:
             (z, recon), new_state = self._apply(variables, batch["x"], train, rng)
             return z, jnp.mean((recon - batch["x"].astype(jnp.float32)) ** 2), new_state
+        from ..kernels import xla_ffi
         from . import sparse_ops
 
         X = sparse_ops.CSR(batch["x_indptr"], batch["x_indices"], batch["x_data"])
@@ -300,8 +301,10 @@ class MetricTask:
         h = sparse_ops.csr_matmul(Xd, first["kernel"]) + first["bias"]
         (z, hidden), new_state = self._apply(variables, h, train, rng,
                                              method=MetricNet.hidden_from_first)
-        out = params["decoder"]["Output"]
-        return z, sparse_ops.reconstruction_mse(hidden, out["kernel"], out["bias"], X), new_state
+        recon = GeneOutput(self.config.n_genes).apply(
+            {"params": params["decoder"]["Output"]}, hidden)
+        target = xla_ffi.csr_to_dense(X.indptr, X.indices, X.data, self.config.n_genes)
+        return z, jnp.mean((recon - target) ** 2), new_state
 
     def loss(self, params, state, batch, rng, step, train):
         cfg = self.config
@@ -397,7 +400,8 @@ class MetricEncoder:
         whose columns are the model's genes. ``input="lognorm"`` for data already log-normalised.
         Chunks of ``batch_size`` cells are embedded on the default JAX device. On the CPU,
         sparse input stays sparse for the first layer (``x @ W1`` over the non-zeros only,
-        :mod:`scatlas.kernels.spmm`); the rest of the network runs jitted.
+        :mod:`scatlas.kernels.spmm`); the rest of the network runs jitted, on blocks of at most
+        :data:`CPU_BLOCK_ROWS` cells (the product's cache-friendly size).
 
         ``precision``: ``"float32"`` or ``"bfloat16"`` for the dense layers (default: the
         precision the model was trained in). On a CPU with AVX512-BF16 XLA's bfloat16 products
@@ -425,11 +429,14 @@ class MetricEncoder:
                 encode = encode_after_first
             else:
                 encode = encode_full
-            pad = batch_size - n if n < batch_size and out else 0
-            if pad:  # keep one compiled shape for the tail chunk
-                x = np.concatenate([x, np.zeros((pad, x.shape[1]), np.float32)])
-            z = np.asarray(encode(self._device_variables, x))
-            out.append(z[:n])
+            rows = _block_rows(batch_size)
+            for start in range(0, n, rows):
+                block = x[start: start + rows]
+                m = block.shape[0]
+                pad = rows - m if m < rows and (out or start) else 0
+                if pad:  # keep one compiled shape for the tail block
+                    block = np.concatenate([block, np.zeros((pad, x.shape[1]), np.float32)])
+                out.append(np.asarray(encode(self._device_variables, block))[:m])
         if not out:
             return np.zeros((0, self.latent_dim), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
@@ -458,6 +465,21 @@ class MetricEncoder:
                    label_names=extra.get("label_names", ()), info=extra.get("info", {}))
 
 
+#: on the CPU the dense layers run on blocks of at most this many cells: XLA's
+#: (n, 1,024) x (1,024, 1,024) product keeps ~200 GFLOPS up to 5,000 rows and drops to ~160 at
+#: 10,000, whose activations outgrow the L3 (2-core Zen 4, python -m bench.metric_parts)
+CPU_BLOCK_ROWS = 2500
+
+
+def _block_rows(batch_size: int) -> int:
+    """Rows per call of the jitted dense layers: ``batch_size`` split into equal blocks of at
+    most :data:`CPU_BLOCK_ROWS` on the CPU (10,000 -> 2,500), whole elsewhere."""
+    if jax.default_backend() != "cpu" or batch_size <= CPU_BLOCK_ROWS:
+        return batch_size
+    blocks = -(-batch_size // CPU_BLOCK_ROWS)
+    return -(-batch_size // blocks)
+
+
 def _mostly_zero(x: np.ndarray, threshold: float = 0.3, sample_rows: int = 64) -> bool:
     """Fewer than ``threshold`` of the entries are non-zero (dense expression usually is),
     judged on ``sample_rows`` evenly spaced rows (counting a whole 10,000 x 28,231 chunk took
@@ -466,12 +488,13 @@ def _mostly_zero(x: np.ndarray, threshold: float = 0.3, sample_rows: int = 64) -
     return np.count_nonzero(rows) < threshold * rows.size
 
 
-#: the sparse training step (sparse_ops) is chosen automatically from this many genes on (at
-#: 2,000 genes it is 5 % slower than the dense step, at 5,000 it ties, at 10,000 it is 1.18x
-#: faster, at 28,231 1.38x; 10 % non-zero, batch 1,000, 2-core Zen 4: python -m
-#: bench.metric_parts) and up to this fraction of non-zero inputs
-SPARSE_STEP_MIN_GENES = 6000
-SPARSE_STEP_MAX_DENSITY = 0.15
+#: the sparse training step (sparse_ops: CSR batch, first layer over the non-zeros) is chosen
+#: automatically from this many genes on and up to this fraction of non-zero inputs. Step time
+#: sparse vs dense, batch 1,000, 2-core Zen 4 (python -m bench.metric_parts, 10 % non-zero):
+#: see bench/results/metric_parts_cpu.md; ad hoc, 1,000 genes: 0.232 vs 0.247 s, 2,000 genes
+#: at 30 % non-zero: 0.297 vs 0.314 s. Below 1,000 genes it was not measured.
+SPARSE_STEP_MIN_GENES = 1000
+SPARSE_STEP_MAX_DENSITY = 0.3
 
 
 def use_sparse_step(
@@ -526,7 +549,8 @@ def benchmark_callables(
     log-normalised values, 20 labels, 5 studies) and blocks until done; ``embed(X)`` embeds a
     (n, n_genes) float32 array in 10,000-cell chunks (``precision="bfloat16"``: dense layers in
     bfloat16). ``bf16=True`` computes the dense layers in
-    bfloat16 (parameters float32), SCimilarity's own runs being float32. ``sparse``: the step
+    bfloat16 (parameters float32), SCimilarity's own runs being float32. ``model``: the
+    :class:`MetricEncoder` ``embed`` uses. ``sparse``: the step
     on a CSR batch (:mod:`.sparse_ops`); None chooses as :func:`scatlas.tl.train_metric` does
     (:func:`use_sparse_step`), reported as ``"sparse_step"``. On the CPU glibc is asked to
     keep freed memory (:mod:`scatlas._host_memory`), as :func:`~.train.fit` does while it runs;
@@ -564,4 +588,4 @@ def benchmark_callables(
     def embed(X: np.ndarray, precision: str = "float32") -> np.ndarray:
         return model.embed(X, input="lognorm", batch_size=10_000, precision=precision)
 
-    return {"train_step": train_step, "embed": embed, "sparse_step": sparse}
+    return {"train_step": train_step, "embed": embed, "sparse_step": sparse, "model": model}

@@ -115,11 +115,12 @@ def train_metric(
         Cells held out for the validation loss (logged every ``eval_every`` steps; with
         ``patience`` they stop training early and the best weights are kept).
     sparse_step
-        Train on CSR batches (:mod:`scatlas.models.sparse_ops`: the first layer and the
-        reconstruction loss over the non-zeros; CPU, one device, float32). None (default):
-        chosen when it pays, from 6,000 genes at up to 15 % non-zero inputs (1.38x faster steps
-        at 28,231 genes); True insists; False never. The loss is the same; the random dropout
-        draws differ, so a run is reproducible for a given choice.
+        Train on CSR batches (:mod:`scatlas.models.sparse_ops`: the first layer over the
+        non-zeros; CPU, one device, float32). None (default): chosen when it pays, from 1,000
+        genes at up to 30 % non-zero inputs (faster steps at every size measured, 1,000 to
+        28,231 genes: ``python -m bench.metric_parts``); True insists; False never. The loss
+        is the same; the random dropout draws differ, so a run is reproducible for a given
+        choice.
     **model_kw
         :class:`~scatlas.models.metric.MetricConfig` fields: ``hidden``, ``latent_dim``,
         ``dropout``, ``input_dropout``, ``objective`` ("triplet" | "infonce"), ``margin``,
