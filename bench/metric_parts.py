@@ -13,6 +13,8 @@ The docstrings of :mod:`scatlas.kernels.spmm`, :mod:`scatlas.kernels.xla_ffi`,
   XLA's array form;
 - ``blocks``: XLA's 1,024-wide product by rows, and the embedding's dense layers for 10,000
   cells in one call against equal blocks;
+- ``restore``: embedding after a training run, glibc at its static defaults against the
+  setting ``scatlas._host_memory`` restores;
 - ``step``: one training step (batch 1,000, 10 % non-zero), sparse against dense, per gene count,
   with the minor page faults per step (``getrusage``), with and without freed memory kept.
 
@@ -161,6 +163,45 @@ def block_rows(repeats: int) -> dict[str, Any]:
                  f"blocks of {rows:,} rows": lambda: layers(rows)}, repeats)}
 
 
+def restore_rows(repeats: int) -> dict[str, Any]:
+    """Embedding 10,000 cells at 2,000 genes (CSR and dense input) after a training run, with
+    glibc left at its static defaults (mmap from 128 KiB) or as ``_host_memory`` restores it."""
+    import scipy.sparse as sp  # noqa: PLC0415
+
+    from scatlas import _host_memory  # noqa: PLC0415
+    from scatlas.models.metric import benchmark_callables  # noqa: PLC0415
+
+    libc = _host_memory._libc()  # noqa: SLF001
+    if libc is None:
+        return {"embedding after training": {"skipped": "needs glibc"}}
+    model = benchmark_callables(2000)["model"]
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(0.15, size=(10_000, 2000)).astype(np.float32)
+    X = np.log1p(counts * 1e4 / np.maximum(counts.sum(1, keepdims=True), 1)).astype(np.float32)
+
+    def static() -> None:
+        libc.mallopt(_host_memory._M_MMAP_MAX, 65536)  # noqa: SLF001
+        libc.mallopt(_host_memory._M_MMAP_THRESHOLD, 128 * 1024)  # noqa: SLF001
+        libc.mallopt(_host_memory._M_TRIM_THRESHOLD, 128 * 1024)  # noqa: SLF001
+        libc.malloc_trim(0)
+
+    out: dict[str, Any] = {}
+    for name, data in (("CSR", sp.csr_matrix(X)), ("dense", X)):
+        row: dict[str, Any] = {}
+        for tag, setting in (("static glibc defaults", static),
+                             ("as restored", lambda: _host_memory.keep_freed_memory(False))):
+            setting()
+            model.embed(data, input="lognorm")
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            row[f"{tag}, s"] = _alternate({"e": lambda d=data: model.embed(d, input="lognorm")},
+                                          repeats)["e"]
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            row[f"{tag}, page faults a call"] = round(faults / (repeats + 1))
+        out[f"embedding after training, 10,000 cells x 2,000 genes, {name} input"] = row
+    _host_memory.keep_freed_memory(False)
+    return out
+
+
 def step_rows(genes: Sequence[int], repeats: int) -> dict[str, Any]:
     from scatlas._host_memory import keep_freed_memory  # noqa: PLC0415
     from scatlas.models.metric import benchmark_callables  # noqa: PLC0415
@@ -199,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record: dict[str, Any] = {"benchmark": "metric_parts",
                               "machine": describe_hardware(capture("cpu")),
                               "repeats": args.repeats, "unit": "median seconds", "rows": {}}
-    for part in (spmm_rows, callback_rows, mining_rows, block_rows):
+    for part in (spmm_rows, callback_rows, mining_rows, block_rows, restore_rows):
         log(f"[metric_parts] {part.__name__} ...")
         record["rows"].update(part(args.repeats))
     log("[metric_parts] step_rows ...")

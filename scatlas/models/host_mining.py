@@ -5,8 +5,8 @@ instead of array operations. XLA's array form sorts every anchor's negatives wit
 sort and runs two batched binary searches as gathers; for a batch of 1,000 cells it took 0.19 s
 on the 2-core Zen 4 CPU, where this takes 0.020 s (``python -m bench.metric_parts``). The form
 it replaces on the CPU (numpy's stable argsort called back, the searches in XLA) took 0.11 s,
-and a 2,000-gene training step went from 0.365 to 0.311 s (both ad hoc, alternating calls). The result is
-identical (tests compare both with a plain Python reference):
+and a 2,000-gene training step went from 0.365 to 0.311 s (both ad hoc, alternating calls).
+The result is identical (tests compare both with a plain Python reference):
 
 1. each anchor's row is sorted once by ``(distance, column)``, non-negatives last: the sort key
    packs the float32 distance's bits (monotone for non-negative floats) above the column index
