@@ -27,15 +27,13 @@ def test_products_equal_dense(shape, kind, path):
     W = rng.normal(size=(G, H)).astype(np.float32)
     dense = X.toarray().astype(np.float64)
     np.testing.assert_allclose(spmm.sparse_matmul(Xin, W), dense @ W, rtol=1e-4, atol=1e-4)
-    Xd = X.toarray()
-    np.testing.assert_allclose(spmm.dense_skip_matmul(Xd, W), dense @ W, rtol=1e-4, atol=1e-4)
 
 
 def test_empty_rows_and_columns(path):
     X = sp.csr_matrix((4, 6), dtype=np.float32)
     W = np.ones((6, 5), np.float32)
     assert np.array_equal(spmm.sparse_matmul(X, W), np.zeros((4, 5), np.float32))
-    assert np.array_equal(spmm.dense_skip_matmul(X.toarray(), W), np.zeros((4, 5), np.float32))
+    assert np.array_equal(spmm.sparse_matmul(X.toarray(), W), np.zeros((4, 5), np.float32))
 
 
 @pytest.mark.parametrize("rows_per_block", [1, 7, 256])
@@ -55,8 +53,24 @@ def test_row_blocks_and_unsorted_duplicate_entries(rows_per_block, path):
         got = spmm.sparse_matmul(M, W, rows_per_block=rows_per_block)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
     dense = X.toarray()
-    np.testing.assert_allclose(spmm.dense_skip_matmul(dense, W, rows_per_block=rows_per_block),
+    np.testing.assert_allclose(spmm.sparse_matmul(dense, W, rows_per_block=rows_per_block),
                                dense.astype(np.float64) @ W, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["csr", "dense"])
+def test_row_ranges_equal_the_whole_product(kind, path):
+    """matmul_rows(start, stop) into a given buffer equals those rows of the whole product."""
+    rng = np.random.default_rng(4)
+    X = sp.random(97, 300, density=0.1, format="csr", dtype=np.float32, random_state=rng)
+    W = rng.normal(size=(300, 33)).astype(np.float32)
+    A = spmm.csr_arrays(X if kind == "csr" else X.toarray())
+    assert A.indptr.dtype == np.int64 and A.shape == (97, 300)
+    whole = X.toarray().astype(np.float64) @ W
+    buf = np.full((40, 33), np.nan, np.float32)
+    for start, stop in ((0, 40), (40, 80), (80, 97), (13, 14), (5, 5)):
+        got = spmm.matmul_rows(A, W, start, stop, out=buf[: stop - start])
+        assert got.base is buf or got is buf or stop == start
+        np.testing.assert_allclose(got, whole[start:stop], rtol=1e-4, atol=1e-4)
 
 
 def test_shape_mismatch_is_refused():

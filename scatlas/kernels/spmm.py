@@ -27,7 +27,7 @@ sparse product is used (single-threaded). Measured use: ``MetricEncoder.embed`` 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -200,47 +200,62 @@ if numba is not None:
         _sum_scaled_rows(starts, rows, vals, D, out)
 
 
-def _check_shapes(X: Any, W: np.ndarray) -> None:
-    if X.ndim != 2 or W.ndim != 2 or X.shape[1] != W.shape[0]:
-        raise ValueError(f"cannot multiply {X.shape} by {W.shape}")
+class CSRArrays(NamedTuple):
+    """A matrix's non-zeros in CSR form for the kernels here: ``indptr`` int64 (n + 1),
+    ``indices`` int32 and ``data`` float32 (nnz), column indices sorted within each row."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    shape: tuple[int, int]
 
 
-def sparse_matmul(X: Any, W: np.ndarray, *, rows_per_block: int = ROWS_PER_BLOCK) -> np.ndarray:
-    """``X @ W`` for a scipy sparse (or dense) X (n, G) and dense W (G, H): float32 (n, H)."""
+def csr_arrays(X: Any) -> CSRArrays:
+    """The non-zeros of a scipy sparse or dense (mostly zero) X (n, G), as :class:`CSRArrays`
+    (a dense X is scanned in parallel; a sparse one is sorted if needed)."""
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D, got shape {X.shape}")
     if not sp.issparse(X):
-        return dense_skip_matmul(X, W, rows_per_block=rows_per_block)
-    _check_shapes(X, W)
-    W = np.ascontiguousarray(W, dtype=np.float32)
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if numba is not None:
+            return CSRArrays(*_dense_to_csr(X), X.shape)
     Xr = sp.csr_matrix(X)
-    if numba is None:
-        return np.asarray(Xr @ W, dtype=np.float32)
     if not Xr.has_sorted_indices:
         Xr = Xr.sorted_indices()
-    return _csr_times(Xr.indptr.astype(np.int64, copy=False), Xr.indices,
-                      np.asarray(Xr.data, dtype=np.float32), W, rows_per_block)
+    return CSRArrays(Xr.indptr.astype(np.int64, copy=False),
+                     Xr.indices.astype(np.int32, copy=False),
+                     np.asarray(Xr.data, dtype=np.float32), Xr.shape)
 
 
-def _csr_times(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, W: np.ndarray,
-               rows_per_block: int) -> np.ndarray:
-    """``X @ W`` for CSR arrays with sorted indices per row: the kernel for W's size."""
-    out = np.empty((indptr.shape[0] - 1, W.shape[1]), dtype=np.float32)
-    if W.nbytes <= ROW_MAJOR_MAX_BYTES:
+def matmul_rows(A: CSRArrays, W: np.ndarray, start: int = 0, stop: int | None = None, *,
+                out: np.ndarray | None = None,
+                rows_per_block: int = ROWS_PER_BLOCK) -> np.ndarray:
+    """Rows ``start:stop`` of ``A @ W`` for W (G, H): float32 (stop - start, H), written into
+    ``out`` when given (C-contiguous float32 of that shape)."""
+    stop = A.shape[0] if stop is None else stop
+    if A.shape[1] != W.shape[0] or W.ndim != 2:
+        raise ValueError(f"cannot multiply {A.shape} by {W.shape}")
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    if out is None:
+        out = np.empty((stop - start, W.shape[1]), dtype=np.float32)
+    p0, p1 = A.indptr[start], A.indptr[stop]
+    indptr, indices, data = A.indptr[start: stop + 1] - p0, A.indices[p0:p1], A.data[p0:p1]
+    if numba is None:
+        shape = (stop - start, A.shape[1])
+        out[:] = sp.csr_matrix((data, indices, indptr), shape=shape) @ W
+    elif W.nbytes <= ROW_MAJOR_MAX_BYTES:
         _sum_scaled_rows(indptr, indices, data, W, out)
     else:
         _csr_matmul_gene_chunks(indptr, indices, data, W, out, rows_per_block, GENES_PER_CHUNK)
     return out
 
 
-def dense_skip_matmul(
-    X: np.ndarray, W: np.ndarray, *, rows_per_block: int = ROWS_PER_BLOCK
-) -> np.ndarray:
-    """``X @ W`` for a dense but mostly-zero X (n, G), skipping its zeros; float32 (n, H)."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    _check_shapes(X, W)
-    W = np.ascontiguousarray(W, dtype=np.float32)
-    if numba is None:
-        return np.asarray(sp.csr_matrix(X) @ W, dtype=np.float32)
-    return _csr_times(*_dense_to_csr(X), W, rows_per_block)
+def sparse_matmul(X: Any, W: np.ndarray, *, rows_per_block: int = ROWS_PER_BLOCK) -> np.ndarray:
+    """``X @ W`` for a scipy sparse or dense (mostly zero) X (n, G) and dense W (G, H), over
+    X's non-zeros: float32 (n, H)."""
+    if X.ndim != 2 or W.ndim != 2 or X.shape[1] != W.shape[0]:
+        raise ValueError(f"cannot multiply {X.shape} by {W.shape}")
+    return matmul_rows(csr_arrays(X), W, rows_per_block=rows_per_block)
 
 
 def sparse_t_matmul(X: Any, D: np.ndarray) -> np.ndarray:

@@ -410,6 +410,7 @@ class MetricEncoder:
         ``bench/results/metric_cpu.md`` (smallest cosine, shared 15 nearest neighbours).
         """
         from .._progress import track
+        from ..kernels import spmm
 
         batch_size = check_positive_int(batch_size, "batch_size")
         precision = self._default_precision if precision is None else precision
@@ -417,38 +418,48 @@ class MetricEncoder:
             raise ScatlasInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         encode_full, encode_after_first = self._encoders(precision)
         sparse_first = _sparse_first_layer()
-        out = []
+        out, buffer = [], None
         chunks = model_chunks(data, self.genes, layer=layer, input=input,
                               chunk_size=batch_size, min_overlap=min_overlap,
                               dense=not sparse_first)
         for x in track(chunks, desc="embedding", progress=progress):
             n = x.shape[0]
-            if sparse_first and (sp.issparse(x) or _mostly_zero(x)):
-                # first layer over the non-zeros only, on the host (CPU backend)
-                x = self._first_layer(x)
-                encode = encode_after_first
-            else:
-                encode = encode_full
+            # on the CPU backend the first layer runs on the host over the non-zeros only,
+            # block by block into one buffer, each block then going through the jitted rest
+            first = (spmm.csr_arrays(x) if sparse_first and (sp.issparse(x) or _mostly_zero(x))
+                     else None)
             rows = _block_rows(batch_size)
             for start in range(0, n, rows):
-                block = x[start: start + rows]
-                m = block.shape[0]
-                pad = rows - m if m < rows and (out or start) else 0
-                if pad:  # keep one compiled shape for the tail block
-                    block = np.concatenate([block, np.zeros((pad, x.shape[1]), np.float32)])
+                m = min(n, start + rows) - start
+                pad = rows - m if m < rows and (out or start) else 0  # one shape for the tail
+                if first is not None:
+                    buffer = self._first_layer(first, start, start + m, buffer, pad)
+                    block, encode = buffer[: m + pad], encode_after_first
+                else:
+                    block, encode = x[start: start + m], encode_full
+                    if pad:
+                        block = np.concatenate([block, np.zeros((pad, x.shape[1]), np.float32)])
                 out.append(np.asarray(encode(self._device_variables, block))[:m])
         if not out:
             return np.zeros((0, self.latent_dim), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
 
-    def _first_layer(self, X: Any) -> np.ndarray:
-        """``X @ W1 + b1`` for a CSR or mostly-zero dense chunk, skipping its zeros."""
+    def _first_layer(self, X: Any, start: int, stop: int, buffer: np.ndarray | None,
+                     pad: int) -> np.ndarray:
+        """``X[start:stop] @ W1 + b1`` for :class:`~scatlas.kernels.spmm.CSRArrays` X, over its
+        non-zeros, into the first rows of ``buffer`` (float32 (rows, hidden), reused between
+        blocks; allocated when None or too small) followed by ``pad`` rows of zeros."""
         from ..kernels import spmm
 
         dense = self.variables["params"]["encoder"]["_Block_0"]["Dense_0"]
-        out = spmm.sparse_matmul(X, np.asarray(dense["kernel"]))  # dense X: zeros skipped in place
-        out += np.asarray(dense["bias"])
-        return out
+        kernel, bias = np.asarray(dense["kernel"]), np.asarray(dense["bias"])
+        rows = stop - start + pad
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = np.empty((rows, kernel.shape[1]), np.float32)
+        h = spmm.matmul_rows(X, kernel, start, stop, out=buffer[: stop - start])
+        h += bias
+        buffer[stop - start: rows] = 0
+        return buffer
 
     def save(self, directory: str | Path) -> Path:
         """Write the model folder (manifest, genes, weights) atomically."""
