@@ -21,7 +21,8 @@ baseline throughput):
     ``tl.train_metric`` chooses: from 1,000 genes the sparse step on a CSR batch
     (``scatlas.models.sparse_ops``); ``scatlas.metric.train_step[dense]`` is always the dense
     step. Both keep freed host memory as ``fit`` does (``scatlas._host_memory``; embedding
-    calls are timed with glibc's defaults, as ``tl.embed`` runs).
+    calls are timed with the setting ``fit`` leaves behind, as ``tl.embed`` runs after
+    training).
     ``scimilarity.train_step``: SCimilarity 0.4.1's ``Encoder``,
     ``Decoder`` and ``TripletLoss``/``TripletSelector`` with ``MetricLearning.training_step``
     repeated statement by statement plus Lightning's ``zero_grad``/``backward``/``step``
@@ -259,7 +260,7 @@ def _ours_embed(w: Workload, precision: str = "float32") -> dict[str, Any]:
 
     X = _embed_cells(w)
     embed = _ours_callables(w)["embed"]
-    keep_freed_memory(False)  # embedding runs as tl.embed runs it, with glibc's defaults
+    keep_freed_memory(False)  # embedding runs as tl.embed runs after training
     try:
         start = time.perf_counter()
         Z = np.asarray(embed(X, precision=precision))

@@ -1,25 +1,27 @@
 """Keep freed host memory for reuse during CPU training (glibc ``mallopt``).
 
-XLA on the CPU allocates a step's temporaries afresh at every execution (726 MB per step for the
-metric encoder at 28,231 genes: gradients of the two (28,231 x 1,024) layers and their
-intermediates). glibc serves blocks that large with ``mmap`` and unmaps them on ``free``, so
-every step page-faults all of them in again: 190,000 minor faults a step (``getrusage``). With
-``M_MMAP_MAX = 0`` glibc serves them from its heap instead, and with a high
-``M_TRIM_THRESHOLD`` it keeps freed heap memory for the next step: 2 faults a step, and the
-sparse step 1.65 -> 1.46 s (dense 2.23 -> 2.01 s) on the 2-core Zen 4 VM
-(``python -m bench.metric_parts``). PyTorch's performance guide gives the same
-advice for CPU training (a caching allocator such as jemalloc or tcmalloc).
+XLA on the CPU allocates a step's temporaries afresh at every execution (hundreds of MB per step
+for the metric encoder at 28,231 genes: gradients of the two (28,231 x 1,024) layers, the
+reconstruction and their intermediates). glibc serves blocks that large with ``mmap`` and
+unmaps them on ``free``, so every step page-faults all of them in again: 171,000 minor faults a
+step (``getrusage``). With ``M_MMAP_MAX = 0`` glibc serves them from its heap instead, and with
+a high ``M_TRIM_THRESHOLD`` it keeps freed heap memory for the next step: 27,600 faults a step
+(blocks above 64 MiB that XLA's worker threads allocate are still mmapped by their arenas), and
+the sparse step 1.70 -> 1.53 s (dense 2.16 -> 1.98 s) on the 2-core Zen 4 VM
+(``python -m bench.metric_parts``). PyTorch's performance guide gives the same advice for CPU
+training (a caching allocator such as jemalloc or tcmalloc).
 
-The price is that the process keeps its peak memory while the setting is on; the context
-manager returns the memory (``malloc_trim``) when training ends and leaves glibc as a numeric
-process runs it. glibc's own defaults are dynamic: the mmap threshold starts at 128 KiB and
-rises to the size of each freed mmapped block up to 32 MiB, the trim threshold to twice that;
-but any ``mallopt`` call freezes them. Restoring the static 128 KiB made everything above it
-mmapped again: embedding 10,000 cells at 2,000 genes after a training run took 0.427 s with
-28,000 page faults, against 0.377 s and 2,000 faults in a fresh process. The restore therefore
-sets the values the dynamic rule reaches (mmap from 32 MiB, trim above 64 MiB): 0.370 s and 580
-faults (ad hoc; the same comparison in one process: ``python -m bench.metric_parts``, rows
-"embedding after training"). Elsewhere than glibc (macOS, musl) nothing is changed.
+The price is that the process keeps its peak memory while the setting is on; the context manager
+returns the memory (``malloc_trim``) when training ends and leaves glibc as a process runs once
+it has freed a block of 32 MiB or more. glibc's own defaults are dynamic: the mmap threshold
+starts at 128 KiB and rises to the size of each freed mmapped block up to 32 MiB, the trim
+threshold to twice that; but any ``mallopt`` call freezes them. Restoring the static 128 KiB
+made everything above it mmapped again: embedding 10,000 cells at 2,000 genes after a training
+run took 0.427 s with 28,000 page faults, against 0.377 s and 2,000 faults in a fresh process.
+The restore therefore sets the values the dynamic rule reaches (mmap from 32 MiB, trim above 64
+MiB): 0.370 s and 580 faults (ad hoc; the same comparison in one process: ``python -m
+bench.metric_parts``, rows "embedding after training"). Elsewhere than glibc (macOS, musl)
+nothing is changed.
 """
 
 from __future__ import annotations
@@ -62,12 +64,12 @@ def keep_freed_memory(keep: bool = True) -> bool:
     if libc is None:
         return False
     if keep:
-        ok = (libc.mallopt(_M_MMAP_MAX, 0) == 1
-              and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD) == 1)
+        options = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD))
     else:
-        ok = (libc.mallopt(_M_MMAP_MAX, _RESTORED_MMAP_MAX) == 1
-              and libc.mallopt(_M_MMAP_THRESHOLD, _RESTORED_MMAP_THRESHOLD) == 1
-              and libc.mallopt(_M_TRIM_THRESHOLD, _RESTORED_TRIM_THRESHOLD) == 1)
+        options = ((_M_MMAP_MAX, _RESTORED_MMAP_MAX), (_M_MMAP_THRESHOLD, _RESTORED_MMAP_THRESHOLD),
+                   (_M_TRIM_THRESHOLD, _RESTORED_TRIM_THRESHOLD))
+    ok = all([libc.mallopt(option, value) == 1 for option, value in options])  # each one tried
+    if not keep:
         libc.malloc_trim(0)
     if not ok:  # pragma: no cover - glibc refused a documented option
         log.debug("mallopt refused the setting keep=%s", keep)

@@ -88,6 +88,16 @@ def test_mining_equals_reference(strategy, across, implementation):
     assert ours == ref
 
 
+def test_negative_margin_is_refused():
+    from scatlas._validate import ScatlasInputError
+    from scatlas.models.metric import MetricConfig
+
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ScatlasInputError, match="margin"):
+            MetricConfig(n_genes=10, margin=bad)
+    assert MetricConfig(n_genes=10, margin=0.0).margin == 0.0
+
+
 def test_related_labels_follow_the_hierarchy():
     names = ["T cell", "CD4 T cell", "naive CD4 T cell", "B cell", "lymphocyte"]
     parents = {"CD4 T cell": "T cell", "naive CD4 T cell": ["CD4 T cell"], "T cell": "lymphocyte",

@@ -47,8 +47,14 @@ def test_custom_calls_equal_scipy():
     np.testing.assert_allclose(np.asarray(got), X @ B, rtol=1e-5, atol=1e-5)
     got_t = jax.jit(xla_ffi.csr_t_matmul, static_argnums=4)(*csr, jnp.asarray(D), 211)
     np.testing.assert_allclose(np.asarray(got_t), X.T @ D, rtol=1e-5, atol=1e-5)
-    dense = jax.jit(xla_ffi.csr_to_dense, static_argnums=3)(*csr, 211)
-    np.testing.assert_array_equal(np.asarray(dense), X.toarray())
+    densify = jax.jit(xla_ffi.csr_to_dense, static_argnums=3)
+    np.testing.assert_array_equal(np.asarray(densify(*csr, 211)), X.toarray())
+    # repeated (row, column) entries are summed, as scipy sums them
+    indptr, indices = np.array([0, 3, 4], np.int32), np.array([2, 2, 0, 1], np.int32)
+    data = np.array([1.5, 2.0, 3.0, 4.0], np.float32)
+    want = sp.csr_matrix((data, indices, indptr), shape=(2, 3)).toarray()
+    got = densify(jnp.asarray(indptr), jnp.asarray(indices), jnp.asarray(data), 3)
+    np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_csr_matmul_gradient_equals_dense():
@@ -153,7 +159,9 @@ def test_use_sparse_step_rules():
     assert use_sparse_step(None, big, 1, density=0.08)
     assert not use_sparse_step(None, big, 1, density=0.4)  # dense inputs: the dense step pays
     assert use_sparse_step(None, MetricConfig(n_genes=2000), 1, density=0.1)
-    assert not use_sparse_step(None, MetricConfig(n_genes=500), 1, density=0.05)
+    assert use_sparse_step(None, MetricConfig(n_genes=1000), 1, density=0.3)  # both bounds in
+    assert not use_sparse_step(None, MetricConfig(n_genes=999), 1, density=0.05)
+    assert not use_sparse_step(None, MetricConfig(n_genes=1000), 1, density=0.31)
     assert not use_sparse_step(False, big, 1)
     assert use_sparse_step(True, MetricConfig(n_genes=50), 1)
     with pytest.raises(ScatlasInputError, match="one device"):

@@ -14,7 +14,11 @@ The result is identical (tests compare both with a plain Python reference):
 2. for each admissible pair only, two binary searches over the sorted row give the window of
    negatives (``lo``, ``hi``), compared as float32 bit patterns as well;
 3. the pick is ``lo + min(floor(u * width), width - 1)`` (``lo`` for ``"hardest"``), float32
-   arithmetic as in XLA.
+   arithmetic as in XLA, clipped to the row as XLA clips it.
+
+Identical means: the same mask, and the same negative wherever the mask is set (elsewhere the
+host returns 0), for ``margin >= 0`` (``MetricConfig`` refuses a negative margin; a window bound
+below zero is taken as zero here).
 
 numba compiles the loop (it ships with scanpy); :data:`AVAILABLE` is False without it, and the
 caller then keeps XLA's form.
@@ -72,6 +76,7 @@ if numba is not None:
                 pos = lo
                 if not hardest:
                     pos += min(int(np.floor(u[a, p] * np.float32(width))), width - 1)
+                pos = min(max(pos, 0), B - 1)  # as XLA clips (only a u outside [0, 1) needs it)
                 neg[a, p] = np.int32(row[pos] & low)
                 mask[a, p] = True
 
@@ -88,7 +93,8 @@ def mine_on_host(
     keys = bits.astype(np.uint64) << np.uint64(32)
     keys |= np.arange(B, dtype=np.uint64)
     keys.sort(axis=1)
-    hi_bits = _order_bits(sq.astype(np.float32) + np.float32(margin))
+    # a window bound below 0 admits nothing, as 0 does (the bits drop the sign)
+    hi_bits = _order_bits(np.maximum(sq.astype(np.float32) + np.float32(margin), 0))
     neg = np.zeros((B, B), np.int32)
     mask = np.zeros((B, B), bool)
     _pick(keys, np.ascontiguousarray(pairs, dtype=bool), hi_bits, _order_bits(sq),

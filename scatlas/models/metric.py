@@ -97,8 +97,8 @@ class Encoder(nn.Module):
 
 class GeneOutput(nn.Module):
     """The decoder's output layer ``y = x @ kernel.T + bias`` with ``kernel`` (n_genes, in),
-    gene-major: the layout the sparse step reads (:mod:`.sparse_ops`; rows of the kernel are
-    genes), and as fast as Dense's (in, n_genes) for XLA's dense products."""
+    gene-major (rows are genes; a removed expanded-square loss read it so). XLA's dense products
+    are as fast with it as with Dense's (in, n_genes), and checkpoints hold this layout."""
 
     features: int
     dtype: Any = jnp.float32
@@ -122,13 +122,10 @@ class Decoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, z: jax.Array, train: bool, hidden_only: bool = False) -> jax.Array:
+    def __call__(self, z: jax.Array, train: bool) -> jax.Array:
         for i, h in enumerate(self.hidden):
             z = _Block(h, 0.0 if i == 0 else self.dropout, self.dtype)(z, train)
-        out = GeneOutput(self.n_genes, self.dtype, name="Output")
-        if hidden_only:  # the output layer is applied by the caller (sparse_ops)
-            return z.astype(jnp.float32)
-        return out(z)
+        return GeneOutput(self.n_genes, self.dtype, name="Output")(z)
 
 
 class MetricNet(nn.Module):
@@ -154,11 +151,11 @@ class MetricNet(nn.Module):
     def encode(self, x: jax.Array) -> jax.Array:
         return self.encoder(x, False)
 
-    def hidden_from_first(self, h: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-        """``(embedding, decoder's last hidden layer)`` from the first Dense layer's output
-        ``h = x @ W1 + b1``: the network between the two layers a sparse step computes itself."""
+    def after_first(self, h: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        """``(embedding, reconstruction)`` from the first Dense layer's output
+        ``h = x @ W1 + b1``, which the sparse step computes itself (:mod:`.sparse_ops`)."""
         z = self.encoder(h, train, first_done=True)
-        return z, self.decoder(z, train, hidden_only=True)
+        return z, self.decoder(z, train)
 
     def encode_after_first(self, h: jax.Array) -> jax.Array:
         """Inference from the first Dense layer's output ``h = x @ W1 + b1`` (B, hidden[0])."""
@@ -199,6 +196,8 @@ class MetricConfig:
             raise ScatlasInputError(
                 f"mining must be one of {metric_losses.STRATEGIES}, got {self.mining!r}"
             )
+        if not self.margin >= 0:  # also refuses NaN
+            raise ScatlasInputError(f"margin must be >= 0, got {self.margin!r}")
         for name in ("dropout", "input_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ScatlasInputError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -299,10 +298,8 @@ class MetricTask:
         Xd = sparse_ops.dropout(X, self.config.input_dropout, input_rng) if train else X
         first = params["encoder"]["_Block_0"]["Dense_0"]
         h = sparse_ops.csr_matmul(Xd, first["kernel"]) + first["bias"]
-        (z, hidden), new_state = self._apply(variables, h, train, rng,
-                                             method=MetricNet.hidden_from_first)
-        recon = GeneOutput(self.config.n_genes).apply(
-            {"params": params["decoder"]["Output"]}, hidden)
+        (z, recon), new_state = self._apply(variables, h, train, rng,
+                                            method=MetricNet.after_first)
         target = xla_ffi.csr_to_dense(X.indptr, X.indices, X.data, self.config.n_genes)
         return z, jnp.mean((recon - target) ** 2), new_state
 
@@ -428,7 +425,9 @@ class MetricEncoder:
             # block by block into one buffer, each block then going through the jitted rest
             first = (spmm.csr_arrays(x) if sparse_first and (sp.issparse(x) or _mostly_zero(x))
                      else None)
-            rows = _block_rows(batch_size)
+            # blocks of a lone chunk are sized from its cells (no padding beyond a few rows);
+            # later chunks keep the first chunk's block shape (one compiled shape)
+            rows = _block_rows(batch_size if out else n)
             for start in range(0, n, rows):
                 m = min(n, start + rows) - start
                 pad = rows - m if m < rows and (out or start) else 0  # one shape for the tail
@@ -503,7 +502,8 @@ def _mostly_zero(x: np.ndarray, threshold: float = 0.3, sample_rows: int = 64) -
 #: automatically from this many genes on and up to this fraction of non-zero inputs. Step time
 #: sparse vs dense, batch 1,000, 2-core Zen 4 (python -m bench.metric_parts, 10 % non-zero):
 #: see bench/results/metric_parts_cpu.md; ad hoc, 1,000 genes: 0.232 vs 0.247 s, 2,000 genes
-#: at 30 % non-zero: 0.297 vs 0.314 s. Below 1,000 genes it was not measured.
+#: at 30 % non-zero: 0.297 vs 0.314 s. Below 1,000 genes, and for narrower layers or other
+#: batch sizes than SCimilarity's (1,024, batch 1,000), it was not measured.
 SPARSE_STEP_MIN_GENES = 1000
 SPARSE_STEP_MAX_DENSITY = 0.3
 

@@ -118,7 +118,8 @@ def train_metric(
         Train on CSR batches (:mod:`scatlas.models.sparse_ops`: the first layer over the
         non-zeros; CPU, one device, float32). None (default): chosen when it pays, from 1,000
         genes at up to 30 % non-zero inputs (faster steps at every size measured, 1,000 to
-        28,231 genes: ``python -m bench.metric_parts``); True insists; False never. The loss
+        28,231 genes, with SCimilarity's 1,024-wide layers and batch 1,000:
+        ``python -m bench.metric_parts``); True insists; False never. The loss
         is the same; the random dropout draws differ, so a run is reproducible for a given
         choice.
     **model_kw
