@@ -1,4 +1,5 @@
-"""Metric-learning losses with in-batch mining, on the device inside the jitted step.
+"""Metric-learning losses with in-batch mining inside the jitted step (on GPUs in XLA; on the
+CPU backend a compiled host loop called back from the step, :mod:`.host_mining`).
 
 Source: SCimilarity (Heimberg et al., Nature 2025; ``scimilarity`` 0.4 ``triplet_selector.py``).
 SCimilarity mines triplets in numpy between steps, looping in Python over every anchor-positive
