@@ -16,7 +16,8 @@ The docstrings of :mod:`scatlas.kernels.spmm`, :mod:`scatlas.kernels.xla_ffi`,
 - ``restore``: embedding after a training run, glibc at its static defaults against the
   setting ``scatlas._host_memory`` restores;
 - ``step``: one training step (batch 1,000, 10 % non-zero), sparse against dense, per gene count,
-  with the minor page faults per step (``getrusage``), with and without freed memory kept.
+  with the minor page faults per step (``getrusage``), with freed memory kept (as ``fit`` runs)
+  and returned (the setting ``fit`` restores afterwards).
 
 Usage::
 
@@ -40,7 +41,7 @@ import numpy as np
 from .runner import DEFAULT_OUT, log
 
 
-def _alternate(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def _alternate(calls: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, float]:
     """Median seconds of each call, one warm-up each, then rounds in alternating order."""
     for f in calls.values():
         f()
@@ -143,11 +144,12 @@ def block_rows(repeats: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     B = jnp.asarray(rng.standard_normal((1024, 1024)), jnp.float32)
     product = jax.jit(lambda a, b: a @ b)
-    gflops: dict[str, float] = {}
-    for n in (1000, 2500, 5000, 10_000):
-        A = jnp.asarray(rng.standard_normal((n, 1024)), jnp.float32)
-        t = _alternate({"p": lambda A=A: product(A, B).block_until_ready()}, repeats)["p"]
-        gflops[f"{n:,} rows, GFLOPS"] = round(2 * n * 1024 * 1024 / t / 1e9, 1)
+    sizes = (1000, 2500, 5000, 10_000)
+    operands = {n: jnp.asarray(rng.standard_normal((n, 1024)), jnp.float32) for n in sizes}
+    times = _alternate({n: lambda A=A: product(A, B).block_until_ready()
+                        for n, A in operands.items()}, repeats)
+    gflops = {f"{n:,} rows, GFLOPS": round(2 * n * 1024 * 1024 / times[n] / 1e9, 1)
+              for n in sizes}
     model = metric.benchmark_callables(2000)["model"]
     H = rng.standard_normal((10_000, 1024)).astype(np.float32)
     _, after_first = model._encoders("float32")
@@ -213,7 +215,7 @@ def step_rows(genes: Sequence[int], repeats: int) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for keep in (True, False):
             keep_freed_memory(keep)
-            tag = "kept" if keep else "glibc defaults"
+            tag = "kept" if keep else "returned (the setting fit restores)"
             row.update({f"{k} step, memory {tag}": v
                         for k, v in _alternate(steps, repeats).items()})
             for kind, f in steps.items():

@@ -3,11 +3,11 @@
 XLA on the CPU allocates a step's temporaries afresh at every execution (hundreds of MB per step
 for the metric encoder at 28,231 genes: gradients of the two (28,231 x 1,024) layers, the
 reconstruction and their intermediates). glibc serves blocks that large with ``mmap`` and
-unmaps them on ``free``, so every step page-faults all of them in again: 171,000 minor faults a
+unmaps them on ``free``, so every step page-faults all of them in again: 150,900 minor faults a
 step (``getrusage``). With ``M_MMAP_MAX = 0`` glibc serves them from its heap instead, and with
 a high ``M_TRIM_THRESHOLD`` it keeps freed heap memory for the next step: 27,600 faults a step
 (blocks above 64 MiB that XLA's worker threads allocate are still mmapped by their arenas), and
-the sparse step 1.70 -> 1.53 s (dense 2.16 -> 1.98 s) on the 2-core Zen 4 VM
+the sparse step 1.68 -> 1.51 s (dense 2.14 -> 1.95 s) on the 2-core Zen 4 VM
 (``python -m bench.metric_parts``). PyTorch's performance guide gives the same advice for CPU
 training (a caching allocator such as jemalloc or tcmalloc).
 
@@ -19,8 +19,9 @@ threshold to twice that; but any ``mallopt`` call freezes them. Restoring the st
 made everything above it mmapped again: embedding 10,000 cells at 2,000 genes after a training
 run took 0.427 s with 28,000 page faults, against 0.377 s and 2,000 faults in a fresh process.
 The restore therefore sets the values the dynamic rule reaches (mmap from 32 MiB, trim above 64
-MiB): 0.370 s and 580 faults (ad hoc; the same comparison in one process: ``python -m
-bench.metric_parts``, rows "embedding after training"). Elsewhere than glibc (macOS, musl)
+MiB): 0.370 s and 580 faults (ad hoc). In one process (``python -m bench.metric_parts``, rows
+"embedding after training"): 0.406 s and 30,700 faults a call with the static defaults, 0.358 s
+and none as restored (CSR input). Elsewhere than glibc (macOS, musl)
 nothing is changed.
 """
 

@@ -7,7 +7,7 @@ While W fits the last-level cache (``ROW_MAJOR_MAX_BYTES``), each cell's output 
 scaled W rows a pass (the kernel of ``X.T @ D`` below). A larger W (28,231 genes: 115 MB) is
 walked in gene chunks of ``GENES_PER_CHUNK`` (256 W rows = the 1 MiB L2) inside blocks of
 ``rows_per_block`` cells (blocks in parallel): each cell's output row stays in L1 while it sums
-its non-zeros of the chunk, four W rows a pass (10,000 cells at 10 % non-zero: 1.03 s vs
+its non-zeros of the chunk, four W rows a pass (10,000 cells at 10 % non-zero: 0.96 s vs
 1.44 s for the previous row-blocked gene-major axpy, which loaded and stored an output row from
 L2 per non-zero). That gene-major kernel (``_csr_matmul``) stays for the training step's custom
 call, whose dropped-out inputs are explicit zeros it skips (:mod:`.xla_ffi`).
@@ -15,7 +15,7 @@ call, whose dropped-out inputs are explicit zeros it skips (:mod:`.xla_ffi`).
 ``X.T @ D`` (the first layer's weight gradient in the sparse training step) is
 computed gene-major: the non-zeros are regrouped by gene (a counting sort that drops explicit
 zeros, e.g. dropped-out inputs) and each gene's output row sums four scaled rows of D per pass
-(fewer loads and stores of the output row; 0.12 s vs scipy's 1.39 s for a 1,000 x 28,231
+(fewer loads and stores of the output row; 0.13 s vs scipy's 1.45 s for a 1,000 x 28,231
 batch at 10 % non-zero and D of 1,024 columns, 2-core Zen 4).
 
 Figures: ``python -m bench.metric_parts`` (bench/results/metric_parts_cpu.md).
@@ -41,7 +41,7 @@ ROWS_PER_BLOCK = 256
 #: genes per chunk of the large-W kernel: 256 rows of a 1,024-wide W are the 1 MiB L2
 GENES_PER_CHUNK = 256
 #: up to this size W is read row by row for each cell (it stays in the L3 cache: 2,000 genes x
-#: 1,024 is 8 MiB; 10,000 cells at 10 % non-zero took 0.067 s vs 0.110 s row-blocked); larger
+#: 1,024 is 8 MiB; 10,000 cells at 10 % non-zero took 0.069 s vs 0.102 s row-blocked); larger
 #: W (28,231 genes: 115 MB) goes through the gene chunks
 ROW_MAJOR_MAX_BYTES = 16 * 2**20
 

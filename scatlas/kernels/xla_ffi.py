@@ -3,9 +3,9 @@
 A training step that keeps its expression batch sparse needs, inside the jitted step, ``X @ B``
 and ``X.T @ D`` for a CSR batch X (the first layer and its weight gradient) and X written out
 densely (the reconstruction target). ``jax.pure_callback`` copies every operand and result
-through Python (0.018 s for a 28,231 x 1,024 float32 operand, 0.053 s for a result of that
-size, ``python -m bench.metric_parts``), so these are registered instead as typed XLA FFI
-handlers (``jax.ffi``, API 0.x) written as numba C callbacks: XLA passes its own buffers,
+through Python (0.018-0.028 s for a 28,231 x 1,024 float32 operand, 0.053-0.070 s for a result
+of that size, ``python -m bench.metric_parts``), so these are registered instead as typed XLA
+FFI handlers (``jax.ffi``, API 0.x) written as numba C callbacks: XLA passes its own buffers,
 nothing is copied, and the kernels run on numba's threads.
 
 The handlers read XLA's C structs (``xla/ffi/api/c_api.h``: the call frame, argument and result
