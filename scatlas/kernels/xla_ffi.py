@@ -102,8 +102,9 @@ def _compile_handlers() -> dict[str, Any]:
         return numba.carray(_ptr(addr), (dims[0], dims[1]), np.float32)
 
     def csr_handler(kernel):
-        """A C callback running ``kernel(indptr, indices, data, operand, out)`` on XLA's
-        buffers (the call frame as words: 1 extension_start, 9 args.args, 14 rets.rets)."""
+        """A C callback running ``kernel(args, indptr, indices, data, out)`` on XLA's buffers
+        (``args``: the argument list, for a kernel reading an operand after the batch; the call
+        frame as words: 1 extension_start, 9 args.args, 14 rets.rets)."""
 
         @numba.cfunc(types.int64(types.voidptr))
         def handler(frame_ptr):  # pragma: no cover - called by XLA
@@ -112,31 +113,26 @@ def _compile_handlers() -> dict[str, Any]:
                 return 0
             indptr, indices, data = csr_args(frame[9])
             lock(_ptr(mutex_addr))
-            kernel(indptr, indices, data, matrix(frame[9], 3), matrix(frame[14], 0))
+            kernel(frame[9], indptr, indices, data, matrix(frame[14], 0))
             unlock(_ptr(mutex_addr))
             return 0
 
         return handler
 
     @numba.njit
-    def row_blocked(indptr, indices, data, B, out):  # pragma: no cover - compiled
-        spmm._csr_matmul(indptr, indices, data, B, out, spmm.ROWS_PER_BLOCK)
+    def row_blocked(args, indptr, indices, data, out):  # pragma: no cover - compiled
+        spmm._csr_matmul(indptr, indices, data, matrix(args, 3), out, spmm.ROWS_PER_BLOCK)
 
-    matmul, t_matmul = csr_handler(row_blocked), csr_handler(spmm._csr_t_matmul)
+    @numba.njit
+    def transposed(args, indptr, indices, data, out):  # pragma: no cover - compiled
+        spmm._csr_t_matmul(indptr, indices, data, matrix(args, 3), out)
 
-    @numba.cfunc(types.int64(types.voidptr))
-    def densify_handler(frame_ptr):  # pragma: no cover - called by XLA
-        frame = numba.carray(frame_ptr, (15,), np.int64)
-        if answered_metadata(frame):
-            return 0
-        indptr, indices, data = csr_args(frame[9])
-        lock(_ptr(mutex_addr))
-        spmm._csr_to_dense(indptr, indices, data, matrix(frame[14], 0))
-        unlock(_ptr(mutex_addr))
-        return 0
+    @numba.njit
+    def densify(args, indptr, indices, data, out):  # pragma: no cover - compiled
+        spmm._csr_to_dense(indptr, indices, data, out)
 
-    return {"matmul": matmul, "t_matmul": t_matmul, "densify": densify_handler,
-            "mutex": mutex}
+    return {"matmul": csr_handler(row_blocked), "t_matmul": csr_handler(transposed),
+            "densify": csr_handler(densify), "mutex": mutex}
 
 
 def _register() -> None:
