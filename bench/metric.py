@@ -68,6 +68,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import importlib.metadata
@@ -193,9 +194,15 @@ def _close(peer: dict[str, Any]) -> None:
         worker.close()
 
 
-def _record(w: Workload, key: str, reply: Mapping[str, Any]) -> None:
-    """Keep one call's in-process facts under ``<role>.<train|embed>``."""
-    w.extra["calls"].setdefault(key, []).append(dict(reply))
+def _recording(method: Method) -> Method:
+    """``method`` keeping each call's in-process facts under its name (read by :func:`accuracy`)."""
+
+    def call(w: Workload) -> Any:
+        reply = method.call(w)
+        w.extra["calls"].setdefault(method.name, []).append(dict(reply))
+        return reply
+
+    return dataclasses.replace(method, call=call)
 
 
 def _kind(group: str) -> str:
@@ -247,7 +254,6 @@ def _ours_train(w: Workload, step: str = "auto") -> dict[str, Any]:
     start = time.perf_counter()
     train_step()
     reply = {"peer_s": time.perf_counter() - start}
-    _record(w, "ours.train" if step == "auto" else f"ours.train_{step}", reply)
     return reply
 
 
@@ -277,7 +283,6 @@ def _ours_embed(w: Workload, precision: str = "float32") -> dict[str, Any]:
         if "agreement" not in w.extra:
             w.extra["agreement"] = _agreement(w, Z)
         reply.update(w.extra["agreement"])
-    _record(w, "ours.embed" if precision == "float32" else "ours.embed_bf16", reply)
     return reply
 
 
@@ -348,14 +353,12 @@ def _peer_train(w: Workload) -> dict[str, Any]:
     reply = _worker(w).request({"cmd": "train"})
     reply = {"peer_s": reply["step_s"], "mining_s": reply["mining_s"],
              "n_triplets": reply["n_triplets"], "loss": reply["loss"]}
-    _record(w, "baseline.train", reply)
     return reply
 
 
 def _peer_embed(w: Workload, bf16: bool = False) -> dict[str, Any]:
     reply = _worker(w).request({"cmd": "embed", "bf16": bf16})
     reply = {"peer_s": reply["embed_s"], "norm_err": reply["norm_err"]}
-    _record(w, "baseline.embed_bf16" if bf16 else "baseline.embed", reply)
     return reply
 
 
@@ -381,7 +384,7 @@ def methods(params: Mapping[str, Any]) -> list[Method]:
     csr = params.get("embed_input", "dense") == "csr"
     tag = "[csr]" if csr else ""
     what = "CSR float32" if csr else "dense float32"
-    return [
+    return [_recording(m) for m in (
         Method("scatlas.metric.train_step", _ours_train, "ours", "train",
                "benchmark_callables()['train_step']: one jitted step incl. on-device mining; "
                "the step tl.train_metric chooses (sparse from 1,000 genes: CSR batch, "
@@ -402,14 +405,12 @@ def methods(params: Mapping[str, Any]) -> list[Method]:
         _peer_method(f"scimilarity.embed-bf16{tag}", _peer_embed_bf16, f"embed-bf16{tag}",
                      "the same under torch.autocast('cpu', bfloat16): not SCimilarity's own "
                      "setting, the equal-precision counterpart"),
-    ]
+    )]
 
 
 def accuracy(w: Workload, method: Method, output: Any) -> dict[str, Any]:
     """Medians of in-process facts over this method's timed calls (warm-up calls left out)."""
-    key = "ours.train_dense" if method.name.endswith("[dense]") else (
-        f"{method.role}.{_kind(method.group)}")
-    calls = w.extra["calls"].get(key, [])
+    calls = w.extra["calls"].get(method.name, [])
     timed = calls[WARMUP_CALLS:] or calls
     out: dict[str, Any] = {"peer_s": float(np.median([c["peer_s"] for c in timed]))}
     if "mining_s" in output:

@@ -66,30 +66,6 @@ if numba is not None:
         for j in range(counts.shape[0] - 1):
             counts[j + 1] += counts[j]
 
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def _csr_matmul(indptr, indices, data, W, out, block):  # pragma: no cover - compiled
-        n, G = out.shape[0], W.shape[0]
-        for b in numba.prange((n + block - 1) // block):
-            r0 = b * block
-            r1 = min(n, r0 + block)
-            starts = np.zeros(G + 1, np.int64)
-            for p in range(indptr[r0], indptr[r1]):
-                if data[p] != 0:  # explicit zeros (dropped-out inputs) cost nothing
-                    starts[indices[p] + 1] += 1
-            _prefix_sum(starts)
-            fill = starts[:G].copy()
-            rows = np.empty(starts[G], np.int32)
-            vals = np.empty(starts[G], np.float32)
-            for i in range(r0, r1):
-                for p in range(indptr[i], indptr[i + 1]):
-                    if data[p] != 0:
-                        q = fill[indices[p]]
-                        rows[q] = i - r0
-                        vals[q] = data[p]
-                        fill[indices[p]] = q + 1
-            out[r0:r1] = 0
-            _gene_major_axpy(r0, rows, vals, starts, W, out)
-
     @numba.njit(cache=True)
     def _gene_major(indptr, indices, data, n_cols):  # pragma: no cover - compiled
         """(starts, rows, vals): the non-zeros of a CSR matrix regrouped by column (CSC)."""
@@ -110,6 +86,20 @@ if numba is not None:
                     vals[q] = data[p]
                     fill[indices[p]] = q + 1
         return starts, rows, vals
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _csr_matmul(indptr, indices, data, W, out, block):  # pragma: no cover - compiled
+        """out = X @ W, row blocks in parallel, each block's non-zeros regrouped by gene and
+        each W row added to the block's output rows of the cells expressing the gene."""
+        n = out.shape[0]
+        for b in numba.prange((n + block - 1) // block):
+            r0 = b * block
+            r1 = min(n, r0 + block)
+            p0, p1 = indptr[r0], indptr[r1]
+            starts, rows, vals = _gene_major(indptr[r0: r1 + 1] - p0, indices[p0:p1],
+                                             data[p0:p1], W.shape[0])
+            out[r0:r1] = 0
+            _gene_major_axpy(r0, rows, vals, starts, W, out)
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def _sum_scaled_rows(starts, rows, vals, D, out):  # pragma: no cover - compiled
@@ -237,7 +227,7 @@ def matmul_rows(A: CSRArrays, W: np.ndarray, start: int = 0, stop: int | None = 
     """Rows ``start:stop`` of ``A @ W`` for W (G, H): float32 (stop - start, H), written into
     ``out`` when given (C-contiguous float32 of that shape)."""
     stop = A.shape[0] if stop is None else stop
-    if A.shape[1] != W.shape[0] or W.ndim != 2:
+    if W.ndim != 2 or A.shape[1] != W.shape[0]:
         raise ValueError(f"cannot multiply {A.shape} by {W.shape}")
     W = np.ascontiguousarray(W, dtype=np.float32)
     if out is None:
@@ -257,8 +247,6 @@ def matmul_rows(A: CSRArrays, W: np.ndarray, start: int = 0, stop: int | None = 
 def sparse_matmul(X: Any, W: np.ndarray, *, rows_per_block: int = ROWS_PER_BLOCK) -> np.ndarray:
     """``X @ W`` for a scipy sparse or dense (mostly zero) X (n, G) and dense W (G, H), over
     X's non-zeros: float32 (n, H)."""
-    if X.ndim != 2 or W.ndim != 2 or X.shape[1] != W.shape[0]:
-        raise ValueError(f"cannot multiply {X.shape} by {W.shape}")
     return matmul_rows(csr_arrays(X), W, rows_per_block=rows_per_block)
 
 

@@ -89,7 +89,8 @@ def mine_on_host(
     squared distances ``sq``, bool ``pairs`` and ``negatives`` and float32 uniforms ``u``, all
     (B, B) numpy arrays (``negative`` is 0 where ``mask`` is False)."""
     B = sq.shape[0]
-    bits = np.where(negatives, _order_bits(sq), _INF_BITS)
+    sq_bits = _order_bits(sq)
+    bits = np.where(negatives, sq_bits, _INF_BITS)
     keys = bits.astype(np.uint64) << np.uint64(32)
     keys |= np.arange(B, dtype=np.uint64)
     keys.sort(axis=1)
@@ -97,7 +98,7 @@ def mine_on_host(
     hi_bits = _order_bits(np.maximum(sq.astype(np.float32) + np.float32(margin), 0))
     neg = np.zeros((B, B), np.int32)
     mask = np.zeros((B, B), bool)
-    _pick(keys, np.ascontiguousarray(pairs, dtype=bool), hi_bits, _order_bits(sq),
+    _pick(keys, np.ascontiguousarray(pairs, dtype=bool), hi_bits, sq_bits,
           np.ascontiguousarray(u, dtype=np.float32), strategy == "semihard",
           strategy == "hardest", neg, mask)
     return neg, mask

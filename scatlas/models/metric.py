@@ -501,9 +501,9 @@ def _mostly_zero(x: np.ndarray, threshold: float = 0.3, sample_rows: int = 64) -
 
 #: the sparse training step (sparse_ops: CSR batch, first layer over the non-zeros) is chosen
 #: automatically from this many genes on and up to this fraction of non-zero inputs. Step time
-#: sparse vs dense, batch 1,000, 2-core Zen 4 (python -m bench.metric_parts, 10 % non-zero):
-#: see bench/results/metric_parts_cpu.md; ad hoc, 1,000 genes: 0.232 vs 0.247 s, 2,000 genes
-#: at 30 % non-zero: 0.297 vs 0.314 s. Below 1,000 genes, and for narrower layers or other
+#: sparse vs dense, batch 1,000, 10 % non-zero, 2-core Zen 4 (python -m bench.metric_parts):
+#: 1,000 genes 0.242 vs 0.263 s, 2,000 0.289 vs 0.315 s, 28,231 1.51 vs 1.95 s; ad hoc, 2,000
+#: genes at 30 % non-zero: 0.297 vs 0.314 s. Below 1,000 genes, and for narrower layers or other
 #: batch sizes than SCimilarity's (1,024, batch 1,000), it was not measured.
 SPARSE_STEP_MIN_GENES = 1000
 SPARSE_STEP_MAX_DENSITY = 0.3

@@ -28,9 +28,10 @@ its same-label cells against all cells except itself and hierarchy-related other
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 STRATEGIES = ("semihard", "hardest", "random")
 
@@ -84,31 +85,18 @@ def mine(
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     from . import host_mining
 
-    def in_xla(*args: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return mine_in_xla(*args, margin=margin, strategy=strategy)
-
+    in_xla = functools.partial(mine_in_xla, margin=margin, strategy=strategy)
     if not host_mining.AVAILABLE:
         return in_xla(sq, pairs, negatives, u)
-
-    def on_host(*args: jax.Array) -> tuple[jax.Array, jax.Array]:
-        B = sq.shape[0]
-        shapes = (jax.ShapeDtypeStruct((B, B), jnp.int32), jax.ShapeDtypeStruct((B, B), bool))
-        return jax.pure_callback(
-            lambda *a: host_mining.mine_on_host(*(np.asarray(x) for x in a), margin, strategy),
-            shapes, *args)
-
+    B = sq.shape[0]
+    shapes = (jax.ShapeDtypeStruct((B, B), jnp.int32), jax.ShapeDtypeStruct((B, B), bool))
+    on_host = functools.partial(jax.pure_callback, functools.partial(
+        host_mining.mine_on_host, margin=margin, strategy=strategy), shapes)
     return jax.lax.platform_dependent(sq, pairs, negatives, u, cpu=on_host, default=in_xla)
 
 
-def mine_in_xla(
-    sq: jax.Array,
-    pairs: jax.Array,
-    negatives: jax.Array,
-    u: jax.Array,
-    *,
-    margin: float,
-    strategy: str = "semihard",
-) -> tuple[jax.Array, jax.Array]:
+def mine_in_xla(sq: jax.Array, pairs: jax.Array, negatives: jax.Array, u: jax.Array, *,
+                margin: float, strategy: str = "semihard") -> tuple[jax.Array, jax.Array]:
     """:func:`mine` as XLA array operations: each anchor's negatives sorted once (ties by row),
     the window found by binary search, the pick gathered (module docstring, step 4)."""
     key = jnp.where(negatives, sq, jnp.inf)

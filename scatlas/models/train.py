@@ -22,7 +22,6 @@ is indexable by step (:class:`~scatlas.models.data.CellBatches` or anything with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -372,11 +371,10 @@ def fit(
     t_first = t_timed = None
     timed_steps = 0
     stopped = False
-    memory = contextlib.ExitStack()
-    memory.enter_context(reused_freed_memory(
-        cfg.reuse_host_memory and jax.default_backend() == "cpu"))
+    keep_memory = cfg.reuse_host_memory and jax.default_backend() == "cpu"
     try:
-        with bar(desc="training", total=cfg.max_steps, progress=cfg.progress, unit="step") as pb:
+        with (reused_freed_memory(keep_memory),
+              bar(desc="training", total=cfg.max_steps, progress=cfg.progress, unit="step") as pb):
             pb.update(start)
             for step in range(start, cfg.max_steps):
                 t0 = time.perf_counter()
@@ -419,7 +417,6 @@ def fit(
                     log.info("early stop at step %d (best step %s)", done, loop["best_step"])
                     break
     finally:
-        memory.close()
         if hasattr(stream, "close"):
             stream.close()
         logger.close()
