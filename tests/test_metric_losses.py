@@ -182,3 +182,99 @@ def test_host_mining_equals_xla_with_tied_distances(strategy, margin):
         assert mask_h.sum() > 100
     np.testing.assert_array_equal(mask_h, mask_x)
     np.testing.assert_array_equal(neg_h[mask_h], neg_x[mask_x])
+
+
+def _np_forward(params, stats, x, train):
+    """MetricNet in numpy: Dense -> BatchNorm -> PReLU blocks, L2-normalised embedding, mirror
+    decoder with a gene-major output layer (no dropout)."""
+
+    def block(p, s, h):
+        h = h @ np.asarray(p["Dense_0"]["kernel"]) + np.asarray(p["Dense_0"]["bias"])
+        if train:  # batch statistics (biased variance), as torch's and flax's BatchNorm
+            mean, var = h.mean(0), h.var(0)
+        else:
+            mean, var = np.asarray(s["BatchNorm_0"]["mean"]), np.asarray(s["BatchNorm_0"]["var"])
+        bn = p["BatchNorm_0"]
+        h = (h - mean) / np.sqrt(var + 1e-5) * np.asarray(bn["scale"]) + np.asarray(bn["bias"])
+        return np.where(h >= 0, h, np.asarray(p["PReLU_0"]["negative_slope"]) * h)
+
+    enc, dec = params["encoder"], params["decoder"]
+    h = x
+    for i in range(len([k for k in enc if k.startswith("_Block")])):
+        h = block(enc[f"_Block_{i}"], stats["encoder"][f"_Block_{i}"], h)
+    z = h @ np.asarray(enc["Dense_0"]["kernel"]) + np.asarray(enc["Dense_0"]["bias"])
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    h = z
+    for i in range(len([k for k in dec if k.startswith("_Block")])):
+        h = block(dec[f"_Block_{i}"], stats["decoder"][f"_Block_{i}"], h)
+    out = dec["Output"]
+    return z, h @ np.asarray(out["kernel"]).T + np.asarray(out["bias"])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_metric_task_loss_equals_numpy(train):
+    """The whole training loss, ``w * triplet + (1 - w) * MSE + l1 * lr(step) * |W1|_1``
+    (SCimilarity's objective), from a numpy forward pass, the reference mining (hardest: no
+    random draw) and the cosine schedule written out; the validation loss leaves L1 out."""
+    from scatlas.models.metric import MetricConfig, MetricTask
+    from scatlas.models.train import TrainConfig
+
+    rng = np.random.default_rng(4)
+    B, G = 32, 20
+    x = np.log1p(rng.poisson(2.0, (B, G))).astype(np.float32)
+    labels = rng.integers(0, 4, B).astype(np.int32)
+    studies = rng.integers(0, 2, B).astype(np.int32)
+    cfg = MetricConfig(n_genes=G, hidden=(16, 8), latent_dim=4, dropout=0.0, input_dropout=0.0,
+                       mining="hardest", margin=0.3, metric_weight=0.4, l1=0.05)
+    tcfg = TrainConfig(max_steps=100, learning_rate=0.01)
+    related = related_labels(list("abcd"), {"b": "a"})
+    task = MetricTask(cfg, tcfg, related)
+    batch = {"x": jnp.asarray(x), "label": jnp.asarray(labels), "study": jnp.asarray(studies)}
+    variables = task.init(jax.random.PRNGKey(0), batch)
+    params = variables.pop("params")
+    step = 30
+    loss, (metrics, _) = jax.jit(task.loss, static_argnums=5)(
+        params, variables, batch, jax.random.PRNGKey(1), step, train)
+
+    z, recon = _np_forward(params, variables["batch_stats"], x.astype(np.float64), train)
+    mse = np.mean((recon - x) ** 2)
+    d = np.linalg.norm(z[:, None] - z[None], axis=2)
+    picks = ref_mine(d**2, labels, studies, related, None, cfg.margin, "hardest", True)
+    triplet = np.mean([max(d[a, p] - d[a, n] + cfg.margin, 0.0) for (a, p), n in picks.items()])
+    assert len(picks) > 20 and triplet > 0
+    lr = 0.01 * 0.5 * (1 + np.cos(np.pi * step / 100))
+    w1 = np.asarray(params["encoder"]["_Block_0"]["Dense_0"]["kernel"])
+    l1 = 0.05 * lr * np.abs(w1).sum() if train else 0.0
+    np.testing.assert_allclose(float(metrics["mse"]), mse, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["triplet"]), triplet, rtol=1e-3)
+    np.testing.assert_allclose(float(metrics["l1"]), l1, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), 0.4 * triplet + 0.6 * mse + l1, rtol=1e-4)
+
+
+def test_read_hierarchy_files_and_a_hierarchy_that_names_no_label(tmp_path):
+    """CSV (with a header), TSV and JSON give the same child -> parents map; an empty file, a
+    JSON list, or a hierarchy of other names (ontology IDs for label names) are refused."""
+    from scatlas._validate import ScatlasInputError
+    from scatlas.models.metric import read_hierarchy
+
+    (tmp_path / "h.csv").write_text("child,parent\nCD4 T cell,T cell\nB cell,lymphocyte\n"
+                                    "T cell,lymphocyte\nCD4 T cell,helper cell\n")
+    (tmp_path / "h.tsv").write_text("CD4 T cell\tT cell\nB cell\tlymphocyte\n"
+                                    "T cell\tlymphocyte\nCD4 T cell\thelper cell\n")
+    (tmp_path / "h.json").write_text('{"CD4 T cell": ["T cell", "helper cell"], '
+                                     '"B cell": "lymphocyte", "T cell": "lymphocyte"}')
+    want = {"CD4 T cell": ["T cell", "helper cell"], "B cell": ["lymphocyte"],
+            "T cell": ["lymphocyte"]}
+    for name in ("h.csv", "h.tsv", "h.json"):
+        assert read_hierarchy(tmp_path / name) == want
+    rel = related_labels(["T cell", "CD4 T cell", "B cell"], read_hierarchy(tmp_path / "h.csv"))
+    assert rel[0, 1] and not rel[1, 2] and not rel[0, 2]
+    (tmp_path / "empty.csv").write_text("child,parent\n")
+    (tmp_path / "list.json").write_text('["a", "b"]')
+    for bad in ("empty.csv", "list.json"):
+        with pytest.raises(ScatlasInputError, match="hierarchy"):
+            read_hierarchy(tmp_path / bad)
+    with pytest.raises(FileNotFoundError):
+        read_hierarchy(tmp_path / "missing.csv")
+    with pytest.raises(ScatlasInputError, match="names none of the 2 labels"):
+        related_labels(["T cell", "B cell"], {"CL:0000624": "CL:0000084"})

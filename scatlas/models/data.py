@@ -242,6 +242,42 @@ def draw_without_repeats(
 
 # -------------------------------------------------------------------------------- the stream
 
+def check_rows(block: Any, rows: np.ndarray, *, counts: bool) -> None:
+    """Raise :class:`ScatlasInputError` if a block of rows (dense or sparse, read from source
+    ``rows``) holds NaN or infinite values, or negative values when ``counts``."""
+    values = block.data if sp.issparse(block) else np.asarray(block)
+    if not values.size or values.dtype.kind in "iub":
+        bad_finite = False
+        low = values.min() if values.size and values.dtype.kind == "i" else 0
+    else:
+        low, high = values.min(), values.max()
+        bad_finite = not (np.isfinite(low) and np.isfinite(high))  # NaN propagates to both
+    if bad_finite:
+        raise ScatlasInputError(
+            f"the input has NaN or infinite values in the rows read for this batch (source rows "
+            f"{_first_rows(block, rows, lambda v: ~np.isfinite(v))}); remove or fix those cells"
+        )
+    if counts and low < 0:
+        raise ScatlasInputError(
+            f"the input has negative values in source rows {_first_rows(block, rows, _negative)}"
+            "; raw counts (input='counts') must be non-negative"
+        )
+
+
+def _negative(values: np.ndarray) -> np.ndarray:
+    return values < 0
+
+
+def _first_rows(block: Any, rows: np.ndarray, bad: Callable[[np.ndarray], np.ndarray]) -> list:
+    """Up to five source rows of ``block`` with an entry where ``bad(values)`` holds."""
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        hit = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))[bad(block.data)]
+    else:
+        hit = np.nonzero(bad(np.asarray(block)).any(axis=1))[0]
+    return [int(r) for r in rows[np.unique(hit)[:5]]]
+
+
 class CellBatches:
     """Deterministic, indexable mini-batches of cells (see the module docstring).
 
@@ -267,6 +303,11 @@ class CellBatches:
         Restrict sampling to these cells (a training split), int array.
     seed
         Batch ``t`` uses ``numpy.random.default_rng([seed, t])``.
+    check_input
+        Check each block of rows as it is read: NaN or infinite values, and negative values
+        when ``transform="lognorm"`` (raw counts), raise :class:`ScatlasInputError`. Callers
+        that validated an in-memory matrix up front (``scatlas.tl.train_metric``) pass False;
+        backed and lazily read matrices are only ever checked here.
     """
 
     def __init__(
@@ -281,8 +322,10 @@ class CellBatches:
         rows: np.ndarray | None = None,
         seed: int = 0,
         sparse: bool = False,
+        check_input: bool = True,
     ):
         self.source = as_source(X)
+        self.check_input = bool(check_input)
         n = self.source.n_obs
         self.labels, self.label_names = encode(labels, n, "labels")
         self.studies, self.study_names = encode(studies, n, "studies")
@@ -317,6 +360,8 @@ class CellBatches:
         index = np.asarray(index, dtype=np.int64)
         order = np.argsort(index, kind="stable")
         block = self.source.rows(index[order])
+        if self.check_input:
+            check_rows(block, index[order], counts=self.transform is lognorm)
         meta = {"label": self.labels[index], "study": self.studies[index], "index": index}
         if self.sparse:
             if self.transform in _TRANSFORMS.values():

@@ -221,6 +221,11 @@ def read_hierarchy(path: str | Path) -> dict[str, list[str]]:
         raise FileNotFoundError(f"label hierarchy file {str(path)!r} does not exist")
     if path.suffix == ".json":
         raw = json.loads(path.read_text())
+        if not isinstance(raw, dict) or not raw:
+            raise ScatlasInputError(
+                f"label hierarchy {str(path)!r}: expected a non-empty JSON object "
+                "{child: parent or [parents]}"
+            )
         return {str(k): [v] if isinstance(v, str) else [str(x) for x in v] for k, v in raw.items()}
     delim = "\t" if path.suffix in (".tsv", ".tab") else ","
     parents: dict[str, list[str]] = {}
@@ -229,18 +234,33 @@ def read_hierarchy(path: str | Path) -> dict[str, list[str]]:
             if len(row) < 2 or row[0].strip().lower() in ("child", "#child"):
                 continue
             parents.setdefault(row[0].strip(), []).append(row[1].strip())
+    if not parents:
+        raise ScatlasInputError(
+            f"label hierarchy {str(path)!r} has no (child, parent) rows"
+        )
     return parents
 
 
 def related_labels(
     names: Sequence[str], parents: Mapping[str, str | Iterable[str]] | None
 ) -> np.ndarray:
-    """(L, L) bool: label i equals, is an ancestor of, or a descendant of label j."""
+    """(L, L) bool: label i equals, is an ancestor of, or a descendant of label j.
+
+    Raises :class:`ScatlasInputError` when ``parents`` is given but names none of the labels
+    (as a child or a parent): a hierarchy of ontology IDs applied to label names, say, would
+    otherwise be silently ignored.
+    """
     L = len(names)
     rel = np.eye(L, dtype=bool)
     if not parents:
         return rel
     norm = {c: [p] if isinstance(p, str) else list(p) for c, p in parents.items()}
+    terms = set(norm) | {p for ps in norm.values() for p in ps}
+    if not terms & set(names):
+        raise ScatlasInputError(
+            f"the label hierarchy ({len(terms)} terms, e.g. {sorted(terms)[:3]}) names none of "
+            f"the {L} labels (e.g. {list(names)[:3]}); it must use the labels' own names"
+        )
     pos = {n: i for i, n in enumerate(names)}
     for i, name in enumerate(names):
         seen, stack = set(), list(norm.get(name, []))
@@ -317,7 +337,9 @@ class MetricTask:
             extra = {}
         w = cfg.metric_weight
         w1 = params["encoder"]["_Block_0"]["Dense_0"]["kernel"]
-        l1 = cfg.l1 * self._lr(step) * jnp.sum(jnp.abs(w1))
+        # the L1 penalty follows the learning rate: left out of the validation loss, which
+        # would otherwise fall with the schedule and bias early stopping toward later steps
+        l1 = cfg.l1 * self._lr(step) * jnp.sum(jnp.abs(w1)) if train else jnp.zeros(())
         loss = w * metric + (1 - w) * mse + l1
         return loss, ({cfg.objective: metric, "mse": mse, "l1": l1, **extra}, new_state)
 
@@ -581,7 +603,7 @@ def benchmark_callables(
         from .data import csr_arrays
 
         batch = {**csr_arrays(batch.pop("x")), **batch}
-    tcfg = TrainConfig(max_steps=10_000, seed=seed, data_parallel=False, bf16=bf16)
+    tcfg = TrainConfig(max_steps=10_000, seed=seed, data_parallel=False)
     trainer = Trainer(MetricTask(cfg, tcfg, np.eye(20, dtype=bool)), tcfg)
     holder = {"ts": trainer.init_state(batch)}
     device_batch = trainer.put(batch)

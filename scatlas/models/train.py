@@ -54,9 +54,10 @@ class TrainConfig:
 
     ``learning_rate`` 5e-3 and ``weight_decay`` 0.01 (AdamW), cosine decay to
     ``min_lr_ratio * learning_rate`` over ``max_steps`` after ``warmup_steps`` of linear warm-up;
-    ``clip_norm`` (global gradient norm; None: off); ``bf16`` computes in bfloat16 (GPU; params
-    stay float32). ``eval_every`` steps the validation loss is computed (when a validation set is
-    given) and ``patience`` evaluations without improvement stop the run (None: never).
+    ``clip_norm`` (global gradient norm; None: off). The compute precision (float32 or bfloat16)
+    belongs to the model's config (``MetricConfig.bf16``, ``MVAEConfig.bf16``). Every
+    ``eval_every`` steps the validation loss is computed (when a validation set is given) and
+    ``patience`` evaluations without improvement stop the run (None: never).
     ``checkpoint_dir``/``checkpoint_every``/``keep_checkpoints`` control orbax checkpoints,
     ``log_path``/``log_every`` the JSON-lines log. ``reuse_host_memory``: on the CPU, glibc
     keeps freed memory during the run instead of page-faulting each step's temporaries in
@@ -70,7 +71,6 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     clip_norm: float | None = 1.0
-    bf16: bool = False
     seed: int = 0
     eval_every: int = 100
     patience: int | None = None
@@ -211,6 +211,18 @@ def _batch_cells(batch: Batch) -> int:
     return len(next(iter(batch.values())))
 
 
+def _process_part(batch: Batch) -> Batch:
+    """This process's equal slice (along cells) of a global host batch (all of it on one
+    process): :func:`jax.make_array_from_process_local_data` takes each process's own rows."""
+    i, k = jax.process_index(), jax.process_count()
+    if k == 1:
+        return batch
+    if "x_indptr" in batch:
+        raise ScatlasInputError("CSR batches (the sparse step) run on one device only")
+    m = _batch_cells(batch) // k
+    return {key: np.asarray(v)[i * m : (i + 1) * m] for key, v in batch.items()}
+
+
 def _strip(batch: Batch) -> Batch:
     """Drop host-only entries (``index``) that the step does not use."""
     return {k: v for k, v in batch.items() if k != "index"}
@@ -280,7 +292,7 @@ class Trainer:
                 raise ScatlasInputError(
                     f"validation batch of {n} cells does not split over {self.n_devices} devices"
                 )
-            m = jax.device_get(self.eval_step(ts, self.put(b)))
+            m = jax.device_get(self.eval_step(ts, self.put(_process_part(b))))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             total += n
@@ -306,26 +318,94 @@ class _Checkpoints:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, ts: TrainState, loop: dict[str, Any]) -> None:
+    def save(self, step: int, ts: TrainState, loop: dict[str, Any], best: Any = None) -> None:
+        """The train state, the loop's JSON bookkeeping and (when there is one) the best
+        variables on validation, so that a resumed run returns what the uninterrupted one
+        would."""
         args = self.ocp.args
-        self.manager.save(
-            step, args=args.Composite(state=args.StandardSave(ts), loop=args.JsonSave(loop)),
-            force=True,
-        )
+        items = {"state": args.StandardSave(ts), "loop": args.JsonSave(loop)}
+        if best is not None:
+            items["best"] = args.StandardSave(best)
+        self.manager.save(step, args=args.Composite(**items), force=True)
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    def restore_loop(self, step: int) -> dict[str, Any]:
+        """Only the loop's bookkeeping (cheap; read before the state to check the settings)."""
         args = self.ocp.args
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
-        )
-        out = self.manager.restore(
-            step, args=args.Composite(state=args.StandardRestore(abstract), loop=args.JsonRestore())
-        )
-        return out["state"], dict(out["loop"])
+        out = self.manager.restore(step, args=args.Composite(loop=args.JsonRestore()))
+        return dict(out["loop"])
+
+    def restore(self, step: int, like: TrainState, best_like: Any = None) -> tuple[TrainState, Any]:
+        """The train state and, if ``best_like`` is given, the best variables (host arrays)."""
+        args = self.ocp.args
+        items = {"state": args.StandardRestore(_abstract(like))}
+        if best_like is not None:
+            items["best"] = args.StandardRestore(_abstract(best_like))
+        out = self.manager.restore(step, args=args.Composite(**items))
+        best = jax.device_get(out["best"]) if best_like is not None else None
+        return out["state"], best
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+    )
+
+
+# Settings that change a run's trajectory: a resumed run must have the checkpointed values.
+_TRAJECTORY = ("max_steps", "learning_rate", "weight_decay", "schedule", "warmup_steps",
+               "min_lr_ratio", "clip_norm", "seed", "data_parallel")
+
+
+def run_settings(task: Task, cfg: TrainConfig, batch_size: int | None, ts: TrainState
+                 ) -> dict[str, str]:
+    """What a checkpoint records of its run and a resumed run must match (as strings): the
+    trajectory settings of ``cfg``, the batch size, the task's config (a dataclass ``config``
+    attribute, when it has one) and the parameter shapes."""
+    import dataclasses
+
+    out = {k: repr(getattr(cfg, k)) for k in _TRAJECTORY}
+    out["batch_size"] = repr(batch_size)
+    config = getattr(task, "config", None)
+    if dataclasses.is_dataclass(config):
+        for k, v in dataclasses.asdict(config).items():
+            out[f"model.{k}"] = repr(v)
+    shapes = jax.tree_util.tree_map(lambda x: tuple(x.shape), ts.params)
+    out["params"] = repr(jax.tree_util.tree_leaves_with_path(shapes, is_leaf=_is_shape))
+    return out
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+def _check_resume(saved: dict[str, str] | None, now: dict[str, str], directory: str) -> None:
+    if saved is None:  # checkpoints of an older scatlas: nothing recorded
+        return
+    diff = [f"{k}: {saved.get(k, '-')} -> {now.get(k, '-')}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        shown = "; ".join(d if len(d) < 200 else d[:200] + "..." for d in diff[:6])
+        raise ScatlasInputError(
+            f"checkpoint_dir {directory!r} holds a run with other settings ({shown}); resuming "
+            "would not reproduce either run: use the same settings or a new checkpoint_dir"
+        )
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training (or validation) loss became NaN or infinite."""
+
+
+def _check_finite(rec: dict[str, Any], key: str, step: int) -> None:
+    if not math.isfinite(rec[key]):
+        raise TrainingDivergedError(
+            f"the {'validation' if key.startswith('val') else 'training'} loss is {rec[key]} at "
+            f"step {step}: check the input for NaN or infinite values, or lower learning_rate "
+            "(the run is not saved)"
+        )
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -354,29 +434,37 @@ def fit(
         )
     part = (jax.process_index(), jax.process_count())
     ts = trainer.init_state(batches.batch(0))
-    loop: dict[str, Any] = {"best_val": None, "best_step": None, "bad_evals": 0, "history": []}
+    settings = run_settings(task, cfg, batch_size, ts)
+    loop: dict[str, Any] = {"best_val": None, "best_step": None, "bad_evals": 0, "history": [],
+                            "stopped": False, "settings": settings}
     ckpt = _Checkpoints(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
     best_vars = None
     start = 0
     if ckpt is not None and ckpt.latest() is not None:
         start = int(ckpt.latest())
-        ts, loop = ckpt.restore(start, ts)
+        saved = ckpt.restore_loop(start)
+        _check_resume(saved.get("settings"), settings, cfg.checkpoint_dir)
+        has_best = saved.get("best_step") is not None and "settings" in saved
+        ts, best_vars = ckpt.restore(
+            start, ts, {"params": ts.params, **ts.state} if has_best else None
+        )
+        loop.update(saved, settings=settings)
         log.info("resuming from checkpoint step %d in %s", start, cfg.checkpoint_dir)
     history: list[dict[str, Any]] = list(loop.get("history", []))
-    logger = _JsonLog(cfg.log_path, truncate=start == 0)
+    logger = _JsonLog(cfg.log_path, history)
     result = FitResult(variables={}, history=history)
     stream = batches.iterate(start, prefetch=cfg.prefetch, put=trainer.put, **_part_kw(part))
     acc: dict[str, Any] | None = None
     n_acc = 0
     t_first = t_timed = None
     timed_steps = 0
-    stopped = False
+    stopped = bool(loop.get("stopped"))  # a finished, early-stopped run is not trained further
     keep_memory = cfg.reuse_host_memory and jax.default_backend() == "cpu"
     try:
         with (reused_freed_memory(keep_memory),
               bar(desc="training", total=cfg.max_steps, progress=cfg.progress, unit="step") as pb):
             pb.update(start)
-            for step in range(start, cfg.max_steps):
+            for step in range(start, start if stopped else cfg.max_steps):
                 t0 = time.perf_counter()
                 ts, metrics = trainer.train_step(ts, next(stream))
                 acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
@@ -395,13 +483,15 @@ def fit(
                     rec = {"step": done, "lr": float(make_schedule(cfg)(done - 1)), **rec}
                     if rate is not None:
                         rec["cells_per_s"] = rate
+                    _check_finite(rec, "loss", done)
                     _emit(rec, history, logger, on_log)
                     pb.set_postfix(loss=f"{rec['loss']:.4g}", cells_s=f"{rate or 0:.3g}")
                 pb.update(1)
                 if val_batches and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                     val = trainer.evaluate(ts, val_batches)
-                    _emit({"step": done, **{f"val_{k}": v for k, v in val.items()}},
-                          history, logger, on_log)
+                    rec = {"step": done, **{f"val_{k}": v for k, v in val.items()}}
+                    _check_finite(rec, "val_loss", done)
+                    _emit(rec, history, logger, on_log)
                     if loop["best_val"] is None or val["loss"] < loop["best_val"]:
                         loop.update(best_val=val["loss"], best_step=done, bad_evals=0)
                         best_vars = jax.device_get({"params": ts.params, **ts.state})
@@ -411,8 +501,8 @@ def fit(
                             stopped = True
                 if ckpt is not None and (done % cfg.checkpoint_every == 0 or stopped
                                          or done == cfg.max_steps):
-                    loop["history"] = history
-                    ckpt.save(done, ts, loop)
+                    loop.update(history=history, stopped=stopped)
+                    ckpt.save(done, ts, loop, best_vars)
                 if stopped:
                     log.info("early stop at step %d (best step %s)", done, loop["best_step"])
                     break
@@ -450,13 +540,16 @@ def _emit(rec: dict[str, Any], history: list, logger: _JsonLog, on_log: Callable
 
 
 class _JsonLog:
-    """Append-only JSON-lines log (one record per line, flushed)."""
+    """JSON-lines log (one record per line, flushed), started with ``history``: a resumed run
+    rewrites the records up to its checkpoint, so records past it are not repeated."""
 
-    def __init__(self, path: str | None, truncate: bool):
+    def __init__(self, path: str | None, history: Sequence[dict[str, Any]] = ()):
         self._fh = None
         if path is not None and jax.process_index() == 0:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "w" if truncate else "a")  # noqa: SIM115 - closed in close()
+            self._fh = open(path, "w")  # noqa: SIM115 - closed in close()
+            for rec in history:
+                self.write(rec)
 
     def write(self, rec: dict[str, Any]) -> None:
         if self._fh is not None:

@@ -10,6 +10,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .._validate import ScatlasInputError, check_obs_key, check_positive_int
 
@@ -59,7 +60,9 @@ def _matrix(adata: ad.AnnData, layer: str | None, input: str) -> Any:
     from ..models.inputs import check_integer_counts, matrix_of
 
     X = matrix_of(adata, layer)
-    if not adata.isbacked:
+    if _in_memory(X):
+        # in memory: checked here in full; backed or lazily read matrices (h5ad backed, zarr)
+        # are checked block by block as the loader reads them (CellBatches.take)
         from .._validate import check_matrix
 
         check_matrix(X, "X" if layer is None else f"layers[{layer!r}]",
@@ -67,6 +70,10 @@ def _matrix(adata: ad.AnnData, layer: str | None, input: str) -> Any:
         if input == "counts":
             check_integer_counts(X)
     return X
+
+
+def _in_memory(X: Any) -> bool:
+    return isinstance(X, np.ndarray) or sp.issparse(X)
 
 
 def train_metric(
@@ -156,7 +163,7 @@ def train_metric(
     batches = CellBatches(
         X, labels=labels.to_numpy(), studies=None if studies is None else studies.to_numpy(),
         batch_size=batch_size, balance=balance, transform="lognorm" if input == "counts" else None,
-        rows=train_rows, seed=seed,
+        rows=train_rows, seed=seed, check_input=not _in_memory(X),
     )
     density = batches.density() if sparse_step is None else None
     batches.sparse = use_sparse_step(sparse_step, config, n_dev, density)
@@ -167,7 +174,7 @@ def train_metric(
         max_steps=max_steps, learning_rate=learning_rate, seed=seed, eval_every=eval_every,
         patience=patience, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
         log_path=None if log_path is None else str(log_path), progress=progress,
-        data_parallel=data_parallel, bf16=config.bf16,
+        data_parallel=data_parallel,
     )
     val = _validation_batches(batches, val_rows, batch_size, n_dev)
     result = fit(MetricTask(config, tcfg, related), batches, tcfg, val_batches=val)

@@ -166,7 +166,7 @@ def train_mvae(
         eval_every=eval_every, patience=patience,
         checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
         log_path=None if log_path is None else str(log_path), progress=progress,
-        data_parallel=data_parallel, bf16=config.bf16,
+        data_parallel=data_parallel,
     )
     val = _validation_batches(batches, val_rows, batch_size, n_dev)
     result = fit(MVAETask(config), batches, tcfg, val_batches=val)
