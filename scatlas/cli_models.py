@@ -4,6 +4,7 @@ apply them.
 Examples::
 
     scatlas train metric atlas.h5ad --label-key cell_type --study-key study --out model/
+    scatlas train metric atlas.zarr --backed --label-key cell_type --bf16 --out model/
     scatlas embed --model model/ query.h5ad query_embedded.h5ad   # obsm['X_scatlas']
     scatlas train mvae cite.h5ad --modality rna=X --modality protein=obsm/protein_counts \
         --n-top-genes 2000 --out mvae/
@@ -21,10 +22,17 @@ from pathlib import Path
 
 
 def _read(path: str, backed: bool = False):
-    from .io import read_h5ad
+    """An ``.h5ad`` file, an AnnData zarr store (a folder or a ``.zarr`` path) or an ``.h5mu``.
+
+    ``backed``: an h5ad is opened read-only with ``X`` on disk; a zarr store keeps ``X`` and the
+    layers on disk, read lazily (:func:`scatlas.io.read_zarr`).
+    """
+    from .io import read_h5ad, read_zarr
 
     if str(path).endswith(".h5mu"):
         return _read_h5mu(path)
+    if Path(path).is_dir() or str(path).rstrip("/").endswith(".zarr"):
+        return read_zarr(path, backed=bool(backed))
     return read_h5ad(path, backed="r" if backed else False)
 
 
@@ -76,7 +84,7 @@ def cmd_train_mvae(args: argparse.Namespace) -> int:
         n_top_genes=args.n_top_genes, batch_size=args.batch_size, max_steps=args.max_steps,
         validation_fraction=args.validation_fraction, learning_rate=args.lr,
         kl_warmup_steps=args.kl_warmup_steps, patience=args.patience,
-        checkpoint_dir=args.checkpoint_dir, log_path=log_path,
+        eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir, log_path=log_path,
         progress=None if args.progress else False, latent_dim=args.latent_dim,
         hidden=args.hidden, n_layers=args.n_layers,
     )
@@ -143,10 +151,12 @@ def cmd_train_metric(args: argparse.Namespace) -> int:
         adata, args.label_key, args.study_key, seed=args.seed, layer=args.layer,
         input=args.input_kind, hierarchy=args.hierarchy, batch_size=args.batch_size,
         max_steps=args.max_steps, validation_fraction=args.validation_fraction,
-        learning_rate=args.lr, patience=args.patience, checkpoint_dir=args.checkpoint_dir,
+        balance=None if args.balance == "none" else args.balance, learning_rate=args.lr,
+        patience=args.patience, eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir,
         log_path=log_path, progress=None if args.progress else False,
-        hidden=tuple(args.hidden), latent_dim=args.latent_dim, objective=args.objective,
-        mining=args.mining, margin=args.margin,
+        hidden=tuple(args.hidden), latent_dim=args.latent_dim, dropout=args.dropout,
+        objective=args.objective, mining=args.mining, margin=args.margin,
+        temperature=args.temperature, l1=args.l1, bf16=args.bf16,
         sparse_step={"auto": None, "on": True, "off": False}[args.sparse_step],
     )
     return _finish_training("metric", model, args, log_path, t0)
@@ -195,6 +205,8 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-fraction", type=float, default=0.1)
     p.add_argument("--patience", type=int, default=None,
                    help="stop after this many validations without improvement")
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="validation loss every this many steps (default 100)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="orbax checkpoints here; rerunning resumes from the latest")
     p.add_argument("--log", default=None, help="JSON-lines training log (default OUT.train.jsonl)")
@@ -207,7 +219,8 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p = models.add_parser("metric", help="SCimilarity-style metric-learning encoder",
                           description="Train a metric-learning encoder (triplet + reconstruction "
                           "or InfoNCE) on labelled cells; writes a model folder.")
-    p.add_argument("input", help="input .h5ad (raw counts; genes become the model's gene list)")
+    p.add_argument("input", help="input .h5ad or AnnData zarr store (raw counts; genes become "
+                   "the model's gene list)")
     p.add_argument("--out", required=True, help="model folder to write (atomically)")
     p.add_argument("--label-key", required=True, help="obs column with cell labels")
     p.add_argument("--study-key", default=None, help="obs column with the study / batch")
@@ -221,21 +234,34 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--hidden", type=int, nargs="+", default=[1024, 1024, 1024],
                    help="hidden layer sizes (default 1024 1024 1024)")
     p.add_argument("--latent-dim", type=int, default=128, help="embedding size (default 128)")
+    p.add_argument("--dropout", type=float, default=0.5,
+                   help="dropout of the hidden layers (default 0.5)")
+    p.add_argument("--l1", type=float, default=1e-4,
+                   help="L1 penalty on the first layer's weights (default 1e-4)")
     p.add_argument("--objective", choices=("triplet", "infonce"), default="triplet")
     p.add_argument("--mining", choices=("semihard", "hardest", "random"), default="semihard")
     p.add_argument("--margin", type=float, default=0.05, help="triplet margin (default 0.05)")
+    p.add_argument("--temperature", type=float, default=0.1,
+                   help="InfoNCE temperature (default 0.1)")
+    p.add_argument("--balance", choices=("label_study", "label", "study", "none"),
+                   default="label_study",
+                   help="balance sampling over label x study, label, study or none (uniform; "
+                   "default label_study)")
+    p.add_argument("--bf16", action="store_true",
+                   help="compute the dense layers in bfloat16 (default float32)")
     p.add_argument("--sparse-step", choices=("auto", "on", "off"), default="auto",
                    help="train on CSR batches (CPU; the first layer over the non-zeros). "
                    "auto: from 1,000 genes at <=30%% non-zero")
     _loop_args(p)
-    p.add_argument("--backed", action="store_true", help="read the .h5ad backed (large files)")
+    p.add_argument("--backed", action="store_true",
+                   help="leave X on disk and stream mini-batches from it (large .h5ad / zarr)")
     p.add_argument("--seed", type=int, default=0)
     _input_args(p)
     p.set_defaults(func=cmd_train_metric)
 
     p = sub.add_parser("embed", help="embed cells with a trained model (obsm['X_scatlas'])")
     p.add_argument("--model", required=True, help="model folder")
-    p.add_argument("input", help="input .h5ad (raw counts; genes matched by name)")
+    p.add_argument("input", help="input .h5ad or zarr store (raw counts; genes matched by name)")
     p.add_argument("output", help="output .h5ad (written atomically)")
     p.add_argument("--key-added", default="X_scatlas", help="obsm key (default X_scatlas)")
     p.add_argument("--batch-size", type=int, default=10_000, help="cells per chunk")

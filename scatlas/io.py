@@ -2,6 +2,8 @@
 
 * :func:`read_h5ad`: ``anndata.read_h5ad`` with clear errors for a missing file or a file that is
   not an h5ad.
+* :func:`read_zarr`: an AnnData zarr store (a folder), in memory or with ``X`` and the layers
+  left on disk and read lazily (rows on demand, e.g. by the model trainers' mini-batch loader).
 * :func:`iter_chunks`: row blocks of ``X`` (or a layer) from an in-memory AnnData, a backed one
   (``backed="r"``) or a path, reading only the requested rows from disk (CSR on disk: the slice
   of ``indptr``, then the matching slice of ``data`` / ``indices``).
@@ -31,7 +33,8 @@ import scipy.sparse as sp
 from . import backend
 from ._validate import ScatlasInputError, check_positive_int
 
-__all__ = ["align_genes", "atomic_write", "iter_chunks", "read_h5ad", "write_h5ad"]
+__all__ = ["align_genes", "atomic_write", "iter_chunks", "read_h5ad", "read_zarr",
+           "write_h5ad"]
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,8 @@ def _check_h5ad_path(path: PathLike) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"no such h5ad file: {str(path)!r}")
     if path.is_dir():
-        raise ScatlasInputError(f"{str(path)!r} is a folder, not an .h5ad file (zarr stores are "
-                                "not supported here)")
+        raise ScatlasInputError(f"{str(path)!r} is a folder, not an .h5ad file; read an AnnData "
+                                "zarr store with scatlas.io.read_zarr")
     if not h5py.is_hdf5(path):
         raise ScatlasInputError(f"{str(path)!r} is not an .h5ad file (not HDF5 at all)")
     with h5py.File(path, "r") as f:
@@ -83,6 +86,107 @@ def read_h5ad(path: PathLike, backed: bool | str = False) -> ad.AnnData:
         return ad.read_h5ad(path, backed=mode)
     except (OSError, KeyError, TypeError, ValueError) as err:
         raise ScatlasInputError(f"could not read {str(path)!r} as an .h5ad file: {err}") from err
+
+
+def _open_zarr_anndata(path: PathLike) -> tuple[Path, Any]:
+    """Open an AnnData zarr store read-only; clear errors for a missing path, a file, a folder that
+    is not a zarr store, or a zarr store that is not an AnnData. Returns ``(path, root group)``."""
+    import zarr  # an anndata dependency
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such zarr store: {str(path)!r}")
+    if not path.is_dir():
+        raise ScatlasInputError(
+            f"{str(path)!r} is a file, not a zarr store (a folder); read .h5ad files with "
+            "scatlas.io.read_h5ad"
+        )
+    if not any((path / name).is_file() for name in (".zgroup", "zarr.json")):
+        raise ScatlasInputError(
+            f"{str(path)!r} is a folder but not a zarr store (no .zgroup or zarr.json in it)"
+        )
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as err:  # zarr raises various errors for damaged metadata
+        raise ScatlasInputError(f"could not open {str(path)!r} as a zarr group: {err}") from err
+    missing = [key for key in ("obs", "var") if key not in root]
+    if missing:
+        raise ScatlasInputError(
+            f"{str(path)!r} is a zarr store but not an AnnData (no {missing} group)"
+        )
+    return path, root
+
+
+def read_zarr(path: PathLike, backed: bool | str = False) -> ad.AnnData:
+    """Read an AnnData zarr store (a folder written by ``AnnData.write_zarr``).
+
+    ``backed=False`` loads everything into memory (``anndata.read_zarr``). ``backed=True`` (or
+    ``"r"``) reads ``obs``, ``var``, ``obsm``, ``obsp``, ``varm``, ``varp`` and ``uns`` into
+    memory and leaves ``X`` and every layer on disk, read lazily: a CSR / CSC matrix becomes an
+    ``anndata`` sparse dataset (``anndata.io.sparse_dataset``: ``X[start:stop]`` reads only those
+    rows of a CSR matrix and returns a ``scipy.sparse`` matrix; CSC reads whole columns, slow),
+    a dense matrix stays a read-only ``zarr.Array`` (``X[start:stop]`` -> ``numpy.ndarray``),
+    shapes ``(n_obs, n_vars)`` and dtypes as stored. Unlike ``read_h5ad(backed="r")`` the result
+    is not ``isbacked``; it is meant to be streamed from (``scatlas.tl.train_metric`` reads its
+    mini-batches row block by row block; :func:`iter_chunks` works too). ``raw`` is not read
+    in this mode, and slicing the AnnData (``adata[rows]``) or ``adata.copy()`` loads the
+    selected data into memory.
+
+    Raises ``FileNotFoundError`` for a missing path and
+    :class:`~scatlas._validate.ScatlasInputError` for a file, a folder that is not a zarr store,
+    a zarr store without AnnData's ``obs`` / ``var`` groups, or an ``X`` / layer of an encoding
+    that cannot be read lazily.
+    """
+    if backed not in (False, None, True, "r"):
+        raise ScatlasInputError(
+            f"backed must be False, True or 'r' for a zarr store, got {backed!r} (zarr stores "
+            "are opened read-only)"
+        )
+    path, root = _open_zarr_anndata(path)
+    if not backed:
+        try:
+            return ad.read_zarr(str(path))
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            raise ScatlasInputError(
+                f"could not read {str(path)!r} as an AnnData zarr store: {err}"
+            ) from err
+    from anndata.io import read_elem
+
+    try:
+        in_memory = {key: read_elem(root[key])
+                     for key in ("obs", "var", "obsm", "obsp", "varm", "varp", "uns")
+                     if key in root}
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise ScatlasInputError(
+            f"could not read {str(path)!r} as an AnnData zarr store: {err}"
+        ) from err
+    X = _lazy_zarr_matrix(root["X"], path, "X") if "X" in root else None
+    layers = {}
+    if "layers" in root:
+        layers = {name: _lazy_zarr_matrix(root["layers"][name], path, f"layers/{name}")
+                  for name in root["layers"].keys()}
+    return ad.AnnData(X=X, layers=layers, **in_memory)
+
+
+def _lazy_zarr_matrix(elem: Any, path: Path, key: str) -> Any:
+    """A zarr element of an AnnData store as a lazily read matrix (sparse dataset or zarr array)."""
+    import zarr
+
+    encoding = elem.attrs.get("encoding-type", "array")
+    if isinstance(elem, zarr.Array):
+        if elem.ndim != 2:
+            raise ScatlasInputError(f"{str(path)!r}:{key} is not a matrix (shape {elem.shape})")
+        return elem
+    if encoding in ("csr_matrix", "csc_matrix"):
+        from anndata.io import sparse_dataset
+
+        if encoding == "csc_matrix":
+            log.warning("%s:%s is CSC; reading rows reads whole columns (slow)", path, key)
+        return sparse_dataset(elem)
+    raise ScatlasInputError(
+        f"{str(path)!r}:{key} has encoding {encoding!r}, which cannot be read lazily; read the "
+        "store in memory (backed=False)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +266,7 @@ def _iter_path(path: Path, chunk_size: int, layer: str | None) -> Iterator[tuple
         elif encoding == "csr_matrix":
             yield from _iter_csr_group(elem, chunk_size)
         elif encoding == "csc_matrix":
-            from anndata.io import sparse_dataset  # noqa: PLC0415
+            from anndata.io import sparse_dataset
 
             log.warning("%s:%s is CSC; reading rows reads whole columns (slow)", path, key)
             ds = sparse_dataset(elem)

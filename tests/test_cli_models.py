@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
+import pytest
+import scipy.sparse as sp
 
-from scatlas import cli, datasets
+from scatlas import cli, datasets, tl
 from scatlas.models import load
 
 
@@ -40,3 +44,76 @@ def test_errors_exit_2(tmp_path, capsys):
     assert rc == 2 and "nope" in capsys.readouterr().err
     rc = cli.main(["embed", "--model", str(tmp_path), str(data), str(tmp_path / "o.h5ad")])
     assert rc == 2 and "manifest" in capsys.readouterr().err
+
+
+def _write_zarr(adata: ad.AnnData, path) -> None:
+    with warnings.catch_warnings():  # anndata: "zarr v2 will no longer be the default"
+        warnings.simplefilter("ignore", UserWarning)
+        adata.write_zarr(path)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_train_metric_from_zarr_backed_with_options(tmp_path, monkeypatch, capsys, dense):
+    a = datasets.synthetic(300, 40, n_batches=2, seed=0)
+    if dense:
+        a.X = a.X.toarray()
+    store = tmp_path / "atlas.zarr"
+    _write_zarr(a, store)
+    seen = {}
+    train_metric = tl.train_metric
+
+    def spy(adata, *args, **kw):
+        seen["X"], seen["kw"] = adata.X, kw
+        return train_metric(adata, *args, **kw)
+
+    monkeypatch.setattr(tl, "train_metric", spy)
+    model_dir = tmp_path / "model"
+    rc = cli.main(["train", "metric", str(store), "--backed", "--out", str(model_dir),
+                   "--label-key", "cell_type", "--study-key", "batch", "--max-steps", "6",
+                   "--batch-size", "64", "--hidden", "16", "--latent-dim", "4", "--bf16",
+                   "--eval-every", "3", "--balance", "none", "--objective", "infonce",
+                   "--temperature", "0.25", "--l1", "0", "--dropout", "0.2"])
+    assert rc == 0 and "train metric" in capsys.readouterr().out
+    # X was streamed from the store, not loaded: a lazy sparse dataset / zarr array
+    assert not isinstance(seen["X"], np.ndarray) and not sp.issparse(seen["X"])
+    assert seen["kw"]["balance"] is None
+    model = load(model_dir)
+    cfg = model.config
+    assert cfg.bf16 and cfg.objective == "infonce" and cfg.temperature == 0.25
+    assert cfg.l1 == 0 and cfg.dropout == 0.2
+    assert model.info["train"]["eval_every"] == 3 and model.info["steps"] == 6
+    out = tmp_path / "embedded.h5ad"  # a zarr input, an h5ad output
+    assert cli.main(["embed", "--model", str(model_dir), str(store), str(out)]) == 0
+    expect = model.embed(a)
+    np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_scatlas"], expect, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_train_metric_option_errors(tmp_path, capsys):
+    store = tmp_path / "missing.zarr"
+    with pytest.raises(SystemExit) as err:
+        cli.main(["train", "metric", str(store), "--out", str(tmp_path / "m"), "--label-key",
+                  "cell_type", "--balance", "cells"])
+    assert err.value.code == 2
+    assert "--balance: invalid choice: 'cells'" in capsys.readouterr().err
+    rc = cli.main(["train", "metric", str(store), "--out", str(tmp_path / "m"), "--label-key",
+                   "cell_type"])
+    assert rc == 2 and "no such zarr store" in capsys.readouterr().err
+
+
+def test_train_mvae_passes_eval_every(tmp_path, monkeypatch, capsys):
+    from scatlas._validate import ScatlasInputError
+
+    data = tmp_path / "cite.h5ad"
+    datasets.write_synthetic_h5ad(data, 50, 20, n_batches=2, seed=0)
+    seen = {}
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        raise ScatlasInputError("stop here")
+
+    monkeypatch.setattr(tl, "train_mvae", spy)
+    rc = cli.main(["train", "mvae", str(data), "--out", str(tmp_path / "m"), "--eval-every",
+                   "7"])
+    assert rc == 2 and "stop here" in capsys.readouterr().err
+    assert seen["eval_every"] == 7

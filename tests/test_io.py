@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import anndata as ad
 import h5py
@@ -52,7 +53,7 @@ def test_read_h5ad_errors(tmp_path):
         f["data"] = np.arange(3)
     with pytest.raises(ScatlasInputError, match="not an AnnData"):
         io.read_h5ad(plain)
-    with pytest.raises(ScatlasInputError, match="folder"):
+    with pytest.raises(ScatlasInputError, match="folder.*read_zarr"):
         io.read_h5ad(tmp_path)
 
 
@@ -62,6 +63,67 @@ def test_read_h5ad_memory_and_backed(syn, syn_path):
     b = io.read_h5ad(syn_path, backed=True)
     assert b.isbacked and b.shape == syn.shape
     b.file.close()
+
+
+# ---------------------------------------------------------------------------------- read_zarr
+
+
+def write_zarr(adata: ad.AnnData, path) -> None:
+    with warnings.catch_warnings():  # anndata: "zarr v2 will no longer be the default"
+        warnings.simplefilter("ignore", UserWarning)
+        adata.write_zarr(path)
+
+
+def dense(X) -> np.ndarray:
+    X = X[:] if not (isinstance(X, np.ndarray) or sp.issparse(X)) else X
+    return X.toarray() if sp.issparse(X) else np.asarray(X)
+
+
+@pytest.mark.parametrize("kind", ["csr", "csc", "dense"])
+@pytest.mark.parametrize("backed", [False, True])
+def test_read_zarr_round_trip(syn, tmp_path, kind, backed):
+    a = syn[:200].copy()
+    a.X = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": sp.csr_matrix.toarray}[kind](a.X)
+    a.obsm["X_pca"] = np.arange(400, dtype=np.float32).reshape(200, 2)
+    path = tmp_path / "syn.zarr"
+    write_zarr(a, path)
+    b = io.read_zarr(path, backed=backed)
+    assert b.shape == a.shape and not b.isbacked
+    pd.testing.assert_frame_equal(b.obs, a.obs)
+    pd.testing.assert_frame_equal(b.var, a.var)
+    np.testing.assert_array_equal(b.obsm["X_pca"], a.obsm["X_pca"])
+    assert set(b.layers) == set(a.layers) and "synthetic" in b.uns
+    lazy = not (isinstance(b.X, np.ndarray) or sp.issparse(b.X))
+    assert lazy == backed  # backed: X left on disk (sparse dataset / zarr array)
+    np.testing.assert_array_equal(dense(b.X), dense(a.X))
+    np.testing.assert_array_equal(dense(b.layers["dense"]), a.layers["dense"])
+    np.testing.assert_array_equal(dense(b.layers["counts"]), a.layers["counts"].toarray())
+    assert b.X.dtype == a.X.dtype
+    rows = b.X[50:90]  # rows read on demand
+    np.testing.assert_array_equal(dense(rows), dense(a.X[50:90]))
+    _, _, got = stacked(io.iter_chunks(b, chunk_size=64))
+    np.testing.assert_array_equal(got, dense(a.X))
+
+
+def test_read_zarr_errors(syn, tmp_path):
+    import zarr
+
+    with pytest.raises(FileNotFoundError, match="no such zarr store"):
+        io.read_zarr(tmp_path / "missing.zarr")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ScatlasInputError, match="not a zarr store.*zgroup"):
+        io.read_zarr(tmp_path / "empty", backed=True)
+    group = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    group["data"] = np.arange(3)
+    with pytest.raises(ScatlasInputError, match=r"not an AnnData \(no \['obs', 'var'\]"):
+        io.read_zarr(tmp_path / "plain.zarr")
+    text = tmp_path / "notes.zarr"
+    text.write_text("not zarr")
+    with pytest.raises(ScatlasInputError, match="is a file"):
+        io.read_zarr(text)
+    write_zarr(syn[:20].copy(), tmp_path / "ok.zarr")
+    with pytest.raises(ScatlasInputError, match="read-only"):
+        io.read_zarr(tmp_path / "ok.zarr", backed="r+")
 
 
 # -------------------------------------------------------------------------------- iter_chunks
