@@ -20,9 +20,9 @@ baseline throughput):
     update would otherwise spill into the next timed call). The step is the one
     ``tl.train_metric`` chooses: from 1,000 genes the sparse step on a CSR batch
     (``scatlas.models.sparse_ops``); ``scatlas.metric.train_step[dense]`` is always the dense
-    step. Both keep freed host memory as ``fit`` does (``scatlas._host_memory``; embedding
-    calls are timed with the setting ``fit`` leaves behind, as ``tl.embed`` runs after
-    training).
+    step (skipped when JAX runs on a GPU: the sparse step is CPU-only, so both are the same).
+    Both keep freed host memory as ``fit`` does (``scatlas._host_memory``; embedding calls are
+    timed with the setting ``fit`` leaves behind, as ``tl.embed`` runs after training).
     ``scimilarity.train_step``: SCimilarity 0.4.1's ``Encoder``,
     ``Decoder`` and ``TripletLoss``/``TripletSelector`` with ``MetricLearning.training_step``
     repeated statement by statement plus Lightning's ``zero_grad``/``backward``/``step``
@@ -49,10 +49,11 @@ Peer: ``bench/peers/scimilarity_install.sh`` (or ``python -m bench.metric --inst
 is ``$SCATLAS_PEER_PYTHON_SCIMILARITY`` when set. The peer is one long-lived worker per gene count
 (started at the first baseline call, i.e. the harness warm-up), ``torch.set_num_threads(threads)``
 (default 2, the machine's cores). Our side runs in this process with JAX's default CPU threading
-(all available cores). The data of both sides come from the runner's ``synthetic_batch`` with the
-same shape, density, label and study counts; the Cell Ontology the SCimilarity miner needs is a
-synthetic 3,000-term DAG (no network): see the runner's docstring. Worker log:
-``bench/.cache/peers/scimilarity.log``.
+(all available cores); where JAX's default backend is a GPU our side runs there and the record is
+``metric_gpu.json`` (our entries ``runs_on: gpu``, the peer's ``cpu``). The data of both sides
+come from the runner's ``synthetic_batch`` with the same shape, density, label and study counts;
+the Cell Ontology the SCimilarity miner needs is a synthetic 3,000-term DAG (no network): see the
+runner's docstring. Worker log: ``bench/.cache/peers/scimilarity.log``.
 
 Timing: ``python -m bench.metric`` alternates ours and SCimilarity's timed calls (ABBA, after
 each method's warm-up calls; :func:`run_interleaved`) because the 2 cores are shared and the load
@@ -384,24 +385,28 @@ def methods(params: Mapping[str, Any]) -> list[Method]:
     csr = params.get("embed_input", "dense") == "csr"
     tag = "[csr]" if csr else ""
     what = "CSR float32" if csr else "dense float32"
+    on_cpu = _jax_device() == "cpu"
     return [_recording(m) for m in (
         Method("scatlas.metric.train_step", _ours_train, "ours", "train",
                "benchmark_callables()['train_step']: one jitted step incl. on-device mining; "
                "the step tl.train_metric chooses (sparse from 1,000 genes: CSR batch, "
-               "scatlas.models.sparse_ops)"),
+               "scatlas.models.sparse_ops)", on_device=True),
         Method("scatlas.metric.train_step[dense]", _ours_train_dense, "ours", "train",
-               "the same, always the dense step (dense batch)"),
+               "the same, always the dense step (dense batch)", on_device=True,
+               max_size=None if on_cpu else 0,
+               skip_reason="" if on_cpu else "the sparse step is CPU-only: on a GPU "
+                                             "scatlas.metric.train_step is this same dense step"),
         _peer_method("scimilarity.train_step", _peer_train, "train",
                      "SCimilarity 0.4.1 Encoder/Decoder/TripletLoss, MetricLearning."
                      "training_step + backward + AdamW step, torch CPU"),
         Method(f"scatlas.metric.embed{tag}", _ours_embed, "ours", f"embed{tag}",
-               f"benchmark_callables()['embed'](X), X {what} on the host"),
+               f"benchmark_callables()['embed'](X), X {what} on the host", on_device=True),
         _peer_method(f"scimilarity.embed{tag}", _peer_embed, f"embed{tag}",
                      "SCimilarity Encoder.eval() under inference_mode, 10,000-cell chunks"
                      + (" (each densified with .toarray())" if csr else "")),
         Method(f"scatlas.metric.embed-bf16{tag}", _ours_embed_bf16, "ours", f"embed-bf16{tag}",
                "the same with precision='bfloat16' (dense layers bf16; sparse first layer "
-               "float32); agreement with our float32 embedding recorded"),
+               "float32); agreement with our float32 embedding recorded", on_device=True),
         _peer_method(f"scimilarity.embed-bf16{tag}", _peer_embed_bf16, f"embed-bf16{tag}",
                      "the same under torch.autocast('cpu', bfloat16): not SCimilarity's own "
                      "setting, the equal-precision counterpart"),
@@ -450,7 +455,8 @@ def run_interleaved(
     alternate ABBA (ours, baseline, baseline, ours, ...), ``repeats`` per method. The entries
     have the harness's fields (``times_s``, median/min/max, ``load_1m`` = median of the 1-minute
     load read after each timed call, ``load_1m_all`` all of them); the record merges into
-    ``<out>/metric_cpu.json`` as ``run_benchmark`` would.
+    ``<out>/metric_<device>.json`` (``cpu`` or ``gpu``: JAX's default backend, where our side
+    runs) as ``run_benchmark`` would.
     """
     from . import runner  # noqa: PLC0415
 
@@ -481,7 +487,7 @@ def run_interleaved(
         results: dict[str, Any] = {}
         for group in dict.fromkeys(m.group for m in chosen):
             group_methods = [m for m in chosen if m.group == group]
-            results.update(_interleave_group(w, group_methods, size, repeats, warmup))
+            results.update(_interleave_group(w, group_methods, size, repeats, warmup, device))
         for res in results.values():
             res["run_id"] = run_id
         runner.merge_size(record, size, {"size": size, "workload": runner._jsonable(w.info),  # noqa: SLF001
@@ -503,16 +509,19 @@ def _jax_device() -> str:
 
 
 def _interleave_group(w: Workload, group_methods: Sequence[Method], size: int, repeats: int,
-                      warmup: int) -> dict[str, Any]:
+                      warmup: int, device: str) -> dict[str, Any]:
+    """``device``: where our methods (``on_device``) run; the peer runs on the CPU."""
     from . import runner  # noqa: PLC0415
+
+    def base(m: Method) -> dict[str, Any]:
+        return {"role": m.role, "group": m.group, "runs_on": device if m.on_device else "cpu"}
 
     results: dict[str, Any] = {}
     active: list[Method] = []
     for m in group_methods:
-        base = {"role": m.role, "group": m.group, "runs_on": "cpu"}
         skip = m.skip_message(size)
         if skip is not None:
-            results[m.name] = {**base, "status": "skipped", "reason": skip}
+            results[m.name] = {**base(m), "status": "skipped", "reason": skip}
             continue
         log(f"[metric] genes={size:,}: {m.name} warm-up x{warmup} ...")
         try:
@@ -520,7 +529,8 @@ def _interleave_group(w: Workload, group_methods: Sequence[Method], size: int, r
                 m.call(w)
         except Exception as exc:  # noqa: BLE001 - record the failure, keep benchmarking
             traceback.print_exc(file=sys.stderr)
-            results[m.name] = {**base, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+            results[m.name] = {**base(m), "status": "error",
+                               "error": f"{type(exc).__name__}: {exc}"}
             continue
         active.append(m)
     times: dict[str, list[float]] = {m.name: [] for m in active}
@@ -536,15 +546,15 @@ def _interleave_group(w: Workload, group_methods: Sequence[Method], size: int, r
                 times[m.name].append(time.perf_counter() - start)
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc(file=sys.stderr)
-                results[m.name] = {"role": m.role, "group": m.group, "runs_on": "cpu",
-                                   "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+                results[m.name] = {**base(m), "status": "error",
+                                   "error": f"{type(exc).__name__}: {exc}"}
                 continue
             loads[m.name].append(runner._load_1m())  # noqa: SLF001
     for m in active:
         if m.name in results:
             continue
         known = [x for x in loads[m.name] if x is not None]
-        entry = {"role": m.role, "group": m.group, "runs_on": "cpu", "status": "ok",
+        entry = {**base(m), "status": "ok",
                  "times_s": times[m.name], "warmup": warmup,
                  "load_1m": float(np.median(known)) if known else None,
                  "load_1m_all": loads[m.name], **runner.summarize(times[m.name])}
@@ -663,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         run_interleaved(args.genes, args.repeats, args.warmup, args.out, methods_=methods_,
                         **params)
-    path = result_path(args.out, "metric", "cpu")
+    path = result_path(args.out, "metric", _jax_device())
     record = load_record(path)
     if record is None:  # pragma: no cover - run_benchmark just wrote it
         return 1

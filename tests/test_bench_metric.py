@@ -236,3 +236,36 @@ def test_csr_embedding_methods_have_their_own_names_and_group():
     bench_metric.add_throughput(record)
     cells = bench_metric.DEFAULT_PARAMS["n_embed"]
     assert record["results"]["10"]["methods"]["x"]["accuracy"]["cells_per_s"] == 2 * cells
+
+
+def test_gpu_backend_names_the_record_and_skips_the_dense_twin(monkeypatch, tmp_path):
+    """With JAX on a GPU (faked), ``main`` writes and finds ``metric_gpu.json``, our entries run
+    on the GPU, and ``train_step[dense]`` (the same step there) is a recorded skip."""
+    monkeypatch.setenv(bench_metric.PEER_ENV, str(tmp_path / "no" / "python"))
+    dense = "scatlas.metric.train_step[dense]"
+    on_cpu = {m.name: m for m in bench_metric.methods(bench_metric.DEFAULT_PARAMS)}
+    assert on_cpu[dense].skip_message(2000) is None
+    calls: list[str] = []
+
+    def fake(w, step="auto"):
+        def embed(X, precision="float32"):
+            return np.ones((X.shape[0], 128), dtype=np.float32) / np.sqrt(128)
+
+        return {"train_step": lambda: calls.append(step), "embed": embed, "sparse_step": False}
+
+    monkeypatch.setattr(bench_metric, "_ours_callables", fake)
+    monkeypatch.setattr(bench_metric, "_jax_device", lambda: "gpu")
+    code = bench_metric.main(["--genes", "64", "--repeats", "1", "--warmup", "1",
+                              "--out", str(tmp_path), "--param", "n_embed=10",
+                              "--param", "batch_size=20"])
+    assert code == 0
+    assert not (tmp_path / "metric_cpu.json").exists()
+    saved = json.loads((tmp_path / "metric_gpu.json").read_text())
+    assert saved["device"] == "gpu"
+    res = saved["results"]["64"]["methods"]
+    assert calls == ["auto", "auto"]  # warm-up + one timed call; the dense twin never ran
+    assert res[dense]["status"] == "skipped" and "CPU-only" in res[dense]["reason"]
+    for name in ("scatlas.metric.train_step", "scatlas.metric.embed"):
+        assert res[name]["status"] == "ok" and res[name]["runs_on"] == "gpu"
+        assert res[name]["accuracy"]["cells_per_s"] > 0  # main's throughput pass found the file
+    assert res["scimilarity.train_step"]["runs_on"] == "cpu"
