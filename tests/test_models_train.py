@@ -115,6 +115,10 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run(small, tmp_path, wi
 
     with pytest.raises(KeyboardInterrupt):
         fit(task, _batches(small), cfg, val_batches=val, on_log=crash)
+    # what a write cut off by a crash leaves (orbax writes a temporary folder, then renames it)
+    partial = tmp_path / "ck" / "15.orbax-checkpoint-tmp-1" / "state"
+    partial.mkdir(parents=True)
+    (partial / "junk").write_bytes(b"half a file")
     resumed = fit(task, _batches(small), cfg, val_batches=val)  # resumes at step 10
     assert resumed.steps == 20
     np.testing.assert_array_equal(_flat(straight.variables), _flat(resumed.variables))
