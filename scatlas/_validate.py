@@ -15,6 +15,10 @@ import numpy as np
 from . import backend
 
 
+class TrainingDivergedError(FloatingPointError):
+    """A model's training (or validation) loss became NaN or infinite."""
+
+
 class ScatlasInputError(ValueError):
     """Bad input given to a public scatlas function."""
 

@@ -233,12 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scatlas`` console script; returns the exit code."""
-    from ._validate import ScatlasInputError
+    from ._validate import ScatlasInputError, TrainingDivergedError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ScatlasInputError, backend.DeviceUnavailableError, FileNotFoundError) as err:
+    except (ScatlasInputError, TrainingDivergedError, backend.DeviceUnavailableError,
+            FileNotFoundError) as err:
         print(f"scatlas {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from scatlas import datasets
 from scatlas.models import data as mdata
-from scatlas.models.metric import MetricConfig, MetricTask
+from scatlas.models.metric import MetricConfig, MetricTask, related_labels
 from scatlas.models.train import TrainConfig, fit, plot_history, read_log
 
 
@@ -176,6 +176,39 @@ def test_resume_refuses_other_settings(small, tmp_path):
                        np.eye(4, dtype=bool))
     with pytest.raises(ScatlasInputError, match="model.hidden"):
         fit(wider, _batches(small), cfg)
+    task, cfg = _task_and_cfg(tmp_path, checkpoint_dir=ck)
+    cfg.max_steps = 5
+    with pytest.raises(ScatlasInputError, match="data.balance: 'label_study' -> 'label'"):
+        fit(task, _batches(small, balance="label"), cfg)
+    with pytest.raises(ScatlasInputError, match="data.cells"):  # another training split
+        fit(task, _batches(small, rows=np.arange(500)), cfg)
+    other = MetricTask(task.config, cfg, related_labels(["0", "1", "2", "3"], {"1": "0"}))
+    with pytest.raises(ScatlasInputError, match="model.related"):
+        fit(other, _batches(small), cfg)
+    # the same settings, spelled with numpy scalars, resume (nothing left to train)
+    cfg.learning_rate = np.float64(0.005)
+    assert fit(task, _batches(small), cfg).steps == 5
+
+
+def test_resuming_a_checkpoint_without_best_weights(small, tmp_path, caplog):
+    """A checkpoint of an older scatlas (no settings, no best weights, a best step) resumes with
+    early stopping started afresh, and the checkpoints it then writes resume again."""
+    from scatlas.models.train import Trainer, _Checkpoints
+
+    val = list(_batches(small, seed=9).sequential(np.arange(128), 64))
+    task, cfg = _task_and_cfg(tmp_path, checkpoint_dir=str(tmp_path / "ck"), eval_every=2)
+    cfg.max_steps = 14
+    ts = Trainer(task, cfg).init_state(_batches(small).batch(0))
+    ts = ts.replace(step=ts.step + 10)
+    old = _Checkpoints(cfg.checkpoint_dir, 2)
+    old.save(10, ts, {"best_val": 0.5, "best_step": 4, "bad_evals": 3, "history": []})
+    old.close()
+    first = fit(task, _batches(small), cfg, val_batches=val)
+    assert "no best weights" in caplog.text
+    assert first.best_step in (12, 14) and first.steps == 14
+    again = fit(task, _batches(small), cfg, val_batches=val)  # at the end: restores the best
+    assert again.best_step == first.best_step
+    np.testing.assert_array_equal(_flat(again.variables), _flat(first.variables))
 
 
 def test_non_finite_input_is_refused_and_a_diverged_loss_stops_the_run(small, tmp_path):
@@ -192,12 +225,12 @@ def test_non_finite_input_is_refused_and_a_diverged_loss_stops_the_run(small, tm
     with pytest.raises(ScatlasInputError, match=r"NaN or infinite .*\[17\]"):
         batches.batch(0)
     dense[17, 3] = 1.0
-    with pytest.raises(ScatlasInputError, match=r"negative values in source rows \[40\]"):
+    with pytest.raises(ScatlasInputError, match=r"1 negative value.*source rows \[40\]"):
         _batches(ad.AnnData(dense, obs=small.obs), batch_size=len(small), balance=None).batch(0)
     # a backed file reaches the loader unchecked; the error surfaces from the prefetch thread
     import scatlas
 
-    with pytest.raises(ScatlasInputError, match="NaN or infinite|negative values"):
+    with pytest.raises(ScatlasInputError, match="NaN or infinite|negative value"):
         scatlas.tl.train_metric(backed, "cell_type", "batch", max_steps=4, batch_size=1000,
                                 balance=None, hidden=(16,), latent_dim=4, progress=False)
     # unchecked NaN input: the run stops at the first logged loss instead of saving NaN weights
@@ -206,9 +239,10 @@ def test_non_finite_input_is_refused_and_a_diverged_loss_stops_the_run(small, tm
     unchecked = _batches(ad.AnnData(dense, obs=small.obs), batch_size=len(small), balance=None,
                          check_input=False)
     task, cfg = _task_and_cfg(tmp_path, checkpoint_dir=str(tmp_path / "ck"))
+    cfg.log_every, cfg.checkpoint_every = 4, 1  # a checkpoint is due before the first log
     with pytest.raises(TrainingDivergedError, match="loss is nan at step 1"):
         fit(task, unchecked, cfg)
-    assert not (tmp_path / "ck" / "1").exists()
+    assert not [p for p in (tmp_path / "ck").iterdir() if p.name[0].isdigit()]
 
 
 def test_prefetcher_surfaces_the_loader_error_in_order():

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._validate import ScatlasInputError, check_positive_int
+from .._validate import ScatlasInputError, check_matrix, check_positive_int
 
 Batch = dict[str, np.ndarray]
 Transform = Callable[[Any], np.ndarray]
@@ -244,24 +244,23 @@ def draw_without_repeats(
 
 def check_rows(block: Any, rows: np.ndarray, *, counts: bool) -> None:
     """Raise :class:`ScatlasInputError` if a block of rows (dense or sparse, read from source
-    ``rows``) holds NaN or infinite values, or negative values when ``counts``."""
-    values = block.data if sp.issparse(block) else np.asarray(block)
-    if not values.size or values.dtype.kind in "iub":
-        bad_finite = False
-        low = values.min() if values.size and values.dtype.kind == "i" else 0
-    else:
-        low, high = values.min(), values.max()
-        bad_finite = not (np.isfinite(low) and np.isfinite(high))  # NaN propagates to both
-    if bad_finite:
-        raise ScatlasInputError(
-            f"the input has NaN or infinite values in the rows read for this batch (source rows "
-            f"{_first_rows(block, rows, lambda v: ~np.isfinite(v))}); remove or fix those cells"
-        )
-    if counts and low < 0:
-        raise ScatlasInputError(
-            f"the input has negative values in source rows {_first_rows(block, rows, _negative)}"
-            "; raw counts (input='counts') must be non-negative"
-        )
+    ``rows``) holds NaN or infinite values, or negative values when ``counts``
+    (:func:`scatlas._validate.check_matrix`'s checks, with the offending source rows named)."""
+    checks = [({"finite": True}, _not_finite)]
+    if counts:
+        checks.append(({"finite": False, "nonnegative": True}, _negative))
+    for kw, bad in checks:
+        try:
+            check_matrix(block, "the input", min_rows=0, min_cols=0, **kw)
+        except ScatlasInputError as err:
+            raise ScatlasInputError(
+                f"{err} (in the rows read for this batch; source rows "
+                f"{_first_rows(block, rows, bad)})"
+            ) from None
+
+
+def _not_finite(values: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(values)
 
 
 def _negative(values: np.ndarray) -> np.ndarray:
@@ -338,6 +337,7 @@ class CellBatches:
         self.transform = resolve_transform(transform)
         self.sparse = bool(sparse)
         self.seed = int(seed)
+        self.balance = balance
         w = sampling_weights(self.labels[self.rows], self.studies[self.rows], balance)
         self._cdf = None if w is None else np.cumsum(w)
 
@@ -382,6 +382,24 @@ class CellBatches:
         block = self.source.rows(np.sort(self.rows[pick]))
         nnz = block.nnz if sp.issparse(block) else np.count_nonzero(block)
         return float(nnz) / max(1, pick.size * self.n_vars)
+
+    def settings(self) -> dict[str, Any]:
+        """What shapes the stream (recorded with a checkpoint, so that a run resumes only on the
+        same batches): sampling, transform, seed, batch size and a digest of the sampled rows,
+        their labels, studies and weights."""
+        import hashlib
+
+        digest = hashlib.sha1(self.rows.tobytes())
+        digest.update(self.labels.tobytes())
+        digest.update(self.studies.tobytes())
+        if self._cdf is not None:
+            digest.update(np.asarray(self._cdf, np.float64).tobytes())
+        transform = next((k for k, f in _TRANSFORMS.items() if f is self.transform),
+                         getattr(self.transform, "__qualname__", repr(self.transform)))
+        return {"batch_size": self.batch_size, "seed": self.seed, "balance": self.balance,
+                "transform": transform,
+                "sparse": self.sparse, "n_obs": self.source.n_obs, "n_vars": self.n_vars,
+                "cells": digest.hexdigest()}
 
     def iterate(
         self,

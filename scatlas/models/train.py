@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from .._host_memory import reused_freed_memory
 from .._progress import bar
-from .._validate import ScatlasInputError, check_positive_int
+from .._validate import ScatlasInputError, TrainingDivergedError, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -211,15 +211,19 @@ def _batch_cells(batch: Batch) -> int:
     return len(next(iter(batch.values())))
 
 
-def _process_part(batch: Batch) -> Batch:
-    """This process's equal slice (along cells) of a global host batch (all of it on one
-    process): :func:`jax.make_array_from_process_local_data` takes each process's own rows."""
-    i, k = jax.process_index(), jax.process_count()
-    if k == 1:
+def _process_part(batch: Batch, part: tuple[int, int]) -> Batch:
+    """Slice ``i`` of ``n`` equal slices (along cells) of a global host batch, for
+    ``part=(i, n)`` (:func:`jax.make_array_from_process_local_data` takes each process's own
+    rows); the whole batch when ``n == 1``."""
+    i, n = part
+    if n == 1:
         return batch
     if "x_indptr" in batch:
         raise ScatlasInputError("CSR batches (the sparse step) run on one device only")
-    m = _batch_cells(batch) // k
+    cells = _batch_cells(batch)
+    if cells % n:
+        raise ScatlasInputError(f"a batch of {cells} cells does not split over {n} processes")
+    m = cells // n
     return {key: np.asarray(v)[i * m : (i + 1) * m] for key, v in batch.items()}
 
 
@@ -235,6 +239,9 @@ class Trainer:
         self.task, self.cfg = task, cfg
         self.mesh = device_mesh(cfg.data_parallel)
         self.n_devices = self.mesh.devices.size
+        # (this process's index, processes in the mesh): each feeds its slice of every batch
+        n_proc = len({d.process_index for d in self.mesh.devices.flat})
+        self.part = (jax.process_index(), n_proc) if n_proc > 1 else (0, 1)
         self.data = NamedSharding(self.mesh, P("data"))
         self.repl = NamedSharding(self.mesh, P())
         self.tx = make_optimizer(cfg)
@@ -292,7 +299,7 @@ class Trainer:
                 raise ScatlasInputError(
                     f"validation batch of {n} cells does not split over {self.n_devices} devices"
                 )
-            m = jax.device_get(self.eval_step(ts, self.put(_process_part(b))))
+            m = jax.device_get(self.eval_step(ts, self.put(_process_part(b, self.part))))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             total += n
@@ -357,46 +364,60 @@ def _abstract(tree: Any) -> Any:
 
 # Settings that change a run's trajectory: a resumed run must have the checkpointed values.
 _TRAJECTORY = ("max_steps", "learning_rate", "weight_decay", "schedule", "warmup_steps",
-               "min_lr_ratio", "clip_norm", "seed", "data_parallel")
+               "min_lr_ratio", "clip_norm", "seed")
 
 
-def run_settings(task: Task, cfg: TrainConfig, batch_size: int | None, ts: TrainState
-                 ) -> dict[str, str]:
-    """What a checkpoint records of its run and a resumed run must match (as strings): the
-    trajectory settings of ``cfg``, the batch size, the task's config (a dataclass ``config``
-    attribute, when it has one) and the parameter shapes."""
+def run_settings(task: Task, cfg: TrainConfig, trainer: Trainer, batches: Any, ts: TrainState,
+                 validation: bool) -> dict[str, str]:
+    """What a checkpoint records of its run, and a resumed run must match (canonical strings):
+    the trajectory settings of ``cfg``, the devices used, the batch stream's ``settings()``
+    (when it has them), the task's config fields that differ from their defaults (a field
+    added to a config later leaves older checkpoints resumable), the task's label relation
+    (a digest), one entry per parameter shape, and the validation settings when used."""
     import dataclasses
+    import hashlib
 
-    out = {k: repr(getattr(cfg, k)) for k in _TRAJECTORY}
-    out["batch_size"] = repr(batch_size)
+    out = {k: _canonical(getattr(cfg, k)) for k in _TRAJECTORY}
+    out["devices"] = _canonical(trainer.n_devices)
+    if hasattr(batches, "settings"):
+        out.update({f"data.{k}": _canonical(v) for k, v in batches.settings().items()})
     config = getattr(task, "config", None)
     if dataclasses.is_dataclass(config):
-        for k, v in dataclasses.asdict(config).items():
-            out[f"model.{k}"] = repr(v)
-    shapes = jax.tree_util.tree_map(lambda x: tuple(x.shape), ts.params)
-    out["params"] = repr(jax.tree_util.tree_leaves_with_path(shapes, is_leaf=_is_shape))
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        out.update({f"model.{k}": _canonical(v) for k, v in vars(config).items()
+                    if k in defaults and _canonical(v) != _canonical(defaults[k])})
+    related = getattr(task, "related", None)
+    if related is not None:
+        out["model.related"] = hashlib.sha1(np.asarray(related, bool).tobytes()).hexdigest()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(ts.params):
+        out[f"params{jax.tree_util.keystr(path)}"] = _canonical(tuple(leaf.shape))
+    if validation:
+        out.update(eval_every=_canonical(cfg.eval_every), patience=_canonical(cfg.patience))
     return out
 
 
-def _is_shape(x: Any) -> bool:
-    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+def _canonical(value: Any) -> str:
+    """A stable string of a setting: numpy scalars as Python ones, lists as tuples."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, list | tuple):
+        return "(" + ", ".join(_canonical(v) for v in value) + ")"
+    if isinstance(value, float):
+        return repr(float(value))
+    return repr(value)
 
 
 def _check_resume(saved: dict[str, str] | None, now: dict[str, str], directory: str) -> None:
     if saved is None:  # checkpoints of an older scatlas: nothing recorded
         return
-    diff = [f"{k}: {saved.get(k, '-')} -> {now.get(k, '-')}"
+    diff = [f"{k}: {saved.get(k, 'default')} -> {now.get(k, 'default')}"
             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diff:
-        shown = "; ".join(d if len(d) < 200 else d[:200] + "..." for d in diff[:6])
+        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise ScatlasInputError(
             f"checkpoint_dir {directory!r} holds a run with other settings ({shown}); resuming "
             "would not reproduce either run: use the same settings or a new checkpoint_dir"
         )
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The training (or validation) loss became NaN or infinite."""
 
 
 def _check_finite(rec: dict[str, Any], key: str, step: int) -> None:
@@ -432,9 +453,8 @@ def fit(
             f"batch_size={batch_size} must be a multiple of the {trainer.n_devices} devices used "
             "for data parallelism (or set data_parallel=False)"
         )
-    part = (jax.process_index(), jax.process_count())
     ts = trainer.init_state(batches.batch(0))
-    settings = run_settings(task, cfg, batch_size, ts)
+    settings = run_settings(task, cfg, trainer, batches, ts, bool(val_batches))
     loop: dict[str, Any] = {"best_val": None, "best_step": None, "bad_evals": 0, "history": [],
                             "stopped": False, "settings": settings}
     ckpt = _Checkpoints(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
@@ -444,16 +464,17 @@ def fit(
         start = int(ckpt.latest())
         saved = ckpt.restore_loop(start)
         _check_resume(saved.get("settings"), settings, cfg.checkpoint_dir)
-        has_best = saved.get("best_step") is not None and "settings" in saved
-        ts, best_vars = ckpt.restore(
-            start, ts, {"params": ts.params, **ts.state} if has_best else None
-        )
+        ts, best_vars = ckpt.restore(start, ts, _variables(ts) if saved.get("has_best") else None)
         loop.update(saved, settings=settings)
+        if loop["best_step"] is not None and best_vars is None:  # an older scatlas's checkpoint
+            log.warning("the checkpoint holds no best weights: early stopping starts afresh")
+            loop.update(best_val=None, best_step=None, bad_evals=0)
         log.info("resuming from checkpoint step %d in %s", start, cfg.checkpoint_dir)
     history: list[dict[str, Any]] = list(loop.get("history", []))
     logger = _JsonLog(cfg.log_path, history)
     result = FitResult(variables={}, history=history)
-    stream = batches.iterate(start, prefetch=cfg.prefetch, put=trainer.put, **_part_kw(part))
+    stream = batches.iterate(start, prefetch=cfg.prefetch, put=trainer.put,
+                             **_part_kw(trainer.part))
     acc: dict[str, Any] | None = None
     n_acc = 0
     t_first = t_timed = None
@@ -494,14 +515,16 @@ def fit(
                     _emit(rec, history, logger, on_log)
                     if loop["best_val"] is None or val["loss"] < loop["best_val"]:
                         loop.update(best_val=val["loss"], best_step=done, bad_evals=0)
-                        best_vars = jax.device_get({"params": ts.params, **ts.state})
+                        best_vars = jax.device_get(_variables(ts))
                     else:
                         loop["bad_evals"] += 1
                         if cfg.patience is not None and loop["bad_evals"] >= cfg.patience:
                             stopped = True
                 if ckpt is not None and (done % cfg.checkpoint_every == 0 or stopped
                                          or done == cfg.max_steps):
-                    loop.update(history=history, stopped=stopped)
+                    if acc is not None:  # steps not logged yet: never checkpoint NaN weights
+                        _check_finite({"loss": float(acc["loss"]) / n_acc}, "loss", done)
+                    loop.update(history=history, stopped=stopped, has_best=best_vars is not None)
                     ckpt.save(done, ts, loop, best_vars)
                 if stopped:
                     log.info("early stop at step %d (best step %s)", done, loop["best_step"])
@@ -512,7 +535,7 @@ def fit(
         logger.close()
         if ckpt is not None:
             ckpt.close()
-    final = jax.device_get({"params": ts.params, **ts.state})
+    final = jax.device_get(_variables(ts))
     result.variables = best_vars if best_vars is not None else final
     result.best_step, result.best_val = loop["best_step"], loop["best_val"]
     result.stopped_early = stopped
@@ -520,6 +543,11 @@ def fit(
     result.cells_per_s = _rate(batch_size, timed_steps, t_timed)
     result.compile_s = t_first
     return result
+
+
+def _variables(ts: TrainState) -> dict[str, Any]:
+    """The flax variables of a train state (``params`` and the other collections)."""
+    return {"params": ts.params, **ts.state}
 
 
 def _part_kw(part: tuple[int, int]) -> dict[str, Any]:
