@@ -75,6 +75,7 @@ def cmd_train_mvae(args: argparse.Namespace) -> int:
     from . import tl
 
     t0 = time.perf_counter()
+    _join_job(args)
     data = _read(args.input)
     modalities = _pairs(args.modality, "--modality") or None
     likelihoods = _pairs(args.likelihood, "--likelihood") or None
@@ -94,9 +95,16 @@ def cmd_train_mvae(args: argparse.Namespace) -> int:
 
 def _finish_training(what: str, model, args: argparse.Namespace, log_path: str, t0: float,
                      extra: tuple[str, ...] = ()) -> int:
-    """Save the trained model, plot the loss curve if asked, print a one-line summary."""
+    """Save the trained model, plot the loss curve if asked, print a one-line summary (process 0
+    of a multi-host job; the others only say they are done)."""
+    import jax
+
     from .models.train import plot_history
 
+    if jax.process_index() != 0:
+        print(f"scatlas train {what}: process {jax.process_index()} of {jax.process_count()} "
+              f"done in {time.perf_counter() - t0:.1f} s; process 0 writes {args.out}")
+        return 0
     model.save(args.out)
     if args.plot:
         plot_history(log_path, args.plot)
@@ -145,6 +153,7 @@ def cmd_train_metric(args: argparse.Namespace) -> int:
     from . import tl
 
     t0 = time.perf_counter()
+    _join_job(args)
     adata = _read(args.input, backed=args.backed)
     log_path = args.log or str(Path(args.out).with_suffix("")) + ".train.jsonl"
     model = tl.train_metric(
@@ -211,6 +220,29 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
                    help="orbax checkpoints here; rerunning resumes from the latest")
     p.add_argument("--log", default=None, help="JSON-lines training log (default OUT.train.jsonl)")
     p.add_argument("--plot", default=None, help="write the loss curve to this PNG")
+    g = p.add_argument_group(
+        "multi-host", "run the same command on every machine of the job; process 0 writes the "
+        "model, the log and the plot")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-host job (jax.distributed); the coordinator and process "
+                   "ids come from SLURM / Open MPI, or from the three options below")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordinator service")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+
+
+def _join_job(args: argparse.Namespace) -> None:
+    """``--distributed``: :func:`scatlas.models.train.initialize_distributed` before any JAX
+    work, with the options given (the rest detected from the cluster environment)."""
+    if not args.distributed:
+        return
+    from .models.train import initialize_distributed
+
+    given = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
+             "process_id": args.process_id}
+    initialize_distributed(**{k: v for k, v in given.items() if v is not None})
+
 
 def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Callable) -> None:
     train = sub.add_parser("train", help="train a cell model (metric, mvae)")

@@ -117,3 +117,45 @@ def test_train_mvae_passes_eval_every(tmp_path, monkeypatch, capsys):
                    "7"])
     assert rc == 2 and "stop here" in capsys.readouterr().err
     assert seen["eval_every"] == 7
+
+
+def test_train_metric_across_two_processes(tmp_path):
+    """``--distributed`` on two local CPU processes (gloo): one global batch split over them,
+    the same loss curve as one process, and only process 0 writes the model and the log."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    data = tmp_path / "atlas.h5ad"
+    datasets.write_synthetic_h5ad(data, 300, 40, n_batches=2, seed=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["train", "metric", str(data), "--label-key", "cell_type", "--study-key", "batch",
+              "--max-steps", "6", "--batch-size", "64", "--hidden", "16", "--latent-dim", "4",
+              "--dropout", "0", "--eval-every", "3"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "scatlas.cli", *common, "--out", str(tmp_path / "multi"),
+         "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    assert "process 1 of 2 done" in outs[1][0] and "process 0 writes" in outs[1][0]
+    assert cli.main([*common, "--out", str(tmp_path / "single")]) == 0
+    multi = load(tmp_path / "multi")
+    assert multi.info["train"]["data_parallel"] and multi.info["batch_size"] == 64
+
+    def records(name):
+        text = (tmp_path / f"{name}.train.jsonl").read_text()
+        return [json.loads(line) for line in text.splitlines()]
+
+    got, want = records("multi"), records("single")
+    assert [r["step"] for r in got] == [r["step"] for r in want]  # one writer, no repeats
+    for key, rtol in (("loss", 1e-4), ("val_loss", 1e-3)):
+        np.testing.assert_allclose([r[key] for r in got if key in r],
+                                   [r[key] for r in want if key in r], rtol=rtol, err_msg=key)
