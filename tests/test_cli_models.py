@@ -44,6 +44,15 @@ def test_errors_exit_2(tmp_path, capsys):
     assert rc == 2 and "nope" in capsys.readouterr().err
     rc = cli.main(["embed", "--model", str(tmp_path), str(data), str(tmp_path / "o.h5ad")])
     assert rc == 2 and "manifest" in capsys.readouterr().err
+    # a diverged run: a one-line error, exit 2, no model written
+    data = tmp_path / "bigger.h5ad"
+    datasets.write_synthetic_h5ad(data, 300, 40, n_batches=2, seed=0)
+    rc = cli.main(["train", "metric", str(data), "--out", str(tmp_path / "m"), "--label-key",
+                   "cell_type", "--max-steps", "12", "--batch-size", "64", "--hidden", "16",
+                   "--latent-dim", "4", "--lr", "1e38"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "training loss is nan" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
 
 
 def _write_zarr(adata: ad.AnnData, path) -> None:
