@@ -22,6 +22,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def write_zarr():
+    """``write_zarr(adata, path)``: ``AnnData.write_zarr`` without anndata's notice that zarr v2
+    will no longer be the default format."""
+    import warnings
+
+    def write(adata, path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            adata.write_zarr(path)
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder of real datasets beside the checkout; skips the test when it is absent."""
     if not SHARED_DATA.is_dir():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import anndata as ad
 import numpy as np
 import pytest
@@ -55,19 +53,14 @@ def test_errors_exit_2(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
-def _write_zarr(adata: ad.AnnData, path) -> None:
-    with warnings.catch_warnings():  # anndata: "zarr v2 will no longer be the default"
-        warnings.simplefilter("ignore", UserWarning)
-        adata.write_zarr(path)
-
-
 @pytest.mark.parametrize("dense", [False, True])
-def test_train_metric_from_zarr_backed_with_options(tmp_path, monkeypatch, capsys, dense):
+def test_train_metric_from_zarr_backed_with_options(tmp_path, monkeypatch, capsys, dense,
+                                                   write_zarr):
     a = datasets.synthetic(300, 40, n_batches=2, seed=0)
     if dense:
         a.X = a.X.toarray()
     store = tmp_path / "atlas.zarr"
-    _write_zarr(a, store)
+    write_zarr(a, store)
     seen = {}
     train_metric = tl.train_metric
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 
 import anndata as ad
 import h5py
@@ -68,12 +67,6 @@ def test_read_h5ad_memory_and_backed(syn, syn_path):
 # ---------------------------------------------------------------------------------- read_zarr
 
 
-def write_zarr(adata: ad.AnnData, path) -> None:
-    with warnings.catch_warnings():  # anndata: "zarr v2 will no longer be the default"
-        warnings.simplefilter("ignore", UserWarning)
-        adata.write_zarr(path)
-
-
 def dense(X) -> np.ndarray:
     X = X[:] if not (isinstance(X, np.ndarray) or sp.issparse(X)) else X
     return X.toarray() if sp.issparse(X) else np.asarray(X)
@@ -81,7 +74,7 @@ def dense(X) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["csr", "csc", "dense"])
 @pytest.mark.parametrize("backed", [False, True])
-def test_read_zarr_round_trip(syn, tmp_path, kind, backed):
+def test_read_zarr_round_trip(syn, tmp_path, kind, backed, write_zarr):
     a = syn[:200].copy()
     a.X = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": sp.csr_matrix.toarray}[kind](a.X)
     a.obsm["X_pca"] = np.arange(400, dtype=np.float32).reshape(200, 2)
@@ -105,7 +98,7 @@ def test_read_zarr_round_trip(syn, tmp_path, kind, backed):
     np.testing.assert_array_equal(got, dense(a.X))
 
 
-def test_read_zarr_errors(syn, tmp_path):
+def test_read_zarr_errors(syn, tmp_path, write_zarr):
     import zarr
 
     with pytest.raises(FileNotFoundError, match="no such zarr store"):

@@ -182,6 +182,9 @@ def test_resume_refuses_other_settings(small, tmp_path):
         fit(task, _batches(small, balance="label"), cfg)
     with pytest.raises(ScatlasInputError, match="data.cells"):  # another training split
         fit(task, _batches(small, rows=np.arange(500)), cfg)
+    val = list(_batches(small).sequential(np.arange(64), 64))
+    with pytest.raises(ScatlasInputError, match="eval_every: default -> 100.*validation.cells"):
+        fit(task, _batches(small), cfg, val_batches=val)  # validation where there was none
     other = MetricTask(task.config, cfg, related_labels(["0", "1", "2", "3"], {"1": "0"}))
     with pytest.raises(ScatlasInputError, match="model.related"):
         fit(other, _batches(small), cfg)

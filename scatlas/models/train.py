@@ -368,12 +368,13 @@ _TRAJECTORY = ("max_steps", "learning_rate", "weight_decay", "schedule", "warmup
 
 
 def run_settings(task: Task, cfg: TrainConfig, trainer: Trainer, batches: Any, ts: TrainState,
-                 validation: bool) -> dict[str, str]:
+                 val_batches: Sequence[Batch] | None) -> dict[str, str]:
     """What a checkpoint records of its run, and a resumed run must match (canonical strings):
     the trajectory settings of ``cfg``, the devices used, the batch stream's ``settings()``
     (when it has them), the task's config fields that differ from their defaults (a field
     added to a config later leaves older checkpoints resumable), the task's label relation
-    (a digest), one entry per parameter shape, and the validation settings when used."""
+    (a digest), one entry per parameter shape, and with a validation split its cadence and its
+    cells (a digest of the batches' ``index`` rows, or their sizes)."""
     import dataclasses
     import hashlib
 
@@ -391,8 +392,12 @@ def run_settings(task: Task, cfg: TrainConfig, trainer: Trainer, batches: Any, t
         out["model.related"] = hashlib.sha1(np.asarray(related, bool).tobytes()).hexdigest()
     for path, leaf in jax.tree_util.tree_leaves_with_path(ts.params):
         out[f"params{jax.tree_util.keystr(path)}"] = _canonical(tuple(leaf.shape))
-    if validation:
+    if val_batches:
         out.update(eval_every=_canonical(cfg.eval_every), patience=_canonical(cfg.patience))
+        digest = hashlib.sha1()
+        for b in val_batches:
+            digest.update(np.asarray(b.get("index", _batch_cells(b)), np.int64).tobytes())
+        out["validation.cells"] = digest.hexdigest()
     return out
 
 
@@ -454,7 +459,7 @@ def fit(
             "for data parallelism (or set data_parallel=False)"
         )
     ts = trainer.init_state(batches.batch(0))
-    settings = run_settings(task, cfg, trainer, batches, ts, bool(val_batches))
+    settings = run_settings(task, cfg, trainer, batches, ts, val_batches)
     loop: dict[str, Any] = {"best_val": None, "best_step": None, "bad_evals": 0, "history": [],
                             "stopped": False, "settings": settings}
     ckpt = _Checkpoints(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
