@@ -413,3 +413,17 @@ def test_cite_seq_beats_linear_baselines(shared_data):
     mean = table.mean()
     assert mean["foscttm"] < min(mean["cca5"], mean["cca10"], mean["cca20"]), mean
     assert mean["r"] > mean["ridge"], mean
+
+
+def test_resume_refuses_another_covariate(tmp_path, mosaic):
+    """A VAE checkpoint records its modalities, observed cells and covariate: resuming it on the
+    same cells without the batch covariate is refused, naming what changed."""
+    from scatlas.tl import train_mvae
+
+    adata, test, _, _ = mosaic
+    kw = dict(max_steps=4, batch_size=128, seed=0, progress=False,
+              checkpoint_dir=tmp_path / "ck")
+    train_mvae(adata[~test].copy(), batch_key="batch", **kw)
+    assert train_mvae(adata[~test].copy(), batch_key="batch", **kw).info["steps"] == 4
+    with pytest.raises(ScatlasInputError, match="cells_observed_covariate"):
+        train_mvae(adata[~test].copy(), **kw)

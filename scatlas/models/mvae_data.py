@@ -437,6 +437,17 @@ class MultiModalBatches(CellBatches):
         self.covariate = (np.zeros(n, np.int32) if covariate is None
                           else np.asarray(covariate, dtype=np.int32))
 
+    def settings(self) -> dict[str, Any]:
+        """The parent's, plus each modality's name, likelihood and width, which cells it
+        observes, and the covariate (digests)."""
+        import hashlib
+
+        digest = hashlib.sha1(self.covariate.tobytes())
+        for m in self.mods:
+            digest.update(np.asarray(m.observed, bool).tobytes())
+        return {**super().settings(), "cells_observed_covariate": digest.hexdigest(),
+                "modalities": tuple(f"{m.name}:{m.likelihood}:{m.n_features}" for m in self.mods)}
+
     def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
         index = np.asarray(index, dtype=np.int64)
         return {**modality_arrays(self.mods, index), "cov": self.covariate[index],
