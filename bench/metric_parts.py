@@ -230,24 +230,54 @@ def step_rows(genes: Sequence[int], repeats: int) -> dict[str, Any]:
     return out
 
 
+def loader_rows(repeats: int) -> dict[str, Any]:
+    """The loader's per-block input check (``CellBatches(check_input=True)``, run on backed and
+    lazily read inputs) beside the same block's log-normalisation, 1,000 cells of raw counts."""
+    from scatlas.models.data import check_rows, lognorm  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    rows = np.arange(1000)
+    for genes in (2000, 28231):
+        X = _csr(1000, genes)
+        X.data = np.floor(X.data * 10)  # counts
+        for form, block in (("CSR", X), ("dense", X.toarray())):
+            out[f"loader block, 1,000 x {genes:,} {form}"] = _alternate(
+                {"check_rows (input check)": lambda b=block: check_rows(b, rows, counts=True),
+                 "lognorm (the block's transform)": lambda b=block: lognorm(b)}, repeats)
+    return out
+
+
+PARTS = {"spmm": spmm_rows, "callback": callback_rows, "mining": mining_rows,
+         "blocks": block_rows, "restore": restore_rows, "loader": loader_rows}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.metric_parts")
     parser.add_argument("--genes", default="2000,5000,10000,28231")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--parts", default=",".join([*PARTS, "steps"]),
+                        help="parts to run (default all); the rows of the others are kept from "
+                        "the existing result file")
     args = parser.parse_args(argv)
     genes = [int(float(g)) for g in args.genes.split(",")]
+    parts = args.parts.split(",")
+    unknown = sorted(set(parts) - {*PARTS, "steps"})
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {[*PARTS, 'steps']}")
+    out = Path(args.out)
+    previous = out / "metric_parts_cpu.json"
     from .environment import capture, describe_hardware  # noqa: PLC0415
 
     record: dict[str, Any] = {"benchmark": "metric_parts",
                               "machine": describe_hardware(capture("cpu")),
                               "repeats": args.repeats, "unit": "median seconds", "rows": {}}
-    for part in (spmm_rows, callback_rows, mining_rows, block_rows, restore_rows):
-        log(f"[metric_parts] {part.__name__} ...")
-        record["rows"].update(part(args.repeats))
-    log("[metric_parts] step_rows ...")
-    record["rows"].update(step_rows(genes, args.repeats))
-    out = Path(args.out)
+    if len(parts) < len(PARTS) + 1 and previous.is_file():
+        record["rows"] = json.loads(previous.read_text())["rows"]
+    for name in parts:
+        log(f"[metric_parts] {name} ...")
+        part = step_rows(genes, args.repeats) if name == "steps" else PARTS[name](args.repeats)
+        record["rows"].update(part)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metric_parts_cpu.json").write_text(json.dumps(record, indent=1))
     lines = ["## metric_parts — cpu", "", f"Machine: {record['machine']}; median seconds of "

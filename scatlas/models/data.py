@@ -242,21 +242,30 @@ def draw_without_repeats(
 
 # -------------------------------------------------------------------------------- the stream
 
+def digest(*arrays: Any) -> str:
+    """A hex SHA-1 of the arrays' bytes (in order): how a checkpoint records which cells, labels
+    or weights a run used (:meth:`CellBatches.settings`, ``train.run_settings``)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 def check_rows(block: Any, rows: np.ndarray, *, counts: bool) -> None:
     """Raise :class:`ScatlasInputError` if a block of rows (dense or sparse, read from source
     ``rows``) holds NaN or infinite values, or negative values when ``counts``
     (:func:`scatlas._validate.check_matrix`'s checks, with the offending source rows named)."""
-    checks = [({"finite": True}, _not_finite)]
-    if counts:
-        checks.append(({"finite": False, "nonnegative": True}, _negative))
-    for kw, bad in checks:
-        try:
-            check_matrix(block, "the input", min_rows=0, min_cols=0, **kw)
-        except ScatlasInputError as err:
-            raise ScatlasInputError(
-                f"{err} (in the rows read for this batch; source rows "
-                f"{_first_rows(block, rows, bad)})"
-            ) from None
+    try:
+        check_matrix(block, "the input", min_rows=0, min_cols=0, nonnegative=counts)
+    except ScatlasInputError as err:
+        values = block.data if sp.issparse(block) else np.asarray(block)
+        bad = _negative if np.isfinite(values).all() else _not_finite  # the check that failed
+        raise ScatlasInputError(
+            f"{err} (in the rows read for this batch; source rows "
+            f"{_first_rows(block, rows, bad)})"
+        ) from None
 
 
 def _not_finite(values: np.ndarray) -> np.ndarray:
@@ -387,19 +396,13 @@ class CellBatches:
         """What shapes the stream (recorded with a checkpoint, so that a run resumes only on the
         same batches): sampling, transform, seed, batch size and a digest of the sampled rows,
         their labels, studies and weights."""
-        import hashlib
-
-        digest = hashlib.sha1(self.rows.tobytes())
-        digest.update(self.labels.tobytes())
-        digest.update(self.studies.tobytes())
-        if self._cdf is not None:
-            digest.update(np.asarray(self._cdf, np.float64).tobytes())
+        weights = () if self._cdf is None else (np.asarray(self._cdf, np.float64),)
         transform = next((k for k, f in _TRANSFORMS.items() if f is self.transform),
                          getattr(self.transform, "__qualname__", repr(self.transform)))
         return {"batch_size": self.batch_size, "seed": self.seed, "balance": self.balance,
                 "transform": transform,
                 "sparse": self.sparse, "n_obs": self.source.n_obs, "n_vars": self.n_vars,
-                "cells": digest.hexdigest()}
+                "cells": digest(self.rows, self.labels, self.studies, *weights)}
 
     def iterate(
         self,

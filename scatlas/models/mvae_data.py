@@ -30,7 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._validate import ScatlasInputError, check_positive_int
-from .data import CellBatches, lognorm
+from .data import CellBatches, digest, lognorm
 from .inputs import check_integer_counts
 from .mvae_likelihoods import LIKELIHOODS
 
@@ -440,12 +440,9 @@ class MultiModalBatches(CellBatches):
     def settings(self) -> dict[str, Any]:
         """The parent's, plus each modality's name, likelihood and width, which cells it
         observes, and the covariate (digests)."""
-        import hashlib
-
-        digest = hashlib.sha1(self.covariate.tobytes())
-        for m in self.mods:
-            digest.update(np.asarray(m.observed, bool).tobytes())
-        return {**super().settings(), "cells_observed_covariate": digest.hexdigest(),
+        observed = [np.asarray(m.observed, bool) for m in self.mods]
+        return {**super().settings(),
+                "cells_observed_covariate": digest(self.covariate, *observed),
                 "modalities": tuple(f"{m.name}:{m.likelihood}:{m.n_features}" for m in self.mods)}
 
     def take(self, index: np.ndarray) -> dict[str, np.ndarray]:

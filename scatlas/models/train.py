@@ -376,7 +376,8 @@ def run_settings(task: Task, cfg: TrainConfig, trainer: Trainer, batches: Any, t
     (a digest), one entry per parameter shape, and with a validation split its cadence and its
     cells (a digest of the batches' ``index`` rows, or their sizes)."""
     import dataclasses
-    import hashlib
+
+    from .data import digest
 
     out = {k: _canonical(getattr(cfg, k)) for k in _TRAJECTORY}
     out["devices"] = _canonical(trainer.n_devices)
@@ -389,15 +390,13 @@ def run_settings(task: Task, cfg: TrainConfig, trainer: Trainer, batches: Any, t
                     if k in defaults and _canonical(v) != _canonical(defaults[k])})
     related = getattr(task, "related", None)
     if related is not None:
-        out["model.related"] = hashlib.sha1(np.asarray(related, bool).tobytes()).hexdigest()
+        out["model.related"] = digest(np.asarray(related, bool))
     for path, leaf in jax.tree_util.tree_leaves_with_path(ts.params):
         out[f"params{jax.tree_util.keystr(path)}"] = _canonical(tuple(leaf.shape))
     if val_batches:
         out.update(eval_every=_canonical(cfg.eval_every), patience=_canonical(cfg.patience))
-        digest = hashlib.sha1()
-        for b in val_batches:
-            digest.update(np.asarray(b.get("index", _batch_cells(b)), np.int64).tobytes())
-        out["validation.cells"] = digest.hexdigest()
+        out["validation.cells"] = digest(
+            *(np.asarray(b.get("index", _batch_cells(b)), np.int64) for b in val_batches))
     return out
 
 
@@ -430,7 +429,7 @@ def _check_finite(rec: dict[str, Any], key: str, step: int) -> None:
         raise TrainingDivergedError(
             f"the {'validation' if key.startswith('val') else 'training'} loss is {rec[key]} at "
             f"step {step}: check the input for NaN or infinite values, or lower learning_rate "
-            "(the run is not saved)"
+            "(no checkpoint or model is written from this step on)"
         )
 
 
