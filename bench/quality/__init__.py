@@ -1,4 +1,6 @@
-"""Held-out quality of every method at its defaults on the real datasets (``python -m bench.quality``).
+"""Held-out quality of every method at its defaults on the real datasets.
+
+``python -m bench.quality`` runs it.
 
 Sections (one module each, run in this order): ``integration`` (cca, mnn, inmf, harmony against
 harmonypy / scanorama / Seurat 4.3), ``encoder`` (the metric encoder, leave one batch out, against
