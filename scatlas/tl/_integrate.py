@@ -52,8 +52,8 @@ from ..kernels.fastmnn import fastmnn
 from ..kernels.linalg import pca as _pca
 from ._common import get_matrix, on_device_of
 
-Method = Literal["cca", "mnn", "inmf"]
-_METHODS = ("cca", "mnn", "inmf")
+Method = Literal["cca", "mnn", "inmf", "harmony"]
+_METHODS = ("cca", "mnn", "inmf", "harmony")
 
 
 def integrate(
@@ -86,6 +86,8 @@ def integrate(
         ``.obs`` column of the batches (>= 2).
     method
         ``"cca"`` (Seurat), ``"mnn"`` (fastMNN) or ``"inmf"`` (LIGER, via tl.inmf).
+        ``"harmony"``: harmonypy / rapids-singlecell on ``n_pcs`` PCs of the scaled HVGs
+        (:mod:`scatlas.tl._harmony`; ``.obsm["X_harmony"]``, ``.uns["harmony"]``).
     key_added
         ``.obsm`` key of the embedding (default ``f"X_{method}"``).
     n_top_genes, genes, hvg_flavor
@@ -122,7 +124,11 @@ def integrate(
     batch = work.obs[batch_key].astype(str).to_numpy()
     common = dict(dtype=dtype, device=device, progress=progress)
     name = key[2:] if key.startswith("X_") else key
-    if method == "mnn":
+    if method == "harmony":
+        from ._harmony import run_integrate_harmony  # noqa: PLC0415
+
+        uns = run_integrate_harmony(adata, key, X, batch, n_pcs, seed, common, kwargs)
+    elif method == "mnn":
         uns = _run_mnn(adata, key, X, batch, genes_used, common, kwargs)
     else:
         uns = _run_cca(adata, key, X, batch, n_pcs, flavor, seed, common, kwargs)
