@@ -156,6 +156,100 @@ def test_cca_aligns_cell_lines_across_batches(cellbench):
     assert len(anchors) > 300 and precision > 0.9, (len(anchors), precision)
 
 
+def decaying_pair(n1=60, n2=50, p=400, seed=0):
+    """Two full-rank datasets whose cross-product spectrum decays fast (sigma_20 / sigma_1 ~
+    1e-3, below the old explicit route's cut-off of 10 sqrt(eps32) = 3.5e-3): shared gene
+    programs (orthogonal to the all-ones vector, so per-cell standardisation keeps them) with
+    strengths falling from 1 to 1e-4."""
+    rng = np.random.default_rng(seed)
+    r = min(n1, n2)
+    W = np.linalg.qr(rng.standard_normal((p, r)))[0]
+    W -= W.mean(axis=0)
+    d = np.logspace(0, -4, r)
+    X1 = (np.linalg.qr(rng.standard_normal((n1, r)))[0] * d) @ W.T + 5.0
+    X2 = (np.linalg.qr(rng.standard_normal((n2, r)))[0] * d) @ W.T + 5.0
+    return X1, X2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("method", ["explicit", "gram", "auto"])
+def test_fast_decaying_full_rank_spectrum_keeps_all_k_vectors(method, dtype):
+    """Decay is not rank deficiency: all k = 20 vectors come back, with singular values equal
+    to a dense float64 SVD of the same (dtype-rounded) input to 1e-6 relative."""
+    X1, X2 = (X.astype(dtype) for X in decaying_pair())
+    E1, E2, ED = explicit_seurat_cca(X1.astype(np.float64), X2.astype(np.float64), 20)
+    assert ED[-1] / ED[0] < 3e-3  # the regime the old cut-off mistook for rank deficiency
+    Z1, Z2, D = cca(X1, X2, 20, l2_norm=False, dtype=dtype, method=method, return_d=True)
+    assert Z1.shape == (60, 20) and Z2.shape == (50, 20)
+    # explicit: float64 arithmetic whatever the dtype (then rounded to it); gram in float32
+    # squares the data in float32 chunks (eps32 sigma_1^2 absolute on sigma_i^2)
+    rtol = 1e-6 if (method != "gram" or dtype == np.float64) else 1e-3
+    np.testing.assert_allclose(D, ED, rtol=rtol)
+    if dtype == np.float64:  # vectors of well-separated values, 1e-6 relative gaps
+        np.testing.assert_allclose(np.abs((Z1 * E1).sum(0)), 1, atol=1e-6)
+        np.testing.assert_allclose(np.abs((Z2 * E2).sum(0)), 1, atol=1e-6)
+
+
+def _real_pairs(shared_data, only=None):
+    """(dataset, batch 1, batch 2, X1, X2): every pair of batches of the real multi-batch sets,
+    log-normalised (1e4, log1p) on all genes, CSR float32."""
+    import itertools
+
+    import scanpy as sc
+
+    from bench.quality.data import load
+
+    for name in only or ("cellbench", "baron_donor", "baron_species", "mesc"):
+        ad = load(name, shared_data)
+        sc.pp.normalize_total(ad, target_sum=1e4)
+        sc.pp.log1p(ad)
+        batch = ad.obs["batch"].astype(str).to_numpy()
+        for b1, b2 in itertools.combinations(sorted(set(batch)), 2):
+            yield name, b1, b2, ad.X[batch == b1], ad.X[batch == b2]
+
+
+def test_issue_cellbench_pair_returns_20_vectors(shared_data):
+    """The pair of the report (CEL-seq2 240 cells, Drop-seq 210, log-normalised, all 11,533
+    genes): it raised 'only 7 canonical vectors exist' with sigma_8 / sigma_1 = 3.5e-3."""
+    for _name, b1, b2, X1, X2 in _real_pairs(shared_data, only=("cellbench",)):
+        if (b1, b2) != ("sc_celseq2", "sc_dropseq"):
+            continue
+        _, _, ED = explicit_seurat_cca(X1.astype(np.float64), X2.astype(np.float64), 20)
+        Z1, Z2, D = cca(X1, X2, 20, return_d=True)
+        assert Z1.shape == (240, 20) and Z2.shape == (210, 20)
+        np.testing.assert_allclose(D, ED, rtol=1e-6)
+        return
+    pytest.fail("CellBench batches sc_celseq2 / sc_dropseq not found")
+
+
+@pytest.mark.slow
+def test_real_pairs_return_k_vectors_matching_dense_svd(shared_data):
+    """Issue 15 item 1: every pair of batches in ../shared/data (CellBench, Baron donors and
+    species, mESC) gives k = 20 and 30 canonical vectors where min(n1, n2, p) allows; singular
+    values equal a dense float64 SVD to 1e-6 relative; the explicit (auto) route spans the same
+    vectors as the Gram route."""
+    checked = 0
+    for name, b1, b2, X1, X2 in _real_pairs(shared_data):
+        _, _, ED = explicit_seurat_cca(X1.astype(np.float64), X2.astype(np.float64), 30)
+        for k in (20, 30):
+            if k > min(X1.shape[0], X2.shape[0]):
+                continue
+            Z1, Z2, D = cca(X1, X2, k, l2_norm=False, return_d=True)  # defaults: float32, auto
+            assert Z1.shape[1] == Z2.shape[1] == k, (name, b1, b2, k)
+            np.testing.assert_allclose(D, ED[:k], rtol=1e-6, err_msg=f"{name} {b1} {b2}")
+            if k == 30:
+                G1, _, GD = cca(X1, X2, k, l2_norm=False, return_d=True, method="gram",
+                                dtype=np.float64)
+                Y1, _ = cca(X1, X2, k, l2_norm=False, method="explicit", dtype=np.float64)
+                np.testing.assert_allclose(GD, ED[:k], rtol=1e-6)
+                # each singular vector (values >= 1e-3 relative apart, except near-ties whose
+                # vectors mix: compare the spanned subspaces by principal angles)
+                cosines = np.linalg.svd(G1.T @ Y1, compute_uv=False)
+                np.testing.assert_allclose(cosines, 1, atol=1e-6)
+            checked += 1
+    assert checked >= 30  # 10 CellBench + 15 + 9 Baron-donor + 1 + 1 + 1 + 1 at k = 20 / 30
+
+
 def test_bad_input():
     X1, X2 = two_datasets()
     with pytest.raises(ScatlasInputError, match="same features"):
