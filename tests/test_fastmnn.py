@@ -15,6 +15,7 @@ from scatlas._validate import ScatlasInputError
 from scatlas.kernels.fastmnn import (
     center_along_batch_vector,
     fastmnn,
+    multi_batch_norm,
     multi_batch_pca,
     tricube_weights,
 )
@@ -211,6 +212,88 @@ def test_cellbench_fastmnn_improves_mixing(cellbench_hvg, capsys):  # noqa: F811
               f"{ {k: round(v, 3) for k, v in after.items()} }")
     assert after["ilisi"] > base["ilisi"] + 0.1
     assert after["transfer"] > 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# (c') multiBatchNorm
+# ----------------------------------------------------------------------------------------------
+def ref_multi_batch_norm(C, batch, min_mean=1.0):
+    """batchelor multiBatchNorm (R/multiBatchNorm.R) + scater logNormCounts, cell by cell."""
+    names = sorted(set(batch))
+    sf = np.empty(len(C))
+    ave = {}
+    for b in names:
+        rows = [i for i in range(len(C)) if batch[i] == b]
+        lib = C[rows].sum(1)
+        sf[rows] = lib / lib.mean()
+        ave[b] = np.mean([C[i] / sf[i] for i in rows], axis=0)  # calculateAverage
+    R = np.ones((len(names), len(names)))
+    for i, bi in enumerate(names):
+        for j, bj in enumerate(names):
+            if j <= i:
+                continue
+            si, sj = ave[bi].sum(), ave[bj].sum()
+            keep = (ave[bi] / si + ave[bj] / sj) / 2 * (si + sj) / 2 >= min_mean
+            R[i, j] = np.median(ave[bj][keep] / ave[bi][keep])
+            R[j, i] = 1 / R[i, j]
+    rescale = R[:, np.argmin(R.min(axis=0))]
+    for i in range(len(C)):
+        sf[i] /= rescale[names.index(batch[i])]
+    return np.log2(C / sf[:, None] + 1)
+
+
+@pytest.fixture(scope="module")
+def counts3():
+    """Negative-binomial-like counts of 3 batches with mean depths 1x, 3x and 0.5x."""
+    rng = np.random.default_rng(11)
+    mu = rng.gamma(0.6, 4.0, size=60)
+    batch = np.repeat(np.array(["b", "a", "c"]), [40, 30, 35])
+    depth = np.where(batch == "b", 1.0, np.where(batch == "a", 3.0, 0.5))
+    lib = depth * rng.lognormal(0, 0.3, size=len(batch))
+    C = rng.poisson(rng.gamma(2.0, mu[None, :] * lib[:, None] / 2.0)).astype(np.float64)
+    C[:, 0] += 1  # no empty cell
+    return C, batch
+
+
+def test_multi_batch_norm_matches_reference(counts3):
+    C, batch = counts3
+    ref = ref_multi_batch_norm(C, list(batch))
+    np.testing.assert_allclose(multi_batch_norm(C, batch, dtype=np.float64), ref, rtol=1e-12,
+                               atol=1e-12)
+    out = multi_batch_norm(sp.csr_matrix(C), batch, genes=[3, 0, 7])
+    assert sp.issparse(out) and out.dtype == np.float32 and out.shape == (len(C), 3)
+    np.testing.assert_allclose(out.toarray(), ref[:, [3, 0, 7]], rtol=1e-6, atol=1e-6)
+    # a lower min_mean keeps more genes for the ratios and changes only the rescaling
+    np.testing.assert_allclose(multi_batch_norm(C, batch, min_mean=0.1, dtype=np.float64),
+                               ref_multi_batch_norm(C, list(batch), 0.1), rtol=1e-12)
+
+
+def test_multi_batch_norm_removes_coverage():
+    """Batch b is batch a with every count x4: after multiBatchNorm each cell of b equals its
+    copy in a, and both are on a's (the shallower batch's) scale."""
+    rng = np.random.default_rng(4)
+    A = rng.poisson(2.0, size=(25, 40)).astype(np.float64) + np.eye(25, 40)
+    C = np.vstack([A, 4 * A])
+    batch = np.repeat(["a", "b"], 25)
+    out = multi_batch_norm(C, batch, dtype=np.float64)
+    np.testing.assert_allclose(out[25:], out[:25], rtol=1e-12)
+    lib = A.sum(1)
+    np.testing.assert_allclose(out[:25], np.log2(A / (lib / lib.mean())[:, None] + 1),
+                               rtol=1e-12)
+
+
+def test_multi_batch_norm_bad_input(counts3):
+    C, batch = counts3
+    Z = C.copy()
+    Z[3] = 0
+    with pytest.raises(ScatlasInputError, match="no counts"):
+        multi_batch_norm(Z, batch)
+    with pytest.raises(ScatlasInputError, match="negative"):
+        multi_batch_norm(-C, batch)
+    with pytest.raises(ScatlasInputError, match="one label per row"):
+        multi_batch_norm(C, batch[:-1])
+    with pytest.raises(ScatlasInputError, match="min_mean"):
+        multi_batch_norm(C, batch, min_mean=1e9)
 
 
 # ----------------------------------------------------------------------------------------------
