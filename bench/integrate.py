@@ -16,8 +16,10 @@ Methods (group ``integrate``), each returning a cell embedding:
   then ``ScaleData`` + 30 PCs of the corrected expression (Seurat's downstream workflow);
 * ``uncorrected`` - 30 PCs of the gene-scaled data (the input of harmonypy, and the
   "before" row of the metrics);
-* ``harmonypy`` - ``harmonypy.run_harmony`` on those 30 PCs (harmonypy < 0.2, i.e. 0.1.0, the
-  NumPy implementation: torch-based 0.2 needs PyTorch wheels; defaults theta 2, sigma 0.1,
+* ``scatlas.harmony`` - :func:`scatlas.tl._harmony.run_harmony` (what
+  ``tl.integrate(method="harmony")`` runs) on those 30 PCs, in this process;
+* ``harmonypy`` - ``harmonypy.run_harmony`` on those 30 PCs (harmonypy >= 2.0, a C++ build
+  that needs only NumPy; 0.2.x needed PyTorch; defaults theta 2, sigma 0.1,
   nclust min(N/30, 100));
 * ``scanorama`` - ``scanorama.integrate`` on the log-normalised matrices per batch (defaults:
   dimred 100, knn 20, sigma 15, approx Annoy).
@@ -31,7 +33,7 @@ mnnpy (the issue's third peer, "where it installs") is not among them. Its last 
 This was tried on 2026-11-21 in ``bench/.peers/integrate``. batchelor's fastMNN algorithm is
 covered by ``scatlas.mnn``, which is tested against a step-by-step reference.
 
-The peers run in their own virtual environment, ``bench/.peers/integrate`` (harmonypy < 0.2
+The peers run in their own virtual environment, ``bench/.peers/integrate`` (harmonypy >= 2.0
 and scanorama; created by :func:`install_peers` / ``python -m bench.integrate --install``, or
 point ``$SCATLAS_PEER_PYTHON_INTEGRATE`` at an interpreter that has them), one subprocess per
 call: the harness time includes the interpreter start and imports (a few seconds), the
@@ -79,7 +81,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
 
 PEERS_DIR = Path(__file__).resolve().parent / ".peers"
 PEER_ENV = "SCATLAS_PEER_PYTHON_INTEGRATE"
-PEER_PACKAGES = ("harmonypy<0.2", "scanorama")
+PEER_PACKAGES = ("harmonypy>=2.0", "scanorama")
 CELLBENCH = REPO_ROOT.parent / "shared" / "data" / "cellbench_lung_celllines_5batch.h5ad"
 
 METRICS = {
@@ -228,6 +230,12 @@ def _cca(w: Workload) -> Any:
     return pca(scale_data(res.corrected), w.extra["params"]["n_pcs"], center=False).scores
 
 
+def _harmony(w: Workload) -> Any:
+    from scatlas.tl._harmony import run_harmony  # noqa: PLC0415
+
+    return run_harmony(w.extra["pcs"], w.extra["batch"])[0]
+
+
 def peer_python() -> Path | None:
     """``$SCATLAS_PEER_PYTHON_INTEGRATE``, else ``bench/.peers/integrate/bin/python``."""
     env = os.environ.get(PEER_ENV, "").strip()
@@ -287,7 +295,7 @@ def _peer_method(method: str, description: str) -> Method:
 
 
 def methods(params: Mapping[str, Any]) -> list[Method]:
-    """fastMNN, Seurat CCA, the uncorrected PCA, harmonypy and Scanorama."""
+    """fastMNN, Seurat CCA, harmony, the uncorrected PCA, harmonypy and Scanorama."""
     return [
         Method("scatlas.mnn", _timed(_mnn), "ours", "integrate",
                "kernels.fastmnn(k=20, d=50): corrected PCs", on_device=True),
@@ -297,7 +305,9 @@ def methods(params: Mapping[str, Any]) -> list[Method]:
                skip_reason="Seurat CCA above cca_max_size (--param cca_max_size)"),
         Method("uncorrected", lambda w: {"embedding": w.extra["pcs"], "solver_s": 0.0},
                "baseline", "integrate", "30 PCs of the gene-scaled data (no integration)"),
-        _peer_method("harmonypy", "harmonypy < 0.2 run_harmony on the 30 PCs, own venv"),
+        Method("scatlas.harmony", _timed(_harmony), "ours", "integrate",
+               "tl._harmony.run_harmony (harmonypy / rapids-singlecell) on the 30 PCs"),
+        _peer_method("harmonypy", "harmonypy >= 2.0 run_harmony on the 30 PCs, own venv"),
         _peer_method("scanorama", "scanorama.integrate (dimred 100), own venv"),
     ]
 
@@ -316,7 +326,7 @@ def accuracy(w: Workload, method: Method, output: Any) -> dict[str, float]:
 
 
 def install_peers(python: str = "python3") -> Path:
-    """Create ``bench/.peers/integrate`` with harmonypy < 0.2 and scanorama (from PyPI)."""
+    """Create ``bench/.peers/integrate`` with harmonypy >= 2.0 and scanorama (from PyPI)."""
     venv = PEERS_DIR / "integrate"
     subprocess.run([python, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
