@@ -83,8 +83,8 @@ def test_bad_input(tiny_model):
     with pytest.raises(ScatlasInputError, match="not a column"):
         scatlas.tl.train_metric(a, "nope")
     single = a.copy()
-    single.obs["lab"] = ["x"] * (a.n_obs - 1) + ["lonely"]
-    with pytest.raises(ScatlasInputError, match="single cell"):
+    single.obs["lab"] = ["x"] * (a.n_obs - 1) + ["lonely"]  # one usable label only
+    with pytest.raises(ScatlasInputError, match="at least two such labels"):
         scatlas.tl.train_metric(single, "lab")
     bad = a.copy()
     bad.X = bad.X.toarray().astype(np.float32)
@@ -164,3 +164,46 @@ def test_bfloat16_embedding_agrees_with_float32(tiny_model):
     assert shared > 0.8, shared
     with pytest.raises(ScatlasInputError, match="precision"):
         model.embed(a, precision="float16")
+
+
+def test_single_cell_label_trains_as_a_negative():
+    """A label with one cell is kept (a warning names it): it never anchors a triplet (no
+    positive exists) but is mined as a negative. The log counts the mined triplets whose
+    negative has such a label; the cell stays in the training split."""
+    a = datasets.synthetic(300, 60, n_batches=2, n_cell_types=3, seed=1)
+    labels = a.obs["cell_type"].astype(str).to_numpy()
+    labels[17] = "lonely"
+    a.obs["lab"] = labels
+    with pytest.warns(UserWarning, match="'lonely'.*negatives only"):
+        model = scatlas.tl.train_metric(a, "lab", "batch", max_steps=20, hidden=(16,),
+                                        latent_dim=4, mining="random", progress=False)
+    assert model.info["negative_only_labels"] == ["lonely"]
+    assert "lonely" in model.label_names
+    logged = [r["n_negative_only"] for r in model.history if "n_negative_only" in r]
+    assert logged and sum(logged) > 0
+    assert all(r["n_negative_only"] <= r["n_triplets"] for r in model.history
+               if "n_negative_only" in r)
+
+
+def test_validation_split_keeps_small_labels_in_training():
+    from scatlas.tl._models import _split
+
+    labels = np.array(["a"] * 50 + ["b"] * 3 + ["c"] * 2 + ["d"])
+    train, val = _split(labels, 0.2, seed=0)
+    assert np.intersect1d(train, val).size == 0 and train.size + val.size == labels.size
+    held = dict(zip(*np.unique(labels[val], return_counts=True), strict=True))
+    assert held == {"a": 10, "b": 1}  # about 20 % of each label, >= 2 cells (or all) stay
+
+
+@pytest.mark.parametrize("n_cells", [300, 818])
+def test_small_imbalanced_data_trains_without_a_batch_size(n_cells):
+    """Defaults train on a few hundred imbalanced cells (the default batch once failed to draw
+    818 distinct cells from concentrated sampling weights)."""
+    a = datasets.synthetic(n_cells, 40, n_batches=3, n_cell_types=4, seed=2)
+    labels = a.obs["cell_type"].astype(str).to_numpy()
+    labels[:2] = "rare"  # a label of two cells, weighted up by the sampler
+    a.obs["lab"] = labels
+    model = scatlas.tl.train_metric(a, "lab", "batch", max_steps=3, progress=False)
+    assert model.info["batch_size"] == scatlas.tl._models.default_batch_size(
+        model.info["n_train"])
+    assert np.isfinite([r["loss"] for r in model.history if "loss" in r]).all()

@@ -480,3 +480,42 @@ def test_gpu_training_matches_cpu():
     assert runs["cuda"]["platform"] == "gpu"
     np.testing.assert_allclose(runs["cuda"]["False"], runs["cpu"]["False"], rtol=2e-2)
     np.testing.assert_allclose(runs["cuda"]["True"], runs["cpu"]["False"], rtol=1e-1)
+
+
+def test_draw_without_repeats_when_weights_concentrate():
+    """A batch of most (or all) cells under sampling weights that favour a few rare cells: the
+    redraws of repeated rows stall and the rest is drawn without replacement (once this raised
+    'could not draw 818 distinct cells'). Rows stay distinct, and rare labels are drawn."""
+    labels = np.array([0] * 700 + [1] * 100 + [2] * 15 + [3] * 2 + [4])
+    studies = np.repeat(np.arange(3), 273)[: labels.size]
+    cdf = np.cumsum(mdata.sampling_weights(labels, studies, "label_study"))
+    rng = np.random.default_rng(0)
+    for size in (409, 700, labels.size):
+        out = mdata.draw_without_repeats(rng, labels.size, size, cdf)
+        assert out.size == size and np.unique(out).size == size
+        assert set(labels[out]) >= {2, 3, 4}
+    assert np.array_equal(np.sort(out), np.arange(labels.size))
+
+
+def test_a_million_cells_get_the_default_batch_cheaply():
+    """The defaults at 1e6 cells, without training: 1,000-cell batches of distinct cells drawn
+    from imbalanced labels (a singleton, a pair) in O(batch log n)."""
+    from scatlas.tl._models import _split, default_batch_size
+
+    n = 1_000_000
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 50, n)
+    labels[:3] = [50, 51, 51]
+    labels[3:] = np.where(labels[3:] >= 50, 0, labels[3:])
+    studies = rng.integers(0, 20, n)
+    train, val = _split(labels, 0.1, seed=0)
+    assert np.flatnonzero(np.isin(labels, [50, 51])).tolist() == [0, 1, 2]
+    assert np.isin([0, 1, 2], train).all()
+    assert default_batch_size(train.size) == 1000
+    b = mdata.CellBatches(sp.csr_matrix((n, 4), dtype=np.float32), labels=labels,
+                          studies=studies, rows=train, batch_size=default_batch_size(train.size))
+    for t in range(3):
+        idx = b.indices(t)
+        assert idx.size == 1000 and np.unique(idx).size == 1000 and np.isin(idx, train).all()
+    assert [default_batch_size(m) for m in (4, 300, 818, 2000, 10**6)] == [2, 150, 409, 1000,
+                                                                          1000]

@@ -42,19 +42,24 @@ class MatrixSource:
 
     ``matrix`` may be a numpy array, a scipy sparse matrix, an anndata backed sparse dataset
     (``anndata.io.sparse_dataset`` over an h5py or zarr group) or an h5py / zarr dense array.
+    ``columns``: keep only these genes (int indices) of every block read.
     """
 
-    def __init__(self, matrix: Any):
+    def __init__(self, matrix: Any, columns: np.ndarray | None = None):
         if sp.issparse(matrix) and not isinstance(matrix, sp.csr_matrix | sp.csr_array):
             matrix = sp.csr_matrix(matrix)
         if len(getattr(matrix, "shape", ())) != 2:
             raise ScatlasInputError(f"expected a 2-D cells x genes matrix, got {type(matrix)}")
         self.matrix = matrix
+        self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
         self.n_obs, self.n_vars = (int(s) for s in matrix.shape)
+        if self.columns is not None:
+            self.n_vars = int(self.columns.size)
 
     def rows(self, idx: np.ndarray) -> Any:
-        """Rows ``idx`` (sorted, unique) in that order."""
-        return self.matrix[idx]
+        """Rows ``idx`` (sorted, unique) in that order (the kept ``columns`` only)."""
+        block = self.matrix[idx]
+        return block if self.columns is None else block[:, self.columns]
 
 
 class SyntheticSource:
@@ -221,23 +226,45 @@ def draw_without_repeats(
     """``size`` distinct rows of ``range(n)``, drawn with probabilities ``diff(cdf)``.
 
     Inverse-CDF draws with replacement, then redraws of repeated rows until all are distinct:
-    O(size log n) per batch, so sampling stays cheap for atlases of 1e7+ cells.
+    O(size log n) per batch, so sampling stays cheap for atlases of 1e7+ cells. When the redraws
+    stall (``size`` close to the number of cells the weights favour: a small dataset, a few rare
+    labels weighted up), the rest of the batch is drawn by weighted sampling without replacement
+    over the rows not yet drawn (Efraimidis & Spirakis 2006: the ``k`` largest
+    ``log(u) / w``), which always succeeds for ``size <= n``.
     """
     if cdf is None:
         return rng.choice(n, size=size, replace=False)
     out = np.searchsorted(cdf, rng.random(size) * cdf[-1], side="right")
     out = np.minimum(out, n - 1)
+    best, stalled = size, 0
     for _ in range(1000):
         _, first = np.unique(out, return_index=True)
         dup = np.setdiff1d(np.arange(size), first)
         if dup.size == 0:
             return out
+        best, stalled = (dup.size, 0) if dup.size < best else (best, stalled + 1)
+        if stalled >= _STALL_ROUNDS:
+            break
         new = np.searchsorted(cdf, rng.random(dup.size) * cdf[-1], side="right")
         out[dup] = np.minimum(new, n - 1)
-    raise ScatlasInputError(
-        f"could not draw {size} distinct cells: the sampling weights concentrate on too few of "
-        f"the {n} cells; lower batch_size or use balance=None"
-    )
+    _, first = np.unique(out, return_index=True)
+    dup = np.setdiff1d(np.arange(size), first)
+    keep = out[first]  # distinct rows drawn so far; the rest without replacement
+    w = np.diff(cdf, prepend=0.0)
+    free = np.ones(n, bool)
+    free[keep] = False
+    cand = np.flatnonzero(free)
+    with np.errstate(divide="ignore"):
+        key = np.log(rng.random(cand.size)) / np.maximum(w[cand], np.finfo(float).tiny)
+    need = size - keep.size
+    rest = cand[np.argpartition(-key, need - 1)[:need]] if need < cand.size else cand
+    out[dup] = rng.permutation(rest)
+    return out
+
+
+#: redraws of repeated rows without fewer repeats before :func:`draw_without_repeats` draws the
+#: rest without replacement
+_STALL_ROUNDS = 50
 
 
 # -------------------------------------------------------------------------------- the stream

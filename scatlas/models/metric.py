@@ -284,10 +284,15 @@ class MetricTask:
     config: MetricConfig
     train_config: TrainConfig
     related: np.ndarray = field(default_factory=lambda: np.eye(1, dtype=bool))
+    #: (L,) bool: labels with a single training cell (negatives only; counted in the log as
+    #: ``n_negative_only``, the mined triplets whose negative has such a label). None: none.
+    negative_only: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.net = self.config.net()
         self._related = jnp.asarray(self.related, dtype=bool)
+        self._negative_only = (None if self.negative_only is None or not np.any(self.negative_only)
+                               else jnp.asarray(self.negative_only, dtype=bool))
         self._lr = make_schedule(self.train_config)
 
     def init(self, rng: jax.Array, batch: dict[str, Any]) -> dict[str, Any]:
@@ -331,6 +336,7 @@ class MetricTask:
             metric, extra = metric_losses.mined_triplet_loss(
                 z, batch["label"], batch["study"], self._related, mine_rng, margin=cfg.margin,
                 strategy=cfg.mining, across_studies=cfg.across_studies,
+                negative_only=self._negative_only,
             )
         else:
             metric = metric_losses.supcon_loss(z, batch["label"], self._related, cfg.temperature)

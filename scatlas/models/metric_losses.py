@@ -142,15 +142,26 @@ def mined_triplet_loss(
     margin: float = 0.05,
     strategy: str = "semihard",
     across_studies: bool = True,
+    negative_only: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mine on the batch and return ``(triplet loss, metrics)``; mining is not differentiated."""
+    """Mine on the batch and return ``(triplet loss, metrics)``; mining is not differentiated.
+
+    ``negative_only``: (L,) bool, the labels with a single cell in the training data (they
+    never anchor a triplet: no positive exists). With it the metrics also count the mined
+    triplets whose negative has such a label (``n_negative_only``).
+    """
     sq = jax.lax.stop_gradient(squared_distances(z))
     pairs = candidate_pairs(labels, studies, across_studies)
     negs = candidate_negatives(labels, related)
     u = jax.random.uniform(rng, sq.shape)
     neg, mask = mine(sq, pairs, negs, u, margin=margin, strategy=strategy)
     loss, count, hard = triplet_loss(z, neg, mask, margin)
-    return loss, {"n_triplets": count.astype(jnp.float32), "n_hard": hard.astype(jnp.float32)}
+    metrics = {"n_triplets": count.astype(jnp.float32), "n_hard": hard.astype(jnp.float32)}
+    if negative_only is not None:
+        neg_label = jnp.maximum(labels[neg], 0)
+        rare = negative_only[neg_label] & (labels[neg] >= 0)
+        metrics["n_negative_only"] = jnp.sum(mask & rare).astype(jnp.float32)
+    return loss, metrics
 
 
 def supcon_loss(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +36,44 @@ def _labels(adata: ad.AnnData, key: str, what: str) -> pd.Series:
     return values.astype(str)
 
 
-def _check_label_sizes(labels: pd.Series, key: str) -> None:
+def _check_label_sizes(labels: pd.Series, key: str) -> list[str]:
+    """The labels with a single cell (kept: they serve as negatives, never as anchors; a
+    warning names them). Raises :class:`ScatlasInputError` unless at least two labels have two
+    or more cells (a triplet needs an anchor, a positive and a negative of another label)."""
     counts = labels.value_counts()
-    single = counts[counts < 2]
-    if len(single):
+    usable = counts[counts >= 2]
+    if len(usable) < 2:
         raise ScatlasInputError(
-            f"label(s) {list(single.index[:10])} of {key!r} have a single cell; metric learning "
-            "needs at least two cells per label (drop them, or merge them into a parent label)"
+            f"{key!r} has {len(usable)} label(s) with at least two cells ({len(counts)} labels "
+            f"in all); metric learning needs at least two such labels"
         )
-    if len(counts) < 2:
-        raise ScatlasInputError(f"{key!r} has a single label; metric learning needs at least two")
+    rare = sorted(str(x) for x in counts.index[counts < 2])
+    if rare:
+        shown = rare[:10] + ([f"... ({len(rare)} in all)"] if len(rare) > 10 else [])
+        warnings.warn(
+            f"label(s) {shown} of {key!r} have a single cell: kept as negatives only (a cell "
+            "without a same-label partner cannot anchor a triplet), as SCimilarity does",
+            UserWarning, stacklevel=3,
+        )
+    return rare
 
 
-def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_rows, val_rows)``, sorted: about ``fraction`` of each label's cells held out for
+    validation, never so many that fewer than two (or its only cell) stay in training."""
     if not 0 <= fraction < 1:
         raise ScatlasInputError(f"validation_fraction must be in [0, 1), got {fraction!r}")
     rng = np.random.default_rng([seed, 7])
-    perm = rng.permutation(n)
-    n_val = int(round(fraction * n))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    perm = rng.permutation(labels.size)
+    codes = pd.factorize(labels[perm])[0]
+    rank = np.zeros(perm.size, np.int64)  # a cell's rank among its label's cells in perm
+    for c in range(codes.max() + 1 if codes.size else 0):
+        at = np.flatnonzero(codes == c)
+        rank[at] = np.arange(at.size)
+    size = np.bincount(codes)[codes]
+    n_val = np.minimum(np.round(fraction * size), np.maximum(size - 2, 0))
+    held = rank < n_val
+    return np.sort(perm[~held]), np.sort(perm[held])
 
 
 def _matrix(adata: ad.AnnData, layer: str | None, input: str) -> Any:
@@ -85,12 +105,14 @@ def train_metric(
     layer: str | None = None,
     input: str = "counts",
     hierarchy: dict[str, Any] | str | Path | None = None,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     max_steps: int | None = None,
     validation_fraction: float = 0.1,
     balance: str | None = "label_study",
     learning_rate: float = 5e-3,
-    patience: int | None = None,
+    patience: int | None | str = "auto",
+    n_top_genes: int | None | str = "auto",
+    preset: str = "auto",
     eval_every: int = 100,
     checkpoint_dir: str | Path | None = None,
     log_path: str | Path | None = None,
@@ -139,7 +161,7 @@ def train_metric(
     -------
     :class:`~scatlas.models.MetricEncoder`, with the training summary in ``model.info``.
     """
-    from ..models.data import CellBatches
+    from ..models.data import CellBatches, MatrixSource
     from ..models.metric import (
         MetricConfig,
         MetricEncoder,
@@ -152,16 +174,26 @@ def train_metric(
 
     adata = _check_adata(adata)
     labels = _labels(adata, label_key, "label_key")
-    _check_label_sizes(labels, label_key)
+    rare = _check_label_sizes(labels, label_key)
     studies = _labels(adata, study_key, "study_key") if study_key is not None else None
     X = _matrix(adata, layer, input)
-    config = MetricConfig(n_genes=adata.n_vars, **model_kw)
-    train_rows, val_rows = _split(adata.n_obs, validation_fraction, seed)
+    train_rows, val_rows = _split(labels.to_numpy(), validation_fraction, seed)
+    chosen = preset_settings(preset, train_rows.size)
+    if n_top_genes == "auto":
+        n_top_genes = chosen["n_top_genes"]
+    if patience == "auto":
+        patience = chosen["patience"]
+    genes = _select_genes(X, train_rows, n_top_genes, input)
+    config = MetricConfig(n_genes=adata.n_vars if genes is None else genes.size,
+                          **{**chosen["model"], **model_kw})
+    if batch_size is None and chosen["batch_size"] is not None:
+        batch_size = chosen["batch_size"]
     batch_size, n_dev = _batch_size(batch_size, train_rows.size, data_parallel)
     if max_steps is None:
         max_steps = int(min(50_000, max(200, math.ceil(20 * train_rows.size / batch_size))))
+    source = MatrixSource(X, columns=genes)
     batches = CellBatches(
-        X, labels=labels.to_numpy(), studies=None if studies is None else studies.to_numpy(),
+        source, labels=labels.to_numpy(), studies=None if studies is None else studies.to_numpy(),
         batch_size=batch_size, balance=balance, transform="lognorm" if input == "counts" else None,
         rows=train_rows, seed=seed, check_input=not _in_memory(X),
     )
@@ -177,40 +209,117 @@ def train_metric(
         data_parallel=data_parallel,
     )
     val = _validation_batches(batches, val_rows, batch_size, n_dev)
-    result = fit(MetricTask(config, tcfg, related), batches, tcfg, val_batches=val)
+    negative_only = np.isin(batches.label_names, rare)
+    result = fit(MetricTask(config, tcfg, related, negative_only), batches, tcfg,
+                 val_batches=val)
     info = {
         "label_key": label_key, "study_key": study_key, "n_cells": int(adata.n_obs),
         "n_train": int(train_rows.size), "n_val": int(val_rows.size), "steps": result.steps,
         "batch_size": batch_size, "best_step": result.best_step, "best_val": result.best_val,
         "stopped_early": result.stopped_early, "cells_per_s": result.cells_per_s,
         "seed": seed, "sparse_step": batches.sparse, "train": tcfg.to_dict(),
+        "negative_only_labels": rare, "preset": preset, "n_top_genes": n_top_genes,
+        "patience": patience,
     }
-    model = MetricEncoder(config, result.variables, adata.var_names,
+    var_names = adata.var_names if genes is None else adata.var_names[genes]
+    model = MetricEncoder(config, result.variables, var_names,
                           label_names=batches.label_names, info=info)
     model.history = result.history
     return model
 
 
-def _batch_size(batch_size: int, n_train: int, data_parallel: bool) -> tuple[int, int]:
-    """The step's batch size, capped at the training cells and a multiple of the devices used;
-    returns ``(batch_size, n_devices)``."""
-    batch_size = check_positive_int(batch_size, "batch_size")
+PRESETS = ("auto", "scimilarity")
+
+
+def preset_settings(preset: str, n_train: int) -> dict[str, Any]:
+    """The defaults :func:`train_metric` fills in for what the caller leaves out.
+
+    ``"scimilarity"``: SCimilarity 0.4's settings (every gene, hidden 3 x 1,024, latent 128,
+    triplet weight 0.001, batch 1,000 capped at the training cells, no early stopping).
+    ``"auto"``: the defaults chosen by inner cross-validation on real held-out batches
+    (docs/models.md, "Defaults on real data").
+    Returns ``{"model": MetricConfig fields, "n_top_genes", "patience", "batch_size"}``.
+    """
+    if preset == "scimilarity":
+        return {"model": {}, "n_top_genes": None, "patience": None,
+                "batch_size": DEFAULT_BATCH_SIZE}
+    if preset == "auto":
+        return {"model": dict(AUTO_MODEL), "n_top_genes": AUTO_N_TOP_GENES,
+                "patience": AUTO_PATIENCE, "batch_size": None}
+    raise ScatlasInputError(f"preset must be one of {PRESETS}, got {preset!r}")
+
+
+#: the "auto" preset (docs/models.md, "Defaults on real data")
+AUTO_MODEL: dict[str, Any] = {}
+AUTO_N_TOP_GENES: int | None = None
+AUTO_PATIENCE: int | None = None
+
+
+#: the default batch: SCimilarity's 1,000 cells, or half the training cells when they are
+#: fewer than 2,000 (a batch of all the cells would be the same set at every step)
+DEFAULT_BATCH_SIZE = 1000
+
+
+def default_batch_size(n_train: int) -> int:
+    """``min(1000, max(2, n_train // 2))``: the batch :func:`train_metric` uses when none is
+    given (300 training cells -> 150, 818 -> 409, 2,000 and more -> 1,000)."""
+    return int(min(DEFAULT_BATCH_SIZE, max(2, n_train // 2)))
+
+
+def _batch_size(batch_size: int | None, n_train: int, data_parallel: bool) -> tuple[int, int]:
+    """The step's batch size (None: :func:`default_batch_size`), capped at the training cells
+    and a multiple of the devices used; returns ``(batch_size, n_devices)``."""
     n_dev = _n_devices(data_parallel)
+    if batch_size is None:
+        batch_size = default_batch_size(n_train)
+        batch_size = max(n_dev, batch_size // n_dev * n_dev)
+    batch_size = check_positive_int(batch_size, "batch_size")
     if batch_size > n_train:
         batch_size = max(n_dev, n_train // n_dev * n_dev)
         log.warning("batch_size capped at %d (the training cells)", batch_size)
     return batch_size, n_dev
 
 
+#: validation batches at most (SCimilarity: ``limit_val_batches=10``)
+MAX_VALIDATION_BATCHES = 10
+
+
 def _validation_batches(batches: Any, val_rows: np.ndarray, batch_size: int,
                         n_dev: int) -> list | None:
     """Fixed validation batches over ``val_rows`` (each split evenly over the devices; the few
-    cells that do not fill a last batch are left out); None without enough cells."""
+    cells that do not fill a last batch are left out, and at most
+    :data:`MAX_VALIDATION_BATCHES` batches are kept); None without enough cells."""
     if val_rows.size < n_dev:
         return None
     vb = max(n_dev, min(batch_size, val_rows.size) // n_dev * n_dev)
-    usable = val_rows[: val_rows.size // vb * vb]
+    usable = val_rows[: min(val_rows.size // vb, MAX_VALIDATION_BATCHES) * vb]
     return list(batches.sequential(usable, vb))
+
+
+#: cells (evenly spaced training cells) on which the genes are chosen
+GENE_SELECTION_CELLS = 20_000
+
+
+def _select_genes(X: Any, train_rows: np.ndarray, n_top: int | None,
+                  input: str) -> np.ndarray | None:
+    """Sorted indices of the ``n_top`` most variable genes of the training cells (scanpy's
+    ``flavor="seurat"`` on counts per 1e4, :func:`scatlas.models.mvae_data.highly_variable`),
+    judged on at most :data:`GENE_SELECTION_CELLS` of them; None: every gene."""
+    if n_top is None:
+        return None
+    n_top = check_positive_int(n_top, "n_top_genes")
+    if n_top >= X.shape[1]:
+        return None
+    from ..models.mvae_data import highly_variable
+
+    step = max(1, -(-train_rows.size // GENE_SELECTION_CELLS))
+    rows = np.sort(train_rows)[::step]
+    block = X[rows]
+    if input != "counts":  # log-normalised: back to counts per 1e4 (renormalising is a no-op)
+        block = block.expm1() if sp.issparse(block) else np.expm1(np.asarray(block, np.float64))
+    if not sp.issparse(block):
+        block = np.asarray(block)
+    return highly_variable(block, np.arange(rows.size), n_top)
 
 
 def _n_devices(data_parallel: bool) -> int:
