@@ -19,13 +19,39 @@ kernel moves the input there, computes, and moves the result back to the caller'
 
 AnnData matrices follow rapids-singlecell's convention: on the GPU ``.X`` (and layers) hold
 ``cupy.ndarray`` or ``cupyx.scipy.sparse`` matrices (:func:`anndata_to_device`).
+
+CPU threads
+-----------
+One rule: BLAS threads never multiply with scatlas's own thread pools, and LAPACK
+factorisations run on one BLAS thread.
+
+- :func:`cpu_threads` is the thread budget of a CPU pool: ``$SCATLAS_NUM_THREADS``, else the
+  number of threads the BLAS is allowed (``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` /
+  ``threadpoolctl`` limits as the user set them), capped by the usable cores.
+- :func:`serial_blas` limits the BLAS to one thread for the duration of a block. A pooled
+  section holds it in the thread that starts the pool, so ``pool size x BLAS threads <= budget``.
+  OpenBLAS built with pthreads (NumPy's and SciPy's wheels) has one process-wide thread pool and
+  a process-wide limit, and threadpoolctl >= 3.8 lets only one "controlling" thread change it
+  (a limit set from another thread is silently ignored). So the limit is reference counted
+  across threads: the first section to enter sets it, the last to leave restores the limits
+  that were in force before, taking control of OpenBLAS from whichever thread had it.
+- Dense LAPACK factorisations (``eigh``, ``svd``) run under :func:`serial_blas`: OpenBLAS
+  synchronises its threads at every level-2 step of a tridiagonalisation (O(m) barriers with
+  busy-waiting), so on a machine whose cores are taken by other work, a thread descheduled for
+  one time slice stalls the others. Measured on 2 shared cores at load ~10
+  (``OPENBLAS_NUM_THREADS=1`` vs ``2``, ``scipy.linalg.eigh(..., subset_by_index=top 30,
+  driver="evr")``, median of 5): m = 256: 18 vs 67 ms; 1,024: 262 vs 1,153 ms; 2,048: 2.0 vs
+  9.7 s. A GEMM has few barriers: at 1,024 and 2,048 two threads were on par or faster, below
+  512 they were 4-36x slower, hence :func:`blas_for_flops` (one thread below 1 GFlop).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -245,3 +271,118 @@ def _env_ok() -> bool:
         return True
     except (ValueError, DeviceUnavailableError):
         return False
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU threads: one budget for our pools, BLAS limited inside them (see the module docstring)
+# ----------------------------------------------------------------------------------------------
+THREADS_ENV = "SCATLAS_NUM_THREADS"
+#: Below this many flops a BLAS call runs on one thread (:func:`blas_for_flops`).
+SERIAL_BLAS_FLOPS = 1e9
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE: dict[str, Any] = {"depth": 0, "limiter": None, "budget": None}
+
+
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _blas_controller() -> Any:
+    """threadpoolctl's controller of the loaded BLAS libraries, or None without threadpoolctl."""
+    try:
+        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
+        return None
+    try:
+        from threadpoolctl import get_cached_controller  # noqa: PLC0415  (>= 3.8)
+
+        return get_cached_controller()
+    except ImportError:
+        return ThreadpoolController()
+
+
+def blas_threads() -> int | None:
+    """The largest thread count any loaded BLAS is allowed right now (None when unknown)."""
+    ctl = _blas_controller()
+    if ctl is None:
+        return None
+    counts = [lib.num_threads for lib in ctl.select(user_api="blas").lib_controllers
+              if lib.num_threads]
+    return max(counts) if counts else None
+
+
+def cpu_threads() -> int:
+    """Thread budget for scatlas's CPU pools.
+
+    ``$SCATLAS_NUM_THREADS`` when set; otherwise the BLAS thread limit in force outside any
+    :func:`serial_blas` section (so ``OPENBLAS_NUM_THREADS=1`` also makes our pools serial),
+    capped by the usable cores.
+    """
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"${THREADS_ENV} must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"${THREADS_ENV} must be a positive integer, got {env!r}")
+        return n
+    cores = _usable_cores()
+    with _BLAS_LOCK:
+        blas = _BLAS_STATE["budget"] if _BLAS_STATE["depth"] else blas_threads()
+    return max(1, min(cores, blas or cores))
+
+
+def _force_blas_control() -> None:
+    """Let this thread change OpenBLAS's process-wide limit (threadpoolctl >= 3.8 otherwise
+    ignores a change made from any thread but the first one that set a limit)."""
+    try:
+        from threadpoolctl import OpenBLASController  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        return
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+
+
+@contextlib.contextmanager
+def serial_blas() -> Iterator[None]:
+    """Limit every loaded BLAS to one thread for the duration of the block.
+
+    Safe to nest and to hold from several threads at once: the limit is set when the first
+    holder enters and the previous limits come back when the last one leaves, whichever threads
+    those are. Hold it in the thread that starts a pool, around the pooled work.
+    """
+    ctl = _blas_controller()
+    if ctl is None:  # pragma: no cover - no threadpoolctl: nothing to control
+        yield
+        return
+    with _BLAS_LOCK:
+        if _BLAS_STATE["depth"] == 0:
+            _BLAS_STATE["budget"] = blas_threads()
+            _force_blas_control()
+            _BLAS_STATE["limiter"] = ctl.limit(limits=1, user_api="blas")
+        _BLAS_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["depth"] -= 1
+            if _BLAS_STATE["depth"] == 0:
+                limiter, _BLAS_STATE["limiter"] = _BLAS_STATE["limiter"], None
+                _force_blas_control()
+                limiter.restore_original_limits()
+                _force_blas_control()  # leave no thread in control of OpenBLAS
+
+
+def blas_for_flops(flops: float, like: Any = None) -> contextlib.AbstractContextManager[None]:
+    """:func:`serial_blas` for a host BLAS call of fewer than :data:`SERIAL_BLAS_FLOPS` flops
+    (threads cost more than they save there, see the module docstring), else a no-op; also a
+    no-op when ``like`` is a GPU array (the call does not run on the host BLAS)."""
+    if flops >= SERIAL_BLAS_FLOPS or (like is not None and is_gpu_array(like)):
+        return contextlib.nullcontext()
+    return serial_blas()

@@ -36,12 +36,9 @@ high mean. Blocks run on a small thread pool (NumPy releases the GIL).
 
 from __future__ import annotations
 
-import functools
 import os
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -52,6 +49,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from . import backend
 from ._progress import bar
 from ._validate import ScatlasInputError, check_positive_int
 
@@ -479,52 +477,8 @@ def _atac_binary(model: _Model, cells: _Cells, rng: np.random.Generator) -> sp.c
     return _flat_to_csr(n, Q, (idx, np.ones(idx.size, dtype=_F32)))
 
 
-@functools.lru_cache(maxsize=1)
-def _blas_controller():
-    try:
-        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
-
-        return ThreadpoolController()
-    except Exception:  # threadpoolctl missing or unable to inspect the BLAS
-        return None
-
-
-_BLAS_LOCK = threading.Lock()
-_BLAS_STATE: dict[str, Any] = {"users": 0, "limiter": None}
-
-
-@contextmanager
-def _single_threaded_blas() -> Iterator[None]:
-    """Limit BLAS to one thread while any block is being generated (reference counted).
-
-    The per-block matrix products are small; a multi-threaded BLAS spins more than it computes
-    and competes with the block threads.
-    """
-    controller = _blas_controller()
-    if controller is None:
-        yield
-        return
-    with _BLAS_LOCK:
-        if _BLAS_STATE["users"] == 0:
-            _BLAS_STATE["limiter"] = controller.limit(limits=1, user_api="blas")
-        _BLAS_STATE["users"] += 1
-    try:
-        yield
-    finally:
-        with _BLAS_LOCK:
-            _BLAS_STATE["users"] -= 1
-            if _BLAS_STATE["users"] == 0:
-                _BLAS_STATE["limiter"].restore_original_limits()
-                _BLAS_STATE["limiter"] = None
-
-
 def _generate_block(model: _Model, block: int) -> _Block:
     """Cells ``[block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE)``, always a full block."""
-    with _single_threaded_blas():
-        return _generate_block_inner(model, block)
-
-
-def _generate_block_inner(model: _Model, block: int) -> _Block:
     seed = int(model.spec.seed)
     rng = np.random.default_rng([seed, _CELLS, block])
     cells = _cell_state(model, rng, BLOCK_SIZE)
@@ -541,16 +495,26 @@ def _generate_block_inner(model: _Model, block: int) -> _Block:
 
 def _default_jobs(n_jobs: int | None) -> int:
     if n_jobs is None:
-        return max(1, min(os.cpu_count() or 1, 8))
+        return max(1, min(backend.cpu_threads(), 8))
     return check_positive_int(n_jobs, "n_jobs")
 
 
 def _iter_blocks(model: _Model, n_blocks: int, n_jobs: int) -> Iterator[_Block]:
-    """Blocks ``0 .. n_blocks-1`` in order, at most ``2 * n_jobs`` in flight."""
-    if n_jobs == 1:
-        for b in range(n_blocks):
-            yield _generate_block(model, b)
-        return
+    """Blocks ``0 .. n_blocks-1`` in order, at most ``2 * n_jobs`` in flight.
+
+    BLAS runs on one thread while blocks are generated (:func:`backend.serial_blas`, held by
+    the consuming thread): the per-block matrix products are small, where a multi-threaded BLAS
+    spins more than it computes, and it would compete with the block threads.
+    """
+    with backend.serial_blas():
+        if n_jobs == 1:
+            for b in range(n_blocks):
+                yield _generate_block(model, b)
+            return
+        yield from _iter_blocks_pooled(model, n_blocks, n_jobs)
+
+
+def _iter_blocks_pooled(model: _Model, n_blocks: int, n_jobs: int) -> Iterator[_Block]:
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:
         pending = []
         for b in range(n_blocks):
@@ -741,7 +705,8 @@ def synthetic(
       ``batch_ambient``, ``gene_theta``, ``composition`` ...) when it is small.
 
     ``chunk_size`` only sets how many cells are assembled between progress-bar updates: the
-    output is identical for every ``chunk_size`` and ``n_jobs`` (threads; default: CPU count).
+    output is identical for every ``chunk_size`` and ``n_jobs`` (threads; default:
+    :func:`scatlas.backend.cpu_threads`, at most 8).
     ``more`` takes the remaining :class:`SyntheticSpec` fields (``program_gene_fraction``,
     ``program_fold``, ``protein_library_size``). Use :func:`write_synthetic_h5ad` beyond a few
     million cells.

@@ -155,6 +155,38 @@ def test_single_matrix_with_labels_keeps_cell_order(toy):
     assert [m.right for m in res.merges] == [["a"], ["c"], ["b"]]
 
 
+def test_auto_merge(toy):
+    """batchelor auto.merge: the first merge is the leaf pair with most MNN pairs (counted
+    with the reference kNN), and the whole run equals the explicit tree of its merges."""
+    batches, _ = toy
+    rng = np.random.default_rng(9)
+    batches = [batches[0], batches[1], batches[1] + rng.normal(0, 0.01, batches[1].shape),
+               batches[3]]  # batch 2 is a copy of batch 1: their pair has the most MNNs
+    res = fastmnn(batches, k=7, d=8, dtype=np.float64, auto_merge=True)
+    pcs, _ = ref_multi_pca([ref_cosine(B) for B in batches], 8)
+
+    def n_pairs(a, b):
+        nn_ab, nn_ba = ref_knn(a, b, 7)[1], ref_knn(b, a, 7)[1]
+        return sum(i in nn_ba[j] for i in range(len(a)) for j in nn_ab[i])
+
+    counts = {(i, j): n_pairs(pcs[i], pcs[j]) for i in range(4) for j in range(i)}
+    assert max(counts, key=counts.get) == (2, 1)
+    assert (res.merges[0].left, res.merges[0].right) == ([2], [1])
+    assert res.merges[0].pairs[0].size == counts[(2, 1)]
+    trees = {}
+
+    def tree_of(batch_ids):
+        return trees.get(tuple(batch_ids), batch_ids[0])
+
+    for m in res.merges:
+        trees[tuple(m.left + m.right)] = [tree_of(m.left), tree_of(m.right)]
+    explicit = fastmnn(batches, k=7, d=8, dtype=np.float64,
+                       merge_order=trees[tuple(res.merges[-1].left + res.merges[-1].right)])
+    np.testing.assert_allclose(res.corrected, explicit.corrected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ScatlasInputError, match="auto_merge"):
+        fastmnn(batches, auto_merge=True, merge_order=[0, 1, 2, 3])
+
+
 def test_building_blocks():
     rng = np.random.default_rng(2)
     M, v = rng.normal(size=(20, 4)), rng.normal(size=4)

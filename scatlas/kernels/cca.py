@@ -148,10 +148,13 @@ def _cross_svd_explicit(op1, op2, k: int):
     """
     xp = op1.xp
     n1, n2 = op1.shape[0], op2.shape[0]
-    M = _standardized_rows64(op1) @ _standardized_rows64(op2).T
-    small_left = n1 <= n2
-    Ms = M if small_left else M.T  # (small, large)
-    _, E = _top_eigh(Ms @ Ms.T, k)
+    p = op1.shape[1]
+    with backend.blas_for_flops(2.0 * n1 * n2 * max(p, min(n1, n2)), like=op1.X):
+        M = _standardized_rows64(op1) @ _standardized_rows64(op2).T
+        small_left = n1 <= n2
+        Ms = M if small_left else M.T  # (small, large)
+        MMt = Ms @ Ms.T
+    _, E = _top_eigh(MMt, k)
     Ub, D, Vbt = xp.linalg.svd(E.T @ Ms, full_matrices=False)  # Rayleigh-Ritz on M
     left, right = E @ Ub, Vbt.T
     tol = 10 * np.sqrt(max(n1, n2) * np.finfo(np.float64).eps) * (D[0] if D.size else 0)

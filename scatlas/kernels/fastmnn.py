@@ -49,7 +49,7 @@ Deviations: exact neighbours (:func:`scatlas.kernels.knn`; batchelor's default K
 too, ties may be broken differently); the PCA is exact (Gram route) or randomized with many
 power iterations (:func:`scatlas.kernels.linalg.svd_operator`) instead of irlba, signs by
 scikit-learn's rule (the correction is equivariant to PC signs); ``lost.var``, ``restrict``,
-``prop.k``, ``weights`` and ``auto.merge`` are not implemented; no MNN pair in a merge is an
+``prop.k`` and ``weights`` are not implemented; no MNN pair in a merge is an
 error (batchelor produces NaN).
 """
 
@@ -372,6 +372,7 @@ def fastmnn(
     d: int | None = 50,
     ndist: float = 3.0,
     merge_order: Any = None,
+    auto_merge: bool = False,
     cos_norm: bool = True,
     min_batch_skip: float = 0.0,
     pca_method: str = "auto",
@@ -396,6 +397,11 @@ def fastmnn(
         None (input order: batch 1 + 2, then + 3, ...), a sequence of batch names / indices
         (progressive in that order), or nested sequences (a tree; each group merged left to
         right, e.g. ``[[0, 3], [1, 2]]``).
+    auto_merge
+        batchelor's ``auto.merge`` (default FALSE): at each step, among the current nodes, merge
+        the pair with the most MNN pairs (each side orthogonalised against the other's batch
+        vectors first; ties to the first pair in batchelor's (i, j < i) order), the later
+        node as the reference; the merged node goes last. Excludes ``merge_order``.
     pca_method, seed
         :func:`scatlas.kernels.linalg.svd_operator` route ('auto' = exact Gram when cheap).
     dtype, device, progress
@@ -424,6 +430,8 @@ def fastmnn(
     check_min_cells(sizes, k, f"k={k}")
     if not (np.isfinite(ndist) and ndist > 0):
         raise ScatlasInputError(f"ndist must be a positive number, got {ndist}")
+    if auto_merge and merge_order is not None:
+        raise ScatlasInputError("give either merge_order or auto_merge=True, not both")
     tree = _resolve_tree(merge_order, names)
     rotation = None
     if d is not None:
@@ -450,8 +458,27 @@ def fastmnn(
             bar.update(1)
         return acc
 
+    def auto() -> _Node:
+        nodes = list(leaves)
+        while len(nodes) > 1:
+            best = (-1, 0, 0)
+            for i in range(len(nodes)):
+                for j in range(i):
+                    ia, _ = mnn_pairs(_orthogonalize(nodes[i].data, nodes[j].vectors),
+                                      _orthogonalize(nodes[j].data, nodes[i].vectors), k,
+                                      k2=k, dtype=nodes[i].data.dtype, progress=progress)
+                    if int(ia.shape[0]) > best[0]:
+                        best = (int(ia.shape[0]), i, j)
+            _, i, j = best
+            merged, info = _merge(nodes[i], nodes[j], k, ndist, min_batch_skip, names,
+                                  progress)
+            merges.append(info)
+            bar.update(1)
+            nodes = [nd for t, nd in enumerate(nodes) if t not in (i, j)] + [merged]
+        return nodes[0]
+
     with bar:
-        final = build(tree)
+        final = auto() if auto_merge else build(tree)
     xp = backend.array_module(final.data)
     out = xp.empty_like(final.data)
     out[xp.asarray(final.cells)] = final.data

@@ -134,14 +134,20 @@ def _top_eigh(G, k: int):
     """Top-k eigenpairs of a symmetric PSD matrix, descending, eigenvalues clipped at 0.
 
     On the CPU with k well below the size, LAPACK's ``syevr`` computes only the k wanted pairs
-    (``scipy.linalg.eigh(subset_by_index=...)``); otherwise a full ``eigh``.
+    (``scipy.linalg.eigh(subset_by_index=...)``); otherwise a full ``eigh``. On the CPU it runs
+    on one BLAS thread (:func:`backend.serial_blas`: threaded tridiagonalisation is 4-5x slower
+    on a busy machine).
     """
     xp = backend.array_module(G)
     m = G.shape[0]
     if xp is np and k < m // 2:
         import scipy.linalg  # noqa: PLC0415
 
-        evals, evecs = scipy.linalg.eigh(G, subset_by_index=[m - k, m - 1], driver="evr")
+        with backend.serial_blas():
+            evals, evecs = scipy.linalg.eigh(G, subset_by_index=[m - k, m - 1], driver="evr")
+    elif xp is np:
+        with backend.serial_blas():
+            evals, evecs = xp.linalg.eigh(G)
     else:
         evals, evecs = xp.linalg.eigh(G)
     order = xp.argsort(evals)[::-1][:k]
@@ -186,7 +192,9 @@ def gram_factor(op: ShiftedOperator, k: int, progress: bool | None = None):
     n, p = op.shape
     if n < p:
         C = op.dense_rows(0, n).astype(np.float64)
-        evals, U = _top_eigh(C @ C.T, k)
+        with backend.blas_for_flops(2.0 * n * n * p, like=C):
+            CCt = C @ C.T
+        evals, U = _top_eigh(CCt, k)
     else:
         evals, V = _top_eigh(op.gram(progress=progress), k)
     S = xp.sqrt(evals)

@@ -445,9 +445,10 @@ def _scores(Qb: Any, Rb: Any) -> Any:
     xp = backend.array_module(Rb)
     if backend.issparse(Rb):
         Rb = Rb.toarray()
-    if backend.issparse(Qb):
-        return xp.ascontiguousarray(Qb @ xp.ascontiguousarray(Rb.T))
-    return xp.ascontiguousarray(Qb @ Rb.T)
+    with backend.blas_for_flops(2.0 * Qb.shape[0] * Rb.shape[0] * Rb.shape[1], like=Rb):
+        if backend.issparse(Qb):
+            return xp.ascontiguousarray(Qb @ xp.ascontiguousarray(Rb.T))
+        return xp.ascontiguousarray(Qb @ Rb.T)
 
 
 def _merge(S: Any, col_ids: Any, top: _RunningTopK, rows: Any) -> None:

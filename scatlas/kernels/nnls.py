@@ -29,9 +29,7 @@ Solvers
 from __future__ import annotations
 
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -58,28 +56,26 @@ _GROUP_MIN = 256
 
 
 def _cpu_threads() -> int:
-    """Threads for CPU row-parallel solves: ``$SCATLAS_NUM_THREADS`` or the usable cores."""
-    env = os.environ.get("SCATLAS_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """Threads for CPU row-parallel solves: the CPU thread budget (:func:`backend.cpu_threads`:
+    ``$SCATLAS_NUM_THREADS``, else the BLAS thread limit, capped by the usable cores)."""
+    return backend.cpu_threads()
+
+
+class _SerialBlasPool:
+    """A thread pool whose ``map`` holds :func:`backend.serial_blas` in the calling thread for
+    as long as its tasks run, so that ``workers x BLAS threads`` stays within the budget."""
+
+    def __init__(self, n: int):
+        self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="scatlas-nnls")
+
+    def map(self, fn: Any, items: Any) -> list:
+        with backend.serial_blas():
+            return list(self.pool.map(fn, items))
 
 
 @functools.lru_cache(maxsize=4)
-def _executor(n: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="scatlas-nnls")
-
-
-def _threadpool_limits(n: int) -> Any:
-    """Keep BLAS single-threaded inside our own threads (no oversubscription)."""
-    try:
-        from threadpoolctl import threadpool_limits  # noqa: PLC0415
-    except ImportError:  # optional: scikit-learn brings it
-        return nullcontext()
-    return threadpool_limits(limits=n, user_api="blas")
+def _executor(n: int) -> _SerialBlasPool:
+    return _SerialBlasPool(n)
 
 
 def _check_system(AtA: Any, AtB: Any) -> tuple[Any, Any, Any]:
@@ -231,10 +227,9 @@ def _bpp_rows(C: Any, D: Any, X0: Any = None, max_iter: int | None = None, p_bar
             (D[a:b], None if X0 is None else X0[a:b])
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ]
-        with _threadpool_limits(1):
-            outs = list(_executor(n_threads).map(
-                lambda p: _bpp_block(C, p[0], p[1], max_iter, p_bar), parts
-            ))
+        outs = _executor(n_threads).map(
+            lambda p: _bpp_block(C, p[0], p[1], max_iter, p_bar), parts
+        )
         return np.concatenate(outs, axis=0)
     return _bpp_block(C, D, X0, max_iter, p_bar)
 
