@@ -29,14 +29,16 @@ import pandas as pd
 from . import backend
 from ._validate import ScatlasInputError, check_counts, check_obs_key, check_positive_int
 
-__all__ = ["HVG_FLAVORS", "highly_variable_genes", "normalize_log1p"]
+__all__ = ["COUNT_FLAVORS", "HVG_FLAVORS", "highly_variable_genes", "normalize_log1p"]
 
 log = logging.getLogger(__name__)
 
 HVGFlavor = Literal["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper"]
 #: Flavors accepted by :func:`highly_variable_genes` (scanpy's and rapids-singlecell's names).
 HVG_FLAVORS: tuple[str, ...] = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper")
-_COUNT_FLAVORS = ("seurat_v3", "seurat_v3_paper")
+#: Flavors that rank genes on raw counts (vst); the others expect log-normalised data.
+COUNT_FLAVORS: tuple[str, ...] = ("seurat_v3", "seurat_v3_paper")
+_COUNT_FLAVORS = COUNT_FLAVORS
 
 
 def _rapids():
@@ -240,11 +242,20 @@ def _check_batches(adata: ad.AnnData, batch_key: str, X: Any) -> None:
 
 
 def _check_flavor_input(X: Any, flavor: str) -> None:
-    """Warn when dispersion flavors get raw counts (they expect log-normalised data)."""
-    if flavor in _COUNT_FLAVORS:
-        return
+    """Warn when dispersion flavors get raw counts (they expect log-normalised data), or count
+    flavors get non-integer values (they model raw counts)."""
     values = X.data if backend.issparse(X) else X.ravel()
     sample = backend.to_host(values[:100_000])
+    if flavor in _COUNT_FLAVORS:
+        if sample.size and not np.all(sample == np.round(sample)):
+            warnings.warn(
+                f"flavor={flavor!r} models raw counts but the matrix has non-integer values "
+                "(log-normalised?); give it the counts, or use flavor='seurat' on "
+                "log-normalised data",
+                UserWarning,
+                stacklevel=3,
+            )
+        return
     if sample.size and np.all(sample == np.round(sample)) and float(sample.max()) > 1:
         warnings.warn(
             f"flavor={flavor!r} expects log-normalised data but the matrix looks like raw "

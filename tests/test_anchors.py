@@ -178,6 +178,28 @@ def test_find_anchors_reproduces_reference(worked):
     assert c1 is anc.cell1 and s is anc.score
 
 
+def test_genes_constant_in_one_dataset_are_left_out_of_the_pair(worked):
+    """RunCCA's CheckFeatures: a gene with zero variance in either dataset takes no part in that
+    pair's CCA, loadings or filter, so adding such genes changes nothing (Seurat 4.3 drops
+    281-508 of 1,767 genes per pair on PBMC data; keeping them changed the anchor counts)."""
+    X1, X2, _, _ = worked
+    rng = np.random.default_rng(3)
+    n1, n2 = len(X1), len(X2)
+    extra1 = np.column_stack([np.zeros(n1), np.full(n1, 2.0), rng.normal(size=n1)])
+    extra2 = np.column_stack([rng.normal(size=n2), rng.normal(size=n2), np.zeros(n2)])
+    Y1, Y2 = np.hstack([X1, extra1]), np.hstack([X2, extra2])
+    base = find_anchors(X1, X2, scale=True, filter_data1=X1, filter_data2=X2,
+                        dtype=np.float64, **ARGS)
+    wide = find_anchors(Y1, Y2, scale=True, filter_data1=Y1, filter_data2=Y2,
+                        dtype=np.float64, **ARGS)
+    np.testing.assert_array_equal(wide.cell1, base.cell1)
+    np.testing.assert_array_equal(wide.cell2, base.cell2)
+    np.testing.assert_allclose(wide.score, base.score, atol=1e-12)
+    np.testing.assert_array_equal(wide.filter_features, base.filter_features)
+    np.testing.assert_allclose(np.abs(wide.embeddings[0]), np.abs(base.embeddings[0]),
+                               atol=1e-10)
+
+
 def test_integrate_pair_reproduces_reference(worked):
     X1, X2, _, _ = worked
     anc = find_anchors(X1, X2, scale=True, filter_data1=X1, filter_data2=X2,
@@ -242,6 +264,29 @@ def test_sample_tree_follows_hclust_convention():
     assert sample_tree(sim) == [(-3, -4), (-1, -2), (1, 2)]
     sim0 = np.array([[0, 1.0, 0], [1.0, 0, 0], [0, 0, 0]])  # dataset 3 has no anchors
     assert sample_tree(sim0) == [(-1, -2), (-3, 1)]
+
+
+# Similarity matrices with many tied distances and the merge matrices R 4 returns for them,
+# ``hclust(as.dist(1 / S))$merge`` (printed by Rscript; SciPy's linkage broke these ties
+# differently, so Seurat merged datasets in another order).
+_R_HCLUST_TIES = [
+    ([[0, 2, 1, 1, 1, 1, 1], [2, 0, 2, 3, 2, 2, 3], [1, 2, 0, 2, 3, 1, 3],
+      [1, 3, 2, 0, 2, 1, 3], [1, 2, 3, 2, 0, 1, 2], [1, 2, 1, 1, 1, 0, 1],
+      [1, 3, 3, 3, 2, 1, 0]],
+     [(-2, -4), (-7, 1), (-3, -5), (2, 3), (-1, 4), (-6, 5)]),
+    ([[0, 2, 3, 3, 3, 2], [2, 0, 2, 3, 3, 3], [3, 2, 0, 2, 3, 3], [3, 3, 2, 0, 2, 3],
+      [3, 3, 3, 2, 0, 3], [2, 3, 3, 3, 3, 0]],
+     [(-1, -3), (-5, 1), (-2, -4), (-6, 3), (2, 4)]),
+    ([[0, 1, 1, 3, 2, 2], [1, 0, 2, 3, 3, 3], [1, 2, 0, 2, 2, 3], [3, 3, 2, 0, 2, 3],
+      [2, 3, 2, 2, 0, 3], [2, 3, 3, 3, 3, 0]],
+     [(-1, -4), (-2, -5), (-6, 2), (-3, 3), (1, 4)]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_R_HCLUST_TIES)))
+def test_sample_tree_breaks_ties_as_r_hclust(case):
+    sim, merge = _R_HCLUST_TIES[case]
+    assert sample_tree(np.array(sim, dtype=float)) == merge
 
 
 # ----------------------------------------------------------------------------------------------

@@ -249,3 +249,21 @@ def test_gram_route_keeps_small_singular_values_of_tall_data(dtype):
     eps = np.finfo(dtype).eps
     atol = eps * S0[0] ** 2 / S0
     assert np.all(np.abs(S - S0) <= atol), (S - S0, atol)
+
+
+def test_auto_route_is_exact_for_a_few_thousand_features():
+    """A 2,000 x 2,000 problem (Seurat's final PCA of 2,000 integrated genes) and a tall sparse
+    one with 2,000 genes take the exact route, as rapids-singlecell / scikit-learn do; beyond
+    8,192 on both sides only the randomized route is possible."""
+    from scatlas.kernels._operator import ShiftedOperator
+    from scatlas.kernels.linalg import choose_method
+
+    with ShiftedOperator(np.zeros((2000, 2000), dtype=np.float32)) as op:
+        assert choose_method(op, 30, 10, 7) == "gram"
+    tall = sp.random(200_000, 2000, density=1e-3, format="csr", dtype=np.float32,
+                     random_state=0)
+    with ShiftedOperator(tall) as op:
+        assert choose_method(op, 50, 10, 7) == "gram"
+    wide = sp.random(9000, 9000, density=1e-4, format="csr", dtype=np.float32, random_state=0)
+    with ShiftedOperator(wide) as op:
+        assert choose_method(op, 50, 10, 7) == "randomized"

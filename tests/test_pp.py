@@ -190,3 +190,33 @@ def test_hvg_real_mesc_batches(mesc):
     pp.normalize_log1p(a)
     pp.highly_variable_genes(a, n_top_genes=200, batch_key="batch")
     assert a.var["highly_variable"].sum() == 200
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skmisc") is None, reason="needs scikit-misc")
+def test_count_flavor_on_log_data_warns(lognorm):
+    """seurat_v3 models counts: handing it log-normalised values is flagged, not silently run."""
+    with pytest.warns(UserWarning, match="non-integer"):
+        pp.highly_variable_genes(lognorm.copy(), n_top_genes=40, flavor="seurat_v3")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skmisc") is None, reason="needs scikit-misc")
+def test_seurat_v3_paper_is_select_integration_features(counts):
+    """flavor='seurat_v3_paper' with a batch key is Seurat's SelectIntegrationFeatures: per
+    batch vst top-n lists (loess of log10 variance on log10 mean, span 0.3, values clipped at
+    sqrt(n), standardised variance), genes ranked by how many batches list them, ties by the
+    median rank within the lists that hold them. Checked against that rule written out here on
+    scanpy's per-batch vst (a single-batch call per batch)."""
+    n_top = 60
+    a = counts.copy()
+    pp.highly_variable_genes(a, n_top_genes=n_top, flavor="seurat_v3_paper", batch_key="batch")
+    lists = []
+    for b in sorted(a.obs["batch"].unique()):
+        sub = counts[counts.obs["batch"] == b].copy()
+        sc.pp.highly_variable_genes(sub, n_top_genes=n_top, flavor="seurat_v3")
+        order = np.argsort(-sub.var["variances_norm"].to_numpy(), kind="stable")
+        lists.append(list(sub.var_names[order[:n_top]]))
+    count = pd.Series([g for lst in lists for g in lst]).value_counts()
+    median = {g: np.median([lst.index(g) for lst in lists if g in lst]) for g in count.index}
+    ranked = sorted(count.index, key=lambda g: (-count[g], median[g]))
+    expected = set(ranked[:n_top])
+    assert set(a.var_names[a.var["highly_variable"]]) == expected

@@ -72,7 +72,7 @@ def test_mnn_writes_embedding_and_matches_kernel(counts, tmp_path):
 def test_cca_writes_pca_of_corrected_expression(counts, tmp_path):
     adata = counts.copy()
     out = integrate(adata, "batch", method="cca", key_added="X_seurat", n_top_genes=200,
-                    dims=20, k_weight=50, copy=True)
+                    hvg_flavor="seurat", dims=20, k_weight=50, copy=True)
     assert "X_seurat" not in adata.obsm  # copy=True leaves the input alone
     E, C = out.obsm["X_seurat"], out.obsm["X_seurat_corrected"]
     assert E.shape == (out.n_obs, 30) and C.shape == (out.n_obs, 200)

@@ -5,18 +5,19 @@ Follows ../shared/reference/cca_mnn_rsvd.md section 1 (Seurat v3/v4 ``R/integrat
 
 1. :func:`scale_data` - ``ScaleData`` per dataset: centre and scale every gene (sd with n - 1),
    values above ``scale.max = 10`` clipped (upper side only, ``FastRowScale``).
-2. :func:`find_anchors` - ``FindAnchors`` (integration.R:132 defaults):
-   CCA of the two scaled matrices (``RunCCA``, :func:`scatlas.kernels.cca`, 30 canonical
-   vectors, never the n1 x n2 matrix), loadings ``ProjectDim`` = ``[X1; X2]^T [U; V]``,
-   L2-normalised cells (``L2Dim``); kNN (``FindNN``, integration.R:4411) within each dataset
-   (k + 1, the cell itself first) and across (k) with k = max(k.anchor, k.score); mutual pairs
-   within the first k.anchor = 5 (``FindAnchorPairs``, integration.R:4301); optional filtering
-   (``TopDimFeatures`` + ``FilterAnchors``, integration.R:5857, 3991): the ~200 genes with the
-   top balanced loadings, cells L2-normalised in the log-normalised ``data``, an anchor is kept
-   when its dataset-2 cell is among the k.filter = 200 nearest of its dataset-1 cell; scoring
-   (``ScoreAnchors``, integration.R:5803): shared neighbours of the two anchor cells among
-   ``nnaa[:30] + nnab[:30]`` and ``nnba[:30] + nnbb[:30]``, rescaled by the 0.01 / 0.90
-   quantiles (R's type-7 quantiles = NumPy's default) and clipped to [0, 1].
+2. :func:`find_anchors` - ``FindAnchors`` (integration.R:132 defaults): CCA of the two scaled
+   matrices (``RunCCA``, :func:`scatlas.kernels.cca`, 30 canonical vectors, never the n1 x n2
+   matrix), loadings ``ProjectDim`` = ``[X1; X2]^T [U; V]``, L2-normalised cells (``L2Dim``); genes
+   with zero variance in either dataset are left out of the pair's CCA and loadings (``RunCCA``'s
+   ``CheckFeatures``); kNN (``FindNN``, integration.R:4411) within each dataset (k + 1, the cell
+   itself first) and across (k) with k = max(k.anchor, k.score); mutual pairs within the first
+   k.anchor = 5 (``FindAnchorPairs``, integration.R:4301); optional filtering (``TopDimFeatures`` +
+   ``FilterAnchors``, integration.R:5857, 3991): the ~200 genes with the top balanced loadings,
+   cells L2-normalised in the log-normalised ``data``, an anchor is kept when its dataset-2 cell is
+   among the k.filter = 200 nearest of its dataset-1 cell; scoring (``ScoreAnchors``,
+   integration.R:5803): shared neighbours of the two anchor cells among ``nnaa[:30] + nnab[:30]``
+   and ``nnba[:30] + nnbb[:30]``, rescaled by the 0.01 / 0.90 quantiles (R's type-7 quantiles =
+   NumPy's default) and clipped to [0, 1].
 3. :func:`integrate_pair` - ``FindIntegrationMatrix`` + ``FindWeights`` (integration.R:4360,
    4538) + ``FindWeightsC`` / ``IntegrateDataC`` (integration.cpp:13, 89): per query cell its
    k.weight = 100 nearest anchor query cells in the weight space, ``D = 1 - d / d_k``, walking
@@ -49,9 +50,10 @@ Deviations from Seurat (documented, deliberate):
   first); across pairs the order of ``FindIntegrationAnchors`` (pairs (i, j), i < j, ordered by
   j then i, then the reversed copies), which fixes which anchors a cell keeps when the
   k.weight entries are cut.
-- ``hclust`` ties (equal 1/similarity distances) may be broken differently by SciPy's
-  ``linkage``; infinite distances (datasets without anchors) are replaced by a finite value
-  larger than all others.
+- The merge tree is R's ``hclust`` complete-linkage algorithm (its nearest-neighbour lists and
+  tie-breaking, so equal 1/similarity distances merge in R's order); infinite distances
+  (datasets without anchors, where R's ``hclust`` stops with an error) are replaced by a finite
+  value larger than all others.
 
 No n1 x n2 matrix is ever formed: the CCA goes through p x p Gram matrices, neighbours are
 searched block-wise, weights are a sparse (n_query x n_anchors) matrix with k.weight entries per
@@ -407,6 +409,16 @@ def find_anchors(
                                                            k_filter, max_features)
     if scale:
         X1d, X2d = scale_data(X1d, dtype=X1d.dtype), scale_data(X2d, dtype=X2d.dtype)
+    X1all, X2all = X1d, X2d  # all features (the filter's fallback data and shape check)
+    used = _varying_in_both(X1d, X2d)  # RunCCA's CheckFeatures: drop zero-variance genes
+    if used.size < p:
+        if used.size <= dims:
+            raise ScatlasInputError(
+                f"only {used.size} of the {p} features vary in both datasets; dims={dims} "
+                "needs more"
+            )
+        cols = backend.to_device(used, backend.device_of(X1d))
+        X1d, X2d = X1d[:, cols], X2d[:, cols]
     Z1, Z2 = _cca(X1d, X2d, dims, l2_norm=False, method=cca_method, seed=seed,
                   dtype=X1d.dtype, progress=progress)
     E1, E2 = (l2_normalize_rows(Z1), l2_normalize_rows(Z2)) if l2_norm else (Z1, Z2)
@@ -422,13 +434,37 @@ def find_anchors(
                       "anchors (as Seurat does)", UserWarning, stacklevel=2)
     elif k_filter is not None:
         loadings = to_dense(X1d).T @ Z1 + to_dense(X2d).T @ Z2  # ProjectDim on scale.data
-        features = top_dim_features(loadings, max_features)
-        F1, F2 = _filter_inputs(filter_data1, filter_data2, X1d, X2d, features, device)
+        features = used[top_dim_features(loadings, max_features)]
+        F1, F2 = _filter_inputs(filter_data1, filter_data2, X1all, X2all, features, device)
         keep = _filter_anchors(a, b, F1, F2, k_filter, progress)
         a, b = a[keep], b[keep]
     score = _score_anchors(a, b, nn, k_score)
     return Anchors(cell1=restore(a), cell2=restore(b), score=restore(score), n_mnn=n_mnn,
                    filter_features=features, embeddings=(restore(E1), restore(E2)))
+
+
+def _column_variance(X: Any) -> Any:
+    """Per-column variance (host float64, ddof=0) of a dense or sparse matrix; columns that are
+    constant up to round-off give exactly 0."""
+    xp = backend.array_module(X)
+    n = X.shape[0]
+    if backend.issparse(X):
+        s1 = xp.asarray(X.sum(axis=0)).ravel().astype(np.float64)
+        s2 = xp.asarray(X.multiply(X).sum(axis=0)).ravel().astype(np.float64)
+    else:
+        s1 = X.sum(axis=0, dtype=np.float64)
+        s2 = xp.square(X).sum(axis=0, dtype=np.float64)
+    mean = s1 / n
+    var = xp.clip(s2 / n - mean**2, 0, None)
+    var = xp.where(var <= 1e-12 * xp.maximum(s2 / n, 1e-300), 0.0, var)
+    return np.asarray(backend.to_host(var))
+
+
+def _varying_in_both(X1: Any, X2: Any) -> np.ndarray:
+    """Host int64 indices of the columns with non-zero variance in both X1 and X2 (Seurat's
+    ``CheckFeatures`` in ``RunCCA``: a gene constant in one dataset is left out of that pair's
+    CCA and loadings)."""
+    return np.flatnonzero((_column_variance(X1) > 0) & (_column_variance(X2) > 0))
 
 
 def _filter_inputs(F1: Any, F2: Any, X1: Any, X2: Any, features: np.ndarray,
@@ -642,15 +678,59 @@ def count_anchors(anchors: dict[tuple[int, int], Anchors], sizes: Sequence[int])
     return sim
 
 
+def _hclust_complete(dist: np.ndarray) -> list[tuple[int, int]]:
+    """R's ``hclust(method = "complete")`` merge pairs (Murtagh's ``hclust.f`` as in R).
+
+    ``dist`` (B, B) symmetric, finite. Returns per step the two merged cluster representatives
+    (0-based; a cluster is represented by its smallest original index, as in ``hclust.f``):
+    nearest-neighbour lists with strict ``<`` comparisons, so among equal distances the first
+    row, then the first column, wins - the tie-breaking that makes Seurat's merge order
+    reproducible.
+    """
+    B = dist.shape[0]
+    d = dist.astype(np.float64).copy()
+    active = np.ones(B, dtype=bool)
+    nn = np.zeros(B, dtype=np.int64)
+    disnn = np.full(B, np.inf)
+
+    def nearest(i: int) -> None:
+        best, arg = np.inf, i
+        for j in range(i + 1, B):
+            if active[j] and d[i, j] < best:
+                best, arg = d[i, j], j
+        nn[i], disnn[i] = arg, best
+
+    for i in range(B - 1):
+        nearest(i)
+    steps = []
+    for _ in range(B - 1):
+        best, im, jm = np.inf, -1, -1
+        for i in range(B - 1):
+            if active[i] and disnn[i] < best:
+                best, im, jm = disnn[i], i, int(nn[i])
+        i2, j2 = min(im, jm), max(im, jm)
+        steps.append((i2, j2))
+        active[j2] = False
+        best, jj = np.inf, i2
+        for k in range(B):
+            if active[k] and k != i2:
+                d[i2, k] = d[k, i2] = max(d[i2, k], d[j2, k])  # complete linkage
+                if i2 < k and d[i2, k] < best:
+                    best, jj = d[i2, k], k
+        nn[i2], disnn[i2] = jj, best
+        for i in range(B - 1):
+            if active[i] and nn[i] in (i2, j2):
+                nearest(i)
+    return steps
+
+
 def sample_tree(similarity: np.ndarray) -> list[tuple[int, int]]:
     """``BuildSampleTree``: ``hclust(as.dist(1 / similarity))$merge`` (complete linkage).
 
     Rows in R's convention: -(i + 1) for dataset i, +s for the node made at step s (1-based);
-    within a row singletons first (smaller dataset first), then nodes (earlier first).
+    within a row singletons first (smaller dataset first), then nodes (earlier first). Ties are
+    broken as R's ``hclust`` breaks them (:func:`_hclust_complete`).
     """
-    from scipy.cluster.hierarchy import linkage  # noqa: PLC0415
-    from scipy.spatial.distance import squareform  # noqa: PLC0415
-
     B = similarity.shape[0]
     with np.errstate(divide="ignore"):
         dist = 1.0 / similarity
@@ -658,12 +738,14 @@ def sample_tree(similarity: np.ndarray) -> list[tuple[int, int]]:
     finite = dist[np.isfinite(dist) & (dist > 0)]
     big = 2.0 * finite.max() + 1.0 if finite.size else 1.0
     dist[~np.isfinite(dist)] = big
-    Z = linkage(squareform(dist, checks=False), method="complete")
+    owner = {i: -(i + 1) for i in range(B)}  # representative -> current R id
     rows = []
-    for c1, c2 in Z[:, :2].astype(np.int64):
-        ids = [-(c + 1) if c < B else int(c - B + 1) for c in (c1, c2)]
+    for step, (i2, j2) in enumerate(_hclust_complete(dist), start=1):
+        ids = [owner[i2], owner[j2]]
         ids.sort(key=lambda v: (v > 0, abs(v)))
         rows.append((ids[0], ids[1]))
+        owner[i2] = step
+        del owner[j2]
     return rows
 
 

@@ -29,12 +29,17 @@ Written (``key = key_added or f"X_{method}"``; ``name = key`` without a leading 
   used (like ``varm["PCs"]``).
 * ``.uns[name]``: ``method``, ``genes`` (the features used), ``batches``, ``merges`` (per merge
   step the reference and query batches joined by ``";"``; mnn also ``n_pairs``, ``batch_size``,
-  ``skipped``), cca ``n_anchors`` per pair and ``flavor``, and ``params``.
+  ``skipped``), cca ``n_anchors`` per pair, ``anchors`` (each pair's anchors once: ``cell1``,
+  ``cell2`` cell positions, ``score``, ``dataset1``, ``dataset2`` batch names) and ``flavor``,
+  and ``params``.
 
-Deviations: features come from scanpy's ``highly_variable_genes(batch_key=...)`` (flavor
-``"seurat"``: genes ranked by the number of batches calling them variable, then by normalised
-dispersion) instead of Seurat's vst ``SelectIntegrationFeatures``; the rest is as documented in
-:mod:`scatlas.kernels.anchors` and :mod:`scatlas.kernels.fastmnn`.
+Features: cca's default is Seurat's own selection, vst on the counts of each batch and
+``SelectIntegrationFeatures``, through scanpy's / rapids-singlecell's
+``highly_variable_genes(flavor="seurat_v3_paper", batch_key=...)`` (scanpy needs the
+``scikit-misc`` package for its loess); mnn and harmony default to ``flavor="seurat"``
+(dispersion of the log-normalised data, ranked by the number of batches calling a gene
+variable). The rest is as documented in :mod:`scatlas.kernels.anchors` and
+:mod:`scatlas.kernels.fastmnn`.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def integrate(
     layer: str | None = None,
     n_top_genes: int = 2000,
     genes: Any = None,
-    hvg_flavor: str = "seurat",
+    hvg_flavor: str | None = None,
     n_pcs: int = 30,
     flavor: Literal["v3", "v5"] = "v3",
     seed: int = 0,
@@ -91,8 +96,17 @@ def integrate(
     key_added
         ``.obsm`` key of the embedding (default ``f"X_{method}"``).
     n_top_genes, genes, hvg_flavor
-        Features for cca / mnn: ``genes`` (names, or a bool mask over ``var_names``) if given,
-        else the ``n_top_genes`` batch-aware HVGs of :func:`scatlas.pp.highly_variable_genes`.
+        Features for cca / mnn / harmony: ``genes`` (names, or a bool mask over ``var_names``)
+        if given, else the ``n_top_genes`` batch-aware HVGs of
+        :func:`scatlas.pp.highly_variable_genes` with ``hvg_flavor``. Default (``None``):
+        ``"seurat_v3_paper"`` for cca - Seurat's ``FindVariableFeatures(vst)`` per batch on the
+        raw counts and ``SelectIntegrationFeatures`` (genes ranked by the number of batches
+        listing them, ties by median rank), which reproduces Seurat 4.3's features (all 2000
+        on CellBench and Baron human/mouse, ``python -m bench.seurat_parity``); ``"seurat"`` (dispersion on
+        log-normalised data) for mnn and harmony. ``"seurat_v3"`` / ``"seurat_v3_paper"`` run
+        on the counts, ``"seurat"`` / ``"cell_ranger"`` on the log-normalised data. Note that
+        scanpy's ``"seurat_v3"`` ranks by median rank first, which is not Seurat's
+        ``SelectIntegrationFeatures`` (71% of the features shared on CellBench).
     n_pcs
         cca: PCs of the corrected expression (v3) or of the joint PCA that is corrected (v5);
         Seurat's 30.
@@ -118,6 +132,8 @@ def integrate(
         _run_inmf(adata, batch_key, key, layer=layer, dtype=dtype, device=device,
                   progress=progress, **kwargs)
         return adata if copy else None
+    if hvg_flavor is None:
+        hvg_flavor = "seurat_v3_paper" if method == "cca" else "seurat"
     work, genes_used = _log_hvg(adata, batch_key, layer, n_top_genes, genes, hvg_flavor,
                                 device)
     X = work.X
@@ -148,12 +164,17 @@ def _log_hvg(adata: ad.AnnData, batch_key: str, layer: str | None, n_top_genes: 
         raise ScatlasInputError(
             f"obs[{batch_key!r}] has {n_batches} batch(es); integration needs at least 2"
         )
+    on_counts = genes is None and hvg_flavor in pp.COUNT_FLAVORS
+    if on_counts:  # vst-type flavors model the counts themselves (Seurat's FindVariableFeatures)
+        pp.highly_variable_genes(work, check_positive_int(n_top_genes, "n_top_genes"),
+                                 batch_key=batch_key, flavor=hvg_flavor, device=device)
     pp.normalize_log1p(work, device=device)
     if genes is not None:
         pos = _gene_positions(adata, genes)
     else:
-        pp.highly_variable_genes(work, check_positive_int(n_top_genes, "n_top_genes"),
-                                 batch_key=batch_key, flavor=hvg_flavor, device=device)
+        if not on_counts:  # dispersion flavors expect log-normalised data
+            pp.highly_variable_genes(work, check_positive_int(n_top_genes, "n_top_genes"),
+                                     batch_key=batch_key, flavor=hvg_flavor, device=device)
         pos = np.flatnonzero(work.var["highly_variable"].to_numpy())
     work = ad.AnnData(X=work.X[:, on_device_of(work.X, pos)], obs=work.obs)
     return work, pos
@@ -218,7 +239,25 @@ def _run_cca(adata: ad.AnnData, key: str, X: Any, batch: np.ndarray, n_pcs: int,
                        "query": _joined([res.batches[d] for d in q] for _, q in res.merges)},
             "n_anchors": {f"{res.batches[i]}|{res.batches[j]}": len(a)
                           for (i, j), a in res.anchors.items()},
+            "anchors": _anchor_table(res, batch),
             "params": {"n_pcs": n_pcs, **_plain(kwargs)}}
+
+
+def _anchor_table(res: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """Every pair's anchors once (i < j), as ``cell1`` / ``cell2`` cell positions in the
+    AnnData, ``score`` and ``dataset1`` / ``dataset2`` batch names (h5ad-writable arrays)."""
+    rows = {name: np.flatnonzero(batch == str(name)) for name in res.batches}
+    parts: dict[str, list[Any]] = {k: [] for k in ("cell1", "cell2", "score", "dataset1",
+                                                    "dataset2")}
+    for (i, j), anc in res.anchors.items():
+        b1, b2 = str(res.batches[i]), str(res.batches[j])
+        c1 = rows[b1][np.asarray(backend.to_host(anc.cell1), dtype=np.int64)]
+        parts["cell1"].append(c1)
+        parts["cell2"].append(rows[b2][np.asarray(backend.to_host(anc.cell2), dtype=np.int64)])
+        parts["score"].append(np.asarray(backend.to_host(anc.score), dtype=np.float64))
+        parts["dataset1"].append(np.full(c1.size, b1))
+        parts["dataset2"].append(np.full(c1.size, b2))
+    return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
 
 
 def _joined(groups: Any) -> np.ndarray:
