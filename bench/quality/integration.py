@@ -19,9 +19,10 @@ setting beyond the batch key:
   :func:`bench.peers.seurat.seurat_cca_integrate` at its defaults: its own vst features,
   30 dims) when R and Seurat are installed.
 
-Genes: cca, mnn, harmony, uncorrected, harmonypy and scanorama share the 2,000 batch-aware
-HVGs of ``tl.integrate`` (the ``genes`` field of each row says so); inmf selects its own
-(LIGER's), Seurat its own (``SelectIntegrationFeatures``); each row records its count.
+Genes: mnn, harmony, uncorrected, harmonypy and scanorama share the 2,000 batch-aware HVGs of
+``tl.integrate`` (``hvg_flavor="seurat"``); cca uses its own default features (Seurat's vst
+``SelectIntegrationFeatures``), inmf LIGER's, Seurat its own; the ``genes`` field of each row
+says which, with its overlap with the shared HVGs.
 
 Metrics (:func:`scatlas.metrics.summary`, exact neighbours, all cells): ``ilisi`` (batch
 mixing, scaled to [0, 1]), ``clisi``, ``label_transfer`` (cross-batch 15-NN vote),
@@ -89,11 +90,17 @@ def _ours(method: str) -> Callable[[Any, dict], tuple[Any, str]]:
         a = adata.copy()
         tl.integrate(a, "batch", method=method, progress=False)
         key = "X_inmf_norm" if method == "inmf" else f"X_{method}"
-        genes = a.uns["inmf" if method == "inmf" else method]["genes"]
-        shared_hvg = method != "inmf"
-        return a.obsm[key], (f"{len(genes)} shared batch-aware HVGs" if shared_hvg
-                             else f"{len(genes)} genes of its own selection")
+        return a.obsm[key], _genes_note(a.uns["inmf" if method == "inmf" else method]["genes"],
+                                        adata.var_names[shared["genes"]])
     return call
+
+
+def _genes_note(genes: Any, shared: Any) -> str:
+    """Which genes a method used, against the shared batch-aware HVGs."""
+    genes, shared = {str(g) for g in genes}, {str(g) for g in shared}
+    if genes == shared:
+        return f"{len(genes)} shared batch-aware HVGs"
+    return f"{len(genes)} genes of its own selection ({len(genes & shared)} of the shared HVGs)"
 
 
 def _uncorrected(adata: Any, shared: dict) -> tuple[Any, str]:
@@ -141,7 +148,7 @@ def _seurat_module() -> Any | None:
 def _seurat(adata: Any, shared: dict) -> tuple[Any, str]:
     res = _seurat_module().seurat_cca_integrate(adata, "batch")
     shared["seurat"] = res
-    return res["embedding"], f"{len(res['features'])} genes of its own selection (vst)"
+    return res["embedding"], _genes_note(res["features"], adata.var_names[shared["genes"]])
 
 
 def knn_overlap(A: Any, B: Any, k: int = K_OVERLAP) -> float:
