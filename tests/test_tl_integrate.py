@@ -129,7 +129,7 @@ def test_inmf_is_delegated(counts):
 def test_bad_input(counts):
     adata = counts.copy()
     with pytest.raises(ScatlasInputError, match="method"):
-        integrate(adata, "batch", method="harmony")
+        integrate(adata, "batch", method="scvi")
     with pytest.raises(ScatlasInputError, match="batch_key"):
         integrate(adata, "nope", method="mnn")
     one = adata[adata.obs["batch"] == "b0"].copy()
