@@ -33,11 +33,13 @@ __all__ = ["COUNT_FLAVORS", "HVG_FLAVORS", "highly_variable_genes", "normalize_l
 
 log = logging.getLogger(__name__)
 
-HVGFlavor = Literal["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper"]
-#: Flavors accepted by :func:`highly_variable_genes` (scanpy's and rapids-singlecell's names).
-HVG_FLAVORS: tuple[str, ...] = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper")
+HVGFlavor = Literal["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper", "seurat_integration"]
+#: Flavors accepted by :func:`highly_variable_genes`: scanpy's and rapids-singlecell's names,
+#: and ``"seurat_integration"`` (Seurat's ``SelectIntegrationFeatures`` on per-batch vst).
+HVG_FLAVORS: tuple[str, ...] = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper",
+                                "seurat_integration")
 #: Flavors that rank genes on raw counts (vst); the others expect log-normalised data.
-COUNT_FLAVORS: tuple[str, ...] = ("seurat_v3", "seurat_v3_paper")
+COUNT_FLAVORS: tuple[str, ...] = ("seurat_v3", "seurat_v3_paper", "seurat_integration")
 _COUNT_FLAVORS = COUNT_FLAVORS
 
 
@@ -175,9 +177,23 @@ def highly_variable_genes(
     expects **log-normalised** data (run :func:`normalize_log1p` first); a warning is issued
     when the input looks like raw integer counts. ``"cell_ranger"`` likewise. ``"seurat_v3"`` /
     ``"seurat_v3_paper"`` rank genes on **raw counts** and are usually preferred on counts, but
-    scanpy needs the optional ``scikit-misc`` package for them (a binary wheel on PyPI:
-    ``pip install scikit-misc``); they are accepted when it is installed (or on the GPU), with a
-    clear ImportError otherwise. That optional dependency is why they are not the default.
+    scanpy needs the ``scikit-misc`` package for them (a dependency of scatlas; a clear
+    ImportError names it if it is missing). They are not this function's default because they
+    need counts, not the log-normalised data the dispersion flavors take.
+
+    ``"seurat_integration"`` (counts) is Seurat 4's ``SelectIntegrationFeatures`` exactly:
+    per batch, scanpy's / rapids-singlecell's single-batch ``"seurat_v3"`` vst (Seurat's
+    ``FindVariableFeatures(selection.method = "vst")``: loess of log10 variance on log10 mean,
+    span 0.3, values clipped at sqrt(n_cells), standardised variance) lists the top
+    ``n_top_genes`` genes, equal standardised variances in gene order (R's stable ``order``);
+    genes are then ranked by the number of batches listing them, then by their median
+    (1-based) rank in those lists, then by name (R's ``table`` order; R collates in its locale,
+    here by code point), and the first ``n_top_genes`` are kept. scanpy's batch-aware
+    ``"seurat_v3_paper"`` ranks the same way but orders equal variances arbitrarily
+    (``np.argsort``), which swapped one of 2,000 genes on the Baron human/mouse data and, through
+    it, 5% of the CCA anchors. Without ``batch_key`` it is Seurat's single-object vst list.
+    Writes ``highly_variable``, ``highly_variable_nbatches``, ``highly_variable_rank`` (median
+    rank, NaN for unlisted genes) and ``variances_norm`` (mean over batches).
 
     Raises :class:`~scatlas._validate.ScatlasInputError` for an empty matrix, NaN/inf or negative
     values, a ``batch_key`` missing from ``adata.obs``, cells without a batch (NaN), a batch
@@ -206,9 +222,50 @@ def highly_variable_genes(
             "scikit-misc); or use flavor='seurat' on log-normalised data"
         )
     with _matrix_on(adata, layer, where, write_back=False):
-        pp.highly_variable_genes(
-            adata, n_top_genes=n_top_genes, flavor=flavor, batch_key=batch_key, layer=layer
-        )
+        if flavor == "seurat_integration":
+            _select_integration_features(pp, adata, n_top_genes, batch_key, layer)
+        else:
+            pp.highly_variable_genes(
+                adata, n_top_genes=n_top_genes, flavor=flavor, batch_key=batch_key, layer=layer
+            )
+
+
+def _select_integration_features(engine: Any, adata: ad.AnnData, n_top: int,
+                                 batch_key: str | None, layer: str | None) -> None:
+    """Seurat's per-batch vst lists + ``SelectIntegrationFeatures`` (see highly_variable_genes)."""
+    X = _get_matrix(adata, layer)
+    n_vars = adata.n_vars
+    if batch_key is None:
+        groups = [np.arange(adata.n_obs)]
+    else:
+        codes = adata.obs[batch_key].astype(str).to_numpy()
+        groups = [np.flatnonzero(codes == b) for b in sorted(set(codes))]
+    ranks = np.full((len(groups), n_vars), np.nan)
+    norm = np.zeros((len(groups), n_vars))
+    for i, rows in enumerate(groups):
+        sub = ad.AnnData(X=X[backend.to_device(rows, backend.device_of(X))],
+                         var=pd.DataFrame(index=adata.var_names.copy()))
+        engine.highly_variable_genes(sub, n_top_genes=n_top, flavor="seurat_v3")
+        v = np.asarray(backend.to_host(np.asarray(sub.var["variances_norm"])), dtype=np.float64)
+        norm[i] = v
+        top = np.argsort(-v, kind="stable")[:n_top]  # R's order(): ties in gene order
+        ranks[i, top] = np.arange(1, top.size + 1)
+    listed = ~np.isnan(ranks)
+    count = listed.sum(axis=0)
+    median = np.full(n_vars, np.nan)
+    has = count > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        median[has] = np.nanmedian(ranks[:, has], axis=0)
+    names = np.asarray(adata.var_names.astype(str))
+    cand = np.flatnonzero(has)
+    order = cand[np.lexsort((names[cand], median[cand], -count[cand]))]
+    chosen = np.zeros(n_vars, dtype=bool)
+    chosen[order[:n_top]] = True
+    adata.var["highly_variable"] = chosen
+    adata.var["highly_variable_nbatches"] = count.astype(np.int64)
+    adata.var["highly_variable_rank"] = median
+    adata.var["variances_norm"] = norm.mean(axis=0)
 
 
 def _check_batches(adata: ad.AnnData, batch_key: str, X: Any) -> None:

@@ -200,15 +200,17 @@ def test_count_flavor_on_log_data_warns(lognorm):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("skmisc") is None, reason="needs scikit-misc")
-def test_seurat_v3_paper_is_select_integration_features(counts):
-    """flavor='seurat_v3_paper' with a batch key is Seurat's SelectIntegrationFeatures: per
+def test_seurat_integration_is_select_integration_features(counts):
+    """flavor='seurat_integration' with a batch key is Seurat's SelectIntegrationFeatures: per
     batch vst top-n lists (loess of log10 variance on log10 mean, span 0.3, values clipped at
-    sqrt(n), standardised variance), genes ranked by how many batches list them, ties by the
-    median rank within the lists that hold them. Checked against that rule written out here on
-    scanpy's per-batch vst (a single-batch call per batch)."""
+    sqrt(n), standardised variance; equal values in gene order), genes ranked by how many
+    batches list them, then the median rank within the lists that hold them, then name.
+    Checked against that rule written out here on scanpy's per-batch vst (a single-batch call
+    per batch); scanpy's batch-aware 'seurat_v3_paper' ranks alike except for exact ties."""
     n_top = 60
     a = counts.copy()
-    pp.highly_variable_genes(a, n_top_genes=n_top, flavor="seurat_v3_paper", batch_key="batch")
+    pp.highly_variable_genes(a, n_top_genes=n_top, flavor="seurat_integration",
+                             batch_key="batch")
     lists = []
     for b in sorted(a.obs["batch"].unique()):
         sub = counts[counts.obs["batch"] == b].copy()
@@ -216,7 +218,28 @@ def test_seurat_v3_paper_is_select_integration_features(counts):
         order = np.argsort(-sub.var["variances_norm"].to_numpy(), kind="stable")
         lists.append(list(sub.var_names[order[:n_top]]))
     count = pd.Series([g for lst in lists for g in lst]).value_counts()
-    median = {g: np.median([lst.index(g) for lst in lists if g in lst]) for g in count.index}
-    ranked = sorted(count.index, key=lambda g: (-count[g], median[g]))
-    expected = set(ranked[:n_top])
-    assert set(a.var_names[a.var["highly_variable"]]) == expected
+    median = {g: np.median([lst.index(g) + 1 for lst in lists if g in lst])
+              for g in count.index}
+    ranked = sorted(count.index, key=lambda g: (-count[g], median[g], g))
+    assert set(a.var_names[a.var["highly_variable"]]) == set(ranked[:n_top])
+    got = a.var.loc[list(count.index)]
+    np.testing.assert_array_equal(got["highly_variable_nbatches"], count.to_numpy())
+    np.testing.assert_array_equal(got["highly_variable_rank"], [median[g] for g in count.index])
+    b = counts.copy()
+    pp.highly_variable_genes(b, n_top_genes=n_top, flavor="seurat_v3_paper", batch_key="batch")
+    assert (b.var["highly_variable"] != a.var["highly_variable"]).sum() <= 2  # exact ties
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skmisc") is None, reason="needs scikit-misc")
+def test_seurat_integration_orders_equal_variances_by_gene_position():
+    """Two genes with identical counts have equal standardised variance; R's stable order
+    lists the earlier one first, so with room for one of them only it is kept."""
+    rng = np.random.default_rng(0)
+    X = rng.poisson(1.0, size=(200, 30)).astype(np.float32)
+    X[:, 7] = 0
+    X[:, 3] = 0
+    X[:5, 7] = X[:5, 3] = 40  # genes 3 and 7: the most variable, and tied
+    a = ad.AnnData(X=sp.csr_matrix(X))
+    a.var_names = [f"g{i:02d}" for i in range(30)]
+    pp.highly_variable_genes(a, n_top_genes=1, flavor="seurat_integration")
+    assert list(a.var_names[a.var["highly_variable"]]) == ["g03"]
