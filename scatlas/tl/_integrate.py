@@ -37,12 +37,12 @@ Written (``key = key_added or f"X_{method}"``; ``name = key`` without a leading 
   and ``params``.
 
 Features: cca's default is Seurat's own selection, vst on the counts of each batch and
-``SelectIntegrationFeatures``, through scanpy's / rapids-singlecell's
-``highly_variable_genes(flavor="seurat_v3_paper", batch_key=...)`` (scanpy needs the
-``scikit-misc`` package for its loess); mnn and harmony default to ``flavor="seurat"``
-(dispersion of the log-normalised data, ranked by the number of batches calling a gene
-variable). The rest is as documented in :mod:`scatlas.kernels.anchors` and
-:mod:`scatlas.kernels.fastmnn`.
+``SelectIntegrationFeatures``: :func:`scatlas.pp.highly_variable_genes` with
+``flavor="seurat_integration"`` (scanpy's / rapids-singlecell's single-batch ``"seurat_v3"`` vst
+per batch, then Seurat's ranking; scanpy needs the ``scikit-misc`` package for its loess); mnn and
+harmony default to ``flavor="seurat"`` (dispersion of the log-normalised data, ranked by the number
+of batches calling a gene variable). The rest is as documented in :mod:`scatlas.kernels.anchors`
+and :mod:`scatlas.kernels.fastmnn`.
 """
 
 from __future__ import annotations
@@ -102,14 +102,16 @@ def integrate(
         Features for cca / mnn / harmony: ``genes`` (names, or a bool mask over ``var_names``)
         if given, else the ``n_top_genes`` batch-aware HVGs of
         :func:`scatlas.pp.highly_variable_genes` with ``hvg_flavor``. Default (``None``):
-        ``"seurat_v3_paper"`` for cca - Seurat's ``FindVariableFeatures(vst)`` per batch on the
-        raw counts and ``SelectIntegrationFeatures`` (genes ranked by the number of batches
-        listing them, ties by median rank), which reproduces Seurat 4.3's features (all 2000
-        on CellBench and Baron human/mouse, ``python -m bench.seurat_parity``); ``"seurat"`` (dispersion on
-        log-normalised data) for mnn and harmony. ``"seurat_v3"`` / ``"seurat_v3_paper"`` run
-        on the counts, ``"seurat"`` / ``"cell_ranger"`` on the log-normalised data. Note that
-        scanpy's ``"seurat_v3"`` ranks by median rank first, which is not Seurat's
-        ``SelectIntegrationFeatures`` (71% of the features shared on CellBench).
+        ``"seurat_integration"`` for cca - Seurat's ``FindVariableFeatures(vst)`` per batch on
+        the raw counts and ``SelectIntegrationFeatures`` (genes ranked by the number of batches
+        listing them, then by median rank), which reproduces Seurat 4.3's features (all 2000
+        on CellBench and Baron human/mouse, ``python -m bench.seurat_parity``); ``"seurat"``
+        (dispersion of the log-normalised data) for mnn and harmony. The vst flavors
+        (``"seurat_integration"``, ``"seurat_v3"``, ``"seurat_v3_paper"``) run on the counts,
+        ``"seurat"`` / ``"cell_ranger"`` on the log-normalised data. scanpy's ``"seurat_v3"``
+        ranks by median rank first, which is not Seurat's ``SelectIntegrationFeatures`` (71% of
+        the features shared on CellBench); ``"seurat_v3_paper"`` is, but breaks exact ties
+        arbitrarily (1 of 2000 genes differs on Baron human/mouse).
     n_pcs
         cca: PCs of the corrected expression (v3) or of the joint PCA that is corrected (v5);
         Seurat's 30.
@@ -136,7 +138,7 @@ def integrate(
                   progress=progress, **kwargs)
         return adata if copy else None
     if hvg_flavor is None:
-        hvg_flavor = "seurat_v3_paper" if method == "cca" else "seurat"
+        hvg_flavor = "seurat_integration" if method == "cca" else "seurat"
     work, genes_used = _log_hvg(adata, batch_key, layer, n_top_genes, genes, hvg_flavor,
                                 device)
     X = work.X
