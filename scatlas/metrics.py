@@ -14,6 +14,28 @@ values.
 Neighbour counts follow scib-metrics, whose neighbour lists include the cell itself: ``k=90`` for
 LISI means the cell plus its 89 nearest other cells (scib-metrics masks the self edge out of the
 LISI kernel), and ``k=15`` for graph connectivity means the cell plus 14 others.
+
+Agreement with scib-metrics 0.6.1 (tests/test_metrics.py::test_metrics_agree_with_scib_metrics,
+scib-metrics given the same exact 90-NN graph; 600 cells, 10 dims, 4 labels, 3 batches):
+per-cell LISI within 3.8e-6 relative (ours float64, scib-metrics float32; both stop the beta
+bisection at |H - log perplexity| < 1e-5), iLISI / cLISI within 2.2e-7, silhouette label /
+batch (euclidean and cosine) within 3e-8, graph connectivity, NMI and ARI identical.
+
+Differences on purpose (use scib-metrics itself where you need its number):
+
+- **Batch silhouette vs BRAS.** scib-metrics' ``Benchmarker`` scores batch removal with BRAS by
+  default (``bras``: cosine distance, and the *mean* distance to all other batches in place of
+  the nearest batch's). :func:`silhouette_batch` is scib's original batch ASW (``nearest``,
+  euclidean by default, cosine on request), equal to scib-metrics' ``silhouette_batch``; it is
+  not a transform of BRAS (0.612 vs BRAS 0.650 on the test case above).
+- **Neighbours.** Exact (:func:`scatlas.kernels.knn`) instead of pynndescent's approximate
+  90-NN; on the same graph the results agree as above.
+- **k-means.** scikit-learn ``KMeans`` (10 initialisations, seeded) instead of scib-metrics'
+  JAX k-means; both give the same partition on well-separated labels, and NMI (arithmetic
+  averaging) / ARI are the same scikit-learn functions.
+- **Not here:** kBET (scib-metrics' ``kbet_per_label`` runs on diffusion-map neighbours),
+  isolated-label scores, PCR comparison and Leiden NMI/ARI. :func:`knn_label_transfer` is not a
+  scib-metrics metric.
 """
 
 from __future__ import annotations

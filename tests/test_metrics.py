@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.sparse import csr_matrix
@@ -326,3 +331,105 @@ def test_gpu_metrics_equal_cpu():
     gpu = metrics.summary(backend.to_device(X, "gpu"), lab, batch, k_lisi=30)
     for key, val in cpu.items():
         assert gpu[key] == pytest.approx(val, rel=1e-4, abs=1e-6), key
+
+
+# ----------------------------------------------------------------------------------------------
+# against scib-metrics itself (the field's implementation), on one exact neighbour graph
+# ----------------------------------------------------------------------------------------------
+SCIB_PEER = Path(__file__).resolve().parents[1] / "bench" / ".peers" / "scib" / "bin" / "python"
+
+
+def _scib_python() -> str:
+    """An interpreter with scib-metrics: ``$SCATLAS_PEER_PYTHON_SCIB``, this one when it imports
+    scib_metrics, else ``bench/.peers/scib`` (made by ``python3.12 -m venv bench/.peers/scib &&
+    bench/.peers/scib/bin/pip install 'scib-metrics==0.6.*'``; 0.6 needs Python >= 3.12)."""
+    env = os.environ.get("SCATLAS_PEER_PYTHON_SCIB", "").strip()
+    if env:
+        return env
+    if importlib.util.find_spec("scib_metrics") is not None:
+        return sys.executable
+    if SCIB_PEER.is_file():
+        return str(SCIB_PEER)
+    pytest.skip("scib-metrics is not installed (see _scib_python's docstring)")
+
+
+def _scib_case(seed: int = 0):
+    """600 cells, 10 dims: 4 labels (well-separated blobs, so any k-means finds them) seen in
+    3 batches shifted partly apart; 8% of the labels are reassigned at random so that NMI/ARI,
+    cLISI and graph connectivity are not all at their maxima."""
+    rng = np.random.default_rng(seed)
+    n, d = 600, 10
+    blob = rng.integers(0, 4, n)
+    batch = rng.integers(0, 3, n)
+    centres = rng.normal(scale=12.0, size=(4, d))
+    shifts = rng.normal(scale=1.5, size=(3, d))
+    X = (centres[blob] + shifts[batch] + rng.normal(size=(n, d))).astype(np.float32)
+    labels = blob.copy()
+    flip = rng.random(n) < 0.08
+    labels[flip] = rng.integers(0, 4, int(flip.sum()))
+    return X, labels, batch
+
+
+@pytest.mark.slow
+def test_metrics_agree_with_scib_metrics(tmp_path):
+    """scatlas.metrics against scib-metrics 0.6 on the same float32 embedding, with scib-metrics
+    given our exact 90-NN graph (self in column 0, as its NeighborsResults expects), so that any
+    difference is one of definition. Where the definitions differ on purpose (module docstring:
+    BRAS, kBET) the test shows the gap instead of hiding it."""
+    import json
+    import subprocess
+
+    from scatlas.kernels.neighbors import knn
+
+    python = _scib_python()
+    X, labels, batch = _scib_case()
+    n = X.shape[0]
+    dist, idx = knn(X.astype(np.float64), None, 89, exclude_self=True)
+    knn_idx = np.concatenate([np.arange(n)[:, None], idx], axis=1).astype(np.int64)
+    knn_dist = np.concatenate([np.zeros((n, 1)), dist], axis=1).astype(np.float32)
+    src, dst = tmp_path / "in.npz", tmp_path / "out.json"
+    np.savez(src, X=X, labels=labels, batch=batch, knn_idx=knn_idx, knn_dist=knn_dist)
+    peer = Path(__file__).with_name("scib_metrics_peer.py")
+    run = subprocess.run([python, str(peer), str(src), str(dst)], capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ref = json.loads(dst.read_text())
+    assert ref["version"].startswith("0.6"), ref["version"]
+
+    # LISI, per cell: both bisect beta from 1 with tol 1e-5 on the entropy H, ours in float64,
+    # scib-metrics in float32. Each stops with |H - log(perplexity)| < 1e-5, so the two kernels
+    # differ by |dH| <= 2e-5; the Simpson index ~ exp(-H_2) moves by |d log S| <= c |dH| with
+    # c = O(1) (the Renyi-2 / Shannon entropy slope of a peaked kernel, below 4 here), plus the
+    # float32 rounding of 89 kernel weights (89 * 6e-8 = 5e-6): rtol 1e-4. A different
+    # perplexity (30 vs 29.67), a kernel including the cell itself, or squared distances moves
+    # LISI by 1e-2 or more.
+    for key, values in (("lisi_batch", batch), ("lisi_label", labels)):
+        ours = metrics.lisi(X, values, k=90)
+        np.testing.assert_allclose(ours, ref[key], rtol=1e-4, err_msg=key)
+    # the scaled medians inherit the per-cell bound (a median of values each within 1e-4)
+    assert metrics.ilisi(X, batch) == pytest.approx(ref["ilisi"], rel=1e-4, abs=1e-6)
+    assert metrics.clisi(X, labels) == pytest.approx(ref["clisi"], rel=1e-4, abs=1e-6)
+
+    # Silhouettes: scib-metrics sums float32 squared differences over d = 10 dimensions, so each
+    # distance has relative error <= (d + 2) eps32; a, b inherit it and s = (b - a) / max(a, b)
+    # moves by <= 4 (d + 2) eps32 = 5.7e-6 (scikit-learn works in float64 here). The rescaled
+    # label ASW and 1 - |s| batch ASW averaged per label must agree to that.
+    tol = 4 * (X.shape[1] + 2) * float(np.finfo(np.float32).eps)
+    assert metrics.silhouette_label(X, labels) == pytest.approx(ref["silhouette_label"], abs=tol)
+    assert metrics.silhouette_batch(X, labels, batch) == pytest.approx(ref["silhouette_batch"],
+                                                                       abs=tol)
+    assert metrics.silhouette_batch(X, labels, batch, metric="cosine") == pytest.approx(
+        ref["silhouette_batch_cosine"], abs=tol)
+    # BRAS (scib-metrics' default batch metric since 0.5.x: cosine, mean distance to all other
+    # batches instead of the nearest one) is a different number: documented, not computed here.
+    assert abs(ref["bras"] - metrics.silhouette_batch(X, labels, batch, metric="cosine")) > tol
+
+    # Graph connectivity is combinatorial on the same 15-NN graph: exactly equal.
+    assert metrics.graph_connectivity(X, labels, k=15) == ref["graph_connectivity"]
+
+    # NMI / ARI after k-means with k = #labels: the blobs are 12 sd apart, so scikit-learn's and
+    # scib-metrics' JAX k-means both return the 4 blobs and the scores, computed by the same
+    # scikit-learn functions with arithmetic NMI averaging, are equal to float64 rounding.
+    got = metrics.nmi_ari(X, labels)
+    assert got["nmi"] == pytest.approx(ref["nmi"], abs=1e-12)
+    assert got["ari"] == pytest.approx(ref["ari"], abs=1e-12)

@@ -559,14 +559,20 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> No
 
 def test_server_sigterm_drains_in_flight_requests(tmp_path, index, ref):
     """``scatlas serve`` in a subprocess: requests waiting in the batcher (a long max-wait) when
-    SIGTERM arrives still get full answers; the process exits 0."""
+    SIGTERM arrives still get full answers; the process exits 0.
+
+    SIGTERM is sent once ``/metrics`` shows all six requests queued, not after a fixed sleep: on
+    a loaded machine the requests could reach the server after the signal (refused) or, with a
+    short window, be answered before it (nothing left to drain). The 5 s window leaves time for
+    six concurrent requests to arrive and ends well inside uvicorn's 30 s graceful shutdown, so
+    a shutdown that dropped the pending requests still fails."""
     folder = tmp_path / "idx"
     index.save(folder)
     port = _free_port()
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "scatlas.cli", "serve", "--index", str(folder), "--port",
-         str(port), "--max-wait-ms", "1500", "--max-batch", "10000", "--log-level", "info"],
+         str(port), "--max-wait-ms", "5000", "--max-batch", "10000", "--log-level", "info"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -577,7 +583,13 @@ def test_server_sigterm_drains_in_flight_requests(tmp_path, index, ref):
             async with httpx.AsyncClient(base_url=url, timeout=30.0) as c:
                 tasks = [asyncio.ensure_future(
                     c.post("/search", json={"embeddings": Q.tolist(), "k": 5})) for Q in Qs]
-                await asyncio.sleep(0.5)  # sent, now waiting in the 1.5 s batch window
+                t0 = time.monotonic()
+                while True:  # until every request waits in the batch window
+                    await asyncio.sleep(0.05)
+                    depth = (await c.get("/metrics")).json()["batches"]["queue_depth"]
+                    if depth == len(Qs):
+                        break
+                    assert time.monotonic() - t0 < 5, f"only {depth} requests queued in 5 s"
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*tasks, return_exceptions=True)
 
