@@ -29,8 +29,29 @@ def _dense_objective(Xs, W, Vs, Hs, lam, Ps=None, Us=None) -> float:
 
 
 def _assert_monotone(obj: np.ndarray, rtol: float) -> None:
+    """Float64 runs: every step non-increasing up to ``rtol`` of the objective (1e-12 is far
+    above the float64 rounding of the objective, ~3 sqrt(n) eps64 sum ||X||^2 < 1e-13 of it)."""
     steps = np.diff(obj)
     assert (steps <= rtol * obj[:-1]).all(), f"objective increased: max step {steps.max()}"
+
+
+def _assert_monotone_float32(obj: np.ndarray, Xs: list) -> None:
+    """Float32 runs: non-increasing up to the objective's float32 rounding.
+
+    The objective is sum ||X||^2 - 2 <L, X^T H> + <L^T L, H^T H> (+ penalties), with X^T H and
+    H^T H float32 sums over n cells: each carries a relative error ~ sqrt(n) u32 (u32 = eps32 / 2,
+    the probabilistic bound of Higham & Mary 2019 with lambda = 1), and each of the three terms is
+    at most sum ||X||^2, so the computed objective moves by up to 3 sqrt(n) u32 sum ||X||^2
+    (~1e-4 of the objective at a 3% residual). The former rtol 1e-5 of the objective was ~2 eps32
+    sum ||X||^2, below that rounding (BPP steps of 2.2 eps32 sum ||X||^2 were seen at seed 3).
+    A solver that raises the objective by more than rounding still fails.
+    """
+    n = max(X.shape[0] for X in Xs)
+    total = sum(float((np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64) ** 2)
+                      .sum()) for X in Xs)
+    tol = 3.0 * np.sqrt(n) * (np.finfo(np.float32).eps / 2) * total
+    steps = np.diff(obj)
+    assert (steps <= tol).all(), f"objective increased: max step {steps.max()} > {tol}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,7 +73,8 @@ def test_objective_never_increases_float32(solver):
     Xs, *_ = planted_inmf(noise=0.2, seed=2)
     res = inmf([sp.csr_matrix(X) for X in Xs], k=5, n_iter=30, solver=solver)
     assert res.W.dtype == np.float32 and res.H[0].dtype == np.float32
-    _assert_monotone(res.objective, 1e-5)
+    _assert_monotone_float32(res.objective, Xs)
+    assert res.objective[-1] < 0.5 * res.objective[0]
 
 
 @pytest.mark.parametrize("lam", [0.0, 5.0])
@@ -369,7 +391,7 @@ def test_jnmf_hals_and_restarts():
     rng = np.random.default_rng(21)
     Xs = [rng.random((80, 30)), rng.random((80, 12))]
     res = jnmf(Xs, k=3, n_iter=20, solver="hals", n_restarts=2, seed=5)
-    _assert_monotone(res.objective, 1e-5)
+    _assert_monotone_float32(res.objective, Xs)
     assert len(res.restart_objectives) == 2
     assert res.seed == 5 + int(np.argmin(res.restart_objectives))
     assert res.H.shape == (80, 3) and [W.shape for W in res.W] == [(30, 3), (12, 3)]
