@@ -155,7 +155,7 @@ class ShiftedOperator:
         for lo in _progress.track(starts, desc="Gram matrix", total=len(starts),
                                   progress=progress, unit="chunk"):
             C = self.dense_rows(lo, min(n, lo + chunk_rows))
-            with backend.blas_for_flops(2.0 * C.shape[0] * p * p):
+            with backend.blas_for_flops(2.0 * C.shape[0] * p * p, like=C):
                 G += (C.T @ C).astype(accumulate_dtype, copy=False)
         return G
 
