@@ -243,3 +243,16 @@ def test_seurat_integration_orders_equal_variances_by_gene_position():
     a.var_names = [f"g{i:02d}" for i in range(30)]
     pp.highly_variable_genes(a, n_top_genes=1, flavor="seurat_integration")
     assert list(a.var_names[a.var["highly_variable"]]) == ["g03"]
+
+
+@pytest.mark.gpu
+def test_seurat_integration_gpu_matches_cpu(counts):
+    """The GPU path (rapids-singlecell's per-batch vst, or scanpy on a host copy when it is not
+    installed) selects the same genes as the CPU path."""
+    cpu = counts.copy()
+    pp.highly_variable_genes(cpu, 60, batch_key="batch", flavor="seurat_integration")
+    gpu = counts.copy()
+    gpu.X = backend.to_device(gpu.X, "gpu")
+    pp.highly_variable_genes(gpu, 60, batch_key="batch", flavor="seurat_integration")
+    assert set(gpu.var_names[gpu.var["highly_variable"]]) == set(
+        cpu.var_names[cpu.var["highly_variable"]])
