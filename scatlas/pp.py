@@ -29,7 +29,8 @@ import pandas as pd
 from . import backend
 from ._validate import ScatlasInputError, check_counts, check_obs_key, check_positive_int
 
-__all__ = ["COUNT_FLAVORS", "HVG_FLAVORS", "highly_variable_genes", "normalize_log1p"]
+__all__ = ["COUNT_FLAVORS", "HVG_FLAVORS", "highly_variable_genes", "loess_direct",
+           "normalize_log1p", "vst_standardized_variance"]
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,11 @@ def highly_variable_genes(
     (``np.argsort``), which swapped one of 2,000 genes on the Baron human/mouse data and, through
     it, 5% of the CCA anchors. Without ``batch_key`` it is Seurat's single-object vst list.
     Writes ``highly_variable``, ``highly_variable_nbatches``, ``highly_variable_rank`` (median
-    rank, NaN for unlisted genes) and ``variances_norm`` (mean over batches).
+    rank, NaN for unlisted genes) and ``variances_norm`` (mean over batches). On small batches
+    (tens of cells: many genes share one mean and variance) scikit-misc's loess stops at a
+    near-singular local fit where R's loess warns and goes on; such a batch's trend is then
+    fitted by :func:`loess_direct` (the same local quadratic, evaluated at every point rather
+    than interpolated, with a pseudoinverse), with a warning naming the batches.
 
     Raises :class:`~scatlas._validate.ScatlasInputError` for an empty matrix, NaN/inf or negative
     values, a ``batch_key`` missing from ``adata.obs``, cells without a batch (NaN), a batch
@@ -242,14 +247,31 @@ def _select_integration_features(engine: Any, adata: ad.AnnData, n_top: int,
         groups = [np.flatnonzero(codes == b) for b in sorted(set(codes))]
     ranks = np.full((len(groups), n_vars), np.nan)
     norm = np.zeros((len(groups), n_vars))
+    direct = []
     for i, rows in enumerate(groups):
         sub = ad.AnnData(X=X[backend.to_device(rows, backend.device_of(X))],
                          var=pd.DataFrame(index=adata.var_names.copy()))
-        engine.highly_variable_genes(sub, n_top_genes=n_top, flavor="seurat_v3")
-        v = np.asarray(backend.to_host(np.asarray(sub.var["variances_norm"])), dtype=np.float64)
+        try:
+            engine.highly_variable_genes(sub, n_top_genes=n_top, flavor="seurat_v3")
+            v = np.asarray(backend.to_host(np.asarray(sub.var["variances_norm"])),
+                           dtype=np.float64)
+        except ValueError as err:  # scikit-misc's loess stops at a near-singular local fit
+            direct.append((i, rows.size, str(err)))
+            v = vst_standardized_variance(backend.to_host(sub.X))
         norm[i] = v
         top = np.argsort(-v, kind="stable")[:n_top]  # R's order(): ties in gene order
         ranks[i, top] = np.arange(1, top.size + 1)
+    if direct:
+        names_b = ([str(b) for b in sorted(set(codes))] if batch_key is not None else ["all"])
+        warnings.warn(
+            "scikit-misc's loess stopped on a near-singular local fit (few cells, many genes "
+            "with equal mean and variance) for batch(es) "
+            f"{[f'{names_b[i]} ({n} cells)' for i, n, _ in direct]}: "
+            f"{direct[0][2]!r}; their vst trend was fitted directly (local quadratic, span "
+            "0.3, least-squares pseudoinverse, as R's loess continues with a warning there)",
+            UserWarning,
+            stacklevel=4,
+        )
     listed = ~np.isnan(ranks)
     count = listed.sum(axis=0)
     median = np.full(n_vars, np.nan)
@@ -266,6 +288,67 @@ def _select_integration_features(engine: Any, adata: ad.AnnData, n_top: int,
     adata.var["highly_variable_nbatches"] = count.astype(np.int64)
     adata.var["highly_variable_rank"] = median
     adata.var["variances_norm"] = norm.mean(axis=0)
+
+
+def loess_direct(x: np.ndarray, y: np.ndarray, span: float = 0.3) -> np.ndarray:
+    """Fitted values of a 1-D local quadratic loess (Cleveland's, ``surface = "direct"``).
+
+    At each x0, weighted least squares of y on (1, x - x0, (x - x0)^2) with tricube weights
+    ``(1 - (d / h)^3)^3``, h the distance to the ``floor(span n)``-th nearest point; rank-
+    deficient local systems (tied x) are solved by the pseudoinverse (``numpy.linalg.lstsq``),
+    as R's ``loess`` does with a warning. Fits are computed once per distinct x. ``x``, ``y``
+    (n,) float; returns (n,) float64.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = x.size
+    q = max(int(np.floor(span * n)), 3)
+    ux, inv = np.unique(x, return_inverse=True)
+    fitted = np.empty(ux.size)
+    for j, x0 in enumerate(ux):
+        d = np.abs(x - x0)
+        h = np.partition(d, min(q, n) - 1)[min(q, n) - 1]
+        if h <= 0:
+            fitted[j] = y[d == 0].mean()
+            continue
+        w = np.clip(1.0 - (d / h) ** 3, 0.0, None) ** 3
+        sel = w > 0
+        dx = x[sel] - x0
+        sw = np.sqrt(w[sel])
+        A = np.column_stack([sw, sw * dx, sw * dx * dx])
+        beta = np.linalg.lstsq(A, sw * y[sel], rcond=None)[0]
+        fitted[j] = beta[0]
+    return fitted[inv.ravel()]
+
+
+def vst_standardized_variance(X: Any, span: float = 0.3) -> np.ndarray:
+    """Seurat's vst standardised variance per gene of a host counts matrix (cells x genes),
+    with the loess trend of log10 variance on log10 mean fitted by :func:`loess_direct`:
+    values clipped at ``mean + sqrt(n) sd_expected``, variance of the clipped, standardised
+    counts (ddof = 1). Genes with zero variance get 0. The fallback of the
+    ``"seurat_integration"`` flavor when scikit-misc's loess stops."""
+    import scipy.sparse as sp  # noqa: PLC0415
+
+    X = sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else np.asarray(X, np.float64)
+    n = X.shape[0]
+    mean = np.asarray(X.mean(axis=0)).ravel()
+    sq = np.asarray((X.multiply(X) if sp.issparse(X) else X * X).sum(axis=0)).ravel()
+    var = np.clip(sq - n * mean**2, 0, None) / max(n - 1, 1)
+    nc = var > 0
+    log_fit = np.zeros(X.shape[1])
+    if nc.sum() >= 3:
+        log_fit[nc] = loess_direct(np.log10(mean[nc]), np.log10(var[nc]), span)
+    reg_std = np.sqrt(10.0**log_fit)
+    clip = reg_std * np.sqrt(n) + mean
+    if sp.issparse(X):
+        data = np.minimum(X.data, clip[X.indices])
+        s1 = np.bincount(X.indices, weights=data, minlength=X.shape[1])
+        s2 = np.bincount(X.indices, weights=data * data, minlength=X.shape[1])
+    else:
+        C = np.minimum(X, clip[None, :])
+        s1, s2 = C.sum(axis=0), (C * C).sum(axis=0)
+    out = (n * mean**2 + s2 - 2 * s1 * mean) / (max(n - 1, 1) * reg_std**2)
+    return np.where(nc, out, 0.0)
 
 
 def _check_batches(adata: ad.AnnData, batch_key: str, X: Any) -> None:

@@ -256,3 +256,46 @@ def test_seurat_integration_gpu_matches_cpu(counts):
     pp.highly_variable_genes(gpu, 60, batch_key="batch", flavor="seurat_integration")
     assert set(gpu.var_names[gpu.var["highly_variable"]]) == set(
         cpu.var_names[cpu.var["highly_variable"]])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skmisc") is None, reason="needs scikit-misc")
+def test_loess_direct_equals_scikit_misc_direct_surface():
+    from skmisc.loess import loess
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=1500)
+    y = np.sin(x) + 0.3 * rng.normal(size=1500)
+    ref = loess(x, y, span=0.3, degree=2, surface="direct")
+    ref.fit()
+    np.testing.assert_allclose(pp.loess_direct(x, y, 0.3), ref.outputs.fitted_values,
+                               rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skmisc") is None, reason="needs scikit-misc")
+def test_vst_fallback_agrees_with_scanpy_where_loess_works(mesc):
+    """The direct-loess vst ranks genes as scanpy's (interpolated-surface) vst does."""
+    sub = mesc[mesc.obs["batch"] == mesc.obs["batch"].iloc[0]].copy()
+    sub.X = sub.X.astype(np.float32)
+    v = pp.vst_standardized_variance(sub.X)
+    sc.pp.highly_variable_genes(sub, n_top_genes=300, flavor="seurat_v3")
+    top = set(np.argsort(-v, kind="stable")[:300])
+    assert len(top & set(np.flatnonzero(sub.var["highly_variable"].to_numpy()))) >= 0.97 * 300
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skmisc") is None, reason="needs scikit-misc")
+def test_seurat_integration_on_small_batches(shared_data):
+    """Baron donors of 23-58 cells: scikit-misc's loess stops on near-singular local fits
+    (R's loess warns and goes on); the flavor fits those batches' trends directly, says so,
+    and still selects n_top_genes genes."""
+    import anndata
+
+    from tests.conftest import dataset_path
+
+    raw = anndata.read_h5ad(dataset_path(shared_data, "baron_pancreas_human_mouse_cider.h5ad"))
+    a = anndata.AnnData(X=sp.csr_matrix(raw.X, dtype=np.float32),
+                        obs=raw.obs[["donor"]].astype(str))
+    a.var_names = raw.var_names
+    a.var_names_make_unique()
+    with pytest.warns(UserWarning, match="human4 .23 cells"):
+        pp.highly_variable_genes(a, 1000, batch_key="donor", flavor="seurat_integration")
+    assert a.var["highly_variable"].sum() == 1000
