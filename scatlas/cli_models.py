@@ -19,6 +19,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _read(path: str, backed: bool = False):
@@ -161,14 +162,23 @@ def cmd_train_metric(args: argparse.Namespace) -> int:
         input=args.input_kind, hierarchy=args.hierarchy, batch_size=args.batch_size,
         max_steps=args.max_steps, validation_fraction=args.validation_fraction,
         balance=None if args.balance == "none" else args.balance, learning_rate=args.lr,
-        patience=args.patience, eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir,
-        log_path=log_path, progress=None if args.progress else False,
-        hidden=tuple(args.hidden), latent_dim=args.latent_dim, dropout=args.dropout,
-        objective=args.objective, mining=args.mining, margin=args.margin,
-        temperature=args.temperature, l1=args.l1, bf16=args.bf16,
+        patience="auto" if args.patience is None else (args.patience or None),
+        eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir,
+        log_path=log_path, progress=None if args.progress else False, preset=args.preset,
+        n_top_genes="auto" if args.n_top_genes is None else (args.n_top_genes or None),
         sparse_step={"auto": None, "on": True, "off": False}[args.sparse_step],
+        **_given(args, hidden=tuple, latent_dim=int, dropout=float, objective=str,
+                 mining=str, margin=float, metric_weight=float, temperature=float, l1=float,
+                 negatives=str),
+        bf16=args.bf16,
     )
     return _finish_training("metric", model, args, log_path, t0)
+
+
+def _given(args: argparse.Namespace, **fields: Callable) -> dict[str, Any]:
+    """The model options given on the command line (the others: the preset's defaults)."""
+    return {k: conv(getattr(args, k)) for k, conv in fields.items()
+            if getattr(args, k) is not None}
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -259,21 +269,32 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--hierarchy", default=None,
                    help="label hierarchy file (child,parent CSV/TSV or JSON): related labels are "
                    "never negatives")
+    p.add_argument("--preset", choices=("auto", "scimilarity"), default="auto",
+                   help="defaults for the options not given: auto (chosen by cross-validation on "
+                   "real held-out batches, docs/models.md) or scimilarity (SCimilarity 0.4's: "
+                   "every gene, 3 x 1024, triplet weight 0.001, batch 1000)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="training steps (default ~20 passes over the cells, 200..50,000)")
-    p.add_argument("--batch-size", type=int, default=1000, help="cells per step (default 1000)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="cells per step (default min(1000, half the training cells))")
+    p.add_argument("--n-top-genes", type=int, default=None,
+                   help="train on the N most variable genes (0: every gene; default: the "
+                   "preset's)")
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (default 5e-3)")
-    p.add_argument("--hidden", type=int, nargs="+", default=[1024, 1024, 1024],
-                   help="hidden layer sizes (default 1024 1024 1024)")
-    p.add_argument("--latent-dim", type=int, default=128, help="embedding size (default 128)")
-    p.add_argument("--dropout", type=float, default=0.5,
-                   help="dropout of the hidden layers (default 0.5)")
-    p.add_argument("--l1", type=float, default=1e-4,
-                   help="L1 penalty on the first layer's weights (default 1e-4)")
-    p.add_argument("--objective", choices=("triplet", "infonce"), default="triplet")
-    p.add_argument("--mining", choices=("semihard", "hardest", "random"), default="semihard")
-    p.add_argument("--margin", type=float, default=0.05, help="triplet margin (default 0.05)")
-    p.add_argument("--temperature", type=float, default=0.1,
+    p.add_argument("--hidden", type=int, nargs="+", default=None,
+                   help="hidden layer sizes (default: the preset's)")
+    p.add_argument("--latent-dim", type=int, default=None, help="embedding size")
+    p.add_argument("--dropout", type=float, default=None, help="dropout of the hidden layers")
+    p.add_argument("--l1", type=float, default=None,
+                   help="L1 penalty on the first layer's weights (SCimilarity: 1e-4)")
+    p.add_argument("--objective", choices=("triplet", "infonce"), default=None)
+    p.add_argument("--metric-weight", type=float, default=None,
+                   help="weight w of the metric loss in w * metric + (1 - w) * MSE")
+    p.add_argument("--mining", choices=("semihard", "hardest", "random"), default=None)
+    p.add_argument("--negatives", choices=("all", "same_study"), default=None,
+                   help="negatives of an anchor: any other label, or only its own study's")
+    p.add_argument("--margin", type=float, default=None, help="triplet margin (SCimilarity 0.05)")
+    p.add_argument("--temperature", type=float, default=None,
                    help="InfoNCE temperature (default 0.1)")
     p.add_argument("--balance", choices=("label_study", "label", "study", "none"),
                    default="label_study",

@@ -120,28 +120,41 @@ def test_triplet_loss_equals_numpy():
     assert int(count) == mask.sum() and int(hard) == sum(v > 0 for v in per)
 
 
-def test_supcon_equals_numpy():
+@pytest.mark.parametrize("same_study", [False, True])
+def test_supcon_equals_numpy(same_study):
+    """InfoNCE against a loop; with ``negatives="same_study"`` an anchor's denominator keeps its
+    positives and only its own study's negatives."""
     rng = np.random.default_rng(1)
     z = _embeddings(rng, 16, 5)
     labels = rng.integers(0, 4, 16).astype(np.int32)
     labels[0] = 3
     labels[5] = -1
+    studies = rng.integers(0, 2, 16).astype(np.int32)
     related = related_labels(list("abcd"), {"b": "a"})
     tau = 0.2
-    got = float(ml.supcon_loss(jnp.asarray(z), jnp.asarray(labels), jnp.asarray(related), tau))
+    got = float(ml.supcon_loss(jnp.asarray(z), jnp.asarray(labels), jnp.asarray(related), tau,
+                               jnp.asarray(studies) if same_study else None))
     per = []
     for i in range(16):
         if labels[i] < 0:
             continue
         pos = [j for j in range(16) if j != i and labels[j] == labels[i]]
         allowed = [j for j in range(16) if j != i and labels[j] >= 0
-                   and (labels[j] == labels[i] or not related[labels[i], labels[j]])]
+                   and (labels[j] == labels[i] or (not related[labels[i], labels[j]] and (
+                       not same_study or studies[j] == studies[i])))]
         if not pos:
             continue
         s = {j: z[i] @ z[j] / tau for j in allowed}
         lse = np.log(np.sum([np.exp(v) for v in s.values()]))
         per.append(-np.mean([s[p] - lse for p in pos]))
     np.testing.assert_allclose(got, np.mean(per), rtol=1e-5)
+    negs = np.asarray(ml.candidate_negatives(jnp.asarray(labels), jnp.asarray(related),
+                                             jnp.asarray(studies) if same_study else None))
+    for a in range(16):
+        for n in range(16):
+            want = (labels[a] >= 0 and labels[n] >= 0 and not related[labels[a], labels[n]]
+                    and (not same_study or studies[a] == studies[n]))
+            assert negs[a, n] == want
 
 
 def test_mined_loss_is_zero_without_triplets_and_grads_flow():
@@ -278,3 +291,46 @@ def test_read_hierarchy_files_and_a_hierarchy_that_names_no_label(tmp_path):
         read_hierarchy(tmp_path / "missing.csv")
     with pytest.raises(ScatlasInputError, match="names none of the 2 labels"):
         related_labels(["T cell", "B cell"], {"CL:0000624": "CL:0000084"})
+
+
+def test_single_cell_label_is_a_negative_never_an_anchor():
+    """A label with one cell in the batch has no admissible pair (it cannot anchor or be a
+    positive) but is an admissible negative of every other anchor; ``n_negative_only`` counts
+    the mined triplets whose negative has such a label, as a numpy count of the mined picks."""
+    rng = np.random.default_rng(3)
+    B = 30
+    labels = np.array([0] * 12 + [1] * 12 + [2] * 5 + [3], dtype=np.int32)  # label 3: one cell
+    studies = rng.integers(0, 2, B).astype(np.int32)
+    related = np.eye(4, dtype=bool)
+    pairs = np.asarray(ml.candidate_pairs(jnp.asarray(labels), jnp.asarray(studies), True))
+    negs = np.asarray(ml.candidate_negatives(jnp.asarray(labels), jnp.asarray(related)))
+    assert not pairs[B - 1].any() and not pairs[:, B - 1].any()
+    assert negs[labels != 3, B - 1].all()
+    z = jnp.asarray(_embeddings(rng, B))
+    key = jax.random.PRNGKey(0)
+    only = jnp.asarray([False, False, False, True])
+    _, metrics = ml.mined_triplet_loss(z, jnp.asarray(labels), jnp.asarray(studies),
+                                       jnp.asarray(related), key, margin=2.0, strategy="random",
+                                       negative_only=only)
+    sq = jax.lax.stop_gradient(ml.squared_distances(z))
+    u = jax.random.uniform(key, sq.shape)
+    neg, mask = ml.mine(sq, jnp.asarray(pairs), jnp.asarray(negs), u, margin=2.0,
+                        strategy="random")
+    neg, mask = np.asarray(neg), np.asarray(mask)
+    want = int(np.sum(mask & (neg == B - 1)))
+    assert want > 0 and metrics["n_negative_only"] == want
+
+
+def test_single_cell_label_is_an_infonce_negative_only():
+    """In the InfoNCE loss a cell whose label has no other cell in the batch is no anchor (the
+    loss is the mean over the other anchors) but sits in every other anchor's denominator (its
+    embedding gets a gradient)."""
+    rng = np.random.default_rng(5)
+    labels = jnp.asarray([0] * 6 + [1] * 6 + [2], dtype=jnp.int32)
+    related = jnp.eye(3, dtype=bool)
+    z = jnp.asarray(_embeddings(rng, 13, 4))
+    grad = jax.grad(lambda x: ml.supcon_loss(x / jnp.linalg.norm(x, axis=1, keepdims=True),
+                                             labels, related))(z)
+    assert float(jnp.abs(grad[12]).sum()) > 0
+    without = ml.supcon_loss(z[:12], labels[:12], related)
+    assert not np.isclose(float(ml.supcon_loss(z, labels, related)), float(without))

@@ -176,7 +176,8 @@ def test_single_cell_label_trains_as_a_negative():
     a.obs["lab"] = labels
     with pytest.warns(UserWarning, match="'lonely'.*negatives only"):
         model = scatlas.tl.train_metric(a, "lab", "batch", max_steps=20, hidden=(16,),
-                                        latent_dim=4, mining="random", progress=False)
+                                        latent_dim=4, objective="triplet", mining="random",
+                                        progress=False)
     assert model.info["negative_only_labels"] == ["lonely"]
     assert "lonely" in model.label_names
     logged = [r["n_negative_only"] for r in model.history if "n_negative_only" in r]
@@ -207,3 +208,26 @@ def test_small_imbalanced_data_trains_without_a_batch_size(n_cells):
     assert model.info["batch_size"] == scatlas.tl._models.default_batch_size(
         model.info["n_train"])
     assert np.isfinite([r["loss"] for r in model.history if "loss" in r]).all()
+
+
+def test_presets():
+    """The auto preset fills in what is not given; "scimilarity" gives SCimilarity's settings;
+    explicit settings win over either."""
+    from scatlas.tl._models import preset_settings
+
+    auto = preset_settings("auto", 500)
+    assert auto["n_top_genes"] == 2000 and auto["model"]["objective"] == "infonce"
+    sc_ = preset_settings("scimilarity", 500)
+    assert sc_["n_top_genes"] is None and sc_["model"] == {} and sc_["batch_size"] == 1000
+    with pytest.raises(ScatlasInputError, match="preset"):
+        preset_settings("fast", 500)
+    a = datasets.synthetic(200, 2500, n_batches=2, n_cell_types=3, seed=4)
+    m = scatlas.tl.train_metric(a, "cell_type", "batch", max_steps=2, hidden=(8,),
+                                latent_dim=4, progress=False)
+    assert m.config.n_genes == 2000 and len(m.genes) == 2000 and m.config.objective == "infonce"
+    assert set(m.genes) <= set(a.var_names)
+    assert m.embed(a).shape == (a.n_obs, 4)  # the data's 2,500 genes aligned to the model's
+    m = scatlas.tl.train_metric(a, "cell_type", "batch", max_steps=2, hidden=(8,),
+                                latent_dim=4, preset="scimilarity", progress=False)
+    assert m.config.n_genes == 2500 and m.config.objective == "triplet"
+    assert m.config.metric_weight == 0.001

@@ -116,12 +116,18 @@ def _split(adata: Any, held: str) -> tuple[Any, Any]:
     return adata[~is_held].copy(), adata[is_held].copy()
 
 
-def run(*, quick: bool = False) -> dict[str, list[dict[str, Any]]]:
-    """Rows per dataset x held-out batch x seed x method, and one check per dataset."""
+def run(*, quick: bool = False, settings: dict[str, Any] | None = None,
+        seeds: tuple[int, ...] | None = None,
+        datasets: tuple[str, ...] = data.ENCODER) -> dict[str, list[dict[str, Any]]]:
+    """Rows per dataset x held-out batch x seed x method, and one check per dataset.
+
+    ``settings``: ``train_metric`` settings instead of its defaults (for comparing candidates
+    by hand; the benchmark itself runs the defaults)."""
     rows: list[dict[str, Any]] = []
     checks: list[dict[str, Any]] = []
-    seeds = SEEDS[:1] if quick else SEEDS
-    for name in data.ENCODER:
+    if seeds is None:
+        seeds = SEEDS[:1] if quick else SEEDS
+    for name in datasets:
         if not data.available(name):
             continue
         adata = data.load(name)
@@ -132,7 +138,7 @@ def run(*, quick: bool = False) -> dict[str, list[dict[str, Any]]]:
                 base = {"section": SECTION, "dataset": name, "split": split, "held_out": held,
                         "seed": seed}
                 try:
-                    ba, sec = ours(train, test, seed)
+                    ba, sec = ours(train, test, seed, **(settings or {}))
                     rows.append({**base, "method": "scatlas.metric", "role": "ours",
                                  "seconds": sec, "error": None, "balanced_accuracy": ba})
                 except Exception as err:  # recorded, the driver exits non-zero
@@ -171,41 +177,68 @@ def _check(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ inner cross-validation
 
-#: the candidates of the inner cross-validation (docs/models.md, "Defaults on small data")
-GRID: dict[str, dict[str, Any]] = {}
+#: the candidates of the inner cross-validation (docs/models.md, "Defaults on real data"):
+#: ``train_metric`` settings on top of the SCimilarity preset
+GRID: dict[str, dict[str, Any]] = {
+    "triplet_w0.5": {"n_top_genes": 2000, "hidden": (256,), "latent_dim": 64,
+                     "objective": "triplet", "metric_weight": 0.5, "negatives": "all"},
+    "triplet_w0.1": {"n_top_genes": 2000, "hidden": (256,), "latent_dim": 64,
+                     "objective": "triplet", "metric_weight": 0.1, "negatives": "all"},
+    "infonce_w0.5": {"n_top_genes": 2000, "hidden": (256,), "latent_dim": 64,
+                     "objective": "infonce", "metric_weight": 0.5, "negatives": "all"},
+    "infonce_w0.5_same_study": {"n_top_genes": 2000, "hidden": (256,), "latent_dim": 64,
+                                "objective": "infonce", "metric_weight": 0.5,
+                                "negatives": "same_study"},
+}
+
+#: the outer held-out batch of each dataset whose training batches the reduced inner
+#: cross-validation uses (``inner_cv(outers=...)``)
+FIRST_OUTER = {"cellbench": "sc_celseq2", "baron_donor": "human1"}
 
 
 def inner_cv(grid: dict[str, dict[str, Any]], seeds: tuple[int, ...] = (0,),
-             datasets: tuple[str, ...] = data.ENCODER) -> list[dict[str, Any]]:
+             datasets: tuple[str, ...] = data.ENCODER, outers: dict[str, str] | None = None,
+             log: str | None = None) -> list[dict[str, Any]]:
     """Inner leave-one-batch-out scores of each candidate, never on an outer held-out batch.
 
     For outer held-out batch ``b`` and inner held-out batch ``c`` (both of one dataset) the
-    candidate trains on the batches other than ``b`` and ``c`` and is scored on ``c``. The
-    training set depends only on the pair ``{b, c}``, so one model per pair is scored on both
-    of its batches (as inner fold ``(b, c)`` and ``(c, b)``). Returns one row per (dataset,
-    outer, inner, seed, method) with ``balanced_accuracy``; the baselines are scored alike.
+    candidate trains on the batches other than ``b`` and ``c`` and is scored on ``c``; the
+    baselines are scored alike. ``outers``: one outer batch per dataset (the reduced protocol,
+    :data:`FIRST_OUTER`); None: every batch in turn (the training set then depends only on the
+    pair ``{b, c}``, so one model per pair is scored on both of its batches). Returns one row
+    per (dataset, outer, inner, seed, method) with ``balanced_accuracy`` (also appended to
+    ``log`` as JSON lines).
     """
     out: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        out.append(row)
+        if log:
+            with open(log, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
     for name in datasets:
         adata = data.load(name)
         batches = sorted(adata.obs["batch"].unique())
-        for i, b in enumerate(batches):
-            for c in batches[i + 1:]:
-                keep = ~adata.obs["batch"].isin([b, c]).to_numpy()
-                train = adata[keep].copy()
-                tests = {x: adata[(adata.obs["batch"] == x).to_numpy()].copy() for x in (b, c)}
-                for seed in seeds:
-                    for cand, settings in grid.items():
-                        scores = _ours_on(train, tests, seed, settings)
-                        for inner, outer in ((c, b), (b, c)):
-                            out.append({"dataset": name, "outer": outer, "inner": inner,
-                                        "seed": seed, "method": cand,
-                                        "balanced_accuracy": scores[inner]})
-                    for inner, outer in ((c, b), (b, c)):
-                        for m, (ba, _) in baselines(train, tests[inner], seed).items():
-                            out.append({"dataset": name, "outer": outer, "inner": inner,
-                                        "seed": seed, "method": m, "balanced_accuracy": ba})
-                print(json.dumps(out[-1]), flush=True)
+        if outers is None:
+            pairs = [(b, c) for i, b in enumerate(batches) for c in batches[i + 1:]]
+        else:
+            pairs = [(outers[name], c) for c in batches if c != outers[name]]
+        for b, c in pairs:
+            keep = ~adata.obs["batch"].isin([b, c]).to_numpy()
+            train = adata[keep].copy()
+            tests = {x: adata[(adata.obs["batch"] == x).to_numpy()].copy() for x in (b, c)}
+            folds = [(c, b)] if outers is not None else [(c, b), (b, c)]
+            for seed in seeds:
+                for cand, settings in grid.items():
+                    scores = _ours_on(train, {i: tests[i] for i, _ in folds}, seed, settings)
+                    for inner, outer in folds:
+                        emit({"dataset": name, "outer": outer, "inner": inner, "seed": seed,
+                              "method": cand, "balanced_accuracy": scores[inner]})
+                for inner, outer in folds:
+                    for m, (ba, _) in baselines(train, tests[inner], seed).items():
+                        emit({"dataset": name, "outer": outer, "inner": inner, "seed": seed,
+                              "method": m, "balanced_accuracy": ba})
     return out
 
 
@@ -241,15 +274,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--cv", action="store_true", help="run the inner cross-validation of GRID")
+    p.add_argument("--full-cv", action="store_true",
+                   help="with --cv: every outer batch in turn (default: FIRST_OUTER only)")
+    p.add_argument("--candidates", default=None, help="with --cv: comma-separated GRID names")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--datasets", default=None, help="comma-separated datasets (default all)")
+    p.add_argument("--settings", default=None,
+                   help="JSON train_metric settings for the encoder instead of its defaults")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     if args.cv:
-        rows = inner_cv(GRID)
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(rows, fh)
+        grid = GRID if args.candidates is None else {
+            k: GRID[k] for k in args.candidates.split(",")}
+        inner_cv(grid, outers=None if args.full_cv else FIRST_OUTER, log=args.out)
         return 0
-    result = run(quick=args.quick)
+    settings = json.loads(args.settings) if args.settings else {}
+    if "hidden" in settings:
+        settings["hidden"] = tuple(settings["hidden"])
+    result = run(quick=args.quick, settings=settings,
+                 seeds=None if args.seeds is None else tuple(int(x) for x in args.seeds.split(",")),
+                 datasets=tuple(args.datasets.split(",")) if args.datasets else data.ENCODER)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh)

@@ -44,6 +44,8 @@ from .train import TrainConfig, make_schedule
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("triplet", "infonce")
+#: negatives of an anchor: cells of any other (unrelated) label, or only those of its own study
+NEGATIVES = ("all", "same_study")
 PRECISIONS = ("float32", "bfloat16")
 _DEFAULT_WEIGHT = {"triplet": 0.001, "infonce": 0.05}
 
@@ -178,6 +180,7 @@ class MetricConfig:
     metric_weight: float | None = None
     mining: str = "semihard"
     across_studies: bool = True
+    negatives: str = "all"
     temperature: float = 0.1
     l1: float = 1e-4
     bf16: bool = False
@@ -195,6 +198,10 @@ class MetricConfig:
         if self.mining not in metric_losses.STRATEGIES:
             raise ScatlasInputError(
                 f"mining must be one of {metric_losses.STRATEGIES}, got {self.mining!r}"
+            )
+        if self.negatives not in NEGATIVES:
+            raise ScatlasInputError(
+                f"negatives must be one of {NEGATIVES}, got {self.negatives!r}"
             )
         if not self.margin >= 0:  # also refuses NaN
             raise ScatlasInputError(f"margin must be >= 0, got {self.margin!r}")
@@ -337,9 +344,12 @@ class MetricTask:
                 z, batch["label"], batch["study"], self._related, mine_rng, margin=cfg.margin,
                 strategy=cfg.mining, across_studies=cfg.across_studies,
                 negative_only=self._negative_only,
+                same_study_negatives=cfg.negatives == "same_study",
             )
         else:
-            metric = metric_losses.supcon_loss(z, batch["label"], self._related, cfg.temperature)
+            metric = metric_losses.supcon_loss(
+                z, batch["label"], self._related, cfg.temperature,
+                batch["study"] if cfg.negatives == "same_study" else None)
             extra = {}
         w = cfg.metric_weight
         w1 = params["encoder"]["_Block_0"]["Dense_0"]["kernel"]

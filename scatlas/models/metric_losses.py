@@ -56,11 +56,16 @@ def candidate_pairs(labels: jax.Array, studies: jax.Array, across_studies: bool)
     return pairs
 
 
-def candidate_negatives(labels: jax.Array, related: jax.Array) -> jax.Array:
-    """(B, B) bool: column n is an admissible negative for anchor row a."""
+def candidate_negatives(labels: jax.Array, related: jax.Array,
+                        studies: jax.Array | None = None) -> jax.Array:
+    """(B, B) bool: column n is an admissible negative for anchor row a (with ``studies``: only
+    cells of the anchor's own study, ``negatives="same_study"``)."""
     safe = jnp.maximum(labels, 0)
     rel = related[safe[:, None], safe[None, :]]
-    return (labels[:, None] >= 0) & (labels[None, :] >= 0) & ~rel
+    out = (labels[:, None] >= 0) & (labels[None, :] >= 0) & ~rel
+    if studies is not None:
+        out = out & (studies[:, None] == studies[None, :])
+    return out
 
 
 def mine(
@@ -143,6 +148,7 @@ def mined_triplet_loss(
     strategy: str = "semihard",
     across_studies: bool = True,
     negative_only: jax.Array | None = None,
+    same_study_negatives: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mine on the batch and return ``(triplet loss, metrics)``; mining is not differentiated.
 
@@ -152,7 +158,7 @@ def mined_triplet_loss(
     """
     sq = jax.lax.stop_gradient(squared_distances(z))
     pairs = candidate_pairs(labels, studies, across_studies)
-    negs = candidate_negatives(labels, related)
+    negs = candidate_negatives(labels, related, studies if same_study_negatives else None)
     u = jax.random.uniform(rng, sq.shape)
     neg, mask = mine(sq, pairs, negs, u, margin=margin, strategy=strategy)
     loss, count, hard = triplet_loss(z, neg, mask, margin)
@@ -165,9 +171,14 @@ def mined_triplet_loss(
 
 
 def supcon_loss(
-    z: jax.Array, labels: jax.Array, related: jax.Array, temperature: float = 0.1
+    z: jax.Array, labels: jax.Array, related: jax.Array, temperature: float = 0.1,
+    studies: jax.Array | None = None,
 ) -> jax.Array:
-    """Supervised contrastive (InfoNCE over labels) loss of L2-normalised embeddings ``z``."""
+    """Supervised contrastive (InfoNCE over labels) loss of L2-normalised embeddings ``z``.
+
+    ``studies``: the denominators keep, besides the anchor's positives, only the negatives of
+    the anchor's own study (``negatives="same_study"``): labels are told apart within a study,
+    never by what tells studies apart."""
     z = z.astype(jnp.float32)
     B = z.shape[0]
     logits = (z @ z.T) / temperature
@@ -178,6 +189,8 @@ def supcon_loss(
     rel = related[safe[:, None], safe[None, :]] & valid[:, None] & valid[None, :]
     positives = same & ~eye
     allowed = (~rel | same) & ~eye & valid[None, :]
+    if studies is not None:
+        allowed = allowed & (same | (studies[:, None] == studies[None, :]))
     logits = jnp.where(allowed, logits, -jnp.inf)
     log_prob = logits - jax.nn.logsumexp(logits, axis=1, keepdims=True)
     n_pos = jnp.sum(positives, axis=1)

@@ -128,9 +128,14 @@ def train_metric(
     adata
         Cells x genes, raw counts (``input="counts"``, log-normalised per batch) or already
         log-normalised data (``input="lognorm"``), in ``X`` or ``layers[layer]``; in memory or
-        backed (rows are read per mini-batch). Its ``var_names`` become the model's gene list.
+        backed (rows are read per mini-batch). Its ``var_names`` (or the ``n_top_genes`` most
+        variable of them) become the model's gene list; counts are normalised over those genes
+        (SCimilarity normalises over its gene order too), at training and embedding alike.
     label_key
-        ``obs`` column of cell labels (every label needs >= 2 cells).
+        ``obs`` column of cell labels. At least two labels need two or more cells. A label with
+        a single cell is kept with a warning naming it: it cannot anchor a triplet (no positive)
+        but serves as a negative, as in SCimilarity (the log's ``n_negative_only`` counts the
+        mined triplets whose negative has such a label).
     study_key
         ``obs`` column of the study / batch: positives are preferably drawn across studies, and
         sampling balances studies. None: one study.
@@ -138,11 +143,27 @@ def train_metric(
         Labels related by a hierarchy are never used as negatives: a child -> parent(s) mapping
         or a file for :func:`scatlas.models.metric.read_hierarchy` (e.g. cell-ontology edges).
     batch_size, max_steps
-        Cells per step (SCimilarity: 1000; capped at the training cells) and steps (default:
-        about 20 passes over the training cells, between 200 and 50,000).
+        Cells per step (default :func:`default_batch_size`: ``min(1000, n_train // 2)``,
+        SCimilarity's 1,000 from 2,000 training cells on; capped at the training cells) and
+        steps (default: about 20 passes over the training cells, between 200 and 50,000).
+        Cells are drawn without repeats within a batch; where the balanced sampling weights
+        concentrate on few cells the batch is completed by weighted sampling without
+        replacement (:func:`scatlas.models.data.draw_without_repeats`), so any batch size up to
+        the training cells works.
     validation_fraction
-        Cells held out for the validation loss (logged every ``eval_every`` steps; with
-        ``patience`` they stop training early and the best weights are kept).
+        Cells held out for the validation loss, about this fraction of each label (labels keep
+        at least two cells, or their only one, in training); at most 10 batches of them
+        (SCimilarity's ``limit_val_batches``). The validation loss is logged every
+        ``eval_every`` steps, and the weights of the best validation step are returned; with
+        ``patience`` they also stop training early.
+    patience, n_top_genes
+        ``"auto"``: the preset's. ``n_top_genes``: train on the N most variable genes of the
+        training cells (scanpy's ``flavor="seurat"``, on at most 20,000 of them); None: every
+        gene.
+    preset
+        Defaults for what is not given (:func:`preset_settings`): ``"auto"`` (chosen by inner
+        cross-validation on real held-out batches, docs/models.md) or ``"scimilarity"``
+        (SCimilarity 0.4's: every gene, 3 x 1,024, triplet weight 0.001, batch 1,000).
     sparse_step
         Train on CSR batches (:mod:`scatlas.models.sparse_ops`: the first layer over the
         non-zeros; CPU, one device, float32). None (default): chosen when it pays, from 1,000
@@ -152,9 +173,11 @@ def train_metric(
         is the same; the random dropout draws differ, so a run is reproducible for a given
         choice.
     **model_kw
-        :class:`~scatlas.models.metric.MetricConfig` fields: ``hidden``, ``latent_dim``,
+        :class:`~scatlas.models.metric.MetricConfig` fields (defaults: the preset's):
+        ``hidden``, ``latent_dim``,
         ``dropout``, ``input_dropout``, ``objective`` ("triplet" | "infonce"), ``margin``,
         ``metric_weight``, ``mining`` ("semihard" | "hardest" | "random"), ``across_studies``,
+        ``negatives`` ("all" | "same_study": only the anchor's own study's cells),
         ``temperature``, ``l1``, ``bf16``.
 
     Returns
@@ -249,9 +272,13 @@ def preset_settings(preset: str, n_train: int) -> dict[str, Any]:
     raise ScatlasInputError(f"preset must be one of {PRESETS}, got {preset!r}")
 
 
-#: the "auto" preset (docs/models.md, "Defaults on real data")
-AUTO_MODEL: dict[str, Any] = {}
-AUTO_N_TOP_GENES: int | None = None
+#: the "auto" preset, chosen by inner leave-one-batch-out cross-validation on CellBench and
+#: Baron among ``bench.quality.encoder.GRID`` (docs/models.md, "Defaults on real data"): the
+#: 2,000 most variable genes, one hidden layer of 256, a 64-dimensional embedding, supervised
+#: InfoNCE weighted 0.5 against the reconstruction; SCimilarity's dropout, L1 and optimiser
+AUTO_MODEL: dict[str, Any] = {"hidden": (256,), "latent_dim": 64, "objective": "infonce",
+                              "metric_weight": 0.5}
+AUTO_N_TOP_GENES: int | None = 2000
 AUTO_PATIENCE: int | None = None
 
 
