@@ -12,6 +12,7 @@ import scipy.sparse as sp
 from scatlas import backend, metrics
 from scatlas._validate import ScatlasInputError
 from scatlas.kernels.anchors import (
+    SmallBatchWarning,
     anchor_weights,
     count_anchors,
     find_anchors,
@@ -364,7 +365,7 @@ def cellbench_hvg(cellbench):
     return X, batch, labels, {k: round(v, 3) for k, v in base.items()}
 
 
-@pytest.mark.filterwarnings("ignore:fewer cells than k_filter")  # batches of 156..252 cells
+@pytest.mark.filterwarnings("ignore::scatlas.kernels.anchors.SmallBatchWarning")  # 156-252 cells
 def test_cellbench_seurat_improves_mixing(cellbench_hvg, capsys):
     X, batch, labels, base = cellbench_hvg
     res = seurat_integrate(X, batch)
@@ -384,10 +385,10 @@ def test_cellbench_seurat_improves_mixing(cellbench_hvg, capsys):
 # ----------------------------------------------------------------------------------------------
 def test_bad_input_is_rejected(worked):
     X1, X2, _, _ = worked
-    with pytest.raises(ScatlasInputError, match="fewer cells than k"):
-        find_anchors(X1, X2[:20], dims=5, k_score=30)
-    with pytest.raises(ScatlasInputError, match="fewer cells than dims"):
-        find_anchors(X1, X2[:25], dims=30, k_score=10)
+    with pytest.raises(ScatlasInputError, match="at least 2 cells"):
+        find_anchors(X1, X2[:1], dims=5)
+    with pytest.raises(ScatlasInputError, match="k_score must be >= 1"):
+        find_anchors(X1, X2, k_score=0)
     with pytest.raises(ScatlasInputError, match="at least 2"):
         seurat_integrate([X1])
     with pytest.raises(ScatlasInputError, match="at least 2"):
@@ -400,20 +401,132 @@ def test_bad_input_is_rejected(worked):
         seurat_integrate([X1, bad])
     with pytest.raises(ScatlasInputError, match="no anchors"):
         integrate_pair(X1, X2, (np.zeros(0), np.zeros(0), np.zeros(0)), X2[:, :5])
-    with pytest.raises(ScatlasInputError, match="anchor cells"):
-        integrate_pair(X1, X2, ([0, 1, 2], [0, 0, 1], [1.0, 1.0, 1.0]), X2[:, :5], k_weight=3)
     with pytest.raises(ScatlasInputError, match="batch="):
         seurat_integrate(X1)
 
 
 def test_few_anchors_lower_k_weight_and_small_filter_warns(worked):
     X1, X2, _, _ = worked
-    with pytest.warns(UserWarning, match="less than k_weight"):
-        out = integrate_pair(X1, X2, ([0, 1, 2], [0, 1, 2], [1.0, 0.5, 0.2]), X2[:, :5],
-                             k_weight=100)
+    Wq = X2[:, :5]
+    with pytest.warns(SmallBatchWarning, match="k_weight=100; k_weight lowered to 3") as rec:
+        out = integrate_pair(X1, X2, ([0, 1, 2], [0, 1, 2], [1.0, 0.5, 0.2]), Wq, k_weight=100)
+    assert rec[0].filename == __file__  # points at the caller's line
     assert out.shape == X2.shape and np.all(np.isfinite(out))
-    with pytest.warns(UserWarning, match="k_filter"):
-        find_anchors(X1, X2, scale=True, dims=6, k_score=10, k_filter=200)
+    # 3 anchors but 2 distinct query cells (Seurat's FindWeights stops): k_weight 2, exactly
+    # what an explicit k_weight=2 gives (the reference, ref_integrate)
+    anchors = (np.array([0, 1, 2]), np.array([0, 0, 1]), np.array([1.0, 0.5, 0.2]))
+    with pytest.warns(SmallBatchWarning, match="distinct query cells \\(2\\)"):
+        got = integrate_pair(X1, X2, anchors, Wq, k_weight=3, dtype=np.float64)
+    expected = ref_integrate(X1, X2, *anchors, Wq, k=2)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+    with pytest.warns(SmallBatchWarning, match="k_filter=200 skipped"):
+        anc = find_anchors(X1, X2, scale=True, dims=6, k_score=10, k_filter=200)
+    assert anc.params == {"dims": 6, "k_anchor": 5, "k_score": 10, "k_filter": None}
+
+
+def test_find_anchors_on_small_datasets_equals_explicit_lower_values(worked):
+    """20 cells cannot give dims=30 / k_score=30 (Seurat 4.3 stops): the values are lowered to
+    19 with one warning, and the anchors are exactly those of an explicit dims=19, k_score=19
+    run (which warns about nothing but the filter's skip)."""
+    X1, X2, _, _ = worked
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        anc = find_anchors(X1, X2[:20], scale=True, dims=30, k_score=30, k_filter=None,
+                           dtype=np.float64)
+    assert len(rec) == 1 and issubclass(rec[0].category, SmallBatchWarning)
+    assert rec[0].filename == __file__
+    assert "dims 30 -> 19" in str(rec[0].message) and "k_score 30 -> 19" in str(rec[0].message)
+    assert anc.params == {"dims": 19, "k_anchor": 5, "k_score": 19, "k_filter": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = find_anchors(X1, X2[:20], scale=True, dims=19, k_score=19, k_filter=None,
+                           dtype=np.float64)
+    np.testing.assert_array_equal(anc.cell1, ref.cell1)
+    np.testing.assert_array_equal(anc.cell2, ref.cell2)
+    np.testing.assert_array_equal(anc.score, ref.score)
+    a, b, score, _, _ = ref_find_anchors(X1, X2[:20], dims=19, k_anchor=5, k_score=19,
+                                         k_filter=len(X1), max_features=200)
+    np.testing.assert_array_equal(anc.cell1, a)  # and the literal NumPy reading agrees
+    np.testing.assert_allclose(anc.score, score, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# (d2) many small batches (Baron donors: 23-102 cells; Seurat 4.3 stops at dims = 30)
+# ----------------------------------------------------------------------------------------------
+SMALL_SIZES = {"donorA": 22, "donorB": 35, "donorC": 40, "donorD": 28}
+
+
+@pytest.fixture(scope="module")
+def small_batches():
+    """Four batches of 22-40 cells (3 cell types, 60 genes, a gene offset per batch), rows
+    interleaved across batches."""
+    rng = np.random.default_rng(5)
+    centers = rng.normal(0.5, 1.0, size=(3, 60))
+    X, batch, types = [], [], []
+    for name, n in SMALL_SIZES.items():
+        C, t = toy_counts(rng, n, centers + rng.normal(0, 0.4, size=60))
+        X.append(lognorm(C))
+        batch += [name] * n
+        types.append(t)
+    order = rng.permutation(sum(SMALL_SIZES.values()))
+    return (np.vstack(X)[order], np.array(batch)[order], np.concatenate(types)[order])
+
+
+def test_small_batches_adapt_with_one_warning_naming_them(small_batches):
+    X, batch, types = small_batches
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = seurat_integrate(X, batch)  # Seurat's defaults: dims 30, k.score 30, k.filter 200
+    assert len(rec) == 1 and issubclass(rec[0].category, SmallBatchWarning), rec
+    assert rec[0].filename == __file__  # stacklevel: the caller's line, not an internal one
+    msg = str(rec[0].message)
+    assert res.adapted == msg
+    assert "'donorA' (22 cells): dims=21, k_score=21" in msg
+    assert "'donorD' (28 cells): dims=27, k_score=27" in msg
+    assert "donorB' (35 cells):" not in msg  # 35 cells allow dims = 30
+    assert "k_filter=200: anchors not filtered in 6 of 6 pair(s)" in msg
+    sizes = dict(SMALL_SIZES)
+    for (i, j), anc in res.anchors.items():
+        m = min(sizes[res.batches[i]], sizes[res.batches[j]])
+        assert anc.params == {"dims": min(30, m - 1), "k_anchor": 5, "k_score": min(30, m - 1),
+                              "k_filter": None}
+    # per merge, k_weight is the number of distinct anchor query cells (<= the query's cells)
+    for (_, q), mp in zip(res.merges, res.merge_params, strict=True):
+        assert 1 <= mp["k_weight"] <= min(100, sum(sizes[res.batches[d]] for d in q))
+    assert np.all(np.isfinite(res.corrected)) and res.corrected.shape == X.shape
+    E = pca(scale_data(res.corrected), 10).scores
+    assert metrics.knn_label_transfer(E, types, batch) > 0.9
+
+
+def test_small_batch_pair_equals_explicit_lower_values(small_batches):
+    """A pair's anchors in the driver equal find_anchors with the lowered values given."""
+    X, batch, _ = small_batches
+    with pytest.warns(SmallBatchWarning):
+        res = seurat_integrate(X, batch)
+    i, j = res.batches.index("donorA"), res.batches.index("donorC")
+    XA, XC = X[batch == "donorA"], X[batch == "donorC"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = find_anchors(scale_data(XA), scale_data(XC), dims=21, k_score=21, k_filter=None)
+    anc = res.anchors[(i, j)]
+    np.testing.assert_array_equal(anc.cell1, ref.cell1)
+    np.testing.assert_array_equal(anc.cell2, ref.cell2)
+    np.testing.assert_array_equal(anc.score, ref.score)
+
+
+def test_small_batch_errors_name_the_batch(small_batches):
+    X, batch, _ = small_batches
+    lonely = batch.astype(object)
+    lonely[np.flatnonzero(batch == "donorB")[0]] = "lonely"
+    with pytest.raises(ScatlasInputError, match="'lonely' \\(1 cell\\) has fewer than 2 cells"):
+        seurat_integrate(X, lonely)
+    dup = X.copy()
+    rows = np.flatnonzero(batch == "donorC")
+    dup[rows] = dup[rows[0]]  # every cell of donorC identical: no gene varies there
+    with pytest.raises(ScatlasInputError, match="'donorC' \\(40 cells\\).*features vary"):
+        seurat_integrate(dup, batch, k_filter=None)
+    with pytest.raises(ScatlasInputError, match="k_weight must be >= 1"):
+        seurat_integrate(X, batch, k_weight=0)
 
 
 def test_count_anchors_is_doubled_rows_over_smaller_dataset(worked):

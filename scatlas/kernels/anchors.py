@@ -68,6 +68,7 @@ row and the correction is two sparse-times-data products.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -176,14 +177,35 @@ def prepare_datasets(datasets: Sequence[Any], dtype: Any, device: str | None,
     return out, restore
 
 
-def check_min_cells(sizes: Sequence[int], minimum: int, reason: str) -> None:
-    """Every dataset has at least ``minimum`` cells; else a 'fewer cells than k' error."""
-    small = {i: n for i, n in enumerate(sizes) if n < minimum}
+def check_min_cells(sizes: Sequence[int], minimum: int, reason: str,
+                    names: Sequence[Any] | None = None) -> None:
+    """Every dataset has at least ``minimum`` cells; else a 'fewer cells than k' error naming the
+    datasets (by ``names`` when given, else by position)."""
+    label = (lambda i: repr(str(names[i]))) if names is not None else str
+    small = [f"{label(i)} ({n} cells)" for i, n in enumerate(sizes) if n < minimum]
     if small:
+        which = "batch(es)" if names is not None else "dataset(s) at position"
         raise ScatlasInputError(
             f"fewer cells than k: {reason} needs at least {minimum} cells per dataset/batch, "
-            f"but {small} (index: cells) have fewer; lower it or drop those batches"
+            f"but {which} {', '.join(small)} have fewer; lower it or drop those batches"
         )
+
+
+class SmallBatchWarning(UserWarning):
+    """Parameters of an integration were lowered because some batches are too small for them
+    (filter with ``warnings.filterwarnings("ignore", category=SmallBatchWarning)``)."""
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the calling function that points at the first
+    frame outside the scatlas package (the user's call, not an internal line)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] \
+            == "scatlas":
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +253,9 @@ class Anchors:
     ``cell1`` (m,) int64 rows of dataset 1, ``cell2`` (m,) int64 rows of dataset 2, ``score``
     (m,) float64 in [0, 1]; iterating gives ``(cell1, cell2, score)``. ``n_mnn`` counts the
     mutual pairs before filtering; ``filter_features`` are the gene columns used to filter
-    (host int64; None when filtering was skipped).
+    (host int64; None when filtering was skipped). ``params`` holds the values used for this
+    pair: ``dims``, ``k_anchor``, ``k_score``, ``k_filter`` (None: not filtered), lower than the
+    requested ones where a dataset is too small for them (see :func:`find_anchors`).
     """
 
     cell1: Any
@@ -240,6 +264,7 @@ class Anchors:
     n_mnn: int = 0
     filter_features: np.ndarray | None = None
     embeddings: tuple[Any, Any] | None = field(default=None, repr=False)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __iter__(self):
         return iter((self.cell1, self.cell2, self.score))
@@ -340,24 +365,49 @@ def _filter_anchors(a: Any, b: Any, F1: Any, F2: Any, k_filter: int,
     return keep
 
 
-def _check_anchor_args(n1: int, n2: int, p: int, dims: int, k_anchor: int, k_score: int,
-                       k_filter: int | None, max_features: int) -> tuple[int, ...]:
-    dims = check_positive_int(dims, "dims")
-    k_anchor = check_positive_int(k_anchor, "k_anchor")
-    k_score = check_positive_int(k_score, "k_score")
+#: fewest cells a dataset / batch may have (a gene's sd with n - 1, one canonical vector)
+MIN_CELLS = 2
+
+
+def _anchor_params(n1: int, n2: int, dims: Any, k_anchor: Any, k_score: Any,
+                   k_filter: Any, max_features: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(requested, effective) anchor parameters of one pair of datasets with n1, n2 cells.
+
+    Where the smaller dataset (m = min(n1, n2) cells) is too small, the values are lowered to
+    what it allows instead of stopping: ``dims`` to m - 1 (per-dataset gene scaling centres
+    every gene, so a dataset's scaled matrix, and the cross-product, has rank <= m - 1),
+    ``k_anchor`` and ``k_score`` to m - 1 (the within-dataset neighbour lists hold the cell and
+    its k nearest others), and the filter is skipped when m < ``k_filter`` (Seurat's
+    ``FilterAnchors``). Seurat 4.3 stops on the first two ("Max dimension too large"; Annoy's
+    neighbour lists come up short). Large enough datasets get the requested values unchanged.
+    """
+    req = {"dims": check_positive_int(dims, "dims"),
+           "k_anchor": check_positive_int(k_anchor, "k_anchor"),
+           "k_score": check_positive_int(k_score, "k_score"),
+           "k_filter": None if k_filter is None else check_positive_int(k_filter, "k_filter")}
     check_positive_int(max_features, "max_features")
-    if k_filter is not None:
-        k_filter = check_positive_int(k_filter, "k_filter")
-    if min(n1, n2) <= dims:  # Seurat: "Max dimension too large"
+    m = min(n1, n2)
+    if m < MIN_CELLS:
         raise ScatlasInputError(
-            f"fewer cells than dims: the datasets have {n1} and {n2} cells but dims={dims} "
-            "canonical vectors need more cells than that; lower dims"
+            f"a dataset has {m} cell(s) (datasets of {n1} and {n2} cells): Seurat CCA needs at "
+            f"least {MIN_CELLS} cells per dataset/batch"
         )
-    if dims > p:
-        raise ScatlasInputError(f"dims={dims} exceeds the number of shared features ({p})")
-    k = max(k_anchor, k_score)
-    check_min_cells([n1, n2], k + 1, f"max(k_anchor, k_score)={k} (plus the cell itself)")
-    return dims, k_anchor, k_score, k_filter
+    eff = {"dims": min(req["dims"], m - 1), "k_anchor": min(req["k_anchor"], m - 1),
+           "k_score": min(req["k_score"], m - 1),
+           "k_filter": None if req["k_filter"] is None or m < req["k_filter"]
+           else req["k_filter"]}
+    return req, eff
+
+
+def _describe_changes(req: dict[str, Any], eff: dict[str, Any]) -> list[str]:
+    """'name requested -> used' for each lowered parameter (k_filter: 'skipped')."""
+    out = []
+    for name in ("dims", "k_anchor", "k_score"):
+        if eff[name] != req[name]:
+            out.append(f"{name} {req[name]} -> {eff[name]}")
+    if req["k_filter"] is not None and eff["k_filter"] is None:
+        out.append(f"k_filter={req['k_filter']} skipped (anchors not filtered, as Seurat)")
+    return out
 
 
 def find_anchors(
@@ -386,11 +436,15 @@ def find_anchors(
     X1, X2
         (n1, p) and (n2, p) gene-scaled expression of the anchor features (Seurat's
         ``scale.data``; pass log-normalised data with ``scale=True`` to run ``ScaleData`` per
-        dataset here). Dense or sparse, numpy or cupy.
+        dataset here). Dense or sparse, numpy or cupy; at least 2 cells each.
     k_anchor, k_score, k_filter, dims, max_features
         Seurat's defaults 5, 30, 200, 30 (``dims = 1:30``), 200. ``k_filter=None`` skips the
-        filtering (Seurat's ``k.filter = NA``, the v5 ``CCAIntegration`` default); it is also
-        skipped, with a warning, when a dataset has fewer than ``k_filter`` cells.
+        filtering (Seurat's ``k.filter = NA``, the v5 ``CCAIntegration`` default). Small
+        datasets: with m = min(n1, n2) cells in the smaller one, ``dims``, ``k_anchor`` and
+        ``k_score`` are lowered to m - 1 (``dims`` also below the number of genes varying in
+        both), and the filter is skipped when m < ``k_filter`` (as Seurat), with one
+        :class:`SmallBatchWarning`; the values used are in ``Anchors.params``. Datasets large
+        enough for the requested values get exactly them.
     filter_data1, filter_data2
         (n1, p) / (n2, p) log-normalised expression of the same genes (Seurat's ``data``),
         used by the filter; ``None`` uses X1 / X2.
@@ -407,24 +461,48 @@ def find_anchors(
     -------
     Anchors
         ``cell1`` / ``cell2`` (m,) int64 and ``score`` (m,) float64 of the caller's array kind,
-        in Seurat's order; ``embeddings`` holds the (L2-normalised) canonical vectors.
+        in Seurat's order; ``embeddings`` holds the (L2-normalised) canonical vectors,
+        ``params`` the parameter values used.
     """
+    anc, req = _find_anchors(X1, X2, k_anchor=k_anchor, k_filter=k_filter, k_score=k_score,
+                             dims=dims, max_features=max_features, filter_data1=filter_data1,
+                             filter_data2=filter_data2, l2_norm=l2_norm, scale=scale,
+                             cca_method=cca_method, seed=seed, dtype=dtype, device=device,
+                             progress=progress)
+    changes = _describe_changes(req, anc.params)
+    if changes:
+        n1, n2 = int(X1.shape[0]), int(X2.shape[0])
+        warnings.warn(f"datasets of {n1} and {n2} cells are too small for the requested "
+                      f"parameters; lowered: {'; '.join(changes)}", SmallBatchWarning,
+                      stacklevel=_caller_stacklevel())
+    return anc
+
+
+def _find_anchors(X1: Any, X2: Any, *, k_anchor: int, k_filter: int | None, k_score: int,
+                  dims: int, max_features: int, filter_data1: Any, filter_data2: Any,
+                  l2_norm: bool, scale: bool, cca_method: str, seed: int, dtype: Any,
+                  device: str | None, progress: bool | None
+                  ) -> tuple[Anchors, dict[str, Any]]:
+    """:func:`find_anchors` without the warning: (anchors, requested parameters)."""
     (X1d, X2d), restore = prepare_datasets([X1, X2], dtype, device, "X")
     n1, n2, p = X1d.shape[0], X2d.shape[0], X1d.shape[1]
-    dims, k_anchor, k_score, k_filter = _check_anchor_args(n1, n2, p, dims, k_anchor, k_score,
-                                                           k_filter, max_features)
+    req, eff = _anchor_params(n1, n2, dims, k_anchor, k_score, k_filter, max_features)
     if scale:
         X1d, X2d = scale_data(X1d, dtype=X1d.dtype), scale_data(X2d, dtype=X2d.dtype)
     X1all, X2all = X1d, X2d  # all features (the filter's fallback data and shape check)
     used = _varying_in_both(X1d, X2d)  # RunCCA's CheckFeatures: drop zero-variance genes
+    if used.size < 2:
+        raise ScatlasInputError(
+            f"only {used.size} of the {p} features vary in both datasets; the CCA needs at "
+            "least 2"
+        )
+    # each cell is centred across the genes (Standardize), so the rank is <= (genes used) - 1
+    eff["dims"] = min(eff["dims"], int(used.size) - 1)
     if used.size < p:
-        if used.size <= dims:
-            raise ScatlasInputError(
-                f"only {used.size} of the {p} features vary in both datasets; dims={dims} "
-                "needs more"
-            )
         cols = backend.to_device(used, backend.device_of(X1d))
         X1d, X2d = X1d[:, cols], X2d[:, cols]
+    dims, k_anchor, k_score, k_filter = (eff[k] for k in ("dims", "k_anchor", "k_score",
+                                                          "k_filter"))
     Z1, Z2 = _cca(X1d, X2d, dims, l2_norm=False, method=cca_method, seed=seed,
                   dtype=X1d.dtype, progress=progress)
     E1, E2 = (l2_normalize_rows(Z1), l2_normalize_rows(Z2)) if l2_norm else (Z1, Z2)
@@ -435,18 +513,16 @@ def find_anchors(
     a, b = _mutual_in_order(nn["ab"], nn["ba"], k_anchor)
     n_mnn = int(a.shape[0])
     features = None
-    if k_filter is not None and min(n1, n2) < k_filter:
-        warnings.warn(f"fewer cells than k_filter={k_filter} ({n1}, {n2}); retaining all "
-                      "anchors (as Seurat does)", UserWarning, stacklevel=2)
-    elif k_filter is not None:
+    if k_filter is not None:
         loadings = to_dense(X1d).T @ Z1 + to_dense(X2d).T @ Z2  # ProjectDim on scale.data
         features = used[top_dim_features(loadings, max_features)]
         F1, F2 = _filter_inputs(filter_data1, filter_data2, X1all, X2all, features, device)
         keep = _filter_anchors(a, b, F1, F2, k_filter, progress)
         a, b = a[keep], b[keep]
     score = _score_anchors(a, b, nn, k_score)
-    return Anchors(cell1=restore(a), cell2=restore(b), score=restore(score), n_mnn=n_mnn,
-                   filter_features=features, embeddings=(restore(E1), restore(E2)))
+    anc = Anchors(cell1=restore(a), cell2=restore(b), score=restore(score), n_mnn=n_mnn,
+                  filter_features=features, embeddings=(restore(E1), restore(E2)), params=eff)
+    return anc, req
 
 
 def _column_variance(X: Any) -> Any:
@@ -557,7 +633,7 @@ def anchor_weights(dist: Any, nbr: Any, anchor_pos: Any, score: Any, sd_weight: 
     dead = int(xp.count_nonzero(total <= 0))
     if dead:
         warnings.warn(f"{dead} query cell(s) have all anchor weights 0 (scores 0); they are "
-                      "left uncorrected", UserWarning, stacklevel=3)
+                      "left uncorrected", UserWarning, stacklevel=_caller_stacklevel())
     w = xp.where(total > 0, w / xp.where(total > 0, total, 1.0), 0.0)
     indptr = xp.arange(0, n * k + 1, k, dtype=np.int64)
     spm = backend.sparse_module(dist)
@@ -609,8 +685,8 @@ def integrate_pair(
         scaled merged pair, or the embedding itself).
     k_weight, sd_weight
         Seurat's 100 and 1. With fewer than k_weight anchors it is lowered to their number
-        (with a warning, as ``RunIntegration``); fewer distinct anchor query cells than
-        k_weight is an error (``FindWeights``).
+        (as ``RunIntegration``), and with fewer distinct anchor query cells to their number
+        (``FindWeights`` stops there), with one :class:`SmallBatchWarning`.
     return_weights
         Also return the (n2, m) CSR weight matrix (float64).
 
@@ -618,6 +694,26 @@ def integrate_pair(
     -------
     corrected : (n2, g) dense, compute dtype, caller's array kind (and the weights).
     """
+    corrected, W, k_used, n_cells = _integrate_pair(
+        ref_data, query_data, anchors, weight_space_query, k_weight=k_weight,
+        sd_weight=sd_weight, dtype=dtype, device=device, progress=progress)
+    if k_used < k_weight:
+        warnings.warn(f"the anchors ({_count(anchors)}) or their distinct query cells "
+                      f"({n_cells}) are fewer than k_weight={k_weight}; k_weight lowered to "
+                      f"{k_used} for this pair (as Seurat's RunIntegration)", SmallBatchWarning,
+                      stacklevel=_caller_stacklevel())
+    return (corrected, W) if return_weights else corrected
+
+
+def _count(anchors: Any) -> int:
+    return len(anchors) if isinstance(anchors, Anchors) else int(np.size(anchors[0]))
+
+
+def _integrate_pair(ref_data: Any, query_data: Any, anchors: Any, weight_space_query: Any, *,
+                    k_weight: int, sd_weight: float, dtype: Any, device: str | None,
+                    progress: bool | None) -> tuple[Any, Any, int, int]:
+    """:func:`integrate_pair` without the warning: (corrected, weights, k_weight used, number
+    of distinct anchor query cells)."""
     (R, Q), restore = prepare_datasets([ref_data, query_data], dtype, device, "data")
     (Wq,), _ = _prepare_one(weight_space_query, Q.dtype, device, "weight_space_query")
     if Wq.shape[0] != Q.shape[0]:
@@ -629,25 +725,19 @@ def integrate_pair(
     k_weight = check_positive_int(k_weight, "k_weight")
     if not (np.isfinite(sd_weight) and sd_weight > 0):
         raise ScatlasInputError(f"sd_weight must be a positive number, got {sd_weight}")
-    if a.shape[0] < k_weight:
-        warnings.warn(f"number of anchors ({a.shape[0]}) is less than k_weight={k_weight}; "
-                      "lowering k_weight for this pair", UserWarning, stacklevel=2)
-        k_weight = int(a.shape[0])
     cells, pos = _first_appearance(b)
-    if cells.shape[0] < k_weight:
-        raise ScatlasInputError(
-            f"number of anchor cells ({cells.shape[0]}) is less than k_weight={k_weight}; "
-            "lower k_weight or increase k_anchor"
-        )
+    # RunIntegration lowers k.weight to the number of anchors; FindWeights needs k.weight
+    # distinct anchor query cells (their number is <= that of the anchors)
+    k_used = min(k_weight, int(cells.shape[0]))
     Wd = to_dense(Wq)
-    dist, nbr = knn(Wd, Wd[cells], k_weight, dtype=Wd.dtype, progress=progress)
+    dist, nbr = knn(Wd, Wd[cells], k_used, dtype=Wd.dtype, progress=progress)
     W = anchor_weights(dist, nbr, pos, s, sd_weight)
     Wc = W.astype(Q.dtype)
     Qd = to_dense(Q)  # sparse x dense products: cheaper than sparse x sparse here
     corr = _product(_relabel_columns(Wc, b, Q.shape[0]), Qd)
     corr -= _product(_relabel_columns(Wc, a, R.shape[0]), to_dense(R))
     corrected = Qd - corr
-    return (restore(corrected), restore(W)) if return_weights else restore(corrected)
+    return restore(corrected), restore(W), k_used, int(cells.shape[0])
 
 
 def _prepare_one(X: Any, dtype: Any, device: str | None, name: str) -> tuple[list[Any], Any]:
@@ -663,9 +753,12 @@ class SeuratIntegration:
     """Output of :func:`seurat_integrate`.
 
     corrected (n, g): integrated values, rows in input order (the concatenated datasets, or the
-    rows of the single input matrix); anchors: {(i, j): Anchors} for every pair i < j;
-    similarity (B, B): ``CountAnchors``; merges: per merge step, (reference datasets, query
-    datasets); batches: dataset names.
+    rows of the single input matrix); anchors: {(i, j): Anchors} for every pair i < j (the
+    values used per pair in ``Anchors.params``); similarity (B, B): ``CountAnchors``; merges:
+    per merge step, (reference datasets, query datasets); batches: dataset names; params: the
+    requested parameters; merge_params: per merge step the values used, ``k_weight`` and
+    ``weight_pcs`` (PCs of the weight space; on the embedding path its width); adapted: the
+    :class:`SmallBatchWarning` text when parameters were lowered for small batches, else "".
     """
 
     corrected: Any
@@ -673,6 +766,9 @@ class SeuratIntegration:
     similarity: np.ndarray
     merges: list[tuple[list[int], list[int]]]
     batches: list[Any]
+    params: dict[str, Any] = field(default_factory=dict)
+    merge_params: list[dict[str, int]] = field(default_factory=list)
+    adapted: str = ""
 
 
 def count_anchors(anchors: dict[tuple[int, int], Anchors], sizes: Sequence[int]) -> np.ndarray:
@@ -767,7 +863,7 @@ class _Node:
 
 
 def _merge_anchors(anchors: dict[tuple[int, int], Anchors], ref: _Node, query: _Node,
-                   xp: Any) -> tuple[Any, Any, Any]:
+                   xp: Any, names: Sequence[Any], k_anchor: Any) -> tuple[Any, Any, Any]:
     """Anchors from reference-node to query-node datasets, as node row indices, in the order
     of ``FindIntegrationAnchors`` (pairs by (j, i), then the reversed copies)."""
     pairs = sorted(anchors, key=lambda ij: (ij[1], ij[0]))
@@ -781,23 +877,27 @@ def _merge_anchors(anchors: dict[tuple[int, int], Anchors], ref: _Node, query: _
                 parts.append((c_src + ref.starts[src], c_dst + query.starts[dst], anc.score))
     if not parts:
         raise ScatlasInputError(
-            f"no anchors between datasets {ref.datasets} and {query.datasets}; cannot merge"
+            f"no anchors between batch(es) {[str(names[d]) for d in ref.datasets]} and "
+            f"{[str(names[d]) for d in query.datasets]}: no cell pair is mutual nearest "
+            f"neighbours within k_anchor={k_anchor}; raise k_anchor or check that these batches "
+            "share cell types"
         )
     return tuple(xp.concatenate([p[t] for p in parts]) for t in range(3))
 
 
 def _weight_space(ref: _Node, query: _Node, n_pcs: int | None, seed: int,
-                  progress: bool | None) -> Any:
+                  progress: bool | None) -> tuple[Any, int]:
     """Query rows of the weight space: ScaleData + RunPCA (n_pcs, uncentred, scores) of the
-    merged pair, or (n_pcs=None, the v5 embedding path) the query's current values."""
+    merged pair, or (n_pcs=None, the v5 embedding path) the query's current values; and its
+    width."""
     if n_pcs is None:
-        return query.data
+        return query.data, int(query.data.shape[1])
     xp = backend.array_module(query.data)
     merged = xp.concatenate([to_dense(ref.data), to_dense(query.data)])
     n_comp = min(n_pcs, max(merged.shape[1] - 1, 1), merged.shape[0] - 1)  # RunPCA's cap
     res = _pca(scale_data(merged, dtype=merged.dtype), n_comp, center=False, seed=seed,
                dtype=merged.dtype, progress=progress)
-    return res.scores[ref.n:]
+    return res.scores[ref.n:], n_comp
 
 
 def _input_datasets(datasets: Any, batch: Any) -> tuple[list[Any], list[Any], list | None]:
@@ -886,6 +986,19 @@ def seurat_integrate(
     preserve_order
         Keep the tree's order instead of making the larger object the reference.
 
+    Small batches
+        Seurat 4.3 stops when a batch has no more cells than ``dims`` (and its neighbour
+        searches come up short below ``k_score``); here every pair of batches uses what its
+        smaller batch (m cells) allows: ``dims``, ``k_anchor``, ``k_score`` lowered to m - 1,
+        the filter skipped when m < ``k_filter`` (as Seurat), and per merge ``k_weight``
+        lowered to the number of distinct anchor query cells (Seurat lowers it to the number
+        of anchors, then stops if the cells are fewer). One :class:`SmallBatchWarning` names
+        the batches and the values used; they are recorded in ``anchors[(i, j)].params`` and
+        ``merge_params``. Batches large enough for the requested values get exactly them (the
+        same result as before this adaptation). A batch of fewer than 2 cells, a pair whose
+        CCA fails (e.g. empty cells) and merges without any anchor still raise
+        :class:`~scatlas._validate.ScatlasInputError`, naming the batches.
+
     Returns
     -------
     SeuratIntegration
@@ -894,6 +1007,16 @@ def seurat_integrate(
     parts, names, idx = _input_datasets(datasets, batch)
     data, restore = prepare_datasets(parts, dtype, device)
     sizes = [X.shape[0] for X in data]
+    label = _batch_labels(names, idx is not None)
+    check_batch_sizes(sizes, label)
+    requested = {"dims": check_positive_int(dims, "dims"),
+                 "k_anchor": check_positive_int(k_anchor, "k_anchor"),
+                 "k_score": check_positive_int(k_score, "k_score"),
+                 "k_filter": None if k_filter is None else check_positive_int(k_filter,
+                                                                              "k_filter"),
+                 "max_features": check_positive_int(max_features, "max_features"),
+                 "k_weight": check_positive_int(k_weight, "k_weight"),
+                 "sd_weight": sd_weight}
     targets = data
     if embeddings is not None:
         emb_parts = _input_datasets(embeddings, batch)[0]
@@ -905,36 +1028,134 @@ def seurat_integrate(
             )
     n_pcs = None if embeddings is not None else (dims if n_pcs is None else
                                                  check_positive_int(n_pcs, "n_pcs"))
+    requested["n_pcs"] = n_pcs
     scaled = _scaled_for_cca(data, scale)
     B = len(data)
     pairs = [(i, j) for j in range(B) for i in range(j)]
     anchors: dict[tuple[int, int], Anchors] = {}
     for i, j in _progress.track(pairs, desc="anchors", total=len(pairs), progress=progress,
                                 unit="pair"):
-        anchors[(i, j)] = find_anchors(
-            scaled[i], scaled[j], k_anchor=k_anchor, k_filter=k_filter, k_score=k_score,
-            dims=dims, max_features=max_features, filter_data1=data[i], filter_data2=data[j],
-            l2_norm=l2_norm, seed=seed, dtype=data[0].dtype, progress=progress)
+        try:
+            anchors[(i, j)], _ = _find_anchors(
+                scaled[i], scaled[j], k_anchor=k_anchor, k_filter=k_filter, k_score=k_score,
+                dims=dims, max_features=max_features, filter_data1=data[i],
+                filter_data2=data[j], l2_norm=l2_norm, scale=False, cca_method="auto",
+                seed=seed, dtype=data[0].dtype, device=None, progress=progress)
+        except ScatlasInputError as err:
+            raise ScatlasInputError(
+                f"{label(i)} ({sizes[i]} cells) and {label(j)} ({sizes[j]} cells): {err}"
+            ) from err
     sim = count_anchors(anchors, sizes)
     xp = backend.array_module(data[0])
     nodes: dict[int, _Node] = {-(i + 1): _Node([i], targets[i], {i: 0}) for i in range(B)}
-    merges = []
+    merges, merge_params = [], []
     for step, (l_id, r_id) in enumerate(
             _progress.track(sample_tree(sim), desc="merges", total=B - 1, progress=progress,
                             unit="merge"), start=1):
         ref, query = nodes.pop(l_id), nodes.pop(r_id)
         if not preserve_order and query.n > ref.n:
             ref, query = query, ref
-        a, b, s = _merge_anchors(anchors, ref, query, xp)
-        ws = _weight_space(ref, query, n_pcs, seed, progress)
-        corrected = integrate_pair(ref.data, query.data, (a, b, s), ws, k_weight=k_weight,
-                                   sd_weight=sd_weight, dtype=data[0].dtype, progress=progress)
+        a, b, s = _merge_anchors(anchors, ref, query, xp, [label(d) for d in range(B)],
+                                 k_anchor)
+        ws, ws_width = _weight_space(ref, query, n_pcs, seed, progress)
+        corrected, _, k_used, _ = _integrate_pair(
+            ref.data, query.data, (a, b, s), ws, k_weight=k_weight, sd_weight=sd_weight,
+            dtype=data[0].dtype, device=None, progress=progress)
         merged = xp.concatenate([to_dense(ref.data), corrected])
         starts = dict(ref.starts)
         starts.update({d: st + ref.n for d, st in query.starts.items()})
         nodes[step] = _Node(ref.datasets + query.datasets, merged, starts)
         merges.append((list(ref.datasets), list(query.datasets)))
+        merge_params.append({"k_weight": k_used, "weight_pcs": ws_width})
     (final,) = nodes.values()
     out = _assemble(final, sizes, idx, xp)
+    adapted = _small_batch_message(label, sizes, requested, anchors, merges, merge_params)
+    if adapted:
+        warnings.warn(adapted, SmallBatchWarning, stacklevel=_caller_stacklevel())
     return SeuratIntegration(corrected=restore(out), anchors=anchors, similarity=sim,
-                             merges=merges, batches=names)
+                             merges=merges, batches=names, params=requested,
+                             merge_params=merge_params, adapted=adapted)
+
+
+def check_batch_sizes(sizes: Sequence[int], label: Any) -> None:
+    """Every batch has at least :data:`MIN_CELLS` cells, else an error naming them
+    (``label(i)``: how the caller knows batch i)."""
+    tiny = [f"{label(i)} ({n} cell{'s' if n != 1 else ''})" for i, n in enumerate(sizes)
+            if n < MIN_CELLS]
+    if tiny:
+        raise ScatlasInputError(
+            f"{_listing(tiny)} ha{'ve' if len(tiny) > 1 else 's'} fewer than {MIN_CELLS} cells: "
+            "Seurat CCA scales every gene within a batch (sd with n - 1), so each batch needs "
+            f"at least {MIN_CELLS}; drop such batches or merge them with others"
+        )
+
+
+def _batch_labels(names: Sequence[Any], named: bool) -> Any:
+    """Dataset i as the caller knows it: its batch label quoted, or 'dataset i' for a list."""
+    if named:
+        return lambda i: repr(str(names[i]))
+    return lambda i: f"dataset {i}"
+
+
+def _listing(items: Sequence[str], limit: int = 8) -> str:
+    """Comma-separated, the first ``limit`` items and a count of the others."""
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
+
+
+def _small_batch_message(label: Any, sizes: Sequence[int], req: dict[str, Any],
+                         anchors: dict[tuple[int, int], Anchors],
+                         merges: Sequence[tuple[list[int], list[int]]],
+                         merge_params: Sequence[dict[str, int]]) -> str:
+    """The one warning text for every parameter lowered on small batches ('' if none)."""
+    out = []
+    n_pairs = len(anchors)
+    per_batch = []
+    for b, n in sorted(enumerate(sizes), key=lambda t: t[1]):
+        lowered = [f"{k}={n - 1}" for k in ("dims", "k_anchor", "k_score") if n - 1 < req[k]]
+        if lowered:
+            per_batch.append(f"{label(b)} ({n} cells): {', '.join(lowered)}")
+    if per_batch:
+        out.append(
+            f"{len(per_batch)} batch(es) have too few cells for dims={req['dims']}, "
+            f"k_anchor={req['k_anchor']}, k_score={req['k_score']}; each pair of batches uses "
+            f"what its smaller batch allows: {_listing(per_batch)} (Seurat 4.3 stops here)"
+        )
+    by_features = [f"{label(i)} / {label(j)}: dims={a.params['dims']}"
+                   for (i, j), a in anchors.items()
+                   if a.params["dims"] < min(req["dims"], sizes[i] - 1, sizes[j] - 1)]
+    if by_features:
+        out.append("dims lowered below the number of genes varying in both batches: "
+                   + _listing(by_features))
+    if req["k_filter"] is not None:
+        skipped = sum(a.params["k_filter"] is None for a in anchors.values())
+        if skipped:
+            small = [f"{label(b)} ({n})" for b, n in sorted(enumerate(sizes), key=lambda t: t[1])
+                     if n < req["k_filter"]]
+            out.append(
+                f"k_filter={req['k_filter']}: anchors not filtered in {skipped} of {n_pairs} "
+                f"pair(s), those with a batch of fewer cells ({_listing(small)}), as Seurat "
+                "does"
+            )
+    kw = [f"{mp['k_weight']} (query {'+'.join(label(d) for d in q)})"
+          for (_, q), mp in zip(merges, merge_params, strict=True)
+          if mp["k_weight"] < req["k_weight"]]
+    if kw:
+        out.append(
+            f"k_weight={req['k_weight']} lowered to the number of distinct anchor query cells "
+            f"in {len(kw)} of {len(merge_params)} merge(s): {_listing(kw)} (Seurat lowers "
+            "k.weight to the number of anchors)"
+        )
+    if req["n_pcs"] is not None:
+        wp = [f"{mp['weight_pcs']} (query {'+'.join(label(d) for d in q)})"
+              for (_, q), mp in zip(merges, merge_params, strict=True)
+              if mp["weight_pcs"] < req["n_pcs"]]
+        if wp:
+            out.append(f"weight-space PCs n_pcs={req['n_pcs']} lowered to what the merged "
+                       f"pair allows (cells - 1) in {len(wp)} merge(s): {_listing(wp)}")
+    if not out:
+        return ""
+    return ("Seurat CCA adapted to small batches: " + "; ".join(out)
+            + ". The values used are recorded per pair and merge (tl.integrate: "
+            "uns[key]['params']['effective']; kernels: Anchors.params, "
+            "SeuratIntegration.merge_params).")

@@ -55,7 +55,7 @@ import numpy as np
 
 from .. import backend, pp
 from .._validate import ScatlasInputError, check_obs_key, check_positive_int
-from ..kernels.anchors import scale_data, seurat_integrate
+from ..kernels.anchors import check_batch_sizes, scale_data, seurat_integrate
 from ..kernels.fastmnn import fastmnn, multi_batch_norm
 from ..kernels.linalg import pca as _pca
 from ._common import get_matrix, on_device_of
@@ -137,6 +137,10 @@ def integrate(
         _run_inmf(adata, batch_key, key, layer=layer, dtype=dtype, device=device,
                   progress=progress, **kwargs)
         return adata if copy else None
+    if method == "cca":  # before the per-batch vst (scikit-misc's loess crashes on 1 cell)
+        counts = adata.obs[batch_key].astype(str).value_counts(sort=False)
+        check_batch_sizes(counts.to_list(), lambda i: f"obs[{batch_key!r}] batch "
+                          f"{str(counts.index[i])!r}")
     if hvg_flavor is None:
         hvg_flavor = "seurat_integration" if method == "cca" else "seurat"
     work, genes_used = _log_hvg(adata, batch_key, layer, n_top_genes, genes, hvg_flavor,
@@ -242,13 +246,32 @@ def _run_cca(adata: ad.AnnData, key: str, X: Any, batch: np.ndarray, n_pcs: int,
         adata.obsm[key] = res.corrected
     else:
         raise ScatlasInputError(f"flavor must be 'v3' or 'v5', got {flavor!r}")
+    requested = {k: v for k, v in res.params.items() if k != "n_pcs"}  # n_pcs: tl's own
     return {"batches": [str(b) for b in res.batches], "flavor": flavor,
             "merges": {"reference": _joined([res.batches[d] for d in ref] for ref, _ in res.merges),
                        "query": _joined([res.batches[d] for d in q] for _, q in res.merges)},
             "n_anchors": {f"{res.batches[i]}|{res.batches[j]}": len(a)
                           for (i, j), a in res.anchors.items()},
             "anchors": _anchor_table(res, batch),
-            "params": {"n_pcs": n_pcs, **_plain(kwargs)}}
+            "params": {"n_pcs": n_pcs, **_plain(requested), **_plain(kwargs),
+                       "effective": _effective_params(res, adata.obsm[key].shape[1]),
+                       "adapted": res.adapted}}
+
+
+def _effective_params(res: Any, n_pcs: int) -> dict[str, Any]:
+    """The values actually used (lower than the requested ones where batches are small):
+    per pair of batches ``dataset1``, ``dataset2``, ``dims``, ``k_anchor``, ``k_score``,
+    ``k_filter`` (0: anchors not filtered); per merge step ``k_weight`` and ``weight_pcs``
+    (the weight space's width); ``n_pcs`` of the output embedding."""
+    pairs = list(res.anchors.items())
+    table: dict[str, Any] = {
+        "dataset1": np.array([str(res.batches[i]) for (i, _), _ in pairs], dtype=str),
+        "dataset2": np.array([str(res.batches[j]) for (_, j), _ in pairs], dtype=str)}
+    for name in ("dims", "k_anchor", "k_score", "k_filter"):
+        table[name] = np.array([a.params[name] or 0 for _, a in pairs], dtype=np.int64)
+    merges = {name: np.array([m[name] for m in res.merge_params], dtype=np.int64)
+              for name in ("k_weight", "weight_pcs")}
+    return {"pairs": table, "merges": merges, "n_pcs": int(n_pcs)}
 
 
 def _anchor_table(res: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
