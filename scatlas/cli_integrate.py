@@ -139,7 +139,22 @@ def _anchor_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--flavor", choices=["v3", "v5"], default="v3",
                    help="[cca] v3: IntegrateData on expression; v5: correct the joint PCA")
     g.add_argument("--n-pcs", type=int, default=30, help="[cca] PCs / CCA dims (default 30)")
+    g.add_argument("--k-anchor", type=int, default=5, help="[cca] k.anchor (default 5)")
+    g.add_argument("--k-score", type=int, default=30, help="[cca] k.score (default 30)")
+    g.add_argument("--k-filter", type=_k_filter, default=None, metavar="N|none",
+                   help="[cca] k.filter; 'none' skips anchor filtering (default 200 for v3, "
+                        "none for v5, as Seurat)")
     g.add_argument("--k-weight", type=int, default=100, help="[cca] k.weight (default 100)")
+
+
+def _k_filter(value: str) -> int | str:
+    """``--k-filter``: a positive integer, or 'none' / 'NA' (no filtering)."""
+    if value.strip().lower() in ("none", "na"):
+        return "none"
+    try:
+        return int(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {value!r}") from err
 
 
 def _mnn_args(g: argparse._ArgumentGroup) -> None:
@@ -153,8 +168,13 @@ def _run_tl_integrate(args: argparse.Namespace) -> int:
     from .tl._integrate import integrate
 
     adata = io.read_h5ad(args.inputs[0])
-    extra = ({"k_weight": args.k_weight, "dims": args.n_pcs} if args.method == "cca"
-             else {"k": args.mnn_k, "d": args.mnn_d})
+    if args.method == "cca":
+        extra = {"k_weight": args.k_weight, "dims": args.n_pcs, "k_anchor": args.k_anchor,
+                 "k_score": args.k_score}
+        if args.k_filter is not None:  # else the flavor's default (v3: 200, v5: none)
+            extra["k_filter"] = None if args.k_filter == "none" else args.k_filter
+    else:
+        extra = {"k": args.mnn_k, "d": args.mnn_d}
     integrate(adata, args.batch_key, method=args.method, key_added=args.key_added,
               n_top_genes=args.n_top_genes, n_pcs=args.n_pcs, flavor=args.flavor,
               seed=args.seed, device=args.device, progress=args.progress, **extra)

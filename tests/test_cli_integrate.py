@@ -86,3 +86,31 @@ def test_clear_errors(main, files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["integrate", str(a), str(a)])
     assert not out.exists()
+
+
+def test_cca_on_small_batches_and_anchor_flags(main, tmp_path):
+    """Batches of ~30 cells run at the defaults (dims/k_score lowered per pair, recorded), and
+    --k-anchor / --k-score / --k-filter reach the anchors."""
+    src = tmp_path / "small.h5ad"
+    datasets.write_synthetic_h5ad(src, 120, 200, n_batches=4, seed=2)
+    sizes = ad.read_h5ad(src).obs["batch"].value_counts()
+    assert sizes.min() <= 30  # some batch is too small for dims = 30
+    out = tmp_path / "cca.h5ad"
+    with pytest.warns(UserWarning, match="adapted to small batches"):
+        assert main(["integrate", str(src), str(out), "--method", "cca"]) == 0
+    params = ad.read_h5ad(out).uns["cca"]["params"]
+    pairs = params["effective"]["pairs"]
+    for b1, b2, d in zip(pairs["dataset1"], pairs["dataset2"], pairs["dims"], strict=True):
+        assert d == min(30, min(sizes[b1], sizes[b2]) - 1)
+    out2 = tmp_path / "cca2.h5ad"
+    assert main(["integrate", str(src), str(out2), "--method", "cca", "--n-pcs", "10",
+                 "--k-anchor", "3", "--k-score", "8", "--k-filter", "none",
+                 "--k-weight", "10"]) == 0
+    params = ad.read_h5ad(out2).uns["cca"]["params"]
+    assert (params["dims"], params["k_anchor"], params["k_score"], params["k_filter"]) == (
+        10, 3, 8, "None")
+    eff = params["effective"]
+    assert np.all(eff["pairs"]["k_score"] == 8) and np.all(eff["pairs"]["k_anchor"] == 3)
+    assert np.all(eff["merges"]["k_weight"] <= 10)
+    with pytest.raises(SystemExit):
+        main(["integrate", str(src), str(out2), "--method", "cca", "--k-filter", "many"])

@@ -56,6 +56,15 @@ Deviations from Seurat (documented, deliberate):
   first); across pairs the order of ``FindIntegrationAnchors`` (pairs (i, j), i < j, ordered by
   j then i, then the reversed copies), which fixes which anchors a cell keeps when the
   k.weight entries are cut.
+- Small batches (Seurat 4.3 stops with "Max dimension too large" when a dataset has no more
+  cells than ``dims``, and its Annoy lists come up short below ``k.score``): each pair of
+  batches uses what its smaller batch (m cells) allows, ``dims``, ``k_anchor``, ``k_score``
+  lowered to m - 1 (``dims`` also below the genes varying in both), the filter skipped when
+  m < ``k_filter`` (as Seurat), and ``k_weight`` lowered per merge to the number of distinct
+  anchor query cells (Seurat lowers it to the number of anchors, then stops when the cells are
+  fewer). One :class:`SmallBatchWarning` names the batches and the values used, which are
+  recorded (``Anchors.params``, ``SeuratIntegration.merge_params``). Batches large enough for
+  the requested values give exactly the former (Seurat-parity) result.
 - The merge tree is R's ``hclust`` complete-linkage algorithm (its nearest-neighbour lists and
   tie-breaking, so equal 1/similarity distances merge in R's order); infinite distances
   (datasets without anchors, where R's ``hclust`` stops with an error) are replaced by a finite
@@ -503,8 +512,12 @@ def _find_anchors(X1: Any, X2: Any, *, k_anchor: int, k_filter: int | None, k_sc
         X1d, X2d = X1d[:, cols], X2d[:, cols]
     dims, k_anchor, k_score, k_filter = (eff[k] for k in ("dims", "k_anchor", "k_score",
                                                           "k_filter"))
-    Z1, Z2 = _cca(X1d, X2d, dims, l2_norm=False, method=cca_method, seed=seed,
-                  dtype=X1d.dtype, progress=progress)
+    try:
+        Z1, Z2 = _cca(X1d, X2d, dims, l2_norm=False, method=cca_method, seed=seed,
+                      dtype=X1d.dtype, progress=progress)
+    except ScatlasInputError as err:  # name the caller's parameter (the kernel's is k)
+        raise ScatlasInputError(f"the CCA with dims={dims} failed: {err}; lower dims or look "
+                                "for duplicated or empty cells in these datasets") from err
     E1, E2 = (l2_normalize_rows(Z1), l2_normalize_rows(Z2)) if l2_norm else (Z1, Z2)
     k = max(k_anchor, k_score)
     opts = dict(dtype=E1.dtype, progress=progress)

@@ -34,7 +34,17 @@ Written (``key = key_added or f"X_{method}"``; ``name = key`` without a leading 
   step the reference and query batches joined by ``";"``; mnn also ``n_pairs``, ``batch_size``,
   ``skipped``), cca ``n_anchors`` per pair, ``anchors`` (each pair's anchors once: ``cell1``,
   ``cell2`` cell positions, ``score``, ``dataset1``, ``dataset2`` batch names) and ``flavor``,
-  and ``params``.
+  and ``params``: the requested values; for cca also ``params["effective"]``, the values used
+  (``pairs``: per pair of batches ``dataset1``, ``dataset2``, ``dims``, ``k_anchor``,
+  ``k_score``, ``k_filter`` with 0 = not filtered; ``merges``: per merge ``k_weight`` and
+  ``weight_pcs``; ``n_pcs``), and ``params["adapted"]``, the text of the
+  :class:`~scatlas.kernels.anchors.SmallBatchWarning` ("" when nothing was lowered).
+
+cca on small batches (e.g. Baron pancreas donors of 23-102 cells, where Seurat 4.3 stops at
+``dims = 30``): each pair of batches uses the ``dims``, ``k_anchor``, ``k_score`` its smaller
+batch allows (cells - 1), anchor filtering is skipped below ``k_filter`` cells and ``k_weight``
+is lowered to the anchor cells available (as Seurat), with one warning naming the batches; see
+:func:`scatlas.kernels.anchors.seurat_integrate`. A batch of fewer than 2 cells is an error.
 
 Features: cca's default is Seurat's own selection, vst on the counts of each batch and
 ``SelectIntegrationFeatures``: :func:`scatlas.pp.highly_variable_genes` with
