@@ -222,10 +222,14 @@ def _mnn(w: Workload) -> Any:
 
 def _cca(w: Workload) -> Any:
     from scatlas.kernels import pca  # noqa: PLC0415
-    from scatlas.kernels.anchors import scale_data, seurat_integrate  # noqa: PLC0415
+    from scatlas.kernels.anchors import (  # noqa: PLC0415
+        SmallBatchWarning,
+        scale_data,
+        seurat_integrate,
+    )
 
     with warnings.catch_warnings():  # small batches: Seurat skips the filter, with a warning
-        warnings.filterwarnings("ignore", "fewer cells than k_filter")
+        warnings.filterwarnings("ignore", category=SmallBatchWarning)
         res = seurat_integrate(w.data, w.extra["batch"], progress=False)
     return pca(scale_data(res.corrected), w.extra["params"]["n_pcs"], center=False).scores
 

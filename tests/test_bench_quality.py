@@ -60,6 +60,18 @@ def test_failed_runs_are_counted_not_averaged():
     assert "(1 failed)" in report.section_table("x", rows)
 
 
+def test_skipped_runs_are_listed_not_failed(tmp_path, monkeypatch):
+    def section(quick=False):
+        rows = _rows([0.5]) + [dict(_rows([0.0], method="peer", role="peer")[0], score=None,
+                                    skipped="needs more cells")]
+        return {"rows": rows, "checks": []}
+
+    monkeypatch.setattr(quality, "_load_section", lambda name: section)
+    assert quality.main(["--sections", "encoder", "--out", str(tmp_path), "--no-readme"]) == 0
+    md = (tmp_path / "quality_cpu.md").read_text()
+    assert "| d1 | peer | skipped |" in md and "peer: needs more cells" in md
+
+
 def test_run_section_records_a_crash_and_stamps_rows():
     entry = quality.run_section("encoder", False, loader=lambda name: _crash)
     assert entry["error"] == "RuntimeError: section exploded" and entry["rows"] == []

@@ -56,11 +56,13 @@ def pooled(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> list[di
     datasets = list(dict.fromkeys(str(r.get("dataset")) for r in rows))
     out = []
     for (dataset, method), group in groups.items():
-        ok = [r for r in group if not r.get("error")]
+        ok = [r for r in group if not r.get("error") and not r.get("skipped")]
+        failed = [r for r in group if r.get("error")]
         entry: dict[str, Any] = {
             "dataset": dataset, "method": method, "role": group[0].get("role", "baseline"),
-            "runs": len(group), "failed": len(group) - len(ok),
-            "errors": sorted({str(r["error"]) for r in group if r.get("error")}),
+            "runs": len(ok) + len(failed), "failed": len(failed),
+            "skipped": sorted({str(r["skipped"]) for r in group if r.get("skipped")}),
+            "errors": sorted({str(r["error"]) for r in failed}),
         }
         for m in (*metrics, "seconds"):
             entry[m] = _mean_sd([r[m] for r in ok if r.get(m) is not None])
@@ -91,6 +93,7 @@ def section_table(section: str, rows: Sequence[Mapping[str, Any]]) -> str:
     for e in pooled(rows, metrics):
         name = f"**{e['method']}**" if e["role"] == "ours" else e["method"]
         runs = str(e["runs"]) + (f" ({e['failed']} failed)" if e["failed"] else "")
+        runs = "skipped" if e["skipped"] and not e["runs"] else runs
         cells = [e["dataset"], name, runs, *(_cell(e[m]) for m in metrics),
                  _seconds(e["seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -141,6 +144,10 @@ def render(record: Mapping[str, Any], image_link: str | None = None, level: int 
             errors.insert(0, f"section failed: {sec['error']}")
         if errors:
             parts += ["Failures:", "", *(f"- {e}" for e in errors), ""]
+        skipped = sorted({f"{r.get('dataset')} / {r.get('method')}: {r['skipped']}"
+                          for r in sec.get("rows", []) if r.get("skipped")})
+        if skipped:
+            parts += ["Not run:", "", *(f"- {s}" for s in skipped), ""]
     if image_link:
         parts += [f"![quality]({image_link})", ""]
     return "\n".join(parts)
