@@ -30,7 +30,10 @@ subset has no observed modality are dropped. The KL weight rises linearly from 0
 ``kl_warmup_steps`` (validation uses weight 1). Added to the negative ELBO, outside the warm-up
 (as MultiVI): ``alignment_weight`` x the Jeffreys divergence between the one-modality posteriors
 of every pair of modalities a cell has (MultiVI's ``modality_penalty="Jeffreys"``), which pulls
-the RNA-only and protein-only latents of a cell together.
+the RNA-only and protein-only latents of a cell together, and ``contrastive_weight`` x a
+symmetric InfoNCE loss (CLIP, scCLIP) between the one-modality posterior means of the paired
+cells of a batch (:func:`contrastive_penalty`; scale-free, so it cannot be met by collapsing the
+posteriors to the prior, which the Jeffreys term can).
 """
 
 from __future__ import annotations
@@ -88,9 +91,11 @@ class MVAEConfig:
     ``kl_warmup_steps``, ``n_random_subsets`` (per step, beyond two modalities),
     ``cross_reconstruction``, ``library_weight`` (of the log-library term),
     ``alignment_weight`` (of the Jeffreys divergence between one-modality posteriors of paired
-    cells, :func:`alignment_penalty`; 0: off, the default: on shallow data it can collapse the
-    posterior to the prior); ``library_input`` (the standardised log library
-    is an encoder input).
+    cells, :func:`alignment_penalty`; 0: off; on shallow data a large weight collapses the
+    posterior to the prior), ``contrastive_weight`` / ``contrastive_temperature`` (of the
+    InfoNCE matching term, :func:`contrastive_penalty`; 0: off); ``library_input`` (the
+    standardised log library is an encoder input). :func:`scatlas.tl.train_mvae` has its own
+    defaults for some of these (``DEFAULT_MODEL`` there).
     """
 
     modalities: tuple[str, ...]
@@ -110,6 +115,8 @@ class MVAEConfig:
     library_weight: float = 1.0
     library_input: bool = True
     alignment_weight: float = 0.0
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
     bf16: bool = False
 
     def __post_init__(self) -> None:
@@ -138,6 +145,12 @@ class MVAEConfig:
             raise ScatlasInputError(f"n_batches must be >= 0, got {self.n_batches}")
         if self.kl_warmup_steps < 0 or self.n_random_subsets < 0:
             raise ScatlasInputError("kl_warmup_steps and n_random_subsets must be >= 0")
+        if self.alignment_weight < 0 or self.contrastive_weight < 0:
+            raise ScatlasInputError("alignment_weight and contrastive_weight must be >= 0")
+        if not self.contrastive_temperature > 0:
+            raise ScatlasInputError(
+                f"contrastive_temperature must be > 0, got {self.contrastive_temperature!r}"
+            )
         if not 0 <= self.dropout < 1:
             raise ScatlasInputError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -357,8 +370,11 @@ def negative_elbo(
     terms = -jnp.sum(weights * recon, axis=-1) + kl_weight * kl
     per_cell = jnp.sum(valid * terms, axis=0) / jnp.maximum(jnp.sum(valid, axis=0), 1.0)
     align = alignment_penalty(mus, logvars, obs)
-    loss = jnp.mean(per_cell + c.alignment_weight * align)
-    return loss, {"terms": terms, "valid": valid, "recon": recon, "kl": kl, "align": align}
+    contrast = (contrastive_penalty(mus, logvars, obs, c.contrastive_temperature)
+                if c.contrastive_weight else jnp.zeros_like(align))
+    loss = jnp.mean(per_cell + c.alignment_weight * align + c.contrastive_weight * contrast)
+    return loss, {"terms": terms, "valid": valid, "recon": recon, "kl": kl, "align": align,
+                  "contrast": contrast}
 
 
 def alignment_penalty(mus: jax.Array, logvars: jax.Array, obs: jax.Array) -> jax.Array:
@@ -376,6 +392,39 @@ def alignment_penalty(mus: jax.Array, logvars: jax.Array, obs: jax.Array) -> jax
             j = 0.5 * jnp.sum(var[a] / var[b] + var[b] / var[a] - 2.0
                               + d2 * (1.0 / var[a] + 1.0 / var[b]), axis=-1)
             total = total + obs[:, a] * obs[:, b] * j
+    return total
+
+
+def contrastive_penalty(
+    mus: jax.Array, logvars: jax.Array, obs: jax.Array, temperature: float
+) -> jax.Array:
+    """Per cell (B,), the symmetric InfoNCE loss (CLIP; scCLIP) matching the one-modality
+    posterior means of every pair of modalities across the cells of the batch that have both.
+
+    For modalities ``a``, ``b`` with means ``u_i``, ``v_j`` (``q_m = expert_m x prior``) and
+    squared distances ``d_ij = |u_i - v_j|^2`` among the paired cells ``P``: logits
+    ``-d_ij / (temperature * dbar)``, ``dbar`` the mean of ``d`` over ``P x P`` (a constant to
+    the gradient), and cell ``i``'s loss ``(lse_j - l_ii + lse_i' - l_ii) / 2`` (both
+    directions). Scaling every latent leaves it unchanged, and shrinking the posteriors to the
+    prior raises it to ``log |P|``: unlike the Jeffreys penalty it cannot be met by collapse.
+    Cells outside ``P`` get 0.
+    """
+    M = mus.shape[0]
+    one = jnp.eye(M, dtype=jnp.float32)[:, :, None]
+    mu, _ = product_of_experts(mus[:, None], logvars[:, None], one)  # (M, B, D)
+    total = jnp.zeros(obs.shape[0])
+    for a in range(M):
+        for b in range(a + 1, M):
+            pair = obs[:, a] * obs[:, b]
+            both = pair[:, None] * pair[None, :]
+            d = jnp.sum((mu[a][:, None, :] - mu[b][None, :, :]) ** 2, axis=-1)  # (B, B)
+            dbar = jax.lax.stop_gradient(jnp.sum(both * d) / jnp.maximum(jnp.sum(both), 1.0))
+            logits = -d / (temperature * jnp.maximum(dbar, 1e-12))
+            masked = jnp.where(both > 0, logits, -1e30)
+            diag = jnp.diagonal(logits)
+            ce = 0.5 * (jax.nn.logsumexp(masked, axis=1) + jax.nn.logsumexp(masked, axis=0)
+                        - 2.0 * diag)
+            total = total + pair * ce
     return total
 
 
@@ -423,7 +472,7 @@ class MVAETask:
         )
         obs = jnp.stack([batch[f"m{m}"] for m in range(M)], axis=1)
         metrics = {"kl": jnp.mean(aux["kl"][0]), "kl_weight": kl_weight,
-                   "align": jnp.mean(aux["align"])}
+                   "align": jnp.mean(aux["align"]), "contrast": jnp.mean(aux["contrast"])}
         for m, name in enumerate(c.modalities):
             n_obs = jnp.maximum(jnp.sum(obs[:, m]), 1.0)
             metrics[f"nll_{name}"] = -jnp.sum(aux["recon"][0, :, m] * obs[:, m]) / n_obs
