@@ -29,7 +29,9 @@ factorisations run on one BLAS thread.
   number of threads the BLAS is allowed (``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` /
   ``threadpoolctl`` limits as the user set them), capped by the usable cores.
 - :func:`serial_blas` limits the BLAS to one thread for the duration of a block. A pooled
-  section holds it in the thread that starts the pool, so ``pool size x BLAS threads <= budget``.
+  section holds it in the thread that starts the pool, and wraps its tasks in
+  :func:`serial_blas_task` (for a BLAS on the OpenMP threading layer, such as faiss-cpu's
+  bundled OpenBLAS, limits are per thread), so ``pool size x BLAS threads <= budget``.
   OpenBLAS built with pthreads (NumPy's and SciPy's wheels) has one process-wide thread pool and
   a process-wide limit, and threadpoolctl >= 3.8 lets only one "controlling" thread change it
   (a limit set from another thread is silently ignored). So the limit is reference counted
@@ -353,9 +355,13 @@ def _force_blas_control() -> None:
 def serial_blas() -> Iterator[None]:
     """Limit every loaded BLAS to one thread for the duration of the block.
 
-    Safe to nest and to hold from several threads at once: the limit is set when the first
-    holder enters and the previous limits come back when the last one leaves, whichever threads
-    those are. Hold it in the thread that starts a pool, around the pooled work.
+    Safe to nest and to hold from several threads at once. Libraries with a process-wide limit
+    (OpenBLAS on pthreads, as in NumPy's and SciPy's wheels) are limited when the first holder
+    enters, and their previous limits come back when the last one leaves, whichever threads
+    those are. Libraries with per-thread limits (OpenBLAS on the OpenMP threading layer, as
+    bundled by faiss-cpu) are limited in each holding thread for as long as it holds. Hold it in
+    the thread that starts a pool, around the pooled work, and in each task
+    (:func:`serial_blas_task`).
     """
     ctl = _blas_controller()
     if ctl is None:  # pragma: no cover - no threadpoolctl: nothing to control
@@ -367,9 +373,14 @@ def serial_blas() -> Iterator[None]:
             _force_blas_control()
             _BLAS_STATE["limiter"] = ctl.limit(limits=1, user_api="blas")
         _BLAS_STATE["depth"] += 1
+    local = ctl.select(user_api="blas", threading_layer="openmp")
+    local_limiter = local.limit(limits=1) if local.lib_controllers else None
+    owner = threading.get_ident()
     try:
         yield
     finally:
+        if local_limiter is not None and threading.get_ident() == owner:
+            local_limiter.restore_original_limits()
         with _BLAS_LOCK:
             _BLAS_STATE["depth"] -= 1
             if _BLAS_STATE["depth"] == 0:
@@ -377,6 +388,20 @@ def serial_blas() -> Iterator[None]:
                 _force_blas_control()
                 limiter.restore_original_limits()
                 _force_blas_control()  # leave no thread in control of OpenBLAS
+
+
+def serial_blas_task(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a pool task in :func:`serial_blas`: the pool's starter already holds the
+    process-wide limit, and a BLAS with per-thread limits (OpenMP threading layer, e.g.
+    faiss-cpu's bundled OpenBLAS) starts every worker at its default, so each task sets it too.
+    """
+
+    @functools.wraps(fn)
+    def task(*args: Any, **kwargs: Any) -> Any:
+        with serial_blas():
+            return fn(*args, **kwargs)
+
+    return task
 
 
 def blas_for_flops(flops: float, like: Any = None) -> contextlib.AbstractContextManager[None]:

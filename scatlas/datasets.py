@@ -518,7 +518,7 @@ def _iter_blocks_pooled(model: _Model, n_blocks: int, n_jobs: int) -> Iterator[_
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:
         pending = []
         for b in range(n_blocks):
-            pending.append(pool.submit(_generate_block, model, b))
+            pending.append(pool.submit(backend.serial_blas_task(_generate_block), model, b))
             if len(pending) >= 2 * n_jobs:
                 yield pending.pop(0).result()
         for fut in pending:

@@ -40,22 +40,37 @@ def two_thread_budget(monkeypatch):
 
 
 class _RecordingPool:
-    """Wraps a pool's ``map``: every task first records the BLAS limit seen by its thread."""
+    """Wraps a pool's ``map``: records the BLAS limit each task sees while it runs (after the
+    task's own setup: ``fn`` is called with a recorder to call from inside)."""
 
     def __init__(self, pool):
         self.pool, self.seen, self.lock = pool, [], threading.Lock()
 
-    def map(self, fn, items):
-        def task(item):
-            n = backend.blas_threads()
-            with self.lock:
-                self.seen.append((threading.get_ident(), n))
-            return fn(item)
+    def record(self) -> None:
+        n = backend.blas_threads()
+        with self.lock:
+            self.seen.append((threading.get_ident(), n))
 
-        return self.pool.map(task, items)
+    def map(self, fn, items):
+        return self.pool.map(fn, items)
 
     def shutdown(self, wait=True):
         self.pool.shutdown(wait=wait)
+
+
+class _RecordingBlock:
+    """A CSR row block whose products record the BLAS limit of the thread computing them."""
+
+    def __init__(self, sub, rec):
+        self.sub, self.rec = sub, rec
+
+    def __matmul__(self, other):
+        self.rec.record()
+        return self.sub @ other
+
+    @property
+    def T(self):
+        return _RecordingBlock(self.sub.T, self.rec)
 
 
 def _csr(n=4000, p=300, seed=0):
@@ -70,6 +85,7 @@ def test_operator_pool_runs_with_serial_blas(two_thread_budget, monkeypatch):
     assert op._pool is not None  # the pooled path is what this test is about
     rec = _RecordingPool(op._pool)
     op._pool = rec
+    op._blocks = [(lo, hi, _RecordingBlock(sub, rec)) for lo, hi, sub in op._blocks]
     V = np.random.default_rng(1).standard_normal((X.shape[1], 5))
     Q = np.random.default_rng(2).standard_normal((X.shape[0], 5))
     Y, Z = op.matmat(V), op.rmatmat(Q)
@@ -98,6 +114,9 @@ def test_inmf_data_pool_runs_with_serial_blas(two_thread_budget, monkeypatch):
         return rec
 
     monkeypatch.setattr(nmf, "_executor", recording_executor)
+    rec_blocks = _RecordingPool(None)
+    seen.append(rec_blocks)
+    data.blocks = [(a, b, _RecordingBlock(sub, rec_blocks)) for a, b, sub in data.blocks]
     L = np.random.default_rng(4).random((X.shape[1], 4))
     H = np.random.default_rng(5).random((X.shape[0], 4))
     np.testing.assert_allclose(data.times(L), X @ L, rtol=1e-10)
@@ -120,22 +139,28 @@ def test_cpu_threads_follows_the_blas_limit(monkeypatch):
         backend.cpu_threads()
 
 
-def test_serial_blas_entered_and_left_in_different_threads(two_thread_budget):
+def test_serial_blas_held_from_two_threads(two_thread_budget):
     """OpenBLAS (pthreads) has one process-wide limit that threadpoolctl >= 3.8 lets only one
-    thread change; sections held across threads must still restore the user's limit."""
-    holders = [backend.serial_blas() for _ in range(2)]
+    thread change: a section opened in thread A, then one in the main thread, closed in that
+    order, must still restore the user's limit (the last to leave is not the controlling
+    thread)."""
+    entered, release, done = threading.Event(), threading.Event(), threading.Event()
 
-    def run(fn):
-        t = threading.Thread(target=fn)
-        t.start()
-        t.join()
+    def holder():
+        with backend.serial_blas():
+            entered.set()
+            release.wait(30)
+        done.set()
 
-    run(lambda: holders[0].__enter__())
-    holders[1].__enter__()
-    assert _blas_now() == 1
-    run(lambda: holders[0].__exit__(None, None, None))
-    assert _blas_now() == 1  # one holder left
-    run(lambda: holders[1].__exit__(None, None, None))
+    t = threading.Thread(target=holder)
+    t.start()
+    assert entered.wait(30)
+    with backend.serial_blas():
+        assert _blas_now() == 1
+        release.set()
+        assert done.wait(30)
+        assert _blas_now() == 1  # one holder left
+    t.join()
     assert _blas_now() == BUDGET
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         assert _blas_now() == 1  # no thread was left in control: the main thread can limit

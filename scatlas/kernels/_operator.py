@@ -88,6 +88,7 @@ class ShiftedOperator:
             return self.X @ V
         out = np.empty((self.shape[0], V.shape[1]), dtype=np.result_type(self.dtype, V.dtype))
 
+        @backend.serial_blas_task
         def work(block):
             lo, hi, sub = block
             out[lo:hi] = sub @ V
@@ -100,8 +101,9 @@ class ShiftedOperator:
         if self._blocks is None:
             return self.X.T @ Q
         with backend.serial_blas():
-            parts = list(self._pool.map(lambda blk: blk[2].T @ Q[blk[0] : blk[1]],
-                                        self._blocks))
+            parts = list(self._pool.map(
+                backend.serial_blas_task(lambda blk: blk[2].T @ Q[blk[0] : blk[1]]),
+                self._blocks))
         return sum(parts)
 
     # -- products with A -----------------------------------------------------------------------

@@ -70,7 +70,7 @@ class _SerialBlasPool:
 
     def map(self, fn: Any, items: Any) -> list:
         with backend.serial_blas():
-            return list(self.pool.map(fn, items))
+            return list(self.pool.map(backend.serial_blas_task(fn), items))
 
 
 @functools.lru_cache(maxsize=4)
