@@ -22,7 +22,8 @@ in ``obsm["protein_counts"]``). Protocol (issue 15, item 4):
   ``ridge``: ridge regression from RNA principal components to ``log1p`` protein; the number of
   components (10, 20, 30, 50) and alpha (``logspace(-2, 5, 15)``) chosen by 5-fold
   cross-validation on the training cells (mean squared error); the same correlation metrics.
-  Baselines are deterministic given the split (one row per split, seed ``-``).
+  Baselines are deterministic given the split (one row per split, seed ``-``); a CCA row's
+  ``protein_clr`` is 1.0 where CLR was chosen, 0.0 for ``log1p``.
 
 Checks: our FOSCTTM below the best of the three CCAs in every split and seed; the mean
 ``impute_r_mean`` over splits and seeds at least ridge's + 0.01; per split, the seeds' mean
@@ -170,9 +171,11 @@ def fit_ours(adata: Any, train: np.ndarray, test: np.ndarray, seed: int,
 
 
 def _row(split_id: int, seed: Any, method: str, role: str, **metrics: Any) -> dict[str, Any]:
+    """One row; ``split`` names split and seed (baselines: ``s/seed-``), ``split_seed`` and
+    ``train_seed`` repeat them as floats (NaN for the deterministic baselines)."""
     return {"section": SECTION, "dataset": DATASET, "split": f"{split_id}/seed{seed}",
-            "split_seed": split_id, "train_seed": seed, "method": method, "role": role,
-            "error": None, **metrics}
+            "split_seed": float(split_id), "train_seed": float(seed) if seed != "-" else np.nan,
+            "method": method, "role": role, "error": None, **metrics}
 
 
 # ------------------------------------------------------------------------------ run
@@ -198,7 +201,8 @@ def run(*, quick: bool = False) -> dict[str, list[dict[str, Any]]]:
             t0 = time.perf_counter()
             try:
                 f, kind = cca_foscttm(L, Y, train, test, k)
-                rows.append(_row(s, "-", f"cca{k}", "baseline", foscttm=f, protein=kind,
+                rows.append(_row(s, "-", f"cca{k}", "baseline", foscttm=f,
+                                 protein_clr=float(kind == "clr"),
                                  seconds=prep + time.perf_counter() - t0))
             except Exception as err:  # noqa: BLE001 - recorded, the driver exits non-zero
                 rows.append(_row(s, "-", f"cca{k}", "baseline", error=repr(err), seconds=None))
