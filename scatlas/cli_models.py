@@ -81,10 +81,15 @@ def cmd_train_mvae(args: argparse.Namespace) -> int:
     modalities = _pairs(args.modality, "--modality") or None
     likelihoods = _pairs(args.likelihood, "--likelihood") or None
     log_path = args.log or str(Path(args.out).with_suffix("")) + ".train.jsonl"
+    # options left unset follow tl.train_mvae's defaults (chosen by nested CV, docs/mvae.md)
+    chosen = {name: value for name, value in (("batch_size", args.batch_size),
+                                              ("validation_fraction", args.validation_fraction))
+              if value is not None}
+    if args.n_top_genes is not None:
+        chosen["n_top_genes"] = args.n_top_genes or None  # 0: every feature
     model = tl.train_mvae(
         data, modalities, likelihoods, seed=args.seed, batch_key=args.batch_key,
-        n_top_genes=args.n_top_genes, batch_size=args.batch_size, max_steps=args.max_steps,
-        validation_fraction=args.validation_fraction, learning_rate=args.lr,
+        max_steps=args.max_steps, learning_rate=args.lr, **chosen,
         kl_warmup_steps=args.kl_warmup_steps, patience=args.patience,
         eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir, log_path=log_path,
         progress=None if args.progress else False, latent_dim=args.latent_dim,
@@ -160,7 +165,8 @@ def cmd_train_metric(args: argparse.Namespace) -> int:
     model = tl.train_metric(
         adata, args.label_key, args.study_key, seed=args.seed, layer=args.layer,
         input=args.input_kind, hierarchy=args.hierarchy, batch_size=args.batch_size,
-        max_steps=args.max_steps, validation_fraction=args.validation_fraction,
+        max_steps=args.max_steps,
+        validation_fraction=0.1 if args.validation_fraction is None else args.validation_fraction,
         balance=None if args.balance == "none" else args.balance, learning_rate=args.lr,
         patience="auto" if args.patience is None else (args.patience or None),
         eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir,
@@ -221,7 +227,9 @@ def _input_args(p: argparse.ArgumentParser) -> None:
 
 def _loop_args(p: argparse.ArgumentParser) -> None:
     """Options of the shared training loop (validation, early stopping, checkpoints, logs)."""
-    p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--validation-fraction", type=float, default=None,
+                   help="cells held out for validation and early stopping (default: the "
+                   "library's; metric 0.1, mvae none below 1,000 cells, else 0.1)")
     p.add_argument("--patience", type=int, default=None,
                    help="stop after this many validations without improvement")
     p.add_argument("--eval-every", type=int, default=100,
@@ -348,10 +356,12 @@ def _register_mvae(models: argparse._SubParsersAction) -> None:
                    "bernoulli)")
     p.add_argument("--batch-key", default=None, help="obs column of a batch covariate")
     p.add_argument("--n-top-genes", type=int, default=None,
-                   help="keep this many highly variable features of wide count modalities")
+                   help="keep this many highly variable features of wide count modalities "
+                   "(default 2000, as tl.train_mvae; 0 keeps every feature)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="training steps (default ~200 passes over the cells, 500..50,000)")
-    p.add_argument("--batch-size", type=int, default=256, help="cells per step (default 256)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="cells per step (default 128, as tl.train_mvae)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--kl-warmup-steps", type=int, default=None,
                    help="linear KL warm-up steps (default a third of the steps)")

@@ -69,3 +69,40 @@ def test_train_embed_impute_cli(tmp_path, capsys):
     assert "metric models" in capsys.readouterr().err
     assert cli.main(["impute", "--model", str(model_dir), str(q), str(out2),
                      "--target", "atac"]) == 2
+
+
+def test_train_mvae_cli_defaults_follow_the_library(tmp_path, monkeypatch):
+    """Unset CLI options reach tl.train_mvae as its own defaults (no CLI copy of them)."""
+    import inspect
+
+    from scatlas import tl
+    from scatlas.datasets import synthetic
+
+    adata = synthetic(60, 30, n_batches=1, protein=True, n_proteins=4, seed=0, progress=False)
+    adata.uns.pop("synthetic", None)
+    src = tmp_path / "cite.h5ad"
+    write_h5ad(adata, src)
+    seen: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(*args, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(tl, "train_mvae", fake)
+    base = ["train", "mvae", str(src), "--out", str(tmp_path / "m")]
+    for extra in ([], ["--n-top-genes", "0", "--batch-size", "32",
+                       "--validation-fraction", "0.2"]):
+        try:
+            cli.main(base + extra)
+        except Stop:
+            pass
+    defaults, explicit = seen
+    params = inspect.signature(tl._mvae.train_mvae).parameters
+    for name in ("n_top_genes", "batch_size", "validation_fraction"):
+        assert name not in defaults  # so the library's default applies
+        assert params[name].default is not inspect.Parameter.empty
+    assert explicit["n_top_genes"] is None  # 0 keeps every feature
+    assert explicit["batch_size"] == 32 and explicit["validation_fraction"] == 0.2
