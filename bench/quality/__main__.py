@@ -130,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         for name in chosen:
             log(f"quality: section {name}{' (quick)' if args.quick else ''}")
-            record["sections"][name] = run_section(name, args.quick)
+            record["sections"][name] = {**run_section(name, args.quick),
+                                        "environment": capture(device)}
         record["sections"] = {n: record["sections"][n] for n in SECTIONS
                               if n in record["sections"]}
     args.out.mkdir(parents=True, exist_ok=True)

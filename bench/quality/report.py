@@ -121,13 +121,13 @@ def _number(value: Any) -> str:
 def render(record: Mapping[str, Any], image_link: str | None = None, level: int = 3) -> str:
     """The whole report: per section its run line, pooled table, checks and errors."""
     hashes = "#" * level
-    env = record.get("environment", {})
-    git = env.get("git", {})
     parts = [f"{hashes} Held-out quality at defaults — {record.get('device', 'cpu')}", "",
              "Every method at its defaults on every real dataset in `../shared/data` that fits "
              "it (no per-dataset settings); mean ± sd over splits and seeds. "
              "Reproduce: `python -m bench.quality` (one section: `--sections encoder`).", ""]
     for name, sec in record.get("sections", {}).items():
+        env = sec.get("environment") or record.get("environment", {})  # where the section ran
+        git = env.get("git", {})
         parts.append(f"**{name}** — run {sec.get('ran_at', '?')}, {sec.get('seconds', 0):.0f} s"
                      f"{' (quick)' if sec.get('quick') else ''}; "
                      f"{env.get('cpu_model', '?')}, {env.get('cpu_cores_available', '?')} cores; "
