@@ -233,12 +233,7 @@ def scale_data(X: Any, *, clip: float | None = SCALE_MAX, dtype: Any = None) -> 
     if n < 2:
         raise ScatlasInputError("scale_data needs at least 2 cells (sd with n - 1)")
     xp = backend.array_module(X)
-    if backend.issparse(X):
-        s1 = xp.asarray(X.sum(axis=0)).ravel().astype(np.float64)
-        s2 = xp.asarray(X.multiply(X).sum(axis=0)).ravel().astype(np.float64)
-    else:
-        s1 = X.sum(axis=0, dtype=np.float64)
-        s2 = xp.square(X).sum(axis=0, dtype=np.float64)
+    s1, s2 = _column_moments(X)
     mean = s1 / n
     var = xp.clip(s2 - n * mean**2, 0, None) / (n - 1)
     sd = xp.sqrt(var)
@@ -538,17 +533,23 @@ def _find_anchors(X1: Any, X2: Any, *, k_anchor: int, k_filter: int | None, k_sc
     return anc, req
 
 
+def _column_moments(X: Any) -> tuple[Any, Any]:
+    """Per-column sums of the values and of their squares, float64 on X's device (dense or
+    sparse)."""
+    xp = backend.array_module(X)
+    if backend.issparse(X):
+        s1 = xp.asarray(X.sum(axis=0)).ravel().astype(np.float64)
+        s2 = xp.asarray(X.multiply(X).sum(axis=0)).ravel().astype(np.float64)
+        return s1, s2
+    return X.sum(axis=0, dtype=np.float64), xp.square(X).sum(axis=0, dtype=np.float64)
+
+
 def _column_variance(X: Any) -> Any:
     """Per-column variance (host float64, ddof=0) of a dense or sparse matrix; columns that are
     constant up to round-off give exactly 0."""
     xp = backend.array_module(X)
     n = X.shape[0]
-    if backend.issparse(X):
-        s1 = xp.asarray(X.sum(axis=0)).ravel().astype(np.float64)
-        s2 = xp.asarray(X.multiply(X).sum(axis=0)).ravel().astype(np.float64)
-    else:
-        s1 = X.sum(axis=0, dtype=np.float64)
-        s2 = xp.square(X).sum(axis=0, dtype=np.float64)
+    s1, s2 = _column_moments(X)
     mean = s1 / n
     var = xp.clip(s2 / n - mean**2, 0, None)
     var = xp.where(var <= 1e-12 * xp.maximum(s2 / n, 1e-300), 0.0, var)
