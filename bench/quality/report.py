@@ -30,12 +30,14 @@ _ROLE_ORDER = {"ours": 0, "peer": 1, "baseline": 2}
 
 
 def metric_names(section: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The section's declared metrics that occur in its rows, then any other numeric ones."""
+    """The section's declared metrics that occur in its rows; for a section that declares none
+    of them, every numeric field (other numbers, such as seeds or chosen settings, stay in the
+    JSON)."""
     found = [k for r in rows for k, v in r.items()
              if k not in _NON_METRIC and isinstance(v, int | float) and not isinstance(v, bool)]
     found = list(dict.fromkeys(found))
     declared = [m for m in SECTION_METRICS.get(section, ()) if m in found]
-    return declared + [m for m in found if m not in declared]
+    return declared or found
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
