@@ -231,3 +231,43 @@ def test_presets():
                                 latent_dim=4, preset="scimilarity", progress=False)
     assert m.config.n_genes == 2500 and m.config.objective == "triplet"
     assert m.config.metric_weight == 0.001
+
+
+def test_input_pcs_projects_onto_the_training_cells_pca(tmp_path):
+    """``input_pcs``: the network's input is the PCA scores of the log-normalised training cells
+    (checked against sklearn's PCA of the same cells, up to each component's sign); embedding
+    goes through the same projection, and a saved model keeps it."""
+    from sklearn.decomposition import PCA
+
+    from scatlas.models.data import lognorm
+    from scatlas.models.metric import INPUT_PCA, MetricNet
+
+    a = datasets.synthetic(300, 80, n_batches=2, n_cell_types=3, seed=5)
+    m = scatlas.tl.train_metric(a, "cell_type", "batch", max_steps=20, hidden=(16,),
+                                latent_dim=4, input_pcs=10, n_top_genes=None,
+                                validation_fraction=0.0, progress=False)
+    assert m.config.input_pcs == 10 and m.config.n_inputs == 10
+    proj = m.variables[INPUT_PCA]
+    L = lognorm(a.X).astype(np.float64)  # every cell trains (validation_fraction=0)
+    ref = PCA(10, svd_solver="full").fit(L)
+    np.testing.assert_allclose(proj["mean"], ref.mean_, rtol=0, atol=1e-5)
+    C = ref.components_.T
+    sign = np.sign(np.sum(C * proj["components"], axis=0))
+    assert np.all(sign != 0)
+    # leading components are well separated on this data; float32 input, float64 SVD
+    np.testing.assert_allclose(proj["components"][:, :3] * sign[:3], C[:, :3], atol=1e-3)
+    # the embedding is the network applied to the scores (x - mean) @ components
+    scores = (L - proj["mean"]) @ proj["components"]
+    v = {k: w for k, w in m.variables.items() if k != INPUT_PCA}
+    net = m.config.net()
+    ref_z = np.asarray(net.apply(v, scores.astype(np.float32), method=MetricNet.encode))
+    Z = m.embed(a)
+    np.testing.assert_allclose(Z, ref_z, atol=1e-4)
+    m.save(tmp_path / "pcs")
+    np.testing.assert_array_equal(load(tmp_path / "pcs").embed(a), Z)
+    with pytest.raises(ScatlasInputError, match="input_pcs"):
+        scatlas.tl.train_metric(a, "cell_type", "batch", max_steps=2, input_pcs=0,
+                                progress=False)
+    with pytest.raises(ScatlasInputError, match="sparse_step"):
+        scatlas.tl.train_metric(a, "cell_type", "batch", max_steps=2, input_pcs=5,
+                                sparse_step=True, progress=False)

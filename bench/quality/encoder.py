@@ -193,6 +193,10 @@ GRID: dict[str, dict[str, Any]] = {
     "infonce_w0.5_same_study": {"n_top_genes": 2000, "hidden": (256,), "latent_dim": 64,
                                 "objective": "infonce", "metric_weight": 0.5,
                                 "negatives": "same_study"},
+    # the network's input: the 50 leading PCs of the training cells' log-normalised genes
+    "infonce_w0.5_pcs50": {"n_top_genes": 2000, "hidden": (256,), "latent_dim": 64,
+                           "objective": "infonce", "metric_weight": 0.5, "negatives": "all",
+                           "input_pcs": 50},
 }
 
 #: the outer held-out batch of each dataset whose training batches the reduced inner
@@ -290,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cv:
         grid = GRID if args.candidates is None else {
             k: GRID[k] for k in args.candidates.split(",")}
-        inner_cv(grid, outers=None if args.full_cv else FIRST_OUTER, log=args.out)
+        inner_cv(grid, outers=None if args.full_cv else FIRST_OUTER, log=args.out,
+                 seeds=(0,) if args.seeds is None else tuple(int(x) for x in args.seeds.split(",")),
+                 datasets=tuple(args.datasets.split(",")) if args.datasets else data.ENCODER)
         return 0
     settings = json.loads(args.settings) if args.settings else {}
     if "hidden" in settings:

@@ -168,7 +168,13 @@ class MetricNet(nn.Module):
 
 @dataclass
 class MetricConfig:
-    """Architecture and loss settings (SCimilarity's defaults)."""
+    """Architecture and loss settings (SCimilarity's defaults).
+
+    ``input_pcs``: None (SCimilarity's: the network reads the log-normalised genes) or the
+    number of principal components of the training cells whose scores the network reads
+    instead (a fixed, centred linear first layer, :func:`fit_input_pca`; the decoder then
+    reconstructs the scores).
+    """
 
     n_genes: int
     hidden: tuple[int, ...] = (1024, 1024, 1024)
@@ -184,6 +190,7 @@ class MetricConfig:
     temperature: float = 0.1
     l1: float = 1e-4
     bf16: bool = False
+    input_pcs: int | None = None
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -203,6 +210,8 @@ class MetricConfig:
             raise ScatlasInputError(
                 f"negatives must be one of {NEGATIVES}, got {self.negatives!r}"
             )
+        if self.input_pcs is not None:
+            check_positive_int(self.input_pcs, "input_pcs")
         if not self.margin >= 0:  # also refuses NaN
             raise ScatlasInputError(f"margin must be >= 0, got {self.margin!r}")
         for name in ("dropout", "input_dropout"):
@@ -213,8 +222,13 @@ class MetricConfig:
         if not 0 <= self.metric_weight <= 1:
             raise ScatlasInputError(f"metric_weight must be in [0, 1], got {self.metric_weight!r}")
 
+    @property
+    def n_inputs(self) -> int:
+        """The network's input (and reconstruction) width: ``input_pcs`` or ``n_genes``."""
+        return self.n_genes if self.input_pcs is None else self.input_pcs
+
     def net(self) -> MetricNet:
-        return MetricNet(self.n_genes, self.hidden, self.latent_dim, self.dropout,
+        return MetricNet(self.n_inputs, self.hidden, self.latent_dim, self.dropout,
                          self.input_dropout, jnp.bfloat16 if self.bf16 else jnp.float32)
 
 
@@ -294,16 +308,25 @@ class MetricTask:
     #: (L,) bool: labels with a single training cell (negatives only; counted in the log as
     #: ``n_negative_only``, the mined triplets whose negative has such a label). None: none.
     negative_only: np.ndarray | None = None
+    #: the fixed PCA input layer of ``config.input_pcs``: ``{"mean": (n_genes,),
+    #: "components": (n_genes, input_pcs)}`` float32 (:func:`fit_input_pca`); None: the network
+    #: reads the genes
+    projection: Mapping[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.net = self.config.net()
+        if (self.projection is None) != (self.config.input_pcs is None):
+            raise ScatlasInputError("input_pcs and the PCA projection go together")
+        if self.projection is not None:
+            self._proj_mean = jnp.asarray(self.projection["mean"], jnp.float32)
+            self._proj_components = jnp.asarray(self.projection["components"], jnp.float32)
         self._related = jnp.asarray(self.related, dtype=bool)
         self._negative_only = (None if self.negative_only is None or not np.any(self.negative_only)
                                else jnp.asarray(self.negative_only, dtype=bool))
         self._lr = make_schedule(self.train_config)
 
     def init(self, rng: jax.Array, batch: dict[str, Any]) -> dict[str, Any]:
-        x = batch["x"] if "x" in batch else jnp.zeros((1, self.config.n_genes), jnp.float32)
+        x = jnp.zeros((1, self.config.n_inputs), jnp.float32)
         return self.net.init({"params": rng, "dropout": rng}, x, train=False)
 
     def _apply(self, variables, x, train, rng, **kw):
@@ -320,8 +343,11 @@ class MetricTask:
         (``x_indptr``, ``x_indices``, ``x_data``: :mod:`.sparse_ops`, CPU)."""
         variables = {"params": params, **state}
         if "x_indptr" not in batch:
-            (z, recon), new_state = self._apply(variables, batch["x"], train, rng)
-            return z, jnp.mean((recon - batch["x"].astype(jnp.float32)) ** 2), new_state
+            x = batch["x"].astype(jnp.float32)
+            if self.projection is not None:  # the fixed PCA input layer: (x - mean) @ components
+                x = (x - self._proj_mean) @ self._proj_components
+            (z, recon), new_state = self._apply(variables, x, train, rng)
+            return z, jnp.mean((recon - x) ** 2), new_state
         from ..kernels import xla_ffi
         from . import sparse_ops
 
@@ -360,6 +386,30 @@ class MetricTask:
         return loss, ({cfg.objective: metric, "mse": mse, "l1": l1, **extra}, new_state)
 
 
+#: the variables collection holding a model's fixed PCA input layer (``MetricConfig.input_pcs``)
+INPUT_PCA = "input_pca"
+
+
+def fit_input_pca(X: Any, n_components: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The fixed PCA input layer of ``MetricConfig.input_pcs``, fitted on the training cells.
+
+    ``X``: (n_cells, n_genes) log-normalised training cells (dense or CSR). Returns
+    ``{"mean": (n_genes,), "components": (n_genes, k)}`` float32 with
+    ``k = min(n_components, n_cells - 1, n_genes)``: sklearn's ``PCA`` (centred, its ``"auto"``
+    solver, ``random_state=seed``); a cell's input is ``(x - mean) @ components``, its scores.
+    """
+    from sklearn.decomposition import PCA
+
+    n_components = check_positive_int(n_components, "input_pcs")
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    k = min(n_components, X.shape[0] - 1, X.shape[1])
+    if k < 1:
+        raise ScatlasInputError(f"input_pcs needs at least 2 training cells, got {X.shape[0]}")
+    pca = PCA(k, random_state=seed).fit(X.astype(np.float64))
+    return {"mean": pca.mean_.astype(np.float32),
+            "components": np.ascontiguousarray(pca.components_.T, dtype=np.float32)}
+
+
 # ---------------------------------------------------------------------------------------- model
 
 class MetricEncoder:
@@ -389,7 +439,15 @@ class MetricEncoder:
             )
         self.label_names = list(label_names)
         self.info = dict(info or {})
-        self._device_variables = jax.device_put(self.variables)
+        proj = self.variables.get(INPUT_PCA)
+        if (proj is None) != (config.input_pcs is None):
+            raise ScatlasInputError(
+                f"a model with input_pcs={config.input_pcs} needs variables[{INPUT_PCA!r}] "
+                "(and only such a model has them)")
+        self._projection = None if proj is None else (
+            np.asarray(proj["mean"], np.float32), np.asarray(proj["components"], np.float32))
+        self._device_variables = jax.device_put(
+            {k: v for k, v in self.variables.items() if k != INPUT_PCA})
         self._compiled: dict[str, tuple[Any, Any]] = {}
         self._encode, self._encode_after_first = self._encoders(self._default_precision)
 
@@ -452,12 +510,16 @@ class MetricEncoder:
         if precision not in PRECISIONS:
             raise ScatlasInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         encode_full, encode_after_first = self._encoders(precision)
-        sparse_first = _sparse_first_layer()
+        sparse_first = _sparse_first_layer() and self._projection is None
         out, buffer = [], None
         chunks = model_chunks(data, self.genes, layer=layer, input=input,
                               chunk_size=batch_size, min_overlap=min_overlap,
                               dense=not sparse_first)
         for x in track(chunks, desc="embedding", progress=progress):
+            if self._projection is not None:  # the fixed PCA input layer
+                mean, components = self._projection
+                x = ((x.toarray() if sp.issparse(x) else np.asarray(x, np.float32)) - mean
+                     ) @ components
             n = x.shape[0]
             # on the CPU backend the first layer runs on the host over the non-zeros only,
             # block by block into one buffer, each block then going through the jitted rest
@@ -559,6 +621,11 @@ def use_sparse_step(
     pays = config.n_genes >= SPARSE_STEP_MIN_GENES and (
         density is None or density <= SPARSE_STEP_MAX_DENSITY)
     if requested is False or (requested is None and not pays):
+        return False
+    if config.input_pcs is not None:  # the input is the dense PCA scores
+        if requested is True:
+            raise ScatlasInputError("sparse_step=True is not possible with input_pcs (the "
+                                    "network's input is the dense PCA scores)")
         return False
     blockers = []
     if jax.default_backend() != "cpu":

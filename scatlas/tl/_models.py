@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -178,7 +179,10 @@ def train_metric(
         ``dropout``, ``input_dropout``, ``objective`` ("triplet" | "infonce"), ``margin``,
         ``metric_weight``, ``mining`` ("semihard" | "hardest" | "random"), ``across_studies``,
         ``negatives`` ("all" | "same_study": only the anchor's own study's cells),
-        ``temperature``, ``l1``, ``bf16``.
+        ``temperature``, ``l1``, ``bf16``, ``input_pcs`` (the network's input: the scores on
+        this many principal components of the training cells' log-normalised genes, a fixed
+        first layer fitted before training, :func:`scatlas.models.metric.fit_input_pca`, kept
+        in the model and applied when embedding; None: the genes themselves).
 
     Returns
     -------
@@ -186,6 +190,7 @@ def train_metric(
     """
     from ..models.data import CellBatches, MatrixSource
     from ..models.metric import (
+        INPUT_PCA,
         MetricConfig,
         MetricEncoder,
         MetricTask,
@@ -209,6 +214,10 @@ def train_metric(
     genes = _select_genes(X, train_rows, n_top_genes, input)
     config = MetricConfig(n_genes=adata.n_vars if genes is None else genes.size,
                           **{**chosen["model"], **model_kw})
+    projection = None
+    if config.input_pcs is not None:
+        projection = _input_pca(X, train_rows, genes, input, config.input_pcs, seed)
+        config = dataclasses.replace(config, input_pcs=projection["components"].shape[1])
     if batch_size is None and chosen["batch_size"] is not None:
         batch_size = chosen["batch_size"]
     batch_size, n_dev = _batch_size(batch_size, train_rows.size, data_parallel)
@@ -233,8 +242,11 @@ def train_metric(
     )
     val = _validation_batches(batches, val_rows, batch_size, n_dev)
     negative_only = np.isin(batches.label_names, rare)
-    result = fit(MetricTask(config, tcfg, related, negative_only), batches, tcfg,
+    result = fit(MetricTask(config, tcfg, related, negative_only, projection), batches, tcfg,
                  val_batches=val)
+    variables = dict(result.variables)
+    if projection is not None:
+        variables[INPUT_PCA] = projection
     info = {
         "label_key": label_key, "study_key": study_key, "n_cells": int(adata.n_obs),
         "n_train": int(train_rows.size), "n_val": int(val_rows.size), "steps": result.steps,
@@ -245,7 +257,7 @@ def train_metric(
         "patience": patience,
     }
     var_names = adata.var_names if genes is None else adata.var_names[genes]
-    model = MetricEncoder(config, result.variables, var_names,
+    model = MetricEncoder(config, variables, var_names,
                           label_names=batches.label_names, info=info)
     model.history = result.history
     return model
@@ -347,6 +359,25 @@ def _select_genes(X: Any, train_rows: np.ndarray, n_top: int | None,
     if not sp.issparse(block):
         block = np.asarray(block)
     return highly_variable(block, np.arange(rows.size), n_top)
+
+
+def _input_pca(X: Any, train_rows: np.ndarray, genes: np.ndarray | None, input: str,
+               n_components: int, seed: int) -> dict[str, np.ndarray]:
+    """:func:`scatlas.models.metric.fit_input_pca` on at most :data:`GENE_SELECTION_CELLS`
+    evenly spaced training cells, log-normalised over the model's genes as the training batches
+    are (``input="counts"``) or as given."""
+    from ..models.data import lognorm
+    from ..models.metric import fit_input_pca
+
+    step = max(1, -(-train_rows.size // GENE_SELECTION_CELLS))
+    block = X[np.sort(train_rows)[::step]]
+    if genes is not None:
+        block = block[:, genes]
+    if not sp.issparse(block):
+        block = np.asarray(block, np.float32)
+    if input == "counts":
+        block = lognorm(block)
+    return fit_input_pca(block, n_components, seed)
 
 
 def _n_devices(data_parallel: bool) -> int:
