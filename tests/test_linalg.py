@@ -260,10 +260,15 @@ def test_auto_route_is_exact_for_a_few_thousand_features():
 
     with ShiftedOperator(np.zeros((2000, 2000), dtype=np.float32)) as op:
         assert choose_method(op, 30, 10, 7) == "gram"
-    tall = sp.random(200_000, 2000, density=1e-3, format="csr", dtype=np.float32,
-                     random_state=0)
-    with ShiftedOperator(tall) as op:
+    def sparse(n: int, p: int, nnz_per_row: int) -> sp.csr_matrix:
+        # built directly: sp.random draws nnz of n*p positions without replacement (slow here)
+        rng = np.random.default_rng(0)
+        cols = rng.integers(0, p, size=n * nnz_per_row)
+        indptr = np.arange(0, n * nnz_per_row + 1, nnz_per_row)
+        data = np.ones(n * nnz_per_row, dtype=np.float32)
+        return sp.csr_matrix((data, cols, indptr), shape=(n, p))
+
+    with ShiftedOperator(sparse(200_000, 2000, 2)) as op:
         assert choose_method(op, 50, 10, 7) == "gram"
-    wide = sp.random(9000, 9000, density=1e-4, format="csr", dtype=np.float32, random_state=0)
-    with ShiftedOperator(wide) as op:
+    with ShiftedOperator(sparse(9000, 9000, 1)) as op:
         assert choose_method(op, 50, 10, 7) == "randomized"
