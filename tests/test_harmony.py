@@ -12,7 +12,8 @@ import pytest
 from scatlas import datasets, metrics, tl
 from scatlas._validate import ScatlasInputError
 from scatlas.tl import _harmony
-from scatlas.tl._harmony import harmony_pca, run_harmony
+from scatlas.tl._common import scaled_pca
+from scatlas.tl._harmony import run_harmony
 from scatlas.tl._integrate import _log_hvg
 
 needs_harmonypy = pytest.mark.skipif(importlib.util.find_spec("harmonypy") is None,
@@ -38,7 +39,7 @@ def _ref_pca(X, k):
 
 def test_pca_is_seurat_scaledata_runpca(synth):
     work, _ = _log_hvg(synth, "batch", None, 300, None, "seurat", None)
-    Z = harmony_pca(work.X, 20, seed=0)
+    Z = scaled_pca(work.X, 20, seed=0)
     ref, s = _ref_pca(work.X, 20)
     assert Z.shape == (synth.n_obs, 20) and Z.dtype == np.float32
     # PCs are defined up to sign; compare column by column after aligning signs.
@@ -67,7 +68,7 @@ def test_integrate_matches_harmonypy_on_the_same_pca(synth):
     # the same preprocessing, then harmonypy called directly (cells x PCs, its own defaults)
     work, genes = _log_hvg(ad, "batch", None, 300, None, "seurat", None)
     assert list(ad.var_names[genes]) == list(uns["genes"])
-    Z = harmony_pca(work.X, 30, seed=0)
+    Z = scaled_pca(work.X, 30, seed=0)
     ho = harmonypy.run_harmony(np.asarray(Z, dtype=np.float64),
                                pd.DataFrame({"b": ad.obs["batch"].astype(str).to_numpy()}),
                                "b", random_state=0, verbose=False)
@@ -84,7 +85,7 @@ def test_harmony_mixes_batches_and_keeps_types(synth):
     ad = synth.copy()
     tl.integrate(ad, "batch", method="harmony", n_top_genes=300)
     work, _ = _log_hvg(ad, "batch", None, 300, None, "seurat", None)
-    Z = harmony_pca(work.X, 30, seed=0)
+    Z = scaled_pca(work.X, 30, seed=0)
     batch, types = ad.obs["batch"].to_numpy(), ad.obs["cell_type"].to_numpy()
     before, after = metrics.ilisi(Z, batch), metrics.ilisi(ad.obsm["X_harmony"], batch)
     assert after > before + 0.1, (before, after)  # measured 0.24 -> 0.41

@@ -19,23 +19,29 @@ from scatlas.kernels.fastmnn import fastmnn, multi_batch_norm
 from scatlas.tl._integrate import integrate
 
 
-@pytest.fixture(scope="module")
-def counts():
-    """Three batches of Poisson counts (4 cell types, 400 genes, a per-batch gene effect)."""
-    rng = np.random.default_rng(4)
-    n_genes, T = 400, 4
-    logmu = rng.normal(0.0, 1.2, size=(T, n_genes))
+def _poisson_batches(seed: int, sizes: dict[str, int], n_genes: int, n_types: int,
+                     effect_sd: float) -> ad.AnnData:
+    """Poisson counts of ``n_types`` cell types in batches ``{name: n_cells}``, each batch with
+    its own gene effect (sd ``effect_sd``) and per-cell depth; obs 'batch' and 'type'."""
+    rng = np.random.default_rng(seed)
+    logmu = rng.normal(0.0, 1.2, size=(n_types, n_genes))
     X, types, batch = [], [], []
-    for b, n in enumerate((260, 200, 220)):
-        t = rng.integers(0, T, n)
-        effect = rng.normal(0, 0.6, n_genes)
+    for name, n in sizes.items():
+        t = rng.integers(0, n_types, n)
+        effect = rng.normal(0, effect_sd, n_genes)
         X.append(rng.poisson(np.exp(logmu[t] + effect) * rng.gamma(8, 0.125, (n, 1))))
         types.append(t)
-        batch += [f"b{b}"] * n
+        batch += [name] * n
     obs = pd.DataFrame({"batch": pd.Categorical(batch), "type": np.concatenate(types).astype(str)},
                        index=[f"c{i}" for i in range(len(batch))])
     var = pd.DataFrame(index=[f"g{j}" for j in range(n_genes)])
     return ad.AnnData(X=sp.csr_matrix(np.vstack(X).astype(np.float32)), obs=obs, var=var)
+
+
+@pytest.fixture(scope="module")
+def counts():
+    """Three batches of Poisson counts (4 cell types, 400 genes, a per-batch gene effect)."""
+    return _poisson_batches(4, {"b0": 260, "b1": 200, "b2": 220}, 400, 4, 0.6)
 
 
 def _log_hvg(adata, n_top=200):
@@ -160,21 +166,7 @@ SMALL = {"d1": 21, "d2": 26, "d3": 33, "d4": 38, "d5": 40}
 @pytest.fixture(scope="module")
 def small_counts():
     """Five batches of 21-40 cells (3 cell types, 300 genes, a per-batch gene effect)."""
-    rng = np.random.default_rng(8)
-    n_genes, T = 300, 3
-    logmu = rng.normal(0.0, 1.2, size=(T, n_genes))
-    X, types, batch = [], [], []
-    for name, n in SMALL.items():
-        t = rng.integers(0, T, n)
-        effect = rng.normal(0, 0.5, n_genes)
-        X.append(rng.poisson(np.exp(logmu[t] + effect) * rng.gamma(8, 0.125, (n, 1))))
-        types.append(t)
-        batch += [name] * n
-    obs = pd.DataFrame({"batch": pd.Categorical(batch),
-                        "type": np.concatenate(types).astype(str)},
-                       index=[f"c{i}" for i in range(len(batch))])
-    var = pd.DataFrame(index=[f"g{j}" for j in range(n_genes)])
-    return ad.AnnData(X=sp.csr_matrix(np.vstack(X).astype(np.float32)), obs=obs, var=var)
+    return _poisson_batches(8, SMALL, 300, 3, 0.5)
 
 
 @pytest.mark.parametrize("flavor", ["v3", "v5"])

@@ -11,7 +11,7 @@ setting beyond the batch key:
   m in cca, mnn, inmf, harmony; the embedding is ``.obsm["X_<m>"]`` (``X_inmf_norm`` for iNMF,
   its quantile-normalised loadings);
 - **baseline** ``uncorrected``: the PCA that harmony corrects
-  (:func:`scatlas.tl._harmony.harmony_pca`: 30 PCs of the Seurat-scaled log-normalised
+  (:func:`scatlas.tl._common.scaled_pca`: 30 PCs of the Seurat-scaled log-normalised
   batch-aware HVGs of ``tl.integrate``);
 - **peers**: ``harmonypy`` (``run_harmony`` on that same PCA, called directly), ``scanorama``
   (``scanorama.integrate`` on the same log-normalised HVG matrix split by batch, defaults:
@@ -80,11 +80,11 @@ def _metrics(E: Any, labels: np.ndarray, batch: np.ndarray) -> dict[str, float]:
 
 def _shared_inputs(adata: Any) -> dict[str, Any]:
     """The log-normalised HVG matrix of tl.integrate and the uncorrected PCA on it."""
-    from scatlas.tl._harmony import harmony_pca
+    from scatlas.tl._common import scaled_pca
     from scatlas.tl._integrate import _log_hvg
 
     work, genes = _log_hvg(adata, "batch", None, N_HVG, None, "seurat", None)
-    return {"X": work.X, "genes": genes, "pca": harmony_pca(work.X, N_PCS, seed=0)}
+    return {"X": work.X, "genes": genes, "pca": scaled_pca(work.X, N_PCS, seed=0)}
 
 
 def _ours(method: str) -> Callable[[Any, dict], tuple[Any, str]]:

@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 
 from .. import backend
-from .._validate import ScatlasInputError
+from .._validate import ScatlasInputError, check_positive_int
+from ..kernels.anchors import scale_data
+from ..kernels.linalg import pca as _pca
 
 
 def get_matrix(adata, layer: str | None):
@@ -53,3 +55,18 @@ def var_mask(adata, mask_var: Any, use_highly_variable: bool | None) -> np.ndarr
 def on_device_of(arr, indices: np.ndarray):
     """Integer indices (host) moved to the device of ``arr`` for fancy indexing."""
     return backend.to_device(np.asarray(indices), backend.device_of(arr))
+
+
+def scaled_pca(X: Any, n_pcs: int = 30, *, seed: int = 0, dtype: Any = None,
+                progress: bool | None = None) -> Any:
+    """Seurat's ``ScaleData`` + ``RunPCA``, the (n, n_pcs) PCA that Harmony corrects and that
+    Seurat's CCA integration ends with: ``ScaleData`` (centre, unit variance,
+    clip at 10) of the (n, p) log-expression ``X`` (dense or sparse, numpy or cupy), then
+    ``RunPCA`` (:func:`scatlas.kernels.linalg.pca`, ``center=False``). Same device as ``X``;
+    float32 unless ``dtype``. ``n_pcs`` is capped at min(n, p) - 1."""
+    n_pcs = check_positive_int(n_pcs, "n_pcs")
+    S = scale_data(X, dtype=dtype)
+    k = min(n_pcs, min(S.shape) - 1)
+    if k < 1:
+        raise ScatlasInputError(f"a PCA needs at least 2 cells and 2 genes, got {S.shape}")
+    return _pca(S, k, center=False, seed=seed, dtype=S.dtype, progress=progress).scores

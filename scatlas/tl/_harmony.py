@@ -29,25 +29,10 @@ from typing import Any
 import numpy as np
 
 from .. import backend
-from .._validate import ScatlasInputError, check_matrix, check_positive_int
-from ..kernels.anchors import scale_data
-from ..kernels.linalg import pca as _pca
+from .._validate import ScatlasInputError, check_matrix
+from ._common import scaled_pca
 
 INSTALL_HINT = "pip install 'scatlas[harmony]'  (or: pip install 'harmonypy>=2.0')"
-
-
-def harmony_pca(X: Any, n_pcs: int = 30, *, seed: int = 0, dtype: Any = None,
-                progress: bool | None = None) -> Any:
-    """The (n, n_pcs) PCA that Harmony corrects: Seurat ``ScaleData`` (centre, unit variance,
-    clip at 10) of the (n, p) log-expression ``X`` (dense or sparse, numpy or cupy), then
-    ``RunPCA`` (:func:`scatlas.kernels.linalg.pca`, ``center=False``). Same device as ``X``;
-    float32 unless ``dtype``. ``n_pcs`` is capped at min(n, p) - 1."""
-    n_pcs = check_positive_int(n_pcs, "n_pcs")
-    S = scale_data(X, dtype=dtype)
-    k = min(n_pcs, min(S.shape) - 1)
-    if k < 1:
-        raise ScatlasInputError(f"harmony needs at least 2 cells and 2 genes, got {S.shape}")
-    return _pca(S, k, center=False, seed=seed, dtype=S.dtype, progress=progress).scores
 
 
 def _harmonypy() -> Any:
@@ -128,7 +113,7 @@ def run_integrate_harmony(adata: Any, key: str, X: Any, batch: np.ndarray, n_pcs
     ``n_pcs``, ``objective`` on the CPU, ``params``)."""
     if not backend.is_gpu_array(X):
         _harmonypy()  # fail before the PCA when harmonypy is missing
-    Z = harmony_pca(X, n_pcs, seed=seed, dtype=common.get("dtype"),
+    Z = scaled_pca(X, n_pcs, seed=seed, dtype=common.get("dtype"),
                     progress=common.get("progress"))
     corrected, info = run_harmony(Z, batch, seed=seed, **kwargs)
     adata.obsm[key] = corrected.astype(Z.dtype)

@@ -65,10 +65,9 @@ import numpy as np
 
 from .. import backend, pp
 from .._validate import ScatlasInputError, check_obs_key, check_positive_int
-from ..kernels.anchors import check_batch_sizes, scale_data, seurat_integrate
+from ..kernels.anchors import check_batch_sizes, seurat_integrate
 from ..kernels.fastmnn import fastmnn, multi_batch_norm
-from ..kernels.linalg import pca as _pca
-from ._common import get_matrix, on_device_of
+from ._common import get_matrix, on_device_of, scaled_pca
 
 Method = Literal["cca", "mnn", "inmf", "harmony"]
 _METHODS = ("cca", "mnn", "inmf", "harmony")
@@ -243,14 +242,12 @@ def _run_cca(adata: ad.AnnData, key: str, X: Any, batch: np.ndarray, n_pcs: int,
     if flavor == "v3":
         res = seurat_integrate(X, batch, **common, **kwargs)
         corrected = res.corrected
-        S = scale_data(corrected, dtype=corrected.dtype)  # ScaleData + RunPCA
-        adata.obsm[key] = _pca(S, min(n_pcs, min(S.shape) - 1), center=False, seed=seed,
-                               dtype=S.dtype, progress=common["progress"]).scores
+        adata.obsm[key] = scaled_pca(corrected, n_pcs, seed=seed, dtype=corrected.dtype,
+                                     progress=common["progress"])
         adata.obsm[key + "_corrected"] = corrected
     elif flavor == "v5":
-        S = scale_data(X, dtype=common["dtype"])  # one ScaleData over all cells
-        emb = _pca(S, min(n_pcs, min(S.shape) - 1), center=False, seed=seed,
-                   dtype=S.dtype, progress=common["progress"]).scores
+        emb = scaled_pca(X, n_pcs, seed=seed, dtype=common["dtype"],  # one joint ScaleData
+                         progress=common["progress"])
         opts = {"scale": "joint", "k_filter": None, **kwargs}
         res = seurat_integrate(X, batch, embeddings=emb, **common, **opts)
         adata.obsm[key] = res.corrected
