@@ -5,6 +5,7 @@ Usage::
     scatlas integrate IN.h5ad OUT.h5ad --method inmf --batch-key batch --k 20 --lam 5 --seed 1
     scatlas integrate IN.h5ad OUT.h5ad --method mnn --report report/ --label-key cell_type
     scatlas integrate IN.h5ad OUT.h5ad --method cca --flavor v5
+    scatlas integrate IN.h5ad OUT.h5ad --method harmony --theta 2
     scatlas integrate OUT.h5ad --inputs A.h5ad B.h5ad --method online-inmf --k 20
     scatlas integrate IN.h5ad OUT.h5ad --method online-inmf --batch-key batch
     scatlas integrate OUT.h5ad --inputs C.h5ad --method online-inmf --add-to REF.h5ad
@@ -12,8 +13,9 @@ Usage::
 
 Options common to every method: the input(s) and output, ``--batch-key``, ``--k``,
 ``--seed``, ``--key-added``, ``--device``, ``--progress``. Each method adds its own argument group
-and a runner to :data:`METHODS`; later methods (Harmony, scVI ...) plug in there without touching
-the common options. Outputs are written atomically (:func:`scatlas.io.write_h5ad`).
+and a runner to :data:`METHODS`; later methods (scVI ...) plug in there without touching the
+common options, as ``harmony`` did. Outputs are written atomically
+(:func:`scatlas.io.write_h5ad`).
 
 ``online-inmf`` streams every input from disk (backed): with ``--inputs`` each file is one
 dataset (or is split by ``--batch-key``) and the output holds all their cells (no ``X``), with the
@@ -135,10 +137,12 @@ def _run_online(args: argparse.Namespace) -> int:
 
 def _anchor_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--n-top-genes", type=int, default=2000,
-                   help="[cca, mnn] batch-aware highly variable genes used (default 2000)")
+                   help="[cca, mnn, harmony] batch-aware highly variable genes used "
+                        "(default 2000)")
     g.add_argument("--flavor", choices=["v3", "v5"], default="v3",
                    help="[cca] v3: IntegrateData on expression; v5: correct the joint PCA")
-    g.add_argument("--n-pcs", type=int, default=30, help="[cca] PCs / CCA dims (default 30)")
+    g.add_argument("--n-pcs", type=int, default=30,
+                   help="[cca, harmony] PCs / CCA dims (default 30)")
     g.add_argument("--k-anchor", type=int, default=5, help="[cca] k.anchor (default 5)")
     g.add_argument("--k-score", type=int, default=30, help="[cca] k.score (default 30)")
     g.add_argument("--k-filter", type=_k_filter, default=None, metavar="N|none",
@@ -163,6 +167,13 @@ def _mnn_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--mnn-d", type=int, default=50, help="[mnn] multi-batch PCs (default 50)")
 
 
+def _harmony_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--theta", type=float, default=None,
+                   help="[harmony] diversity penalty (default: harmonypy's, 2)")
+    g.add_argument("--max-iter-harmony", type=int, default=None,
+                   help="[harmony] Harmony rounds (default: harmonypy's, 10)")
+
+
 def _run_tl_integrate(args: argparse.Namespace) -> int:
     from . import io
     from .tl._integrate import integrate
@@ -173,6 +184,9 @@ def _run_tl_integrate(args: argparse.Namespace) -> int:
                  "k_score": args.k_score}
         if args.k_filter is not None:  # else the flavor's default (v3: 200, v5: none)
             extra["k_filter"] = None if args.k_filter == "none" else args.k_filter
+    elif args.method == "harmony":  # only what was given: the library's own defaults otherwise
+        extra = {name: value for name, value in (("theta", args.theta),
+                 ("max_iter_harmony", args.max_iter_harmony)) if value is not None}
     else:
         extra = {"k": args.mnn_k, "d": args.mnn_d}
     integrate(adata, args.batch_key, method=args.method, key_added=args.key_added,
@@ -188,6 +202,10 @@ METHODS: dict[str, IntegrationMethod] = {
         "Seurat CCA anchors + IntegrateData (obsm X_cca, X_cca_corrected)", _anchor_args,
         _run_tl_integrate),
     "mnn": IntegrationMethod("fastMNN as batchelor (obsm X_mnn)", _mnn_args, _run_tl_integrate),
+    "harmony": IntegrationMethod(
+        "Harmony (harmonypy on the CPU, rapids-singlecell on a GPU) on --n-pcs PCs of the "
+        "scaled HVGs (obsm X_harmony; needs pip install 'scatlas[harmony]')", _harmony_args,
+        _run_tl_integrate),
     "inmf": IntegrationMethod(
         "LIGER integrative NMF, in memory (obsm X_inmf, X_inmf_norm)", _inmf_args, _run_inmf),
     "online-inmf": IntegrationMethod(
@@ -231,7 +249,8 @@ def cmd_integrate(args: argparse.Namespace) -> int:
         from .report import integration_report
 
         where = integration_report(args.output, args.report, batch_key=args.batch_key or "batch",
-                                   label_key=args.label_key, key=args.key_added)
+                                   label_key=args.label_key, key=args.key_added,
+                                   progress=args.progress)
         print(f"integrate ({args.method}): report in {where}", file=sys.stderr)
     return code
 
@@ -240,7 +259,7 @@ def register(subparsers: Any, *, common: Callable[[argparse.ArgumentParser], Non
              io_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Add ``scatlas integrate`` (``io_args`` is not used: its ``--method`` is the SVD route)."""
     p = subparsers.add_parser(
-        "integrate", help="integrate batches (Seurat CCA, fastMNN, iNMF, online iNMF)",
+        "integrate", help="integrate batches (Seurat CCA, fastMNN, Harmony, iNMF, online iNMF)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("files", nargs="+", metavar="FILE",

@@ -6,11 +6,19 @@ embedding in ``.obsm``. Metrics come from :mod:`scatlas.metrics` (with labels: t
 ``summary``; without: iLISI only); UMAPs from umap-learn, drawn with
 matplotlib, on the exact k-NN graph of :func:`scatlas.kernels.knn`. Files are written
 atomically.
+
+The plots follow scanpy's ``pl.embedding`` conventions: the cells are drawn in one random order
+(seeded), so no batch is painted over the others because it came last, and legends are sorted
+(numbers in numeric order). umap-learn's warnings about what it cannot do with a precomputed
+graph (``transform`` of new data, parallelism under a fixed seed) concern nothing the report does
+and are not shown; the report's steps show a progress bar (``progress``).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,34 +61,83 @@ def _umap(X: np.ndarray, seed: int) -> np.ndarray:
 
     X = np.nan_to_num(np.asarray(X, dtype=np.float32))
     dist, idx = knn(X, X, min(15, X.shape[0]))
-    model = umap.UMAP(n_neighbors=idx.shape[1], random_state=seed,
-                      precomputed_knn=(idx, dist.astype(np.float32), None))
-    return model.fit_transform(X)
+    with warnings.catch_warnings():
+        # "precomputed_knn[2] is not an NNDescent object: transform ... unavailable" and
+        # "n_jobs value 1 overridden to 1 by setting random_state": about uses we do not make
+        warnings.filterwarnings("ignore", message=r"precomputed_knn", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"n_jobs value", category=UserWarning)
+        model = umap.UMAP(n_neighbors=idx.shape[1], random_state=seed,
+                          precomputed_knn=(idx, dist.astype(np.float32), None))
+        return model.fit_transform(X)
 
 
-def _plot(panels: dict[str, np.ndarray], colours: dict[str, np.ndarray], path: Path) -> None:
+def _natural_key(text: str) -> list[Any]:
+    """Sort key putting ``"batch2"`` before ``"batch10"`` (digit runs compared as numbers)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", text) if part]
+
+
+def draw_order(n: int, seed: int = 0) -> np.ndarray:
+    """The order cells are drawn in: one seeded random permutation of ``range(n)``, so that no
+    category covers the others because it was drawn last (scanpy shuffles the same way)."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+def _palette(n: int) -> list[Any]:
+    """``n`` distinct colours: tab10 / tab20 as scanpy, then evenly spaced hues."""
+    import matplotlib
+
+    if n <= 10:
+        return list(matplotlib.colormaps["tab10"].colors[:n])
+    if n <= 20:
+        return list(matplotlib.colormaps["tab20"].colors[:n])
+    return [matplotlib.colormaps["hsv"](i / n) for i in range(n)]
+
+
+def umap_figure(panels: dict[str, np.ndarray], colours: dict[str, np.ndarray],
+                seed: int = 0) -> Any:
+    """The report's figure: one row per embedding in ``panels`` (name -> (n, 2) coordinates),
+    one column per colouring in ``colours`` (name -> (n,) categories); cells drawn in
+    :func:`draw_order`, legends sorted. Returns the matplotlib Figure (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .io import atomic_write
+    from matplotlib.lines import Line2D
 
     fig, axes = plt.subplots(len(panels), len(colours), squeeze=False,
-                             figsize=(5 * len(colours), 4.5 * len(panels)))
-    for row, (title, xy) in enumerate(panels.items()):
-        for col, (name, values) in enumerate(colours.items()):
+                             figsize=(5.6 * len(colours), 4.5 * len(panels)))
+    for col, (name, values) in enumerate(colours.items()):
+        cats = sorted({str(v) for v in values}, key=_natural_key)
+        code = {c: i for i, c in enumerate(cats)}
+        palette = np.asarray(_palette(len(cats)), dtype=float)
+        rgba = palette[[code[str(v)] for v in values]]
+        order = draw_order(len(values), seed)
+        for row, (title, xy) in enumerate(panels.items()):
             ax = axes[row, col]
-            cats = list(dict.fromkeys(values))
-            for c in cats:
-                sel = values == c
-                ax.scatter(xy[sel, 0], xy[sel, 1], s=3, label=str(c), alpha=0.7)
+            ax.scatter(xy[order, 0], xy[order, 1], s=4, c=rgba[order], alpha=0.8,
+                       linewidths=0, rasterized=True)
             ax.set_title(f"{title}: {name}")
             ax.set_xticks([])
             ax.set_yticks([])
-            if len(cats) <= 12:
-                ax.legend(markerscale=3, fontsize=7, loc="best")
+            ax.set_xlabel("UMAP1")
+            ax.set_ylabel("UMAP2")
+            if len(cats) <= 30:
+                handles = [Line2D([], [], marker="o", linestyle="", color=palette[i],
+                                  markersize=5, label=c) for i, c in enumerate(cats)]
+                ax.legend(handles=handles, fontsize=7, loc="center left",
+                          bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def _plot(panels: dict[str, np.ndarray], colours: dict[str, np.ndarray], path: Path,
+          seed: int = 0) -> None:
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write
+
+    fig = umap_figure(panels, colours, seed)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
@@ -94,15 +151,18 @@ def integration_report(
     label_key: str | None = None,
     key: str = "X_integrated",
     seed: int = 0,
+    progress: bool | None = None,
 ) -> Path:
     """Write ``metrics.json`` and ``umap.png`` for the embedding ``.obsm[key]`` into ``out_dir``.
 
     For an iNMF result the quantile-normalised ``.obsm[key + "_norm"]`` is used when present.
     ``metrics.json`` holds ``{"uncorrected": {...}, "integrated": {...}, "key": ..., ...}``;
     ``umap.png`` has one row per embedding and one column per colouring (batch, label).
+    ``progress``: a bar over the report's steps (default: when stderr is a terminal).
     Returns ``out_dir``.
     """
     from . import io
+    from ._progress import bar
 
     adata = io.read_h5ad(adata_or_path) if isinstance(adata_or_path, str | Path) else adata_or_path
     check_obs_key(adata, batch_key, "batch_key")
@@ -116,14 +176,28 @@ def integration_report(
     batch = adata.obs[batch_key].astype(str).to_numpy()
     labels = adata.obs[label_key].astype(str).to_numpy() if label_key else None
     embeddings = {"integrated": np.asarray(adata.obsm[used], dtype=np.float64)}
-    before = _uncorrected_pca(adata, batch_key)
-    if before is not None:
-        embeddings = {"uncorrected": before, **embeddings}
-    record = {"key": used, "batch_key": batch_key, "label_key": label_key,
-              "n_cells": int(adata.n_obs)}
-    record.update({name: _metrics(X, batch, labels) for name, X in embeddings.items()})
-    with io.atomic_write(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=float))
-    colours = {batch_key: batch, **({label_key: labels} if labels is not None else {})}
-    _plot({name: _umap(X, seed) for name, X in embeddings.items()}, colours, out / "umap.png")
+    n_steps = 1 + (2 if adata.X is not None else 1) * 2 + 1  # pca, metrics, umaps, plot
+    with bar(desc="report", total=n_steps, progress=progress, unit="step") as steps:
+        steps.set_postfix_str("uncorrected PCA")
+        before = _uncorrected_pca(adata, batch_key)
+        steps.update(1)
+        if before is not None:
+            embeddings = {"uncorrected": before, **embeddings}
+        record = {"key": used, "batch_key": batch_key, "label_key": label_key,
+                  "n_cells": int(adata.n_obs)}
+        for name, X in embeddings.items():
+            steps.set_postfix_str(f"metrics ({name})")
+            record[name] = _metrics(X, batch, labels)
+            steps.update(1)
+        with io.atomic_write(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(record, indent=2, default=float))
+        colours = {batch_key: batch, **({label_key: labels} if labels is not None else {})}
+        panels = {}
+        for name, X in embeddings.items():
+            steps.set_postfix_str(f"UMAP ({name})")
+            panels[name] = _umap(X, seed)
+            steps.update(1)
+        steps.set_postfix_str("plot")
+        _plot(panels, colours, out / "umap.png", seed)
+        steps.update(1)
     return out

@@ -6,6 +6,7 @@ import json
 
 import anndata as ad
 import numpy as np
+import pytest
 
 from scatlas import cli, datasets
 
@@ -29,3 +30,63 @@ def test_integrate_mnn_and_cca_with_report(tmp_path):
         assert after["ilisi"] > before["ilisi"] + 0.3, (method, before["ilisi"], after["ilisi"])
         assert after["knn_label_transfer"] > 0.6, after
         assert (rep / "umap.png").stat().st_size > 10_000
+
+
+def _colour_pixels(fig, rgb) -> int:
+    """Pixels of the rendered figure within 2/255 of the colour ``rgb``."""
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    return int((np.abs(img - np.round(np.asarray(rgb) * 255)).max(axis=-1) <= 2).sum())
+
+
+def test_umap_draws_cells_in_random_order_with_sorted_legend():
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from scatlas.report import umap_figure
+
+    # two batches on exactly the same points: drawn batch by batch, the last one would hide the
+    # first completely; in one shuffled order both stay visible in similar amounts
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(400, 2))
+    panels = {"integrated": np.vstack([xy, xy])}
+    batch = np.array(["b10"] * 400 + ["b2"] * 400)
+    fig = umap_figure(panels, {"batch": batch}, seed=0)
+    try:
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["b2", "b10"]
+        first, second = matplotlib.colormaps["tab10"].colors[:2]
+        shown = _colour_pixels(fig, first), _colour_pixels(fig, second)
+        assert min(shown) > 0.25 * max(shown), shown
+    finally:
+        plt.close(fig)
+
+
+def test_report_shows_no_umap_warnings(tmp_path, recwarn):
+    from scatlas.report import integration_report
+
+    adata = datasets.synthetic(300, 200, n_batches=2, n_cell_types=3, seed=1)
+    adata.obsm["X_fake"] = np.random.default_rng(0).normal(size=(300, 10))
+    integration_report(adata, tmp_path / "rep", key="X_fake", label_key="cell_type",
+                       progress=False)
+    assert (tmp_path / "rep" / "umap.png").exists()
+    leaked = [str(w.message) for w in recwarn if "umap" in w.filename]
+    assert not leaked, leaked
+
+
+def test_cli_integrate_harmony_matches_the_library(tmp_path):
+    pytest.importorskip("harmonypy")
+    from scatlas import tl
+
+    src, out = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
+    adata = datasets.synthetic(600, 300, n_batches=2, n_cell_types=3, seed=2, batch_effect=1.0)
+    adata.write_h5ad(src)
+    code = cli.main(["integrate", str(src), str(out), "--method", "harmony", "--n-top-genes",
+                     "200", "--n-pcs", "20", "--theta", "2", "--seed", "0", "--no-progress"])
+    assert code == 0
+    got = ad.read_h5ad(out).obsm["X_harmony"]
+    tl.integrate(adata, "batch", method="harmony", n_top_genes=200, n_pcs=20, seed=0, theta=2)
+    ref = adata.obsm["X_harmony"]
+    assert got.shape == (600, 20)
+    # the same computation through two front doors: equal up to float32 storage
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
