@@ -18,8 +18,10 @@ import importlib.util
 import json
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__, backend
 
@@ -99,11 +101,36 @@ def _write(adata, path: str) -> None:
 def _preprocess(adata, args: argparse.Namespace, batch_key: str | None = None) -> None:
     from . import pp
 
+    layer = getattr(args, "layer", None)
     if args.normalize:
-        pp.normalize_log1p(adata, device=args.device)
+        _check_counts_for_normalize(adata, layer)
+        pp.normalize_log1p(adata, layer=layer, device=args.device)
     if args.n_top_genes:
         pp.highly_variable_genes(adata, n_top_genes=args.n_top_genes, batch_key=batch_key,
-                                 device=args.device)
+                                 layer=layer, device=args.device)
+
+
+def _check_counts_for_normalize(adata, layer: str | None) -> None:
+    """``--normalize`` needs counts: refuse negative values naming the flags that help."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from ._validate import ScatlasInputError
+
+    where = "X" if layer is None else f"layer {layer!r}"
+    X = adata.X if layer is None else adata.layers.get(layer)
+    if X is None:
+        return  # the library names the missing matrix
+    values = X.data if sp.issparse(X) else np.asarray(X)
+    if values.size and np.nanmin(values) < 0:
+        advice = ("drop --normalize (the data look already normalised or scaled), or pass "
+                  "--layer with a layer of raw counts")
+        if adata.raw is not None and layer is None:
+            advice += ("; this file also has .raw (often the log-normalised data): save it "
+                       "as a layer first, e.g. adata.layers['lognorm'] = adata.raw.X")
+        raise ScatlasInputError(
+            f"--normalize log-normalises raw counts, but {where} holds "
+            f"{int((values < 0).sum()):,} negative value(s); {advice}")
 
 
 def _done(what: str, path: str, t0: float) -> None:
@@ -236,12 +263,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._validate import ScatlasInputError, TrainingDivergedError
 
     args = build_parser().parse_args(argv)
+    shown_as = warnings.formatwarning
+    warnings.formatwarning = _warning_line(f"scatlas {args.command}")
     try:
         return int(args.func(args) or 0)
     except (ScatlasInputError, TrainingDivergedError, backend.DeviceUnavailableError,
             FileNotFoundError) as err:
         print(f"scatlas {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown_as
+
+
+def _warning_line(prefix: str) -> Callable[..., str]:
+    """``warnings.formatwarning`` for the CLI: ``scatlas CMD: warning: message``, one line
+    without the Python source line and path (they name our code, not the user's input); the
+    category is named unless it is a plain UserWarning."""
+
+    def format_warning(message: Any, category: type[Warning], filename: str, lineno: int,
+                       line: str | None = None) -> str:
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        return f"{prefix}: warning{kind}: {message}\n"
+
+    return format_warning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,18 @@ PathLike = str | os.PathLike
 # --------------------------------------------------------------------------------------------
 
 
+def _damaged_h5_message(path: Path, err: BaseException) -> str:
+    """What went wrong with an HDF5 file h5py cannot open, naming the file: a truncated file
+    says how much of it is there (an interrupted copy or download is the usual cause)."""
+    text = str(err)
+    found = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
+    if found:
+        have, want = (int(v) for v in found.groups())
+        return (f"{str(path)!r} is truncated: {have:,} of its {want:,} bytes are there (an "
+                "interrupted copy or download?); copy or write the file again")
+    return f"{str(path)!r} is a damaged HDF5 file that cannot be opened ({text})"
+
+
 def _check_h5ad_path(path: PathLike) -> Path:
     """Raise clear errors for a missing path, a folder, or a file that is not an h5ad."""
     path = Path(path)
@@ -56,8 +69,11 @@ def _check_h5ad_path(path: PathLike) -> Path:
                                 "zarr store with scatlas.io.read_zarr")
     if not h5py.is_hdf5(path):
         raise ScatlasInputError(f"{str(path)!r} is not an .h5ad file (not HDF5 at all)")
-    with h5py.File(path, "r") as f:
-        missing = [key for key in ("obs", "var") if key not in f]
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [key for key in ("obs", "var") if key not in f]
+    except OSError as err:  # HDF5 signature present, but the file cannot be opened
+        raise ScatlasInputError(_damaged_h5_message(path, err)) from err
     if missing:
         raise ScatlasInputError(
             f"{str(path)!r} is an HDF5 file but not an AnnData .h5ad (no {missing} group)"

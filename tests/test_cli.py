@@ -68,3 +68,58 @@ def test_console_script():
     exe = shutil.which("scatlas") or str(Path(sys.executable).parent / "scatlas")
     run = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "device:" in run.stdout
+
+
+def _truncated_copy(mesc, tmp_path):
+    whole = tmp_path / "whole.h5ad"
+    mesc.write_h5ad(whole)
+    cut = tmp_path / "cut.h5ad"
+    cut.write_bytes(whole.read_bytes()[:50_000])
+    return cut
+
+
+@pytest.mark.parametrize("command", [
+    ["pca", "{cut}", "{out}"],
+    ["integrate", "{cut}", "{out}", "--method", "mnn"],
+    ["train", "metric", "{cut}", "--out", "{out}", "--label-key", "cell_type"],
+])
+def test_truncated_input_is_a_one_line_error_naming_the_file(tmp_path, mesc, capsys, command):
+    cut = _truncated_copy(mesc, tmp_path)
+    argv = [a.format(cut=cut, out=tmp_path / "out") for a in command]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cut.h5ad" in err and "truncated" in err and "Traceback" not in err
+
+
+def test_normalize_on_scaled_data_names_the_flags(tmp_path, mesc, capsys):
+    scaled = mesc.copy()
+    X = np.log1p(np.asarray(scaled.X.todense() if hasattr(scaled.X, "todense") else scaled.X,
+                            dtype=np.float32))
+    scaled.X = (X - X.mean(0)) / (X.std(0) + 1e-6)  # z-scored, as scanpy's pp.scale leaves it
+    src = tmp_path / "scaled.h5ad"
+    scaled.write_h5ad(src)
+    assert cli.main(["pca", str(src), str(tmp_path / "o.h5ad"), "--normalize"]) == 2
+    err = capsys.readouterr().err
+    assert "--normalize" in err and "--layer" in err and "negative" in err
+    # --layer is honoured by --normalize too (it used to normalise X whatever the layer)
+    scaled.layers["counts"] = mesc.X.copy()
+    scaled.write_h5ad(src)
+    assert cli.main(["pca", str(src), str(tmp_path / "o.h5ad"), "--normalize", "--layer",
+                     "counts", "--n-comps", "5", "--no-progress"]) == 0
+
+
+def test_cli_warnings_are_one_line_without_source(tmp_path, mesc):
+    from pathlib import Path
+
+    exe = shutil.which("scatlas") or str(Path(sys.executable).parent / "scatlas")
+    if not Path(exe).exists():
+        pytest.skip("console script not installed")
+    src = tmp_path / "in.h5ad"
+    mesc.write_h5ad(src)  # 1,047 genes: asking for 5,000 variable genes warns
+    run = subprocess.run([exe, "pca", str(src), str(tmp_path / "o.h5ad"), "--normalize",
+                          "--n-top-genes", "5000", "--n-comps", "5", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    warned = [line for line in run.stderr.splitlines() if "n_top_genes" in line]
+    assert warned and warned[0].startswith("scatlas pca: warning: "), run.stderr
+    assert ".py:" not in run.stderr, run.stderr

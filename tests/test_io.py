@@ -315,3 +315,15 @@ def test_write_h5ad_roundtrip_and_interrupted(syn, tmp_path, monkeypatch):
         io.write_h5ad(syn[:10].copy(), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.h5ad"]
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.9])
+def test_read_h5ad_truncated_file_names_it(syn, tmp_path, keep):
+    whole = tmp_path / "whole.h5ad"
+    syn.write_h5ad(whole)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.h5ad"
+    cut.write_bytes(data[: int(len(data) * keep)])  # an interrupted copy
+    with pytest.raises(ScatlasInputError, match=r"cut\.h5ad.*truncated") as err:
+        io.read_h5ad(cut)
+    assert f"{len(data):,}" in str(err.value)  # the size the file should have
