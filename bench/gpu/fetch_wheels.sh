@@ -3,7 +3,7 @@
 # (Python 3.12 there; it has jax/jaxlib CUDA, flax, optax, orbax, cupy, numba, pandas, h5py,
 # pyarrow, scikit-learn, matplotlib, tqdm, torch). About 30 MB, into .whl/ (git-ignored through
 # .git/info/exclude). Then every device `run` names `.whl` in `carry` and starts with
-# `bash bench/gpu/run.sh STEP` (see docs/gpu.md).
+# `bash bench/gpu/run.sh STEP` (see bench/gpu/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

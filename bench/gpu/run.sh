@@ -11,7 +11,7 @@
 # run.log (every step's output, in order), the result JSON files (plain, written as each size
 # ends, so they come back even when the call is cut off) and reports.tar.gz (the md/png tables).
 # A failed step does not stop the next; the exit status is 1 when any step failed, 3 when the
-# set-up or the preflight failed. See docs/gpu.md for a plan of calls.
+# set-up or the preflight failed. See bench/gpu/README.md for a plan of calls.
 set -euo pipefail
 shopt -s nullglob
 STEPS=(tests metric mvae kernels)
