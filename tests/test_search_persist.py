@@ -184,3 +184,28 @@ def test_round_trip_onto_gpu(tmp_path, data, engine):
                                   idx.search(X[::37], 10, nprobe=12)[1])
     again = back.save(tmp_path / "ix2")
     assert CellIndex.load(again, device="cpu").ntotal == idx.ntotal
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_folder_mode_follows_umask(tmp_path, data, umask):
+    """The index folder gets the mode a plain mkdir gives under the umask (as model folders,
+    written through scatlas.io.atomic_write, do), not mkdtemp's 0o700."""
+    from scatlas.io import atomic_write
+
+    X, meta = data
+    idx = CellIndex.build(X[:200], meta.iloc[:200], engine="exact")
+    old = os.umask(umask)
+    try:
+        path = idx.save(tmp_path / "ix")
+        (tmp_path / "plain").mkdir()
+        with atomic_write(tmp_path / "model") as tmp:  # how scatlas.models.io writes a model
+            tmp.mkdir()
+        idx.save(tmp_path / "ix")  # replacing an existing index keeps the rule
+    finally:
+        os.umask(old)
+    want = 0o777 & ~umask
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == want
+    assert (tmp_path / "model").stat().st_mode & 0o777 == want
+    assert path.stat().st_mode & 0o777 == want
+    for f in path.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name

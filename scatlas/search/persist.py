@@ -14,7 +14,8 @@ Layout of ``<directory>/``:
   ``offsets.npy``, ``dead.npy`` (native IVF).
 
 Atomic replacement: the folder is first written as a hidden sibling
-(``.<name>.<random>.tmp``), checksummed, then moved into place with ``os.replace``. When
+(``.<name>.<random>.tmp``, created by ``mkdir`` so the index folder's mode follows the umask
+like a model folder's), checksummed, then moved into place with ``os.replace``. When
 ``directory`` already exists it is first renamed to a hidden sibling backup (``.<name>.old-*``),
 the new folder renamed in, and the backup deleted. An interruption before the swap leaves the
 old index untouched (plus a temporary folder); between the two renames (two system calls) the old
@@ -28,8 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,21 @@ def _write_metadata(meta: pd.DataFrame, path: Path) -> None:
     frame.to_parquet(path, engine="pyarrow", index=True)
 
 
+def _new_folder(parent: Path, name: str) -> Path:
+    """A new empty hidden folder ``.<name>.<random>.tmp`` in ``parent``, created by a plain
+    ``mkdir`` so its mode follows the umask as any folder's does (``0o755`` under the usual
+    umask 022; model folders, written through :func:`scatlas.io.atomic_write`, get the same).
+    ``tempfile.mkdtemp`` would make it ``0o700`` whatever the umask."""
+    for _ in range(100):
+        path = parent / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"could not create a temporary folder beside {str(parent / name)!r}")
+
+
 def save_index(idx: Any, directory: str | Path) -> Path:
     """Write ``idx`` to ``directory`` atomically; returns the path."""
     target = Path(directory)
@@ -87,7 +103,7 @@ def save_index(idx: Any, directory: str | Path) -> Path:
         raise FileNotFoundError(f"folder {str(parent)!r} does not exist (saving {str(target)!r})")
     if target.exists() and not target.is_dir():
         raise ScatlasInputError(f"{str(target)!r} exists and is not a folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    tmp = _new_folder(parent, target.name)
     try:
         eng = idx._engine
         files = list(eng.save(tmp))
