@@ -413,3 +413,78 @@ def test_native_ivf_gpu_filters_add_remove(small):
         _, Ig = gpu.search(Q, 10, nprobe=16, filter=flt)
         _, Ir = brute(Q, X, 10, "cosine", allowed=allowed)
         np.testing.assert_array_equal(Ig, Ir)
+
+
+# ------------------------------------------------------------------------------------------------
+# zero vectors under the cosine metric
+# ------------------------------------------------------------------------------------------------
+def test_cosine_refuses_zero_rows(small):
+    """A zero vector has no direction: cosine searches, builds, adds and centroid queries refuse
+    it naming the row; euclidean indexes accept it (distance = the other vector's norm)."""
+    from scatlas.search import annotate, search_centroid
+
+    X, meta = small
+    idx = CellIndex.build(X, meta)
+    Q = X[:5].copy()
+    Q[[1, 3]] = 0.0
+    for call in (lambda: idx.search(Q, 3), lambda: idx.range_search(Q, 0.5),
+                 lambda: annotate(idx, Q, 5, label_key="cell_type"),
+                 lambda: search_centroid(idx, Q, 3)):
+        with pytest.raises(ScatlasInputError, match=r"row\(s\) 1, 3 are all zeros"):
+            call()
+    tiny = X[:2].copy()
+    tiny[0] = 1e-30  # its float32 norm underflows to 0: no direction either
+    with pytest.raises(ScatlasInputError, match=r"row\(s\) 0 are all zeros"):
+        idx.search(tiny, 3)
+    bad = X[:300].copy()
+    bad[250] = 0.0
+    with pytest.raises(ScatlasInputError, match=r"row\(s\) 250 are all zeros"):
+        CellIndex.build(bad, chunk_size=100)  # row numbers count across chunks
+    with pytest.raises(ScatlasInputError, match=r"row\(s\) 250 are all zeros"):
+        CellIndex.build(bad, engine="native-ivf", nlist=4, chunk_size=100)
+    n0 = idx.ntotal
+    with pytest.raises(ScatlasInputError, match=r"row\(s\) 0 are all zeros"):
+        idx.add(np.zeros((1, X.shape[1]), np.float32))
+    assert idx.ntotal == n0
+    # euclidean: a zero query is a point like any other, its distances are the norms
+    eu = CellIndex.build(X[:50], metric="euclidean")
+    D, ids = eu.search(np.zeros((1, X.shape[1]), np.float32), 3)
+    want = np.sort(np.linalg.norm(X[:50].astype(np.float64), axis=1))[:3]
+    np.testing.assert_allclose(D[0], want, rtol=1e-5)
+
+
+def test_service_maps_zero_row_to_400(small):
+    """POST /search and /annotate with a zero embedding: 400 naming the row; a concurrent good
+    request batched with it still gets its answer (the batcher retries requests one by one)."""
+    import asyncio
+    import warnings
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("starlette")
+    from scatlas.search.service import create_app
+
+    X, meta = small
+    idx = CellIndex.build(X, meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        app = create_app(idx, max_wait_ms=20.0)
+    service = app.state.service
+    Q = X[:3].copy()
+    Q[2] = 0.0
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            rs = await asyncio.gather(
+                c.post("/search", json={"embeddings": Q.tolist(), "k": 3}),
+                c.post("/search", json={"embeddings": X[:2].tolist(), "k": 3}),
+                c.post("/annotate", json={"embeddings": Q.tolist(), "k": 3,
+                                          "label_key": "cell_type"}))
+        await service.shutdown()
+        return rs
+
+    bad, good, bad_annotate = asyncio.run(main())
+    assert bad.status_code == 400 and "row(s) 2 are all zeros" in bad.json()["error"]
+    assert bad_annotate.status_code == 400 and "all zeros" in bad_annotate.json()["error"]
+    assert good.status_code == 200
+    np.testing.assert_array_equal(np.asarray(good.json()["ids"]), idx.search(X[:2], 3)[1])

@@ -241,7 +241,7 @@ class CellIndex:
         ts = train_size or default_train_size(n_known, nlist_used or 1)
         ts = check_positive_int(ts, "train_size")
         sample = self._prepare(src.sample(ts if nlist_used else min(ts, _OOD_SAMPLE), seed),
-                               "embeddings")
+                               "embeddings", row0=None)  # rows checked when added
         if nlist_used:
             if sample.shape[0] < nlist_used:
                 raise ScatlasInputError(f"train_size={sample.shape[0]} is below nlist="
@@ -255,14 +255,22 @@ class CellIndex:
         self._update_ood_stats(ood_rows)
         return self
 
-    def _prepare(self, X: Any, name: str) -> Any:
-        """float32, finite, unit rows for cosine (zero rows stay zero); on the engine device."""
+    def _prepare(self, X: Any, name: str, *, row0: int | None = 0) -> Any:
+        """float32, finite, unit rows for cosine; on the engine device.
+
+        For the cosine metric a row of zeros (or one whose float32 norm underflows to 0) has no
+        direction: it is refused with a :class:`ScatlasInputError` naming its row numbers
+        (counted from ``row0``; ``row0=None`` skips the check, for samples whose rows are
+        checked again when they are added).
+        """
         _check_finite(X, name)
         X = backend.to_device(X, self._device) if self._device == "gpu" else backend.to_host(X)
         xp = backend.array_module(X)
         X = xp.ascontiguousarray(X, dtype=np.float32)
         if self._metric == "cosine":
             norms = xp.sqrt((X * X).sum(axis=1, keepdims=True))
+            if row0 is not None:
+                _refuse_zero_rows(backend.to_host(norms[:, 0]), name, row0)
             X = X / xp.where(norms > 0, norms, 1.0).astype(np.float32)
         return X
 
@@ -275,7 +283,7 @@ class CellIndex:
             def prepared(record: bool):
                 nid = start
                 for X, meta in src.chunks():
-                    Xp = self._prepare(X, "embeddings")
+                    Xp = self._prepare(X, "embeddings", row0=nid - start)
                     m = Xp.shape[0]
                     if record:
                         metas.append(meta)
@@ -594,6 +602,18 @@ def _saved_engine(directory: str | Path) -> str | None:
         return read_manifest(folder)["engine"]
     except (ScatlasInputError, OSError):
         return None
+
+
+def _refuse_zero_rows(norms: np.ndarray, name: str, row0: int) -> None:
+    """Raise naming the rows of zero norm (cosine: a zero vector has no direction)."""
+    zero = np.flatnonzero(~(norms > 0))
+    if zero.size:
+        rows = ", ".join(str(int(r) + row0) for r in zero[:10])
+        more = f" and {zero.size - 10} more" if zero.size > 10 else ""
+        raise ScatlasInputError(
+            f"{name} row(s) {rows}{more} are all zeros (norm 0): a zero vector has no direction, "
+            f"so it has no cosine distance to any cell; drop those rows, or use "
+            f"metric='euclidean' for an index where zero vectors are meaningful")
 
 
 def _empty_meta(n: int) -> pd.DataFrame:

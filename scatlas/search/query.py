@@ -23,6 +23,7 @@ import pandas as pd
 
 from .. import backend
 from .._validate import ScatlasInputError, check_positive_int
+from .index import _refuse_zero_rows
 
 __all__ = ["aggregate_hits", "annotate", "search_centroid"]
 
@@ -118,7 +119,8 @@ def search_centroid(idx: Any, embeddings: Any, k: int = 100, *, filter: Any = No
         raise ScatlasInputError("embeddings contain NaN or infinite values")
     if idx.metric == "cosine":  # mean direction of the unit rows
         norms = np.linalg.norm(X, axis=1, keepdims=True)
-        X = X / np.where(norms > 0, norms, 1.0)
+        _refuse_zero_rows(norms[:, 0], "embeddings", 0)
+        X = X / norms
     c = X.mean(axis=0)
     if idx.metric == "cosine":
         nrm = np.linalg.norm(c)
