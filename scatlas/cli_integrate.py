@@ -238,9 +238,25 @@ def _resolve_files(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error("the output must differ from the inputs")
 
 
+def _check_report_keys(args: argparse.Namespace) -> None:
+    """``--label-key`` must name an obs column of the input (read from its obs only)."""
+    from . import io
+
+    obs = io.read_h5ad(args.inputs[0], backed="r")
+    try:
+        if args.label_key not in obs.obs.columns:
+            raise ScatlasInputError(
+                f"--label-key {args.label_key!r} is not a column of {args.inputs[0]}'s obs "
+                f"(available: {list(obs.obs.columns)[:20]})")
+    finally:
+        obs.file.close()
+
+
 def cmd_integrate(args: argparse.Namespace) -> int:
     """Run the chosen method and write the output."""
     _resolve_files(args, args._parser)
+    if args.report and args.label_key and not args.inputs[1:]:
+        _check_report_keys(args)  # before the integration, not after minutes of it
     t0 = time.perf_counter()
     code = METHODS[args.method].run(args)
     print(f"integrate ({args.method}): wrote {args.output} in {time.perf_counter() - t0:.2f} s",

@@ -114,3 +114,29 @@ def test_cca_on_small_batches_and_anchor_flags(main, tmp_path):
     assert np.all(eff["merges"]["k_weight"] <= 10)
     with pytest.raises(SystemExit):
         main(["integrate", str(src), str(out2), "--method", "cca", "--k-filter", "many"])
+
+
+def test_report_label_key_is_checked_before_integrating(main, files, tmp_path, capsys,
+                                                         monkeypatch):
+    import scatlas.tl._integrate as tl_integrate
+
+    def never(*args, **kwargs):
+        raise AssertionError("integrated before checking --label-key")
+
+    monkeypatch.setattr(tl_integrate, "integrate", never)
+    src, _ = files
+    code = main(["integrate", str(src), str(tmp_path / "o.h5ad"), "--method", "mnn",
+                 "--report", str(tmp_path / "rep"), "--label-key", "nope"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--label-key 'nope'" in err and "cell_type" in err  # names the flag and the choices
+
+
+def test_default_genes_on_a_small_gene_set_use_every_gene_without_warning(main, tmp_path,
+                                                                         recwarn):
+    src = tmp_path / "small.h5ad"
+    datasets.write_synthetic_h5ad(src, 400, 150, n_batches=2, seed=0)  # fewer than 2000 genes
+    out = tmp_path / "o.h5ad"
+    assert main(["integrate", str(src), str(out), "--method", "mnn", "--no-progress"]) == 0
+    assert len(ad.read_h5ad(out).uns["mnn"]["genes"]) == 150
+    assert not [w for w in recwarn if "n_top_genes" in str(w.message)]

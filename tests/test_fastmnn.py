@@ -324,8 +324,12 @@ def test_multi_batch_norm_bad_input(counts3):
         multi_batch_norm(-C, batch)
     with pytest.raises(ScatlasInputError, match="one label per row"):
         multi_batch_norm(C, batch[:-1])
-    with pytest.raises(ScatlasInputError, match="min_mean"):
-        multi_batch_norm(C, batch, min_mean=1e9)
+    with pytest.warns(UserWarning, match="no gene averages 1000000000.0 counts"):
+        multi_batch_norm(C, batch, min_mean=1e9)  # falls back to the genes detected in both
+    disjoint = np.zeros((6, 4))
+    disjoint[:3, :2], disjoint[3:, 2:] = 1, 1  # the two batches detect different genes
+    with pytest.raises(ScatlasInputError, match="'a' and 'b' share no gene"):
+        multi_batch_norm(disjoint, np.array(["a"] * 3 + ["b"] * 3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,3 +386,24 @@ def test_gpu_matches_cpu(toy):
     assert isinstance(moved.corrected, np.ndarray)
     s = _signs(moved.rotation, cpu.rotation)
     np.testing.assert_allclose(moved.corrected * s, cpu.corrected, atol=1e-4)
+
+
+def test_multi_batch_norm_on_shallow_data_compares_detected_genes():
+    """No gene averages min_mean counts: the coverage ratio comes from the genes detected in
+    both batches (with a warning) instead of an error; a batch sampled at twice the depth of
+    another is scaled down by about 2 (the truth)."""
+    from scatlas.kernels.fastmnn import multi_batch_norm
+
+    rng = np.random.default_rng(0)
+    rate = rng.uniform(0.01, 0.2, size=300)  # every gene far below 1 count per cell
+    shallow = rng.poisson(rate, size=(400, 300))
+    deep = rng.poisson(2 * rate, size=(400, 300))
+    counts = np.vstack([shallow, deep]).astype(np.float64)
+    counts[counts.sum(1) == 0, 0] = 1  # no empty cells
+    batch = np.array(["a"] * 400 + ["b"] * 400)
+    with pytest.warns(UserWarning, match="'a' / 'b'.*shallow"):
+        out = multi_batch_norm(counts, batch, min_mean=1.0, dtype=np.float64)
+    # after rescaling the two batches have equal mean expression per gene (up to noise)
+    back = np.exp2(out) - 1
+    ratio = back[400:].mean(0).sum() / back[:400].mean(0).sum()
+    assert abs(ratio - 1) < 0.1, ratio

@@ -63,6 +63,7 @@ error (batchelor produces NaN).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,11 +231,13 @@ def multi_batch_norm(counts: Any, batch: Any, *, genes: Any = None, min_mean: fl
     (the size factors always come from every gene, as in batchelor's workflow:
     ``multiBatchNorm`` on all genes, then ``fastMNN(subset.row = hvgs)``). Returns
     (n, p or len(genes)) of the same kind (CSR stays CSR), float32 unless ``dtype``. Raises
-    for a cell with no counts, or when no gene reaches ``min_mean`` in a pair of batches.
+    for a cell with no counts. When no gene reaches ``min_mean`` in a pair of batches (shallow
+    data), the ratio is taken over the genes detected in both, with a warning (batchelor would
+    return NA there).
     """
     X = check_matrix(counts, "counts", nonnegative=True)
     xp = backend.array_module(X)
-    parts_rows = split_batches(X[:, :1], batch, "counts")[2]  # labels checked, R's level order
+    _, batch_names, parts_rows = split_batches(X[:, :1], batch, "counts")  # R's level order
     dt = backend.resolve_dtype(dtype)
     Xs = X.tocsr() if backend.issparse(X) else X
     lib = xp.asarray(Xs.sum(axis=1, dtype=np.float64)).ravel()
@@ -255,20 +258,29 @@ def multi_batch_norm(counts: Any, batch: Any, *, genes: Any = None, min_mean: fl
         aves.append(ave)
     nb = len(aves)
     ratios = np.ones((nb, nb))
+    names = [str(b) for b in batch_names]
+    shallow: list[str] = []
     for i in range(nb - 1):
         for j in range(i + 1, nb):
             si, sj = float(aves[i].sum()), float(aves[j].sum())
             grand = (aves[i] / si + aves[j] / sj) / 2 * (si + sj) / 2
             keep = grand >= min_mean
+            if not bool(keep.any()):  # shallow data: no gene averages min_mean counts
+                keep = (aves[i] > 0) & (aves[j] > 0)
+                shallow.append(f"{names[i]!r} / {names[j]!r}")
             with np.errstate(divide="ignore", invalid="ignore"):
                 r = float(xp.median(aves[j][keep] / aves[i][keep])) if bool(keep.any()) \
                     else float("nan")
             if not np.isfinite(r) or r == 0:
                 raise ScatlasInputError(
-                    f"multi_batch_norm: the median ratio of gene averages between batches {i} "
-                    f"and {j} is not finite ({int(keep.sum())} genes with average >= "
-                    f"min_mean={min_mean}); lower min_mean")
+                    f"multi_batch_norm: batches {names[i]!r} and {names[j]!r} share no gene "
+                    "detected in both, so their coverage cannot be compared")
             ratios[i, j], ratios[j, i] = r, 1.0 / r
+    if shallow:
+        warnings.warn(
+            f"multi_batch_norm: no gene averages {min_mean} counts per cell in batches "
+            f"{', '.join(shallow)} (shallow data); their coverage ratio is the median over every "
+            "gene detected in both", stacklevel=2)
     rescale = ratios[:, int(np.argmin(ratios.min(axis=0)))]
     for b, rows in enumerate(parts_rows):
         r = xp.asarray(rows)

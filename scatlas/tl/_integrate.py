@@ -109,7 +109,7 @@ def integrate(
         ``.obsm`` key of the embedding (default ``f"X_{method}"``).
     n_top_genes, genes, hvg_flavor
         Features for cca / mnn / harmony: ``genes`` (names, or a bool mask over ``var_names``)
-        if given, else the ``n_top_genes`` batch-aware HVGs of
+        if given, else the ``n_top_genes`` (every gene when there are fewer) batch-aware HVGs of
         :func:`scatlas.pp.highly_variable_genes` with ``hvg_flavor``. Default (``None``):
         ``"seurat_integration"`` for cca - Seurat's ``FindVariableFeatures(vst)`` per batch on
         the raw counts and ``SelectIntegrationFeatures`` (genes ranked by the number of batches
@@ -186,6 +186,9 @@ def _log_hvg(adata: ad.AnnData, batch_key: str, layer: str | None, n_top_genes: 
             f"obs[{batch_key!r}] has {n_batches} batch(es); integration needs at least 2"
         )
     on_counts = genes is None and hvg_flavor in pp.COUNT_FLAVORS
+    # at most every gene: a data set with fewer genes than the default 2000 uses all of them
+    # (no warning: nothing was asked that could not be done)
+    n_top_genes = min(check_positive_int(n_top_genes, "n_top_genes"), adata.n_vars)
     if on_counts:  # vst-type flavors model the counts themselves (Seurat's FindVariableFeatures)
         pp.highly_variable_genes(work, check_positive_int(n_top_genes, "n_top_genes"),
                                  batch_key=batch_key, flavor=hvg_flavor, device=device)
