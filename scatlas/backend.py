@@ -20,6 +20,15 @@ kernel moves the input there, computes, and moves the result back to the caller'
 AnnData matrices follow rapids-singlecell's convention: on the GPU ``.X`` (and layers) hold
 ``cupy.ndarray`` or ``cupyx.scipy.sparse`` matrices (:func:`anndata_to_device`).
 
+Dtypes on the way to the GPU
+----------------------------
+``cupyx.scipy.sparse`` holds only bool, float32, float64 and complex data, and int32 indices.
+Counts arrive as integer CSR, so every move casts on the host first, here and only here
+(:func:`to_device`, :func:`on_device`, :func:`anndata_to_device`): to the requested ``dtype``,
+else integer sparse data to float32 (exact for counts below 2**24). A sparse matrix with
+``nnz > 2**31 - 1`` stored entries cannot be indexed with int32 and is refused with an error
+naming the way round (move it in row blocks).
+
 CPU threads
 -----------
 One rule: BLAS threads never multiply with scatlas's own thread pools, and LAPACK
@@ -69,7 +78,7 @@ class DeviceUnavailableError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=1)
-def _cupy():
+def _cupy():  # tests replace it with a NumPy stand-in (tests/fake_gpu.py)
     """Import CuPy lazily; None when it is missing or sees no device."""
     try:
         import cupy  # noqa: PLC0415
@@ -109,14 +118,19 @@ def is_gpu_array(X: Any) -> bool:
     return mod.startswith("cupy") or mod.startswith("cupyx")
 
 
+def _cupyx_sparse():
+    """The ``cupyx.scipy.sparse`` module (imported on first use; tests replace it)."""
+    import cupyx.scipy.sparse as csp  # noqa: PLC0415
+
+    return csp
+
+
 def issparse(X: Any) -> bool:
     """True for scipy.sparse and cupyx.scipy.sparse matrices / arrays."""
     if sp.issparse(X):
         return True
     if is_gpu_array(X):
-        import cupyx.scipy.sparse as csp  # noqa: PLC0415
-
-        return csp.issparse(X)
+        return bool(_cupyx_sparse().issparse(X))
     return False
 
 
@@ -136,9 +150,7 @@ def sparse_module(X: Any = None):
     """``scipy.sparse`` or ``cupyx.scipy.sparse`` matching ``X``."""
     if X is not None and is_gpu_array(X):
         _require_cupy()
-        import cupyx.scipy.sparse as csp  # noqa: PLC0415
-
-        return csp
+        return _cupyx_sparse()
     return sp
 
 
@@ -170,23 +182,81 @@ def resolve_dtype(dtype: Any = None) -> np.dtype:
     return dt
 
 
-def to_device(X: Any, device: str | None = None) -> Any:
-    """Move an array or sparse matrix to ``device`` (no copy when already there).
+#: Data dtypes (``dtype.char``) cupyx.scipy.sparse accepts: bool, float32/64, complex64/128.
+GPU_SPARSE_DTYPES = "?fdFD"
+#: cupyx.scipy.sparse indexes stored entries with int32: at most this many per matrix.
+GPU_SPARSE_MAX_NNZ = 2**31 - 1
 
-    Sparse matrices keep their format (CSR/CSC/COO); other scipy formats become CSR.
+
+def device_dtype(X: Any, dtype: Any = None, *, matrix: bool = False) -> np.dtype | None:
+    """The dtype host data ``X`` get on their way to the GPU (None: keep their own).
+
+    ``dtype`` given: that one. Else sparse data of a dtype cupyx rejects (integer counts) and,
+    with ``matrix=True`` (a data matrix, not an index array), non-floating dense arrays become
+    float32. Non-numeric data are never cast (the kernels' validation names the problem).
+    """
+    dt = np.dtype(X.dtype)
+    if dt.kind not in "biufc":  # not numbers: left to the kernels' validation to name
+        return None
+    if dtype is not None:
+        return np.dtype(dtype)
+    if sp.issparse(X):
+        return None if dt.char in GPU_SPARSE_DTYPES else np.dtype(np.float32)
+    if matrix and dt.kind not in "fc":
+        return np.dtype(np.float32)
+    return None
+
+
+def check_gpu_sparse(X: Any, name: str = "matrix") -> None:
+    """Refuse a sparse matrix cupyx cannot hold: more than 2**31 - 1 stored entries (cupyx
+    casts its indices to int32, where they would wrap around)."""
+    nnz = int(X.nnz)
+    if nnz > GPU_SPARSE_MAX_NNZ:
+        raise ValueError(
+            f"{name} has {nnz:,} stored entries, more than cupyx.scipy.sparse can index with "
+            f"int32 (at most {GPU_SPARSE_MAX_NNZ:,}); move it to the GPU in row blocks "
+            "(X[start:stop]) or keep it on the host (device='cpu')"
+        )
+
+
+def to_device(X: Any, device: str | None = None, *, dtype: Any = None,
+              matrix: bool = False) -> Any:
+    """Move an array or sparse matrix to ``device`` (no copy when already there, uncast).
+
+    Parameters
+    ----------
+    X
+        numpy / scipy.sparse / cupy / cupyx.scipy.sparse; any shape (sparse: 2-D).
+    device
+        ``"cpu"``, ``"gpu"``, ``"auto"``, or None (``$SCATLAS_DEVICE``, else auto).
+    dtype
+        Cast to this dtype; towards the GPU on the host, before the move. None keeps the dtype,
+        except that integer sparse data become float32 (cupyx holds floating sparse data only)
+        and, with ``matrix=True``, so do non-floating dense arrays.
+    matrix
+        ``X`` is a data matrix (counts), not an index array: integers become float32 too.
+
+    Sparse matrices keep their format (CSR/CSC/COO); other scipy formats become CSR. A sparse
+    matrix with more than 2**31 - 1 stored entries is refused (:func:`check_gpu_sparse`).
     """
     target = resolve_device(device)
     if target == "cpu":
-        return to_host(X)
+        X = to_host(X)
+        return X if dtype is None or X.dtype == np.dtype(dtype) else X.astype(dtype)
     if is_gpu_array(X):
-        return X
+        return X if dtype is None or X.dtype == np.dtype(dtype) else X.astype(dtype)
     cp = _require_cupy()
+    dt = device_dtype(X, dtype, matrix=matrix)
     if sp.issparse(X):
-        import cupyx.scipy.sparse as csp  # noqa: PLC0415
-
+        check_gpu_sparse(X)
         fmt = X.format if X.format in ("csr", "csc", "coo") else "csr"
         X = X.asformat(fmt)
+        if dt is not None and X.dtype != dt:
+            X = X.astype(dt)  # on the host: cupyx refuses integer data
+        csp = _cupyx_sparse()
         return {"csr": csp.csr_matrix, "csc": csp.csc_matrix, "coo": csp.coo_matrix}[fmt](X)
+    if dt is not None:
+        X = np.asarray(X, dtype=dt)
     return cp.asarray(X)
 
 
@@ -197,11 +267,15 @@ def to_host(X: Any) -> Any:
     return X.get()  # cupy.ndarray and cupyx sparse matrices both provide .get()
 
 
-def on_device(X: Any, device: str | None) -> tuple[Any, Callable[[Any], Any]]:
+def on_device(X: Any, device: str | None,
+              dtype: Any = None) -> tuple[Any, Callable[[Any], Any]]:
     """Prepare one kernel input for a per-call ``device`` override.
 
     Returns ``(X_on_device, restore)`` where ``restore(result)`` moves a result back to the
-    caller's array kind. With ``device=None`` the data stays where it is.
+    caller's array kind. With ``device=None`` (or the device the data are on) they stay where
+    they are, uncast: the kernel casts them. A move to the GPU casts on the host first, to
+    ``dtype`` (the kernel's compute dtype) or, when None, integer data to float32
+    (:func:`to_device` with ``matrix=True``).
     """
     if device is None:
         return X, _identity
@@ -209,7 +283,7 @@ def on_device(X: Any, device: str | None) -> tuple[Any, Callable[[Any], Any]]:
     caller = device_of(X)
     if target == caller:
         return X, _identity
-    moved = to_device(X, target)
+    moved = to_device(X, target, dtype=dtype if target == "gpu" else None, matrix=True)
     return moved, (to_host if caller == "cpu" else functools.partial(to_device, device="gpu"))
 
 
@@ -224,16 +298,29 @@ def synchronize(X: Any = None) -> None:
         cp.cuda.Device().synchronize()
 
 
-def anndata_to_device(adata, device: str | None = None, layers: bool = True) -> None:
+def anndata_to_device(adata, device: str | None = None, layers: bool = True,
+                      dtype: Any = None) -> None:
     """Move ``adata.X`` (and ``adata.layers``) to ``device`` in place.
 
     Same convention as rapids-singlecell's ``rsc.get.anndata_to_GPU``: dense matrices become
-    ``cupy.ndarray``, sparse ones ``cupyx.scipy.sparse.csr_matrix``.
+    ``cupy.ndarray``, sparse ones ``cupyx.scipy.sparse`` (CSR/CSC/COO kept). Towards the GPU
+    each matrix is cast on the host first: to ``dtype`` when given, else integer counts (dense
+    or sparse) to float32, floating data kept as they are. A sparse matrix with more than
+    2**31 - 1 stored entries is refused before anything moves.
     """
-    adata.X = to_device(adata.X, device)
+    mats: dict[Any, Any] = {} if adata.X is None else {None: adata.X}
     if layers:
-        for key in list(adata.layers.keys()):
-            adata.layers[key] = to_device(adata.layers[key], device)
+        mats.update(adata.layers.items())
+    if resolve_device(device) == "gpu":
+        for key, M in mats.items():
+            if sp.issparse(M):
+                check_gpu_sparse(M, "adata.X" if key is None else f"adata.layers[{key!r}]")
+    for key, M in mats.items():
+        moved = to_device(M, device, dtype=dtype, matrix=True)
+        if key is None:
+            adata.X = moved
+        else:
+            adata.layers[key] = moved
 
 
 def anndata_to_host(adata, layers: bool = True) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fake_gpu
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -166,6 +167,42 @@ def test_orthonormalize_handles_rank_deficiency():
     assert np.isfinite(Q).all()
     # columns span the same space as Y
     np.testing.assert_allclose(Q @ (Q.T @ Y), Y, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rank", [3, 8])
+def test_orthonormalize_on_cupy_takes_the_same_fallback(monkeypatch, dtype, rank):
+    """CuPy's cholesky (``linalg="ignore"``) returns a partial, finite factor instead of
+    raising; the fallback to QR must still run, and Q be orthonormal where NumPy's is.
+
+    Orthogonality bound, from the arithmetic: CholeskyQR2 on a well-conditioned Y, and
+    Householder QR, give ``||Q^T Q - I|| = O(n l u)``; ``50 l u`` (u of the dtype) covers both
+    with the summation error of the (n, l) products (l = 8, n = 500: 2.4e-5 in float32).
+    """
+    fake_gpu.install(monkeypatch)
+    rng = np.random.default_rng(0)
+    Y = (rng.standard_normal((500, rank)) @ rng.standard_normal((rank, 8))).astype(dtype)
+    tol = 50 * 8 * np.finfo(dtype).eps
+    for arr in (Y, fake_gpu.to_fake_gpu(Y)):
+        Q = orthonormalize(arr)
+        assert type(Q) is type(arr) and Q.dtype == dtype
+        Qh = np.asarray(Q)
+        np.testing.assert_allclose(Qh.T @ Qh, np.eye(8), atol=tol)
+        # the columns span Y's column space
+        np.testing.assert_allclose(Qh @ (Qh.T @ Y), Y, atol=tol * np.abs(Y).max() * 8)
+
+
+def test_cupy_like_cholesky_stand_in_returns_a_partial_factor():
+    """The stand-in behaves as documented: finite, no exception, not a factor."""
+    rng = np.random.default_rng(1)
+    Y = rng.standard_normal((50, 2)) @ rng.standard_normal((2, 5))
+    G = Y.T @ Y
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(G - 1e-6 * np.eye(5))
+    L = np.asarray(fake_gpu.fake_cupy.linalg.cholesky(G - 1e-6 * np.eye(5)))
+    assert np.isfinite(L).all() and not np.allclose(L @ L.T, G, atol=1e-3)
+    ok = np.asarray(fake_gpu.fake_cupy.linalg.cholesky(G + np.eye(5)))
+    np.testing.assert_allclose(ok, np.linalg.cholesky(G + np.eye(5)), rtol=1e-12)
 
 
 def test_dtypes():

@@ -177,7 +177,7 @@ def prepare_datasets(datasets: Sequence[Any], dtype: Any, device: str | None,
         )
     out, restore = [], None
     for i, X in enumerate(datasets):
-        Xd, rest = backend.on_device(X, device)
+        Xd, rest = backend.on_device(X, device, backend.resolve_dtype(dtype))
         restore = rest if restore is None else restore
         out.append(as_compute_matrix(Xd, dtype, f"{what}[{i}]"))
     if len({backend.device_of(X) for X in out}) != 1:
@@ -755,7 +755,7 @@ def _integrate_pair(ref_data: Any, query_data: Any, anchors: Any, weight_space_q
 
 
 def _prepare_one(X: Any, dtype: Any, device: str | None, name: str) -> tuple[list[Any], Any]:
-    Xd, restore = backend.on_device(X, device)
+    Xd, restore = backend.on_device(X, device, backend.resolve_dtype(dtype))
     return [as_compute_matrix(Xd, dtype, name)], restore
 
 

@@ -193,8 +193,8 @@ def _finish(Z1, Z2, D, k: int, l2_norm: bool, return_d: bool):
 
 
 def _prepare_pair(X1, X2, k, dtype, device):
-    X1d, restore = backend.on_device(X1, device)
-    X2d, _ = backend.on_device(X2, device)
+    X1d, restore = backend.on_device(X1, device, backend.resolve_dtype(dtype))
+    X2d, _ = backend.on_device(X2, device, backend.resolve_dtype(dtype))
     if backend.device_of(X1d) != backend.device_of(X2d):
         raise ScatlasInputError("X1 and X2 must live on the same device (or pass device=...)")
     X1d = as_compute_matrix(X1d, dtype, "X1")

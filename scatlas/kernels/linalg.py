@@ -107,24 +107,60 @@ def choose_method(op: ShiftedOperator, k: int, n_oversamples: int, n_iter: int) 
 # small dense helpers (array-module generic)
 # ----------------------------------------------------------------------------------------------
 def orthonormalize(Y):
-    """Orthonormal basis of the columns of a tall (n, l) matrix.
+    """Orthonormal basis of the columns of a tall (n, l) matrix, of Y's dtype and array kind.
 
-    CholeskyQR2: R = chol(Y^T Y) in float64, Q = Y R^-1, done twice; falls back to Householder QR
-    when the Gram matrix is not numerically positive definite.
+    CholeskyQR2 (Fukaya et al. 2014): R = chol(Y^T Y) in float64, Q = Y R^-1, done twice. Falls
+    back to Householder QR when a pass cannot be trusted, checked the same way on NumPy and CuPy
+    (CuPy's default ``linalg="ignore"`` returns a partial, finite factor where NumPy raises):
+
+    - the factor is not a Cholesky factor of its Gram matrix (:func:`_cholesky_factor`);
+    - the second pass's Gram matrix ``G2 = Q1^T Q1`` is further than 1/2 from the identity
+      (Frobenius norm): then Y was too ill-conditioned (cond(Y) beyond ~u^-1/2 of its dtype) for
+      the first pass, and the second would not restore orthogonality (Yamamoto et al. 2015:
+      with ``||G2 - I||_2 <= 1/2``, cond(Q1) <= sqrt(3) and the second pass leaves an
+      orthogonality error of O(n l u)).
+
+    Extra work over plain CholeskyQR2: one l x l product per pass (l = k + oversamples).
     """
     xp = backend.array_module(Y)
     Q = Y
-    for _ in range(2):
+    for step in range(2):
         G = (Q.T @ Q).astype(np.float64)
-        try:
-            L = xp.linalg.cholesky(G)
-            if not bool(xp.all(xp.isfinite(L))):  # cupy returns NaN instead of raising
-                raise np.linalg.LinAlgError("non-finite Cholesky factor")
-        except np.linalg.LinAlgError:
+        if step == 1 and float(xp.linalg.norm(G - xp.eye(G.shape[0]))) > 0.5:
+            return xp.linalg.qr(Y)[0]
+        L = _cholesky_factor(G)
+        if L is None:
             return xp.linalg.qr(Y)[0]
         Rinv = xp.linalg.inv(L.T).astype(Y.dtype)
         Q = Q @ Rinv
     return Q
+
+
+def _cholesky_factor(G):
+    """Lower Cholesky factor of the symmetric (l, l) float64 ``G``, or None when ``G`` is not
+    numerically positive definite.
+
+    NumPy raises there; CuPy (``linalg="ignore"``, its default) returns NaNs or a partial factor
+    whose columns past the failing pivot are not factored. So the factor is checked itself:
+    finite, a positive diagonal, and ``|L L^T - G|_ij <= 8 (l + 1) u sqrt(G_ii G_jj)`` with u the
+    float64 unit roundoff: twice Higham's backward-error bound for Cholesky (Accuracy and
+    Stability of Numerical Algorithms, Thm 10.3: ``|dG| <= gamma_(l+1) |L| |L^T|``, and
+    ``(|L||L^T|)_ij <= sqrt(G_ii G_jj)`` by Cauchy-Schwarz) plus the rounding of the check's own
+    product. A partial factor misses by O(G_ij).
+    """
+    xp = backend.array_module(G)
+    try:
+        L = xp.linalg.cholesky(G)
+    except np.linalg.LinAlgError:
+        return None
+    diag = xp.diagonal(L)
+    if not (bool(xp.all(xp.isfinite(L))) and bool(xp.all(diag > 0))):
+        return None
+    scale = xp.sqrt(xp.maximum(xp.diagonal(G), 0))
+    tol = 8.0 * (G.shape[0] + 1) * np.finfo(np.float64).eps / 2
+    if bool(xp.any(xp.abs(L @ L.T - G) > tol * (scale[:, None] * scale[None, :]))):
+        return None
+    return L
 
 
 def svd_flip_rows(U, Vt):
@@ -304,7 +340,7 @@ def rsvd(
         In the compute dtype, of the caller's array kind. Signs follow scikit-learn's PCA
         convention (the largest-|.| entry of each row of Vt is positive).
     """
-    Xd, restore = backend.on_device(X, device)
+    Xd, restore = backend.on_device(X, device, backend.resolve_dtype(dtype))
     Xd = as_compute_matrix(Xd, dtype)
     k = _check_k(k, Xd.shape)
     col_shift = _column_means(Xd) if center else None
@@ -359,7 +395,7 @@ def pca(
     Explained variance is ``S^2 / (n - 1)`` and its ratio divides by the total variance
     ``||X - mean||_F^2 / (n - 1)``, computed exactly from the sparse data.
     """
-    Xd, restore = backend.on_device(X, device)
+    Xd, restore = backend.on_device(X, device, backend.resolve_dtype(dtype))
     Xd = as_compute_matrix(Xd, dtype)
     k = _check_k(n_components, Xd.shape, "n_components")
     if Xd.shape[0] < 2:

@@ -145,8 +145,8 @@ def knn(
     if engine not in _ENGINES:
         raise ScatlasInputError(f"engine must be one of {_ENGINES}, got {engine!r}")
     same = ref is None or ref is query
-    Qd, restore = backend.on_device(query, device)
-    Rd = Qd if same else backend.on_device(ref, device)[0]
+    Qd, restore = backend.on_device(query, device, backend.resolve_dtype(dtype))
+    Rd = Qd if same else backend.on_device(ref, device, backend.resolve_dtype(dtype))[0]
     if backend.device_of(Qd) != backend.device_of(Rd):
         raise ScatlasInputError(
             "query and ref live on different devices; move them together or pass device="

@@ -201,11 +201,13 @@ def _row_col_zero_counts(X: Any) -> tuple[Any, Any]:
     return rs == 0, cs == 0
 
 
-def _move(Xs: Sequence[Any], device: str | None) -> tuple[list[Any], Any]:
-    """Move every matrix for a ``device=`` override; return them and the result mover."""
+def _move(Xs: Sequence[Any], device: str | None,
+          dtype: Any = None) -> tuple[list[Any], Any]:
+    """Move every matrix for a ``device=`` override (cast to ``dtype`` on the host first when
+    moving to the GPU); return them and the result mover."""
     moved, restore = [], None
     for X in Xs:
-        Y, r = backend.on_device(X, device)
+        Y, r = backend.on_device(X, device, dtype)
         moved.append(Y)
         restore = restore or r
     kinds = {backend.device_of(Y) for Y in moved}
@@ -592,7 +594,7 @@ def inmf(
     Xs = _check_list(Xs, "Xs")
     _check_common(n_iter, tol, solver, n_restarts, seed)
     hals_sweeps = check_positive_int(hals_sweeps, "hals_sweeps")
-    Xs, restore = _move(Xs, device)
+    Xs, restore = _move(Xs, device, backend.resolve_dtype(dtype))
     _validate_datasets(Xs, "Xs")
     k = _check_k(k, Xs, "Xs")
     lams = _check_lam(lam, len(Xs))
@@ -677,8 +679,9 @@ def uinmf(
         )
     _check_common(n_iter, tol, solver, n_restarts, seed)
     hals_sweeps = check_positive_int(hals_sweeps, "hals_sweeps")
-    Xs, restore = _move(Xs, device)
-    Us = [None if P is None else _move([P], device)[0][0] for P in Us]
+    Xs, restore = _move(Xs, device, backend.resolve_dtype(dtype))
+    Us = [None if P is None else _move([P], device, backend.resolve_dtype(dtype))[0][0]
+          for P in Us]
     _validate_datasets(Xs, "Xs")
     for i, P in enumerate(Us):
         if P is None:
@@ -817,7 +820,7 @@ def jnmf(
     Xs = _check_list(Xs_modalities, "Xs_modalities")
     _check_common(n_iter, tol, solver, n_restarts, seed)
     hals_sweeps = check_positive_int(hals_sweeps, "hals_sweeps")
-    Xs, restore = _move(Xs, device)
+    Xs, restore = _move(Xs, device, backend.resolve_dtype(dtype))
     for i, X in enumerate(Xs):
         check_matrix(X, f"Xs_modalities[{i}]", nonnegative=True)
     n = Xs[0].shape[0]

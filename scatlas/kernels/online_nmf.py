@@ -170,7 +170,7 @@ class _Source:
         if check:
             check_matrix(M, f"a block of {self.name}", nonnegative=True)
         if self.xp is not np and not backend.is_gpu_array(M):
-            M = backend.to_device(M, "gpu")
+            M = backend.to_device(M, "gpu", dtype=self.dtype)  # cast on the host
         if backend.issparse(M):
             M = M.tocsr() if M.format != "csr" else M
             return M.astype(self.dtype) if M.dtype != self.dtype else M
@@ -238,7 +238,8 @@ def _sources(
     target = backend.resolve_device(device) if device is not None else caller
     xp = np if target == "cpu" else backend.array_module(_gpu_probe())
     moved = [
-        backend.to_device(X, target) if _is_matrix(X) and backend.device_of(X) != target else X
+        backend.to_device(X, target, dtype=dtype if target == "gpu" else None)
+        if _is_matrix(X) and backend.device_of(X) != target else X
         for X in Xs
     ]
     srcs = [_Source(X, f"{name}[{i}]", xp, dtype, chunk_size) for i, X in enumerate(moved)]
