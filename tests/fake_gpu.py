@@ -102,8 +102,12 @@ class _Namespace(types.SimpleNamespace):
 
 
 def _stable_sort(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """CuPy's sorts: always stable; ``kind`` may only be None or "stable" (CuPy >= 12)."""
+
     @functools.wraps(fn)
-    def call(a: Any, axis: int = -1, kind: Any = None) -> Any:  # noqa: ARG001 - CuPy: stable
+    def call(a: Any, axis: int = -1, kind: Any = None) -> Any:
+        if kind not in (None, "stable"):
+            raise ValueError(f"fake cupy: kind={kind!r} (CuPy sorts accept None or 'stable')")
         return _wrap(fn(a, axis=axis, kind="stable"))
 
     return call
@@ -111,6 +115,23 @@ def _stable_sort(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 #: RawKernel names this stand-in can "compile": name -> factory(source) -> callable.
 RAW_KERNELS: dict[str, Callable[[str], Callable[..., None]]] = {}
+def _knn_append(code: str) -> Callable[..., None]:
+    """``knn_append`` (scatlas.kernels.neighbors) by its CPU twin, ``append_reference``."""
+    from scatlas.kernels.neighbors import append_reference
+
+    assert "atomicAdd" in code
+
+    def launch(grid: tuple, block: tuple, args: tuple) -> None:  # noqa: ARG001
+        S, width, thr, cnt, buf_key, buf_idx, col_ids, cap = args
+        assert grid[1] == S.shape[0] and int(width) == S.shape[1]
+        assert int(cap) == buf_key.shape[1] == buf_idx.shape[1]
+        assert cnt.dtype == np.int32 and buf_idx.dtype == col_ids.dtype == np.int64
+        append_reference(S, thr, cnt, buf_key, buf_idx, col_ids)
+
+    return launch
+
+
+RAW_KERNELS["knn_append"] = _knn_append
 #: Every cupyx sparse construction, as (format, dtype) pairs, in order.
 CONSTRUCTED: list[tuple[str, np.dtype]] = []
 
@@ -186,78 +207,132 @@ fake_cupy = _Namespace(
 # cupyx.scipy.sparse
 # ----------------------------------------------------------------------------------------------
 class _FakeSparse:
-    """A scipy sparse matrix posing as a cupyx one (the operations the GPU branches use)."""
+    """A scipy sparse matrix posing as a cupyx one: constructors refuse what cupyx refuses,
+    everything else forwards to scipy, with host arguments in and fake device results out."""
 
     def __init__(self, arg: Any, shape: tuple[int, int] | None = None, dtype: Any = None,
-                 fmt: str = "csr"):
+                 fmt: str = "csr", record: bool = True):
         if isinstance(arg, _FakeSparse):
             arg = arg._m
-        elif isinstance(arg, tuple):
-            arg = tuple(_host(a) for a in arg[:1]) + (
-                tuple(_host(a) for a in arg[1]) if isinstance(arg[1], tuple) else
-                tuple(_host(a) for a in arg[1:]))
-            arg = (arg[0], arg[1]) if fmt == "coo" else arg
+        elif isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[1], tuple):
+            arg = (_host(arg[0]), tuple(_host(a) for a in arg[1]))  # (data, (row, col))
+        elif isinstance(arg, tuple) and len(arg) == 3:  # (data, indices, indptr)
+            arg = tuple(_host(a) for a in arg)
         elif isinstance(arg, np.ndarray):
             arg = np.asarray(arg).view(np.ndarray)
-        m = sp.coo_matrix(arg, shape=shape, dtype=dtype) if fmt == "coo" else (
-            sp.csr_matrix(arg, shape=shape, dtype=dtype) if fmt == "csr"
-            else sp.csc_matrix(arg, shape=shape, dtype=dtype))
+        make = {"coo": sp.coo_matrix, "csr": sp.csr_matrix, "csc": sp.csc_matrix}[fmt]
+        m = make(arg, shape=shape, dtype=dtype)
         if m.dtype.char not in "?fdFD":  # cupyx/scipy/sparse/_compressed.py, _coo.py
             raise ValueError("Only bool, float32, float64, complex64 and complex128 are "
                              "supported")
         self._m = m
-        CONSTRUCTED.append((fmt, m.dtype))
+        if record:
+            CONSTRUCTED.append((fmt, m.dtype))
 
-    format = property(lambda self: self._m.format)
-    shape = property(lambda self: self._m.shape)
-    dtype = property(lambda self: self._m.dtype)
-    nnz = property(lambda self: self._m.nnz)
+    # the array attributes are device views of the host matrix's buffers (writes go through)
     data = property(lambda self: _wrap(self._m.data))
     indices = property(lambda self: _wrap(getattr(self._m, "indices", None)))
     indptr = property(lambda self: _wrap(getattr(self._m, "indptr", None)))
+    row = property(lambda self: _wrap(getattr(self._m, "row", None)))
+    col = property(lambda self: _wrap(getattr(self._m, "col", None)))
+    T = property(lambda self: _device(self._m.T))
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(object.__getattribute__(self, "_m"), name)
+        if callable(value):
+            return lambda *a, **kw: _device(value(*_hosts(a), **dict(zip(
+                kw, _hosts(tuple(kw.values())), strict=True))))
+        return _device(value)
 
     def get(self) -> Any:
         return self._m.copy()
 
-    def tocsr(self) -> _FakeSparse:
-        return csr_matrix(self._m.tocsr())
+    def __len__(self) -> int:
+        raise TypeError("sparse matrix length is ambiguous; use getnnz() or shape[0]")
 
-    def tocsc(self) -> _FakeSparse:
-        return csc_matrix(self._m.tocsc())
+    def __getitem__(self, key: Any) -> Any:
+        key = tuple(_host(k) for k in key) if isinstance(key, tuple) else _host(key)
+        return _device(self._m[key])
 
-    def toarray(self) -> FakeCupyArray:
-        return _wrap(self._m.toarray())
 
-    def astype(self, dtype: Any) -> _FakeSparse:
-        return type(self)(self._m.astype(dtype))
+def _binary(name: str) -> Callable[..., Any]:
+    def op(self: _FakeSparse, other: Any) -> Any:
+        return _device(getattr(self._m, name)(_host(other)))
 
-    def __matmul__(self, other: Any) -> Any:
-        return _wrap(np.asarray(self._m @ _host(other)))
+    op.__name__ = name
+    return op
+
+
+for _name in ("__matmul__", "__rmatmul__", "__mul__", "__rmul__", "__add__", "__radd__",
+              "__sub__", "__rsub__", "__truediv__", "__neg__", "__pow__", "__eq__", "__ne__",
+              "__lt__", "__gt__", "__le__", "__ge__"):
+    setattr(_FakeSparse, _name, _binary(_name) if _name != "__neg__" else
+            (lambda self: _device(-self._m)))
 
 
 def _host(a: Any) -> Any:
-    return a.get() if isinstance(a, FakeCupyArray | _FakeSparse) else a
+    if isinstance(a, FakeCupyArray):
+        return a.get()
+    if isinstance(a, _FakeSparse):
+        return a._m
+    return a
+
+
+def _hosts(args: tuple) -> tuple:
+    return tuple([_host(x) for x in a] if isinstance(a, list) else _host(a) for a in args)
+
+
+def _device(out: Any) -> Any:
+    """A scipy result as the fake device's kind (sparse formats kept; np.matrix -> 2-D)."""
+    if sp.issparse(out):
+        fmt = out.format if out.format in ("csr", "csc", "coo") else "csr"
+        return _FORMATS[fmt](out.asformat(fmt), record=False)
+    if isinstance(out, np.matrix):
+        return np.asarray(out).view(FakeCupyArray)
+    if isinstance(out, tuple):
+        return tuple(_device(o) for o in out)
+    return _wrap(out)
 
 
 class csr_matrix(_FakeSparse):  # noqa: N801 - cupyx's name
-    def __init__(self, arg: Any, shape: Any = None, dtype: Any = None, copy: bool = False):
-        super().__init__(arg, shape, dtype, "csr")
+    format = "csr"
+
+    def __init__(self, arg: Any, shape: Any = None, dtype: Any = None, copy: bool = False,
+                 record: bool = True):
+        super().__init__(arg, shape, dtype, "csr", record)
 
 
 class csc_matrix(_FakeSparse):  # noqa: N801
-    def __init__(self, arg: Any, shape: Any = None, dtype: Any = None, copy: bool = False):
-        super().__init__(arg, shape, dtype, "csc")
+    format = "csc"
+
+    def __init__(self, arg: Any, shape: Any = None, dtype: Any = None, copy: bool = False,
+                 record: bool = True):
+        super().__init__(arg, shape, dtype, "csc", record)
 
 
 class coo_matrix(_FakeSparse):  # noqa: N801
-    def __init__(self, arg: Any, shape: Any = None, dtype: Any = None, copy: bool = False):
-        super().__init__(arg, shape, dtype, "coo")
+    format = "coo"
+
+    def __init__(self, arg: Any, shape: Any = None, dtype: Any = None, copy: bool = False,
+                 record: bool = True):
+        super().__init__(arg, shape, dtype, "coo", record)
 
 
+_FORMATS = {"csr": csr_matrix, "csc": csc_matrix, "coo": coo_matrix}
 for _cls in (_FakeSparse, csr_matrix, csc_matrix, coo_matrix):
     _cls.__module__ = "cupyx.scipy.sparse._fake"
 
-fake_cupyx_sparse = types.SimpleNamespace(
+
+class _SparseModule(types.SimpleNamespace):
+    """``cupyx.scipy.sparse``: the three formats, ``issparse``, and scipy's other functions
+    (``diags``, ``hstack``, ``vstack``, ``eye`` ...) on host copies, results on the "device"."""
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(sp, name)
+        return lambda *a, **kw: _device(fn(*_hosts(a), **kw))
+
+
+fake_cupyx_sparse = _SparseModule(
     csr_matrix=csr_matrix, csc_matrix=csc_matrix, coo_matrix=coo_matrix,
     issparse=lambda X: isinstance(X, _FakeSparse),
 )

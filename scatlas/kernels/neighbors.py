@@ -518,6 +518,29 @@ extern "C" __global__ void knn_append(
 """
 
 
+def append_reference(S: Any, thr: Any, cnt: Any, buf_key: Any, buf_idx: Any, col_ids: Any,
+                     order: str = "reverse") -> None:
+    """The CPU twin of the ``knn_append`` CUDA kernel, in place (tests compare the two).
+
+    For every row r of the keys ``S`` (n, w): each column c with ``S[r, c] <= thr[r]`` takes the
+    slot ``p = cnt[r]++`` and, when ``p < cap`` (``cap = buf_key.shape[1]``), writes
+    ``buf_key[r, p] = S[r, c]`` and ``buf_idx[r, p] = col_ids[c]``. ``cnt[r]`` counts every
+    candidate, also those past ``cap`` (the caller's overflow test). The CUDA kernel's atomics
+    hand out the slots in no fixed order; ``order="reverse"`` fills them from the last column to
+    the first, so that a caller relying on column order fails the comparison.
+    """
+    cap = buf_key.shape[1]
+    for r in range(S.shape[0]):
+        cols = np.flatnonzero(np.asarray(S[r] <= thr[r]))
+        if order == "reverse":
+            cols = cols[::-1]
+        p = int(cnt[r]) + np.arange(cols.size)
+        ok = p < cap
+        buf_key[r, p[ok]] = S[r, cols[ok]]
+        buf_idx[r, p[ok]] = col_ids[cols[ok]]
+        cnt[r] += cols.size
+
+
 def _fused_kernel(xp: Any, dtype: Any):
     """The compiled append kernel for ``dtype`` on the GPU; None on the CPU, when disabled, or
     when compilation failed (then the generic path runs)."""
@@ -580,10 +603,11 @@ class _CandidateBuffer:
 
 
 def lexsort_rows(keys: Any, ids: Any) -> Any:
-    """Per-row order by (key, id): indices (n, m) into each row.
+    """Per-row order by (key, id): int64 indices (n, m) into each row of ``keys`` (n, m).
 
     NumPy: a plain (SIMD) argsort on the keys, and a lexsort only for the rows where two finite
-    keys tie (empty slots hold +inf and are interchangeable). CuPy: two stable sorts.
+    keys tie (empty slots hold +inf and are interchangeable). CuPy: two stable sorts
+    (:func:`lexsort_rows_stable`, which the tests run on NumPy too).
     """
     xp = backend.array_module(keys)
     if xp is np:
@@ -593,8 +617,15 @@ def lexsort_rows(keys: Any, ids: Any) -> Any:
         if tied.size:
             o[tied] = np.lexsort((ids[tied], keys[tied]), axis=1)
         return o
-    o1 = xp.argsort(ids, axis=1)  # cupy sorts are stable
-    o2 = xp.argsort(xp.take_along_axis(keys, o1, axis=1), axis=1)
+    return lexsort_rows_stable(keys, ids)
+
+
+def lexsort_rows_stable(keys: Any, ids: Any) -> Any:
+    """:func:`lexsort_rows` by two stable sorts, on ids then keys (any array module; CuPy's
+    path). Equal (key, id) pairs keep their column order."""
+    xp = backend.array_module(keys)
+    o1 = xp.argsort(ids, axis=1, kind="stable")
+    o2 = xp.argsort(xp.take_along_axis(keys, o1, axis=1), axis=1, kind="stable")
     return xp.take_along_axis(o1, o2, axis=1)
 
 

@@ -105,11 +105,8 @@ def _group_rows(xp: Any, F: Any) -> tuple[Any, Any]:
         shifts = xp.left_shift(xp.int64(1), xp.arange(block.shape[1], dtype=xp.int64))
         words.append((block * shifts[None, :]).sum(axis=1))
     if len(words) == 1:
-        if xp is np:
-            _, first, gid = np.unique(words[0], return_index=True, return_inverse=True)
-        else:
-            _, first, gid = _unique_1d(xp, words[0])
-        return F[first], gid.reshape(-1)
+        _, first, gid = _unique_1d(xp, words[0])
+        return F[first], gid
     W = xp.stack(words)
     order = xp.lexsort(W)
     Ws = W[:, order]
@@ -121,7 +118,9 @@ def _group_rows(xp: Any, F: Any) -> tuple[Any, Any]:
 
 
 def _unique_1d(xp: Any, key: Any) -> tuple[Any, Any, Any]:
-    """``np.unique(key, return_index=True, return_inverse=True)`` for CuPy (sort based)."""
+    """``np.unique(key, return_index=True, return_inverse=True)`` by one sort, for NumPy and
+    CuPy alike: (unique keys (u,), the index of one occurrence of each (u,), the group of every
+    key (c,)). ``index`` may name any occurrence (np.unique names the first)."""
     order = xp.argsort(key)
     ks = key[order]
     new = xp.concatenate([xp.ones(1, dtype=bool), ks[1:] != ks[:-1]])
@@ -147,7 +146,7 @@ def _batched_solve(xp: Any, M: Any, B: Any) -> Any:
             out = xp.linalg.solve(M + (jitter * scale) * eye if jitter else M, B)
         except np.linalg.LinAlgError:
             continue
-        if xp is np or bool(xp.isfinite(out).all()):
+        if bool(xp.isfinite(out).all()):  # CuPy fails with NaNs; a NumPy solve may overflow
             return out
     return xp.matmul(xp.linalg.pinv(M), B)
 
