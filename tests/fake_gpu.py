@@ -230,7 +230,8 @@ class _FakeSparse:
             CONSTRUCTED.append((fmt, m.dtype))
 
     # the array attributes are device views of the host matrix's buffers (writes go through)
-    data = property(lambda self: _wrap(self._m.data))
+    data = property(lambda self: _wrap(self._m.data),
+                    lambda self, v: setattr(self._m, "data", _host(v)))
     indices = property(lambda self: _wrap(getattr(self._m, "indices", None)))
     indptr = property(lambda self: _wrap(getattr(self._m, "indptr", None)))
     row = property(lambda self: _wrap(getattr(self._m, "row", None)))

@@ -376,16 +376,37 @@ def test_low_dimensional_input(toy):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_matches_cpu(toy):
+    """float64 on both devices. The corrections rest on mutual nearest neighbours: the GPU must
+    reproduce the CPU to float64 rounding (1e-8 of the scale, after the per-component sign)
+    when the CPU's own result survives a 1e-10 relative jitter of the input (no near-ties);
+    otherwise only most cells need agree."""
+    from neighbour_sets import stable_under_rounding
+
     cp = backend.gpu_module()
     batches, _ = toy
-    cpu = fastmnn(batches, k=7, d=8, dtype=np.float64)
-    gpu = fastmnn([cp.asarray(b) for b in batches], k=7, d=8, dtype=np.float64)
-    s = _signs(cp.asnumpy(gpu.rotation), cpu.rotation)
-    np.testing.assert_allclose(cp.asnumpy(gpu.corrected) * s, cpu.corrected, atol=1e-8)
-    moved = fastmnn([sp.csr_matrix(b) for b in batches], k=7, d=8, device="gpu")
-    assert isinstance(moved.corrected, np.ndarray)
-    s = _signs(moved.rotation, cpu.rotation)
-    np.testing.assert_allclose(moved.corrected * s, cpu.corrected, atol=1e-4)
+
+    def run(arrays):
+        return fastmnn(arrays, k=7, d=8, dtype=np.float64)
+
+    cpu = run(batches)
+    stable = stable_under_rounding(
+        run, batches, key=lambda r: np.round(r.corrected * _signs(r.rotation, cpu.rotation),
+                                             6).tobytes())
+    tol = 1e-8 * np.abs(cpu.corrected).max()
+
+    def check(corrected, rotation):
+        err = np.abs(corrected * _signs(rotation, cpu.rotation) - cpu.corrected)
+        if stable:
+            assert err.max() <= tol, err.max()
+        else:
+            assert (err.max(axis=1) <= tol).mean() >= 0.95
+
+    gpu = run([cp.asarray(b) for b in batches])
+    check(cp.asnumpy(gpu.corrected), cp.asnumpy(gpu.rotation))
+    moved = fastmnn([sp.csr_matrix(b) for b in batches], k=7, d=8, device="gpu",
+                    dtype=np.float64)
+    assert isinstance(moved.corrected, np.ndarray)  # device= moves results back
+    check(moved.corrected, moved.rotation)
 
 
 def test_multi_batch_norm_on_shallow_data_compares_detected_genes():

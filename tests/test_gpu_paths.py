@@ -273,3 +273,23 @@ def test_kernels_take_int32_counts_to_the_gpu(gpu, name):
     for c, d in zip(cpu, g, strict=True):
         assert type(d) is np.ndarray, type(d)  # device= returns the caller's kind
         np.testing.assert_allclose(d, c, rtol=0, atol=1e-9 * max(np.abs(c).max(), 1))
+
+
+def test_quantile_clusters_on_the_gpu_branch_use_float64_neighbours(gpu, monkeypatch):
+    """The GPU branch's kNN must compute in float64, as the CPU's tree search does (in float32,
+    rounding decides near-ties and the clusters can differ)."""
+    from scatlas.kernels import quantile
+
+    seen = []
+    real = knn_mod.knn
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(knn_mod, "knn", spy)
+    rng = np.random.default_rng(15)
+    H = np.abs(rng.standard_normal((120, 4)))
+    idx_g = quantile._knn_indices(on_gpu(H), 10)
+    assert seen == [np.float64]
+    np.testing.assert_array_equal(backend.to_host(idx_g), quantile._knn_indices(H, 10))

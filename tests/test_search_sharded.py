@@ -177,6 +177,12 @@ def test_shard_arguments(data, tmp_path):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_shards_equal_cpu_twin(data, tmp_path):
+    """GPU shards against the CPU: the same lists and candidates, but keys summed in float32 by
+    another device (16 terms of unit vectors, |key| <= 1): results agree up to ties within
+    that rounding, not bit for bit."""
+    import neighbour_sets as ns
+
+    tol = ns.float32_sum_tolerance(16, scale=1.0)
     n_gpu = gpu_count()
     if n_gpu < 2:
         pytest.skip(f"needs at least 2 GPUs, {n_gpu} visible")
@@ -195,8 +201,7 @@ def test_gpu_shards_equal_cpu_twin(data, tmp_path):
         De, Ie = ex.search(Q, 10, filter=flt)
         Dg, Ig = gpu.search(cp.asarray(Q), 10, nprobe=NLIST, filter=flt)
         assert isinstance(Ig, cp.ndarray)
-        np.testing.assert_array_equal(backend.to_host(Ig), Ie)
-        np.testing.assert_allclose(backend.to_host(Dg), De, atol=1e-5)
+        ns.assert_same_neighbours(De, Ie, Dg, Ig, atol=tol)
     # the CPU twin's layout re-sharded over the GPUs: same centroids, like for like
     cpu = _build(X[:1200], meta.iloc[:1200], n_gpu)
     cpu.save(tmp_path / "c")
@@ -208,12 +213,10 @@ def test_gpu_shards_equal_cpu_twin(data, tmp_path):
     for flt in (None, {"study": "s1"}):
         Dc, Ic = cpu.search(Q, 10, nprobe=4, filter=flt)
         Dg, Ig = g2.search(Q, 10, nprobe=4, filter=flt)
-        np.testing.assert_array_equal(Ig, Ic)
-        np.testing.assert_allclose(Dg, Dc, atol=1e-5)
-    for (dc, ic), (dg, ig) in zip(cpu.range_search(Q, 0.05, nprobe=4),
-                                  g2.range_search(Q, 0.05, nprobe=4), strict=True):
-        np.testing.assert_array_equal(ig, ic)
-        np.testing.assert_allclose(dg, dc, atol=1e-5)
+        ns.assert_same_neighbours(Dc, Ic, Dg, Ig, atol=tol)
+    ns.assert_same_range_hits(cpu.range_search(Q, 0.05, nprobe=4),
+                              g2.range_search(Q, 0.05, nprobe=4), 0.05, atol=tol)
     g2.save(tmp_path / "g")
     one = CellIndex.load(tmp_path / "g", device="cpu")
+    # both searched on the CPU, same stored vectors and centroids: bit for bit
     np.testing.assert_array_equal(one.search(Q, 10, nprobe=4)[1], cpu.search(Q, 10, nprobe=4)[1])

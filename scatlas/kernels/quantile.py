@@ -78,7 +78,9 @@ def _knn_indices(H: Any, n_neighbors: int) -> Any:
 
     CPU: scikit-learn's ``NearestNeighbors`` (tree search; faster than blocked GEMM in these
     ~20 dimensions: 4.1 s vs 5.4 s for 5e4 cells, identical neighbours in 99.99% of rows).
-    GPU: :func:`scatlas.kernels.knn` (blocked GEMM, fused kernel, ties by the smaller index).
+    GPU: :func:`scatlas.kernels.knn` (blocked GEMM, fused kernel, ties by the smaller index) in
+    float64, as the tree search computes: in float32 near-ties would be decided by rounding and
+    the clusters could differ from the CPU's.
     """
     xp = backend.array_module(H)
     n = H.shape[0]
@@ -92,7 +94,7 @@ def _knn_indices(H: Any, n_neighbors: int) -> Any:
     self_idx = xp.arange(n, dtype=xp.int64)[:, None]
     if nn == 1:
         return self_idx
-    _, idx = knn(H, None, nn - 1, exclude_self=True)
+    _, idx = knn(H, None, nn - 1, exclude_self=True, dtype=np.float64)
     return xp.concatenate([self_idx, idx.astype(xp.int64)], axis=1)
 
 
