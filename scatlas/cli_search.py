@@ -5,6 +5,7 @@ Usage::
     scatlas index build REF.h5ad --out ref_index/ --obsm-key X_scatlas --metric cosine
     scatlas index build emb.npy --out ref_index/ --metadata cells.parquet --engine faiss-ivf
     scatlas index info ref_index/
+    scatlas index calibrate ref_index/ HELD_OUT.h5ad --model model/ --label-key cell_type
     scatlas search --index ref_index/ QUERY.h5ad --k 10 --out hits.parquet
     scatlas search --index ref_index/ --model model/ RAW.h5ad --k 10 --out hits.csv
     scatlas annotate --index ref_index/ --model model/ RAW.h5ad --label-key cell_type \\
@@ -15,8 +16,13 @@ Usage::
 ``obs``) or from an ``.npy`` (metadata: ``--metadata`` CSV / parquet, optional). ``search``
 writes one row per (query, rank): ``query``, ``rank``, ``id``, ``distance`` and the hit's
 metadata columns (CSV or parquet by the ``--out`` suffix; CSV on stdout without ``--out``).
-``annotate`` embeds raw counts with ``--model`` (or reads ``obsm[--obsm-key]``) and writes
-``obs['scatlas_label' | '_confidence' | '_vs_second' | '_min_dist' | '_is_ood']``.
+``index calibrate`` sets the out-of-distribution threshold from held-out reference cells
+(:meth:`~scatlas.search.CellIndex.calibrate_ood`). ``annotate`` embeds raw counts with
+``--model`` (or reads ``obsm[--obsm-key]``) and writes
+``obs['scatlas_label' | '_confidence' | '_vs_second' | '_min_dist' | '_is_ood']``; with
+``--truth-key`` it scores the labels against the query's true ones (accuracy, ECE) and with
+``--report DIR`` writes the reliability table and diagram
+(:mod:`scatlas.search.calibration`).
 ``serve`` runs the HTTP service (:mod:`scatlas.search.service`) under uvicorn until SIGTERM /
 SIGINT, then drains in-flight requests and exits 0.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import time
@@ -153,7 +160,40 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     info = {"ntotal": int(index.ntotal), "dim": int(index.dim), "metric": index.metric,
             "engine": index.engine, "nprobe": getattr(index, "nprobe", None),
             "metadata_columns": [] if meta is None else [str(c) for c in meta.columns]}
+    threshold, source, rule = index.ood_threshold()
+    info["ood"] = {"threshold": threshold, "source": source, "rule": rule}
     print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_index_calibrate(args: argparse.Namespace) -> int:
+    from .search import CellIndex
+    from .search.pipeline import load_model
+
+    t0 = time.perf_counter()
+    index = CellIndex.load(args.index, device=args.device)
+    emb, obs, _ = _embeddings(args.cells, args.obsm_key, load_model(args.model))
+    if emb.shape[1] != index.dim:
+        raise ScatlasInputError(f"the calibration cells have dimension {emb.shape[1]} but the "
+                                f"index holds {index.dim}-dimensional vectors")
+    labels = None
+    if args.label_key is not None:
+        if obs is None or args.label_key not in obs.columns:
+            raise ScatlasInputError(f"--label-key {args.label_key!r} is not an obs column of "
+                                    f"{args.cells!r}")
+        if args.label_key not in index.metadata.columns:
+            raise ScatlasInputError(f"--label-key {args.label_key!r} is not a metadata column "
+                                    f"of the index ({list(index.metadata.columns)[:20]})")
+        labels = obs[args.label_key]
+    try:
+        record = index.calibrate_ood(emb, labels=labels, label_key=args.label_key)
+    except ScatlasInputError as err:
+        raise ScatlasInputError(_flag_names(str(err))) from err
+    index.save(args.index)
+    q = record["quantiles"]
+    _log(f"index calibrate: {record['n_cells']} held-out cells (of {record['n_given']}); "
+         f"min_dist thresholds q0.95 {q['0.95']:.4g}, q0.99 {q['0.99']:.4g} -> {args.index} "
+         f"in {time.perf_counter() - t0:.2f} s")
     return 0
 
 
@@ -208,22 +248,82 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from .search.pipeline import annotate_adata, load_model
 
     t0 = time.perf_counter()
+    if args.report is not None and args.truth_key is None:
+        raise ScatlasInputError("--report needs --truth-key (the obs column of the query cells' "
+                                "true labels, to score the annotation against)")
+    if args.n_bins < 1:
+        raise ScatlasInputError(f"--n-bins must be >= 1, got {args.n_bins}")
     index = CellIndex.load(args.index, device=args.device)
     adata = io.read_h5ad(args.input)
-    table = annotate_adata(adata, index, load_model(args.model), label_key=args.label_key,
-                           k=args.k, weighting=args.weighting, ood_distance=args.ood_distance,
-                           obsm_key=args.obsm_key, key_added=args.key_added)
+    if args.truth_key is not None and args.truth_key not in adata.obs.columns:
+        raise ScatlasInputError(f"--truth-key {args.truth_key!r} is not an obs column of "
+                                f"{args.input!r} (columns: {list(adata.obs.columns)[:20]})")
+    try:
+        table = annotate_adata(adata, index, load_model(args.model), label_key=args.label_key,
+                               k=args.k, weighting=args.weighting,
+                               ood_distance=args.ood_distance, ood_quantile=args.ood_quantile,
+                               obsm_key=args.obsm_key, key_added=args.key_added)
+    except ScatlasInputError as err:  # name the flags, not the Python parameters
+        raise ScatlasInputError(_flag_names(str(err))) from err
     if args.out:
         io.write_h5ad(adata, args.out)
     else:
-        cols = [f"{args.key_added}_{f}" for f in ("label", "confidence", "min_dist", "is_ood")
+        cols = [f"{args.key_added}_{f}" for f in ("label", "confidence", "min_dist",
+                                                  "ood_score", "is_ood")
                 if f"{args.key_added}_{f}" in adata.obs.columns]
         adata.obs[cols].to_csv(sys.stdout)
     n_ood = int(np.asarray(table["is_ood"]).sum()) if "is_ood" in table.columns else 0
+    rule = adata.uns.get(args.key_added, {}).get("ood_rule", "")
     _log(f"annotate: {adata.n_obs} cells, {table['label'].nunique()} labels, {n_ood} flagged "
-         f"out-of-distribution, in {time.perf_counter() - t0:.2f} s"
+         f"out-of-distribution ({rule}), in {time.perf_counter() - t0:.2f} s"
          + (f" -> {args.out}" if args.out else ""))
+    if args.truth_key is not None:
+        _score_annotation(args, adata, index, table)
     return 0
+
+
+_FLAG_RE = re.compile(r"\b(label_key|ood_distance|ood_quantile|obsm_key|key_added)\b"
+                      r"|^(k|weighting)(?= must)")
+
+
+def _flag_names(message: str) -> str:
+    """``label_key`` -> ``--label-key`` etc. in an error message of the Python API."""
+    return _FLAG_RE.sub(lambda m: "--" + m.group(0).replace("_", "-"), message)
+
+
+def _score_annotation(args: argparse.Namespace, adata: Any, index: Any, table: Any) -> None:
+    """Accuracy / ECE against ``obs[--truth-key]`` on stderr; ``--report DIR`` files."""
+    from .search.calibration import calibration, write_report
+
+    truth = adata.obs[args.truth_key].to_numpy()
+    known = (index.metadata[args.label_key].dropna().unique()
+             if args.label_key in index.metadata.columns else None)
+    cal = calibration(table["label"].to_numpy(), table["confidence"].to_numpy(), truth,
+                      n_bins=args.n_bins, is_ood=table["is_ood"].to_numpy(),
+                      known_labels=known)
+    # query cells with an exact copy in the index score themselves: not a held-out measure
+    exact = int((np.asarray(table["min_dist"], dtype=np.float64) <= 1e-6).sum())
+    cal.extra["n_exact_copies_in_index"] = exact
+    ood = cal.ood or {}
+    _log(f"annotate: against obs[{args.truth_key!r}]: accuracy {cal.accuracy:.4f} on "
+         f"{cal.n_scored} cells, ECE {cal.ece:.4f} ({cal.n_bins} bins), mean confidence "
+         f"{cal.mean_confidence:.4f}; flagged {ood.get('fraction_flagged', 0.0):.1%}, accuracy "
+         f"flagged {ood.get('accuracy_flagged', float('nan')):.3f} / unflagged "
+         f"{ood.get('accuracy_unflagged', float('nan')):.3f}")
+    if exact > 0.5 * max(cal.n_scored, 1):
+        _log(f"annotate: warning: {exact} of {adata.n_obs} query cells have an exact copy in the "
+             "index (distance 0): they vote for their own label, so this accuracy is not a "
+             "held-out measure; annotate cells that were not indexed")
+    if args.report is not None:
+        settings = {"index": str(args.index), "input": str(args.input),
+                    "label_key": args.label_key, "truth_key": args.truth_key, "k": args.k,
+                    "weighting": args.weighting,
+                    **{k: v for k, v in adata.uns.get(args.key_added, {}).items()
+                       if k.startswith("ood_")}}
+        write_report(cal, args.report, settings=settings,
+                     title=f"{Path(str(args.input)).name}: {args.label_key} vs {args.truth_key}")
+        _log(f"annotate: report -> {args.report} (calibration.json, reliability.csv, "
+             "reliability.png)")
 
 
 def _set_index_threads(n: int) -> None:
@@ -311,6 +411,20 @@ def register(subparsers, *, common, io_args) -> None:  # noqa: ARG001 - shared s
     _device(b)
     b.set_defaults(func=cmd_index_build, command="index build")
 
+    c = sub.add_parser("calibrate",
+                       help="set the out-of-distribution threshold from held-out cells")
+    c.add_argument("index", help="index folder (rewritten atomically)")
+    c.add_argument("cells", help="held-out reference cells, not indexed and not used to train "
+                                 "the model: .h5ad (obsm embeddings, or raw counts with --model) "
+                                 "or .npy")
+    c.add_argument("--model", default=None, help="model folder: embed the raw counts first")
+    c.add_argument("--obsm-key", default="X_scatlas", help="obsm key (default X_scatlas)")
+    c.add_argument("--label-key", default=None,
+                   help="obs column of the cells' labels (also an index metadata column): "
+                        "cells of labels the index lacks are left out")
+    _device(c)
+    c.set_defaults(func=cmd_index_calibrate, command="index calibrate")
+
     i = sub.add_parser("info", help="describe a saved index (JSON)")
     i.add_argument("index", help="index folder")
     i.set_defaults(func=cmd_index_info, command="index info")
@@ -341,7 +455,19 @@ def register(subparsers, *, common, io_args) -> None:  # noqa: ARG001 - shared s
     a.add_argument("--k", type=int, default=50, help="neighbours voting (default 50)")
     a.add_argument("--weighting", default="distance", help="vote weighting (default distance)")
     a.add_argument("--ood-distance", type=float, default=None,
-                   help="min_dist above which a cell is flagged out-of-distribution")
+                   help="flag a cell out-of-distribution when its min_dist exceeds this "
+                        "(default: the index's own rule, see --ood-quantile)")
+    a.add_argument("--ood-quantile", type=float, default=None,
+                   help="quantile of the index's own OOD scores used as the threshold "
+                        "(default: see docs/search.md)")
+    a.add_argument("--truth-key", default=None,
+                   help="obs column of the query cells' true labels: log accuracy and ECE "
+                        "(score held-out cells, not indexed ones)")
+    a.add_argument("--report", default=None, metavar="DIR",
+                   help="with --truth-key: write DIR/calibration.json (accuracy, reliability "
+                        "table, ECE, OOD summary), reliability.csv and reliability.png")
+    a.add_argument("--n-bins", type=int, default=10,
+                   help="confidence bins of the reliability table (default 10)")
     a.add_argument("--obsm-key", default="X_scatlas", help="obsm key (default X_scatlas)")
     a.add_argument("--key-added", default="scatlas", help="obs column prefix (default scatlas)")
     a.add_argument("--out", default=None, help="output .h5ad (default: obs table on stdout)")

@@ -162,6 +162,62 @@ def test_annotate_cli_from_obsm(tmp_path, ref):
                  "--label-key", "nope"]) == 2
 
 
+def test_annotate_records_the_threshold_it_applied(tmp_path, ref):
+    """uns['scatlas'] names the threshold actually used and where it came from (it used to say
+    'none' whenever the default was applied)."""
+    X, meta = ref
+    idx = CellIndex.build(X[:400], meta.iloc[:400], engine="exact")
+    qa = ad.AnnData(np.zeros((100, 2), np.float32))
+    qa.obsm["X_scatlas"] = X[400:]
+    annotate_adata(qa, idx, label_key="cell_type", k=10)
+    uns = qa.uns["scatlas"]
+    assert uns["ood_source"] == "index" and uns["ood_distance"] == idx.ood_distance(0.99)
+    assert uns["ood_quantile"] == 0.99 and "1-NN" in uns["ood_rule"]
+    assert (qa.obs["scatlas_is_ood"] == (qa.obs["scatlas_min_dist"] > uns["ood_distance"])).all()
+    annotate_adata(qa, idx, label_key="cell_type", k=10, ood_distance=0.05)
+    assert qa.uns["scatlas"]["ood_source"] == "given"
+    assert qa.uns["scatlas"]["ood_distance"] == 0.05
+    assert np.isnan(qa.uns["scatlas"]["ood_quantile"])
+    qa.write_h5ad(tmp_path / "a.h5ad")  # the record is h5ad-writable (NaN, not None)
+    assert ad.read_h5ad(tmp_path / "a.h5ad").uns["scatlas"]["ood_source"] == "given"
+
+
+def test_index_calibrate_cli(tmp_path, ref_h5ad, ref, capsys):
+    X, meta = ref
+    out = tmp_path / "idx"
+    sub = ad.read_h5ad(ref_h5ad)
+    sub[:350].copy().write_h5ad(tmp_path / "r.h5ad")
+    held = sub[350:450].copy()
+    held.obs["cell_type"] = held.obs["cell_type"].astype(str)
+    held.obs.loc[held.obs_names[:10], "cell_type"] = "novel"  # left out of the calibration
+    held.write_h5ad(tmp_path / "held.h5ad")
+    qa = sub[450:].copy()
+    qa.obsm["X_scatlas"] = qa.obsm["X_emb"]
+    qa.write_h5ad(tmp_path / "q.h5ad")
+    assert main(["index", "build", str(tmp_path / "r.h5ad"), "--out", str(out), "--obsm-key",
+                 "X_emb", "--engine", "exact"]) == 0
+    assert main(["index", "calibrate", str(out), str(tmp_path / "held.h5ad"), "--obsm-key",
+                 "X_emb", "--label-key", "cell_type"]) == 0
+    direct = CellIndex.build(X[:350], meta.iloc[:350], engine="exact")
+    rec = direct.calibrate_ood(X[350:450], labels=held.obs["cell_type"], label_key="cell_type")
+    assert rec["n_cells"] == 90
+    idx = CellIndex.load(out)
+    assert idx.ood_threshold() == direct.ood_threshold()
+    capsys.readouterr()
+    assert main(["index", "info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ood"]["source"] == "calibration"
+    assert info["ood"]["threshold"] == pytest.approx(rec["quantiles"]["0.99"])
+    assert main(["annotate", "--index", str(out), str(tmp_path / "q.h5ad"), "--label-key",
+                 "cell_type", "--out", str(tmp_path / "o.h5ad")]) == 0
+    uns = ad.read_h5ad(tmp_path / "o.h5ad").uns["scatlas"]
+    assert uns["ood_source"] == "calibration"
+    assert uns["ood_distance"] == pytest.approx(rec["quantiles"]["0.99"])
+    assert main(["index", "calibrate", str(out), str(tmp_path / "held.h5ad"), "--obsm-key",
+                 "X_emb", "--label-key", "nope"]) == 2
+    assert "--label-key 'nope'" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def atlas():
     """Raw-count reference and query cells of the same 4 cell types."""

@@ -99,3 +99,94 @@ def test_aggregate_hits(line_index):
         assert got.loc[(s, lab_)] == n
     with pytest.raises(ScatlasInputError, match="not in the metadata"):
         aggregate_hits(line_index, ids, by="tissue")
+
+
+# ------------------------------------------------------------------------------------------------
+# the out-of-distribution threshold: recorded rule, held-out calibration
+# ------------------------------------------------------------------------------------------------
+def test_annotate_records_the_rule_it_applied():
+    X, lab = clustered_embeddings(1500, 16, n_clusters=6, labels=True, seed=5)
+    idx = CellIndex.build(X, pd.DataFrame({"t": lab}))
+    out = annotate(idx, X[:20], k=5, label_key="t")
+    assert out.attrs["ood_source"] == "index"
+    assert out.attrs["ood_distance"] == idx.ood_distance(0.99)
+    assert out.attrs["ood_quantile"] == 0.99 and "1-NN distances" in out.attrs["ood_rule"]
+    assert (out.is_ood == (out.min_dist > idx.ood_distance(0.99))).all()
+    q95 = annotate(idx, X[:20], k=5, label_key="t", ood_quantile=0.95)
+    assert q95.attrs["ood_distance"] == idx.ood_distance(0.95)
+    given = annotate(idx, X[:20], k=5, label_key="t", ood_distance=0.001)
+    assert given.attrs["ood_source"] == "given" and given.attrs["ood_distance"] == 0.001
+    assert (given.is_ood == (given.min_dist > 0.001)).all()
+    with pytest.raises(ScatlasInputError, match="ood_quantile must be one of"):
+        annotate(idx, X[:2], label_key="t", ood_quantile=0.97)
+    with pytest.raises(ScatlasInputError, match="not both"):
+        annotate(idx, X[:2], label_key="t", ood_distance=0.1, ood_quantile=0.99)
+
+
+def test_calibrate_ood_is_the_conformal_order_statistic(tmp_path):
+    X, lab = clustered_embeddings(3000, 16, n_clusters=6, labels=True, seed=6)
+    ref, cal, test = X[:1500], X[1500:2499], X[2499:]
+    idx = CellIndex.build(ref, pd.DataFrame({"t": [f"t{v}" for v in lab[:1500]]}))
+    rec = idx.calibrate_ood(cal)
+    # independent reference: float64 brute-force cosine distance to the nearest indexed cell
+    u = lambda A: A / np.linalg.norm(A, axis=1, keepdims=True)  # noqa: E731
+    d = np.sort((1.0 - u(cal.astype(np.float64)) @ u(ref.astype(np.float64)).T).min(axis=1))
+    n = len(cal)
+    for q in (0.5, 0.9, 0.95, 0.99):
+        want = d[int(np.ceil((n + 1) * q)) - 1]
+        assert rec["quantiles"][str(q)] == pytest.approx(want, abs=2e-6)
+        # at most a fraction 1 - q of the calibration cells lie above their own threshold
+        assert (d > rec["quantiles"][str(q)] + 2e-6).mean() <= 1 - q
+    assert rec["n_cells"] == n
+    thr, source, rule = idx.ood_threshold()
+    assert source == "calibration" and thr == rec["quantiles"]["0.99"] and "999" in rule
+    # fresh cells from the same distribution: flagged at about 1 % (binomial, n = 501)
+    out = annotate(idx, test, k=10, label_key="t")
+    assert out.attrs["ood_source"] == "calibration" and out.is_ood.mean() <= 0.035
+    # labels: cells of a type the index lacks are left out of the calibration
+    labels = np.array([f"t{v}" for v in lab[1500:2499]], dtype=object)
+    labels[:100] = "unknown"
+    rec2 = idx.calibrate_ood(cal, labels=labels, label_key="t")
+    assert rec2["n_cells"] == n - 100 and rec2["n_given"] == n
+    with pytest.raises(ScatlasInputError, match="together"):
+        idx.calibrate_ood(cal, labels=labels)
+    # saved and loaded with the index
+    idx.save(tmp_path / "ix")
+    back = CellIndex.load(tmp_path / "ix")
+    assert back.ood_threshold() == idx.ood_threshold()
+
+
+def test_index_distances_mis_set_the_threshold_held_out_cells_fix_it():
+    """The root cause, reproduced: embeddings fitted on the indexed cells (here PCA, 50 PCs of
+    200 cells in 200 dimensions) put those cells farther from each other than a new cell is from
+    them (each indexed cell keeps its own noise in the components fitted to it; a new cell's is
+    mostly projected away). The index's own 1-NN quantile then flags nothing, not even a new
+    cell type; held-out calibration cells give a threshold that flags it and ~1 % of seen ones."""
+    rng = np.random.default_rng(0)
+    p = 200
+    C = rng.standard_normal((6, p))
+    C[5] = np.sqrt(1 - 0.7**2) * C[0] + 0.7 * C[5]  # the unseen type: a relative of type 0
+
+    def draw(types, n):
+        t = np.repeat(types, n)
+        return C[t] + rng.standard_normal((t.size, p)), t
+
+    Xr, tr = draw(range(5), 40)
+    Xc, _ = draw(range(5), 60)
+    Xs, ts = draw(range(5), 60)
+    Xu, _ = draw([5], 300)
+    mu = Xr.mean(0)
+    W = np.linalg.svd(Xr - mu, full_matrices=False)[2][:50].T
+    f = lambda X: ((X - mu) @ W).astype(np.float32)  # noqa: E731
+    idx = CellIndex.build(f(Xr), pd.DataFrame({"t": tr.astype(str)}))
+    seen_b = annotate(idx, f(Xs), 10, label_key="t")
+    unseen_b = annotate(idx, f(Xu), 10, label_key="t")
+    own = idx.search(f(Xr), 2)[0][:, 1]
+    assert np.median(own) > 1.2 * np.median(seen_b.min_dist)  # indexed cells: in-sample
+    assert seen_b.is_ood.mean() == 0 and unseen_b.is_ood.mean() < 0.05
+    assert (seen_b.label.astype(int) == ts).mean() > 0.95
+    idx.calibrate_ood(f(Xc))
+    assert idx.ood_threshold()[0] < idx.ood_distance(0.99)
+    seen_a = annotate(idx, f(Xs), 10, label_key="t")
+    unseen_a = annotate(idx, f(Xu), 10, label_key="t")
+    assert seen_a.is_ood.mean() <= 0.05 and unseen_a.is_ood.mean() >= 0.3

@@ -377,9 +377,97 @@ class CellIndex:
         return self._meta[self._alive[self._meta.index.to_numpy()]]
 
     def ood_distance(self, quantile: float = 0.99) -> float | None:
-        """A high quantile of the index's own 1-NN distances (measured on a sample at build)."""
+        """A high quantile of the index's own 1-NN distances (measured on a sample at build,
+        each cell's own copy excluded); None when not measured. See :meth:`ood_threshold` for
+        the rule :func:`~scatlas.search.annotate` uses, and why held-out cells calibrate it
+        better."""
         qs = self.stats.get("nn1_quantiles") or {}
         return qs.get(str(quantile))
+
+    def calibrate_ood(self, embeddings: Any, *, labels: Any = None, label_key: str | None = None,
+                      filter: Any = None, nprobe: int | None = None) -> dict[str, Any]:
+        """Calibrate the out-of-distribution threshold on held-out cells of known types.
+
+        ``embeddings``: (n, d) embeddings of reference-like cells that are **not** in the index
+        and were not used to fit the embedding (e.g. a held-out batch of the atlas, embedded
+        by the same model). Their distances to their nearest indexed cell (``min_dist`` of
+        :func:`~scatlas.search.annotate`) are what an in-distribution query's look like, so a
+        high quantile of them is a threshold with a known false-flag rate: by the split-conformal
+        argument (Vovk et al. 2005; Angelopoulos & Bates 2021), a new cell exchangeable with
+        these is flagged with probability at most ``1 - q`` at the ``ceil((n + 1) q) / n``
+        empirical quantile stored for level ``q``. The index's own 1-NN distances
+        (:meth:`ood_distance`) lack that property: the embedding was fitted on the indexed
+        cells, so their distances to each other are biased (docs/search.md, "Out-of-distribution
+        flag").
+
+        ``labels`` with ``label_key``: (n,) labels of the held-out cells; cells whose label is
+        not among the index's ``label_key`` values are dropped (an unseen type would inflate
+        the threshold). ``filter`` / ``nprobe``: as in :meth:`search` (use the filter the
+        annotation will use). Stores and returns ``stats["ood_calibration"]``: ``n_cells``,
+        ``quantiles`` (level -> threshold, for 0.5, 0.9, 0.95, 0.99, 0.999; levels above
+        ``n / (n + 1)`` get the largest distance), and a description; saved with the index.
+        """
+        X = self._check_queries(embeddings)
+        n_in = int(X.shape[0])
+        if labels is not None or label_key is not None:
+            if labels is None or label_key is None:
+                raise ScatlasInputError("give labels and label_key together (labels of the "
+                                        "held-out cells, and the index column they match)")
+            if label_key not in self._meta.columns:
+                raise ScatlasInputError(f"label_key {label_key!r} is not a metadata column "
+                                        f"(columns {list(self._meta.columns)})")
+            lab = np.asarray(backend.to_host(labels) if not isinstance(labels, pd.Series)
+                             else labels.to_numpy(), dtype=object).ravel()
+            if lab.shape[0] != n_in:
+                raise ScatlasInputError(f"labels has {lab.shape[0]} entries but embeddings "
+                                        f"has {n_in} rows")
+            known = {str(v) for v in self.metadata[label_key].dropna().unique()}
+            keep = np.array([not pd.isna(v) and str(v) in known for v in lab])
+            if not keep.any():
+                raise ScatlasInputError(f"none of the held-out cells' labels occur in the "
+                                        f"index's {label_key!r} column")
+            X = X[keep] if not backend.is_gpu_array(X) else X[backend.to_device(keep, "gpu")]
+        D, _ = self.search(X, 1, filter=filter, nprobe=nprobe)
+        d = np.asarray(backend.to_host(D[:, 0]), dtype=np.float64)
+        d = np.sort(d[np.isfinite(d)])
+        n = int(d.size)
+        if n < 2:
+            raise ScatlasInputError(f"calibrate_ood needs at least 2 held-out cells with a "
+                                    f"neighbour in the index, got {n}")
+        quantiles = {str(q): float(d[min(n, math.ceil((n + 1) * q)) - 1])
+                     for q in _OOD_QUANTILES}
+        record = {"n_cells": n, "n_given": n_in, "label_key": label_key,
+                  "quantiles": quantiles, "index_ntotal": self.ntotal,
+                  "rule": "conformal: the ceil((n+1) q)-th smallest min_dist of n held-out "
+                          "cells (capped at the largest)"}
+        self.stats["ood_calibration"] = record
+        return record
+
+    def ood_threshold(self, quantile: float | None = None) -> tuple[float | None, str, str]:
+        """The ``min_dist`` threshold :func:`~scatlas.search.annotate` applies by default.
+
+        Returns ``(threshold or None, source, description)``; ``source`` is ``"calibration"``
+        (held-out cells, :meth:`calibrate_ood`; level ``quantile``, default 0.99) when the index
+        was calibrated, else ``"index"`` (the index's own 1-NN distances, :meth:`ood_distance`;
+        default 0.99), or ``"none"`` when neither was measured (fewer than 2 cells).
+        """
+        q = 0.99 if quantile is None else float(quantile)
+        if str(q) not in {str(v) for v in _OOD_QUANTILES}:
+            raise ScatlasInputError(f"ood_quantile must be one of {list(_OOD_QUANTILES)} (the "
+                                    f"levels stored at build / calibration), got {quantile!r}")
+        cal = self.stats.get("ood_calibration")
+        if cal:
+            thr = cal["quantiles"][str(q)]
+            return (float(thr), "calibration",
+                    f"min_dist > {thr:.6g}: the {q} quantile of the min_dist of "
+                    f"{cal['n_cells']} held-out calibration cells")
+        thr = self.ood_distance(q)
+        if thr is None:
+            return None, "none", "no out-of-distribution statistics (fewer than 2 cells)"
+        n = self.stats.get("nn1_sample", "?")
+        return (float(thr), "index",
+                f"min_dist > {thr:.6g}: the {q} quantile of the 1-NN distances of {n} indexed "
+                f"cells (self excluded; uncalibrated, see calibrate_ood)")
 
     def __len__(self) -> int:
         return self.ntotal

@@ -71,6 +71,7 @@ def annotate_adata(
     k: int = 50,
     weighting: str = "distance",
     ood_distance: float | None = None,
+    ood_quantile: float | None = None,
     obsm_key: str = "X_scatlas",
     key_added: str = "scatlas",
 ) -> pd.DataFrame:
@@ -81,8 +82,11 @@ def annotate_adata(
     None to use ``adata.obsm[obsm_key]``. Writes ``obs[f"{key_added}_label"]`` (categorical),
     ``_confidence``, ``_vs_second``, ``_min_dist``, ``_is_ood`` (and ``_hits`` as JSON text when
     the annotation reports vote counts), the embeddings to ``obsm[obsm_key]`` when a model ran,
-    and the settings to ``uns[key_added]``. Returns the annotation table (indexed by
-    ``obs_names``).
+    and the settings to ``uns[key_added]``, including the out-of-distribution rule actually
+    applied: ``ood_distance`` (the threshold; NaN when none), ``ood_source`` (``"given"``,
+    ``"calibration"``, ``"index"`` or ``"none"``), ``ood_quantile`` (NaN when given) and
+    ``ood_rule`` (a sentence). ``ood_distance`` / ``ood_quantile``: as in
+    :func:`~scatlas.search.annotate`. Returns the annotation table (indexed by ``obs_names``).
     """
     from . import CellIndex, annotate
 
@@ -95,7 +99,11 @@ def annotate_adata(
     kwargs: dict[str, Any] = {"k": k, "label_key": label_key, "weighting": weighting}
     if ood_distance is not None:
         kwargs["ood_distance"] = ood_distance
-    table = pd.DataFrame(annotate(index, emb, **kwargs))
+    if ood_quantile is not None:
+        kwargs["ood_quantile"] = ood_quantile
+    result = annotate(index, emb, **kwargs)
+    rule = dict(getattr(result, "attrs", {}) or {})
+    table = pd.DataFrame(result)
     table.index = adata.obs_names
     for field in OBS_FIELDS:
         if field not in table.columns:
@@ -112,13 +120,22 @@ def annotate_adata(
         "label_key": label_key,
         "k": int(k),
         "weighting": weighting,
-        "ood_distance": "none" if ood_distance is None else float(ood_distance),
+        # the threshold actually applied (h5ad cannot store None: NaN when there is none)
+        "ood_distance": _float_or_nan(rule.get("ood_distance", ood_distance)),
+        "ood_source": str(rule.get("ood_source", "given" if ood_distance is not None
+                                   else "unknown")),
+        "ood_quantile": _float_or_nan(rule.get("ood_quantile", ood_quantile)),
+        "ood_rule": str(rule.get("ood_rule", "")),
         "obsm_key": obsm_key,
         "index_ntotal": int(index.ntotal),
         "index_metric": str(getattr(index, "metric", "")),
         "index_engine": str(getattr(index, "engine", "")),
     }
     return table
+
+
+def _float_or_nan(value: Any) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _plain(value: Any) -> Any:

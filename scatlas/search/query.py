@@ -5,8 +5,10 @@
   ``1 / max(distance, 1e-6)`` (``weighting="distance"``) or 1 (``"uniform"``); the winner, its
   weighted vote share (``confidence``), ``vs_second`` = best / (best + second) (SCimilarity's
   ``vs2nd``), the nearest distance ``min_dist``, an out-of-distribution flag ``min_dist >
-  ood_distance`` (default: the 0.99 quantile of the index's own 1-NN distances, measured on a
-  sample at build time) and the per-label hit counts.
+  ood_distance`` (default: :meth:`CellIndex.ood_threshold`, the 0.99 quantile of held-out
+  calibration cells' ``min_dist`` after :meth:`CellIndex.calibrate_ood`, else of the index's own
+  1-NN distances; docs/search.md explains and measures the difference) and the per-label hit
+  counts.
 - :func:`search_centroid`: search with the mean of a group of embeddings (renormalised for
   cosine), as SCimilarity's ``search_centroid_nearest`` does with an embedded pseudobulk.
 - :func:`aggregate_hits`: hit counts per metadata group (study, tissue, disease ...), with the
@@ -46,22 +48,48 @@ def _label_codes(idx: Any, label_key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def annotate(idx: Any, queries: Any, k: int = 50, *, label_key: str,
              weighting: str = "distance", ood_distance: float | None = None,
-             filter: Any = None, nprobe: int | None = None) -> pd.DataFrame:
+             ood_quantile: float | None = None, filter: Any = None,
+             nprobe: int | None = None) -> pd.DataFrame:
     """Label each query cell by a (distance-weighted) vote of its k nearest indexed cells.
 
-    Returns a DataFrame with one row per query: ``label`` (None when no neighbour has a label),
-    ``confidence`` (weighted vote share of the winner), ``vs_second``, ``min_dist``, ``is_ood``
-    and ``hits`` (dict label -> neighbour count). Ties between labels go to the label whose
-    best neighbour is nearest.
+    Parameters
+    ----------
+    idx
+        A :class:`~scatlas.search.CellIndex` whose metadata holds ``label_key``.
+    queries
+        (m, d) float embeddings (NumPy or CuPy), in the index's embedding space.
+    k, label_key, weighting, filter, nprobe
+        Neighbours voting, the metadata column of labels, ``"distance"`` or ``"uniform"``
+        weights, and the search's filter / nprobe (:meth:`CellIndex.search`).
+    ood_distance
+        Flag a query when its ``min_dist`` exceeds this. None (default): the index's rule,
+        :meth:`CellIndex.ood_threshold` at level ``ood_quantile`` (default 0.99): a quantile of
+        held-out calibration cells' ``min_dist`` when the index was calibrated
+        (:meth:`CellIndex.calibrate_ood`), else of the index's own 1-NN distances.
+
+    Returns a DataFrame with one row per query: ``label`` (object, None when no neighbour has a
+    label), ``confidence`` (float64, weighted vote share of the winner), ``vs_second``,
+    ``min_dist`` (float64, distance to the nearest hit), ``is_ood`` (bool) and ``hits`` (dict
+    label -> neighbour count). Ties between labels go to the label whose best neighbour is
+    nearest. ``.attrs`` records the flag's rule: ``ood_distance`` (the threshold applied, None
+    when none), ``ood_source`` (``"given"``, ``"calibration"``, ``"index"`` or ``"none"``),
+    ``ood_quantile`` and ``ood_rule`` (a sentence).
     """
     if weighting not in ("distance", "uniform"):
         raise ScatlasInputError(f"weighting must be 'distance' or 'uniform', got {weighting!r}")
     k = check_positive_int(k, "k")
+    if ood_distance is not None:
+        ood_distance = float(ood_distance)
+        if not ood_distance >= 0:
+            raise ScatlasInputError(f"ood_distance must be a number >= 0, got {ood_distance!r}")
+        if ood_quantile is not None:
+            raise ScatlasInputError("give ood_distance or ood_quantile, not both")
+        source, rule = "given", f"min_dist > {ood_distance:.6g} (given)"
+    else:
+        ood_distance, source, rule = idx.ood_threshold(ood_quantile)
     codes, names = _label_codes(idx, label_key)
     D, ids = idx.search(queries, k, filter=filter, nprobe=nprobe)
     D, ids = backend.to_host(D), backend.to_host(ids)
-    if ood_distance is None:
-        ood_distance = idx.ood_distance(0.99)
     m, L = D.shape[0], len(names)
     lab = np.where(ids >= 0, codes[np.maximum(ids, 0)], -1)
     valid = lab >= 0
@@ -102,8 +130,13 @@ def annotate(idx: Any, queries: Any, k: int = 50, *, label_key: str,
             hits.append({str(names[j]): int(counts[i, j]) for j in nz})
     min_dist = D[:, 0].astype(np.float64)
     is_ood = (min_dist > ood_distance) if ood_distance is not None else np.zeros(m, bool)
-    return pd.DataFrame({"label": out_label, "confidence": conf, "vs_second": vs2,
-                         "min_dist": min_dist, "is_ood": is_ood, "hits": hits})
+    out = pd.DataFrame({"label": out_label, "confidence": conf, "vs_second": vs2,
+                        "min_dist": min_dist, "is_ood": is_ood, "hits": hits})
+    out.attrs.update({"ood_distance": ood_distance, "ood_source": source,
+                      "ood_quantile": (None if source == "given" else
+                                       0.99 if ood_quantile is None else float(ood_quantile)),
+                      "ood_rule": rule})
+    return out
 
 
 def search_centroid(idx: Any, embeddings: Any, k: int = 100, *, filter: Any = None,
