@@ -5,6 +5,11 @@ merges into the existing file: each (size, method) it runs replaces the old entr
 else is kept. The environment of every run still referenced is kept under ``runs`` and each
 result names its ``run_id``. The file is rewritten after every size (atomically), so a crash at
 a large size keeps the smaller ones.
+
+A method that raises is recorded (``status: error``) and the next one runs; but a run with
+failures must not look like a success: :func:`failed_methods` lists them, ``run_benchmark``
+logs them at the end, and ``python -m bench.runner check FILE.json ...`` exits 1 naming every
+failed method of each file's latest run (``bench/gpu/run.sh`` runs it after every benchmark).
 """
 
 from __future__ import annotations
@@ -283,7 +288,63 @@ def run_benchmark(
         from .report import write_benchmark_report  # noqa: PLC0415 - matplotlib is slow to import
 
         write_benchmark_report(record, path.parent)
+    failures = failed_methods(record, run_id)
+    if failures:
+        log(f"[{name}] FAILED {len(failures)} method run(s): " + "; ".join(failures))
     return record
+
+
+def failed_methods(record: Mapping[str, Any], run_id: str | None = None) -> list[str]:
+    """``"size=N method: error"`` for every result of run ``run_id`` (default: the record's
+    latest run) that raised (``status: error``) or whose accuracy could not be measured
+    (``accuracy_error``); results without a ``run_id`` count as the latest run's."""
+    run_id = run_id if run_id is not None else record.get("latest_run")
+    out = []
+    for key, size in record.get("results", {}).items():
+        for name, res in size.get("methods", {}).items():
+            if res.get("run_id", run_id) != run_id:
+                continue
+            if res.get("status") == "error":
+                out.append(f"size={key} {name}: {res.get('error', 'error')}")
+            elif res.get("accuracy_error"):
+                out.append(f"size={key} {name}: accuracy: {res['accuracy_error']}")
+    return out
+
+
+def check_results(paths: Sequence[str | Path]) -> int:
+    """Exit status for result files: 0 when every method of each file's latest run succeeded,
+    1 when one failed or a file is missing or unreadable (each named on stderr)."""
+    status = 0
+    for path in map(Path, paths):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log(f"[check] {path}: no result record ({type(exc).__name__}: {exc})")
+            status = 1
+            continue
+        failures = failed_methods(record)
+        ran = sum(1 for size in record.get("results", {}).values()
+                  for res in size.get("methods", {}).values()
+                  if res.get("run_id", record.get("latest_run")) == record.get("latest_run"))
+        for failure in failures:
+            log(f"[check] {path.name}: FAILED {failure}")
+        if failures:
+            status = 1
+        else:
+            log(f"[check] {path.name}: {ran} method result(s) of the latest run, none failed")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.runner check FILE.json [...]``: see :func:`check_results`."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m bench.runner")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chk = sub.add_parser("check", help="exit 1 when a method of the latest run failed")
+    chk.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    return check_results(args.files)
 
 
 def _method_table(declared: Sequence[Method], old: Mapping[str, Any]) -> dict[str, Any]:
@@ -359,3 +420,7 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         return _number(value.item())
     return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -197,3 +197,33 @@ def test_select_methods_by_exact_name_glob_or_role():
     assert [m.name for m in pick(ms, ["ours"])] == ["a.embed[csr]"]
     with pytest.raises(ValueError, match="no method matches"):
         pick(ms, ["nope"])
+
+
+def test_failed_methods_are_named_and_make_check_exit_1(toy, tmp_path, capsys):
+    """A method that raises is recorded and the run goes on, but the run must not pass for a
+    success: failed_methods names it, and `python -m bench.runner check` exits 1."""
+    import subprocess
+
+    rec = runner.run_benchmark("toy", "10,100", repeats=1, warmup=0, device="cpu",
+                               out=tmp_path, report=False)
+    failures = runner.failed_methods(rec)
+    assert failures == ["size=10 broken: RuntimeError: boom", "size=100 broken: RuntimeError: boom"]
+    assert "FAILED 2 method run(s)" in capsys.readouterr().err
+    path = tmp_path / "toy_cpu.json"
+    assert runner.check_results([path]) == 1
+    assert "FAILED size=10 broken" in capsys.readouterr().err
+    # a later run of the working methods only: the old failure belongs to an earlier run
+    runner.run_benchmark("toy", "10", repeats=1, warmup=0, device="cpu", out=tmp_path,
+                         methods=["np.sort", "sorted"], report=False)
+    assert runner.check_results([path]) == 0
+    assert runner.check_results([tmp_path / "missing_gpu.json"]) == 1  # nothing was written
+    # the command line, as bench/gpu/run.sh calls it
+    root = Path(runner.__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "bench.runner", "check", str(path),
+                           str(tmp_path / "missing_gpu.json")], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "missing_gpu.json" in proc.stderr
+    rec = json.loads(path.read_text())
+    rec["results"]["10"]["methods"]["sorted"]["accuracy_error"] = "ValueError: bad"
+    path.write_text(json.dumps(rec))
+    assert runner.failed_methods(rec) == ["size=10 sorted: accuracy: ValueError: bad"]
