@@ -11,7 +11,8 @@ from typing import Any
 from . import list_benchmarks
 from .runner import DEFAULT_OUT
 
-DEFAULT_README = Path(__file__).resolve().parents[1] / "README.md"
+#: the page whose results block is rewritten (the README links to it)
+DEFAULT_README = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def parse_value(text: str) -> Any:
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true",
                      help="skip regenerating the markdown table and plot")
 
-    rep = sub.add_parser("report", help="regenerate tables, plots and the README block")
+    rep = sub.add_parser("report", help="regenerate tables, plots, docs/benchmarks.md block")
     rep.add_argument("--results", type=Path, default=DEFAULT_OUT)
     rep.add_argument("--readme", type=Path, default=DEFAULT_README)
     rep.add_argument("--no-readme", action="store_true")

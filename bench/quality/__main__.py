@@ -5,7 +5,7 @@ Runs the chosen sections (default: all) and writes, in ``--out`` (``bench/result
 - ``quality_<device>.json``: the environment and, per section, every row and check; sections
   not rerun keep their rows from the previous file;
 - ``quality_<device>.md`` and ``quality_<device>.png``: the pooled tables, the targets and a plot;
-- the README block between ``<!-- quality:start -->`` and ``<!-- quality:end -->``.
+- the block between ``<!-- quality:start -->`` and ``<!-- quality:end -->`` of docs/benchmarks.md.
 
 Exits 1 when a method or a section run now failed (its error is in the table), 0 otherwise;
 with ``--strict`` also 2 when one of their targets is not met.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -29,7 +30,8 @@ from ..runner import DEFAULT_OUT, log
 from .report import plot_png, render, replace_block
 
 SECTIONS = ("integration", "encoder", "vae")
-DEFAULT_README = Path(__file__).resolve().parents[2] / "README.md"
+#: the page whose quality block is rewritten (the README links to it)
+DEFAULT_README = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
 
 def _load_section(name: str) -> Callable[..., dict[str, Any]]:
@@ -85,17 +87,15 @@ def _json_default(value: Any) -> Any:
 
 
 def write_outputs(record: dict[str, Any], out: Path, readme: Path | None) -> Path:
-    """JSON, markdown, PNG (all atomic) and the README block; returns the JSON path."""
+    """JSON, markdown, PNG (all atomic) and the docs/benchmarks.md block; returns the JSON path."""
     stem = f"quality_{record['device']}"
     path = out / f"{stem}.json"
     atomic_write_text(path, json.dumps(record, indent=1, default=_json_default) + "\n")
     atomic_write_bytes(out / f"{stem}.png", plot_png(record))
     atomic_write_text(out / f"{stem}.md", render(record, f"{stem}.png", level=2) + "\n")
     if readme is not None and readme.exists():
-        try:
-            link = (out / f"{stem}.png").resolve().relative_to(readme.resolve().parent)
-        except ValueError:
-            link = out / f"{stem}.png"
+        link = Path(os.path.relpath((out / f"{stem}.png").resolve(),
+                                    readme.resolve().parent)).as_posix()
         text = readme.read_text(encoding="utf-8")
         atomic_write_text(readme, replace_block(text, render(record, str(link))))
     return path
@@ -110,10 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="fewer splits and seeds (a smoke run of a few minutes)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--readme", type=Path, default=DEFAULT_README,
-                        help="README whose quality block is rewritten")
+                        help="page whose quality block is rewritten (default docs/benchmarks.md)")
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--report-only", action="store_true",
-                        help="rebuild the table, plot and README block from the JSON")
+                        help="rebuild the table, plot and page block from the JSON")
     parser.add_argument("--strict", action="store_true", help="exit 2 when a target is unmet")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
