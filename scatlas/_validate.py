@@ -7,7 +7,8 @@ output. Checks work on numpy, scipy.sparse, cupy and cupyx.scipy.sparse inputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,16 @@ class TrainingDivergedError(FloatingPointError):
 
 
 class ScatlasInputError(ValueError):
-    """Bad input given to a public scatlas function."""
+    """Bad input given to a public scatlas function.
+
+    ``param``: the parameter at fault, when there is one (a keyword; front ends name it in their
+    own terms, :func:`in_caller_terms`). Messages name parameters as Python does (``name=value``,
+    or the bare name leading the message), so that a front end can translate them.
+    """
+
+    def __init__(self, *args: Any, param: str | None = None) -> None:
+        super().__init__(*args)
+        self.param = param
 
 
 def _values(X: Any):
@@ -89,12 +99,13 @@ def check_counts(X: Any, name: str = "X") -> Any:
 def check_positive_int(value: Any, name: str, *, upper: int | None = None, what: str = "") -> int:
     """An integer >= 1 (and <= ``upper`` when given)."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ScatlasInputError(f"{name} must be an integer, got {value!r}")
+        raise ScatlasInputError(f"{name} must be an integer, got {value!r}", param=name)
     value = int(value)
     if value < 1:
-        raise ScatlasInputError(f"{name} must be >= 1, got {value}")
+        raise ScatlasInputError(f"{name} must be >= 1, got {value}", param=name)
     if upper is not None and value > upper:
-        raise ScatlasInputError(f"{name}={value} exceeds {what or 'the allowed maximum'} ({upper})")
+        raise ScatlasInputError(
+            f"{name}={value} exceeds {what or 'the allowed maximum'} ({upper})", param=name)
     return value
 
 
@@ -115,5 +126,76 @@ def check_obs_key(adata, key: str, what: str = "key") -> None:
         cols = list(adata.obs.columns)
         raise ScatlasInputError(
             f"{what} {key!r} is not a column of adata.obs (available: {cols[:20]}"
-            f"{' ...' if len(cols) > 20 else ''})"
+            f"{' ...' if len(cols) > 20 else ''})", param=what
         )
+
+
+# ------------------------------------------------------------------- messages in callers' terms
+
+#: a Python value as messages write it after ``name=``: a quoted string, None / True / False, a
+#: number (a percentage too), an identifier; nothing (``layer=``: "give a value")
+_VALUE = r"""'[^']*'|"[^"]*"|-?\d+(?:\.\d+)?(?:e[+-]?\d+)?%?|\w+"""
+#: a name in a message: not part of a longer name, an attribute, an index or a quoted string
+_BEFORE = r"(?<![\w.\[\]'\"{-])"
+
+
+def in_caller_terms(
+    message: str | BaseException,
+    names: Mapping[str, str],
+    *,
+    values: Mapping[str, Mapping[str, str]] | None = None,
+    param: str | None = None,
+) -> str:
+    """A message written in Python's terms (``balance=None``, ``pass input='lognorm'``,
+    ``batch_size must be >= 1``) rewritten in a front end's terms (``--balance none``,
+    ``pass --input-kind lognorm``, ``--batch-size must be >= 1``).
+
+    ``names``: parameter -> the caller's name (a CLI flag, a request field). ``values``:
+    parameter -> {Python value as written: the caller's value} (``{"balance": {"None":
+    "none"}}``); an empty string drops the value (a flag that takes none). Otherwise strings
+    lose their quotes, a percentage becomes a fraction (``50.0%`` -> ``0.5``), True is the bare
+    flag and False its ``--no-`` form. Rewritten: every ``name=value`` and ``name=`` of a known
+    parameter; a bare name with an underscore (``learning_rate``); ``param`` (default: the
+    error's ``param`` attribute) where it leads the message. Names of unknown parameters stay.
+    """
+    if param is None:
+        param = getattr(message, "param", None)
+    text = str(message)
+    values = values or {}
+    known = sorted(names, key=len, reverse=True)  # longer names first: n_top_genes before n_top
+    if not known:
+        return text
+
+    def value_of(name: str, raw: str | None) -> str:
+        flag = names[name]
+        if raw is None or raw == "":
+            return flag
+        mapped = values.get(name, {})
+        if raw in mapped:
+            out = mapped[raw]
+            return flag if out == "" else out if out.startswith("-") else f"{flag} {out}"
+        if raw == "True":
+            return flag
+        if raw == "False" and flag.startswith("--"):
+            return "--no-" + flag[2:]
+        if raw[0] in "'\"":
+            raw = raw[1:-1]
+        elif raw.endswith("%"):
+            try:
+                raw = f"{float(raw[:-1]) / 100:g}"
+            except ValueError:
+                pass
+        elif raw == "None":
+            raw = "none"
+        return f"{flag} {raw}"
+
+    group = "|".join(map(re.escape, known))
+    text = re.sub(rf"{_BEFORE}({group})=({_VALUE})?",
+                  lambda m: value_of(m.group(1), m.group(2)), text)
+    bare = [n for n in known if "_" in n]
+    if bare:
+        text = re.sub(rf"{_BEFORE}({'|'.join(map(re.escape, bare))})(?![\w=(])",
+                      lambda m: names[m.group(1)], text)
+    if param in names and re.match(rf"{re.escape(param)}(?![\w=(])", text):
+        text = names[param] + text[len(param):]
+    return text

@@ -10,16 +10,79 @@ Examples::
         --n-top-genes 2000 --out mvae/
     scatlas embed --model mvae/ --modalities rna rna_only.h5ad out.h5ad
     scatlas impute --model mvae/ --source rna --target protein rna_only.h5ad out.h5ad
+
+Errors name what the caller can change as flags: the library's messages name parameters as
+Python does (``balance=None``, ``pass input='lognorm'``), and :func:`_in_cli_terms` rewrites
+them with each command's flag table (``--balance none``, ``pass --input-kind lognorm``).
+Progress bars (``--progress/--no-progress``) show by default when stderr is a terminal, as for
+the other commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+#: library parameter -> flag, shared by the model commands (each adds its own below)
+_COMMON_FLAGS = {"layer": "--layer", "input": "--input-kind", "use_raw": "--use-raw",
+                 "batch_size": "--batch-size", "min_overlap": "--min-overlap",
+                 "progress": "--progress", "seed": "--seed"}
+_LOOP_FLAGS = {"max_steps": "--max-steps", "validation_fraction": "--validation-fraction",
+               "learning_rate": "--lr", "patience": "--patience", "eval_every": "--eval-every",
+               "checkpoint_dir": "--checkpoint-dir", "log_path": "--log", "n_top_genes":
+               "--n-top-genes", "hidden": "--hidden", "latent_dim": "--latent-dim"}
+FLAGS: dict[str, dict[str, str]] = {
+    "train metric": {**_COMMON_FLAGS, **_LOOP_FLAGS,
+                     "label_key": "--label-key", "study_key": "--study-key",
+                     "hierarchy": "--hierarchy", "balance": "--balance", "preset": "--preset",
+                     "sparse_step": "--sparse-step", "dropout": "--dropout",
+                     "objective": "--objective", "mining": "--mining", "margin": "--margin",
+                     "metric_weight": "--metric-weight", "temperature": "--temperature",
+                     "l1": "--l1", "negatives": "--negatives", "bf16": "--bf16"},
+    "train mvae": {**_COMMON_FLAGS, **_LOOP_FLAGS, "modalities": "--modality",
+                   "likelihoods": "--likelihood", "batch_key": "--batch-key",
+                   "kl_warmup_steps": "--kl-warmup-steps", "n_layers": "--n-layers"},
+    "embed": {**_COMMON_FLAGS, "modalities": "--modalities", "precision": "--precision",
+              "key_added": "--key-added"},
+    "impute": {**_COMMON_FLAGS, "modalities": "--source", "source": "--source",
+               "target": "--target", "library": "--library", "batch": "--batch",
+               "n_samples": "--n-samples", "scale": "--scale", "key_added": "--key-added"},
+}
+#: Python values -> flag values where they differ ("" drops the value: a bare flag)
+VALUES: dict[str, dict[str, str]] = {
+    "balance": {"None": "none"}, "n_top_genes": {"None": "0"}, "patience": {"None": "0"},
+    "sparse_step": {"True": "on", "False": "off", "None": "auto"},
+}
+
+
+def _in_cli_terms(command: str) -> Callable[[Callable[[argparse.Namespace], int]],
+                                            Callable[[argparse.Namespace], int]]:
+    """Decorate a command: its input errors (:class:`~scatlas._validate.ScatlasInputError`,
+    :class:`~scatlas._validate.TrainingDivergedError`) are re-raised with the parameters they
+    name rewritten as the command's flags (:data:`FLAGS`,
+    :func:`scatlas._validate.in_caller_terms`)."""
+    from ._validate import ScatlasInputError, TrainingDivergedError, in_caller_terms
+
+    names: Mapping[str, str] = FLAGS[command]
+
+    def wrap(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(cmd)
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return cmd(args)
+            except ScatlasInputError as err:
+                raise ScatlasInputError(in_caller_terms(err, names, values=VALUES),
+                                        param=err.param) from err
+            except TrainingDivergedError as err:
+                raise TrainingDivergedError(in_caller_terms(err, names, values=VALUES)) from err
+        return run
+
+    return wrap
 
 
 def _read(path: str, backed: bool = False):
@@ -72,6 +135,7 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+@_in_cli_terms("train mvae")
 def cmd_train_mvae(args: argparse.Namespace) -> int:
     from . import tl
 
@@ -92,7 +156,7 @@ def cmd_train_mvae(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, learning_rate=args.lr, **chosen,
         kl_warmup_steps=args.kl_warmup_steps, patience=args.patience,
         eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir, log_path=log_path,
-        progress=None if args.progress else False, latent_dim=args.latent_dim,
+        progress=args.progress, latent_dim=args.latent_dim,
         hidden=args.hidden, n_layers=args.n_layers,
     )
     return _finish_training("mvae", model, args, log_path, t0, extra=("observed",))
@@ -113,13 +177,14 @@ def _finish_training(what: str, model, args: argparse.Namespace, log_path: str, 
         return 0
     model.save(args.out)
     if args.plot:
-        plot_history(log_path, args.plot)
+        plot_history(log_path, args.plot, terms=model.loss_terms)
     keys = ("steps", "best_step", "best_val", "cells_per_s", *extra)
     summary = {k: model.info[k] for k in keys}
     print(f"scatlas train {what}: {model!r} -> {args.out} in {time.perf_counter() - t0:.1f} s; "
           f"{json.dumps(summary)}; log {log_path}")
     return 0
 
+@_in_cli_terms("impute")
 def cmd_impute(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -142,7 +207,7 @@ def cmd_impute(args: argparse.Namespace) -> int:
     values = model.impute(data, args.source, args.target, library=library, batch=args.batch,
                           n_samples=args.n_samples, scale=args.scale, seed=args.seed,
                           batch_size=args.batch_size, min_overlap=args.min_overlap,
-                          progress=None if args.progress else False)
+                          progress=args.progress)
     key = args.key_added or f"{args.target}_imputed"
     data.obsm[key] = pd.DataFrame(values, index=pd.Index(data.obs_names),
                                   columns=model.features[args.target])
@@ -155,6 +220,7 @@ def cmd_impute(args: argparse.Namespace) -> int:
     return 0
 
 
+@_in_cli_terms("train metric")
 def cmd_train_metric(args: argparse.Namespace) -> int:
     from . import tl
 
@@ -164,13 +230,14 @@ def cmd_train_metric(args: argparse.Namespace) -> int:
     log_path = args.log or str(Path(args.out).with_suffix("")) + ".train.jsonl"
     model = tl.train_metric(
         adata, args.label_key, args.study_key, seed=args.seed, layer=args.layer,
-        input=args.input_kind, hierarchy=args.hierarchy, batch_size=args.batch_size,
+        input=args.input_kind or "counts", use_raw=bool(args.use_raw),
+        hierarchy=args.hierarchy, batch_size=args.batch_size,
         max_steps=args.max_steps,
         validation_fraction=0.1 if args.validation_fraction is None else args.validation_fraction,
         balance=None if args.balance == "none" else args.balance, learning_rate=args.lr,
         patience="auto" if args.patience is None else (args.patience or None),
         eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir,
-        log_path=log_path, progress=None if args.progress else False, preset=args.preset,
+        log_path=log_path, progress=args.progress, preset=args.preset,
         n_top_genes="auto" if args.n_top_genes is None else (args.n_top_genes or None),
         sparse_step={"auto": None, "on": True, "off": False}[args.sparse_step],
         **_given(args, hidden=tuple, latent_dim=int, dropout=float, objective=str,
@@ -187,6 +254,7 @@ def _given(args: argparse.Namespace, **fields: Callable) -> dict[str, Any]:
             if getattr(args, k) is not None}
 
 
+@_in_cli_terms("embed")
 def cmd_embed(args: argparse.Namespace) -> int:
     from . import tl
     from ._validate import ScatlasInputError
@@ -200,28 +268,54 @@ def cmd_embed(args: argparse.Namespace) -> int:
         if args.precision is not None:
             raise ScatlasInputError("--precision applies to metric models; this is an mvae model")
         Z = model.embed(adata, args.modalities, batch_size=args.batch_size,
-                        min_overlap=args.min_overlap, progress=None if args.progress else False,
-                        layer=args.layer, input=args.input_kind)
+                        min_overlap=args.min_overlap, progress=args.progress,
+                        layer=args.layer, input=args.input_kind, use_raw=args.use_raw)
         adata.obsm[args.key_added] = Z
         adata.uns[args.key_added] = {"model": repr(model), "modalities": args.modalities or [],
                                      "latent_dim": int(Z.shape[1])}
         _write(adata, args.output)
     else:
         tl.embed(adata, model, key_added=args.key_added, layer=args.layer,
-                 input=args.input_kind, batch_size=args.batch_size,
+                 input=args.input_kind, use_raw=args.use_raw, batch_size=args.batch_size,
                  min_overlap=args.min_overlap, precision=args.precision,
-                 progress=None if args.progress else False)
+                 progress=args.progress)
         write_h5ad(adata, args.output)
     print(f"scatlas embed: {adata.n_obs} cells -> obsm[{args.key_added!r}] "
           f"({model.latent_dim} dims) in {args.output} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
-def _input_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layer", default=None, help="use adata.layers[LAYER] instead of X")
-    p.add_argument("--input-kind", choices=("counts", "lognorm"), default="counts",
-                   help="raw counts (log-normalised here; default) or already log-normalised")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+def _input_args(p: argparse.ArgumentParser, *, train: bool) -> None:
+    """``--layer``, ``--input-kind``, ``--use-raw`` (training: recorded in the model; embedding:
+    default the model's record) and ``--progress/--no-progress``."""
+    if train:
+        p.add_argument("--layer", default=None, help="train on adata.layers[LAYER] instead of "
+                       "X (recorded in the model: embed reads it by default)")
+        p.add_argument("--input-kind", choices=("counts", "lognorm"), default="counts",
+                       help="the input's values: raw counts (log-normalised here; default) or "
+                       "already log-normalised (log1p of normalised counts); scaled or z-scored "
+                       "data are refused. Recorded in the model: embed, annotate and serve read "
+                       "new data the same way")
+        p.add_argument("--use-raw", action=argparse.BooleanOptionalAction, default=False,
+                       help="train on adata.raw (its X and genes), e.g. the log-normalised "
+                       "values of scanpy's processed files whose X is scaled (recorded in the "
+                       "model)")
+    else:
+        p.add_argument("--layer", default=None,
+                       help="read adata.layers[LAYER] (default: the layer the model was "
+                       "trained on where the input has it, else X; 'X' for X)")
+        p.add_argument("--input-kind", choices=("counts", "lognorm"), default=None,
+                       help="the input's values (default: the kind the model was trained on; "
+                       "another kind is honoured with a warning)")
+        p.add_argument("--use-raw", action=argparse.BooleanOptionalAction, default=None,
+                       help="read adata.raw (default: when the model was trained on .raw and "
+                       "the input has one)")
+    _progress_arg(p)
+
+
+def _progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show progress bars (default: when stderr is a terminal)")
 
 
 
@@ -269,8 +363,8 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p = models.add_parser("metric", help="SCimilarity-style metric-learning encoder",
                           description="Train a metric-learning encoder (triplet + reconstruction "
                           "or InfoNCE) on labelled cells; writes a model folder.")
-    p.add_argument("input", help="input .h5ad or AnnData zarr store (raw counts; genes become "
-                   "the model's gene list)")
+    p.add_argument("input", help="input .h5ad or AnnData zarr store (raw counts, or see "
+                   "--input-kind; genes become the model's gene list)")
     p.add_argument("--out", required=True, help="model folder to write (atomically)")
     p.add_argument("--label-key", required=True, help="obs column with cell labels")
     p.add_argument("--study-key", default=None, help="obs column with the study / batch")
@@ -317,12 +411,13 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--backed", action="store_true",
                    help="leave X on disk and stream mini-batches from it (large .h5ad / zarr)")
     p.add_argument("--seed", type=int, default=0)
-    _input_args(p)
+    _input_args(p, train=True)
     p.set_defaults(func=cmd_train_metric)
 
     p = sub.add_parser("embed", help="embed cells with a trained model (obsm['X_scatlas'])")
     p.add_argument("--model", required=True, help="model folder")
-    p.add_argument("input", help="input .h5ad or zarr store (raw counts; genes matched by name)")
+    p.add_argument("input", help="input .h5ad or zarr store (read as the model was trained; "
+                   "genes matched by name)")
     p.add_argument("output", help="output .h5ad (written atomically)")
     p.add_argument("--key-added", default="X_scatlas", help="obsm key (default X_scatlas)")
     p.add_argument("--batch-size", type=int, default=10_000, help="cells per chunk")
@@ -333,7 +428,7 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
                    "modality present in the input)")
     p.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
                    help="metric models: precision of the dense layers (default: the model's)")
-    _input_args(p)
+    _input_args(p, train=False)
     p.set_defaults(func=cmd_embed)
 
     _register_mvae(models)
@@ -370,7 +465,7 @@ def _register_mvae(models: argparse._SubParsersAction) -> None:
     p.add_argument("--n-layers", type=int, default=1, help="encoder hidden layers (default 1)")
     _loop_args(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    _progress_arg(p)
     p.set_defaults(func=cmd_train_mvae)
 
 
@@ -397,5 +492,5 @@ def _register_impute(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4096, help="cells per chunk")
     p.add_argument("--min-overlap", type=float, default=0.5,
                    help="minimum fraction of the model's features present (default 0.5)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    _progress_arg(p)
     p.set_defaults(func=cmd_impute)

@@ -203,8 +203,8 @@ def sampling_weights(
         return None
     if balance not in ("label_study", "label", "study"):
         raise ScatlasInputError(
-            f"balance must be 'label_study', 'label', 'study' or None, got {balance!r}"
-        )
+            f"balance must be 'label_study', 'label', 'study' or None, got {balance!r}",
+            param="balance")
     w = np.ones(len(labels))
     if balance in ("label_study", "label") and (labels >= 0).any():
         w *= _factor(labels, 1e4)
@@ -288,10 +288,17 @@ def check_rows(block: Any, rows: np.ndarray, *, counts: bool) -> None:
         check_matrix(block, "the input", min_rows=0, min_cols=0, nonnegative=counts)
     except ScatlasInputError as err:
         values = block.data if sp.issparse(block) else np.asarray(block)
-        bad = _negative if np.isfinite(values).all() else _not_finite  # the check that failed
+        finite = bool(np.isfinite(values).all())
+        bad = _negative if finite else _not_finite  # the check that failed
+        what = str(err)
+        if finite:  # negative values: raw counts and log-normalised values never are
+            what = (f"the input contains {int(np.count_nonzero(values < 0))} negative "
+                    "value(s): scaled or z-scored data? Raw counts and log-normalised values "
+                    "(log1p of normalised counts) are never negative; point layer= (or "
+                    "use_raw=True) at one of them")
         raise ScatlasInputError(
-            f"{err} (in the rows read for this batch; source rows "
-            f"{_first_rows(block, rows, bad)})"
+            f"{what} (in the rows read for this batch; source rows "
+            f"{_first_rows(block, rows, bad)})", param="input"
         ) from None
 
 
@@ -340,9 +347,12 @@ class CellBatches:
         Batch ``t`` uses ``numpy.random.default_rng([seed, t])``.
     check_input
         Check each block of rows as it is read: NaN or infinite values, and negative values
-        when ``transform="lognorm"`` (raw counts), raise :class:`ScatlasInputError`. Callers
+        when ``nonnegative``, raise :class:`ScatlasInputError`. Callers
         that validated an in-memory matrix up front (``scatlas.tl.train_metric``) pass False;
         backed and lazily read matrices are only ever checked here.
+    nonnegative
+        Refuse negative values (None: when ``transform="lognorm"``, raw counts;
+        ``scatlas.tl.train_metric`` passes True for log-normalised input too).
     """
 
     def __init__(
@@ -358,6 +368,7 @@ class CellBatches:
         seed: int = 0,
         sparse: bool = False,
         check_input: bool = True,
+        nonnegative: bool | None = None,
     ):
         self.source = as_source(X)
         self.check_input = bool(check_input)
@@ -371,6 +382,8 @@ class CellBatches:
             batch_size, "batch_size", upper=int(self.rows.size), what="the number of cells"
         )
         self.transform = resolve_transform(transform)
+        self.nonnegative = (self.transform is lognorm if nonnegative is None
+                            else bool(nonnegative))
         self.sparse = bool(sparse)
         self.seed = int(seed)
         self.balance = balance
@@ -397,7 +410,7 @@ class CellBatches:
         order = np.argsort(index, kind="stable")
         block = self.source.rows(index[order])
         if self.check_input:
-            check_rows(block, index[order], counts=self.transform is lognorm)
+            check_rows(block, index[order], counts=self.nonnegative)
         meta = {"label": self.labels[index], "study": self.studies[index], "index": index}
         if self.sparse:
             if self.transform in _TRANSFORMS.values():

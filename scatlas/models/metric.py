@@ -37,7 +37,7 @@ import scipy.sparse as sp
 
 from .._validate import ScatlasInputError, check_positive_int
 from . import metric_losses
-from .inputs import model_chunks
+from .inputs import InputSpec, model_chunks, resolve_input
 from .io import SavedModel, write_model
 from .train import TrainConfig, make_schedule
 
@@ -200,27 +200,30 @@ class MetricConfig:
             check_positive_int(h, "hidden layer size")
         if self.objective not in OBJECTIVES:
             raise ScatlasInputError(
-                f"objective must be one of {OBJECTIVES}, got {self.objective!r}"
-            )
+                f"objective must be one of {OBJECTIVES}, got {self.objective!r}",
+                param="objective")
         if self.mining not in metric_losses.STRATEGIES:
             raise ScatlasInputError(
-                f"mining must be one of {metric_losses.STRATEGIES}, got {self.mining!r}"
-            )
+                f"mining must be one of {metric_losses.STRATEGIES}, got {self.mining!r}",
+                param="mining")
         if self.negatives not in NEGATIVES:
             raise ScatlasInputError(
-                f"negatives must be one of {NEGATIVES}, got {self.negatives!r}"
-            )
+                f"negatives must be one of {NEGATIVES}, got {self.negatives!r}",
+                param="negatives")
         if self.input_pcs is not None:
             check_positive_int(self.input_pcs, "input_pcs")
         if not self.margin >= 0:  # also refuses NaN
-            raise ScatlasInputError(f"margin must be >= 0, got {self.margin!r}")
+            raise ScatlasInputError(f"margin must be >= 0, got {self.margin!r}", param="margin")
         for name in ("dropout", "input_dropout"):
             if not 0 <= getattr(self, name) < 1:
-                raise ScatlasInputError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+                raise ScatlasInputError(f"{name} must be in [0, 1), got {getattr(self, name)!r}",
+                                        param=name)
         if self.metric_weight is None:
             self.metric_weight = _DEFAULT_WEIGHT[self.objective]
         if not 0 <= self.metric_weight <= 1:
-            raise ScatlasInputError(f"metric_weight must be in [0, 1], got {self.metric_weight!r}")
+            raise ScatlasInputError(
+                f"metric_weight must be in [0, 1], got {self.metric_weight!r}",
+                param="metric_weight")
 
     @property
     def n_inputs(self) -> int:
@@ -429,8 +432,11 @@ class MetricEncoder:
         *,
         label_names: Sequence[str] = (),
         info: dict[str, Any] | None = None,
+        input_spec: InputSpec | None = None,
     ):
         self.config = config
+        #: what the model was trained on (kind, layer, adata.raw); embed reads new data so
+        self.input_spec = input_spec if input_spec is not None else InputSpec()
         self.variables = dict(variables)
         self.genes = pd.Index([str(g) for g in genes])
         if len(self.genes) != config.n_genes:
@@ -470,17 +476,31 @@ class MetricEncoder:
     def latent_dim(self) -> int:
         return self.config.latent_dim
 
+    @property
+    def input_kind(self) -> str:
+        """``"counts"`` or ``"lognorm"``: the input the model was trained on."""
+        return self.input_spec.kind
+
+    @property
+    def loss_terms(self) -> dict[str, float]:
+        """The training loss's terms as the log names them, with their weights
+        (``w * metric + (1 - w) * mse + l1``): for :func:`~.train.plot_history`."""
+        w = float(self.config.metric_weight)
+        return {self.config.objective: w, "mse": 1.0 - w, "l1": 1.0}
+
     def __repr__(self) -> str:
         c = self.config
+        kind = "" if self.input_kind == "counts" else f", input={self.input_kind!r}"
         return (f"MetricEncoder({c.n_genes} genes -> {list(c.hidden)} -> {c.latent_dim}, "
-                f"objective={c.objective!r}, {len(self.label_names)} labels)")
+                f"objective={c.objective!r}, {len(self.label_names)} labels{kind})")
 
     def embed(
         self,
         data: Any,
         *,
         layer: str | None = None,
-        input: str = "counts",
+        input: str | None = None,
+        use_raw: bool | None = None,
         batch_size: int = 10_000,
         min_overlap: float = 0.5,
         precision: str | None = None,
@@ -488,10 +508,15 @@ class MetricEncoder:
     ) -> np.ndarray:
         """Embed cells: (n_cells, latent_dim) float32, unit-length rows.
 
-        ``data``: an AnnData (raw counts in ``X`` or ``layers[layer]``; genes aligned to the
-        model's by name, missing ones zero-filled, refused below ``min_overlap``) or a matrix
-        whose columns are the model's genes. ``input="lognorm"`` for data already log-normalised.
-        Chunks of ``batch_size`` cells are embedded on the default JAX device. On the CPU,
+        ``data``: an AnnData (genes aligned to the model's by name, missing ones zero-filled,
+        refused below ``min_overlap``) or a matrix whose columns are the model's genes.
+        The data are read as the model was trained (``self.input_spec``): ``input`` (None: the
+        recorded kind, ``"counts"`` or ``"lognorm"``; another kind is honoured with a warning),
+        ``layer`` (None: the recorded layer where ``data`` has it, else ``X``; ``"X"``: ``X``)
+        and ``use_raw`` (None: ``adata.raw`` when the model was trained on it and ``data`` has
+        one), :func:`~.inputs.resolve_input`; the values are checked against the kind (scaled
+        or z-scored data, with negative values, are refused). Chunks of ``batch_size`` cells
+        are embedded on the default JAX device. On the CPU,
         sparse input stays sparse for the first layer (``x @ W1`` over the non-zeros only,
         :mod:`scatlas.kernels.spmm`); the rest of the network runs jitted, on blocks of at most
         :data:`CPU_BLOCK_ROWS` cells (the product's cache-friendly size).
@@ -508,11 +533,14 @@ class MetricEncoder:
         batch_size = check_positive_int(batch_size, "batch_size")
         precision = self._default_precision if precision is None else precision
         if precision not in PRECISIONS:
-            raise ScatlasInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            raise ScatlasInputError(f"precision must be one of {PRECISIONS}, got {precision!r}",
+                                    param="precision")
         encode_full, encode_after_first = self._encoders(precision)
         sparse_first = _sparse_first_layer() and self._projection is None
         out, buffer = [], None
-        chunks = model_chunks(data, self.genes, layer=layer, input=input,
+        data, layer, kind, where = resolve_input(data, self.input_spec, layer=layer,
+                                                 input=input, use_raw=use_raw)
+        chunks = model_chunks(data, self.genes, layer=layer, input=kind, where=where,
                               chunk_size=batch_size, min_overlap=min_overlap,
                               dense=not sparse_first)
         for x in track(chunks, desc="embedding", progress=progress):
@@ -564,15 +592,19 @@ class MetricEncoder:
         """Write the model folder (manifest, genes, weights) atomically."""
         return write_model(
             directory, kind=self.kind, config=asdict(self.config), variables=self.variables,
-            genes=self.genes, extra={"label_names": self.label_names, "info": self.info},
+            genes=self.genes, extra={"label_names": self.label_names, "info": self.info,
+                                     "input": self.input_spec.to_dict()},
         )
 
     @classmethod
     def from_saved(cls, saved: SavedModel) -> MetricEncoder:
+        """The model of a saved folder; one saved before the input was recorded reads raw
+        counts in ``X`` (``InputSpec()``)."""
         config = MetricConfig(**saved["config"])
         extra = saved["extra"]
         return cls(config, saved["variables"], saved["genes"],
-                   label_names=extra.get("label_names", ()), info=extra.get("info", {}))
+                   label_names=extra.get("label_names", ()), info=extra.get("info", {}),
+                   input_spec=InputSpec.from_dict(extra.get("input")))
 
 
 #: on the CPU the dense layers run on blocks of at most this many cells: XLA's
@@ -700,7 +732,8 @@ def benchmark_callables(
         jax.block_until_ready((holder["ts"], metrics))  # the whole update, not just the loss
 
     variables = jax.device_get({"params": holder["ts"].params, **holder["ts"].state})
-    model = MetricEncoder(cfg, variables, [f"g{i}" for i in range(n_genes)])
+    model = MetricEncoder(cfg, variables, [f"g{i}" for i in range(n_genes)],
+                          input_spec=InputSpec("lognorm"))
 
     def embed(X: np.ndarray, precision: str = "float32") -> np.ndarray:
         return model.embed(X, input="lognorm", batch_size=10_000, precision=precision)

@@ -534,6 +534,19 @@ class MultimodalVAE:
         return self.config.latent_dim
 
     @property
+    def input_kind(self) -> str:
+        """``"counts"``: every modality is read as raw counts (or 0/1 for Bernoulli ones)."""
+        return "counts"
+
+    @property
+    def loss_terms(self) -> dict[str, float | None]:
+        """The training log's loss terms and their weights (the KL's rises over the warm-up:
+        None), for :func:`~.train.plot_history`."""
+        c = self.config
+        return {**{f"nll_{m}": 1.0 for m in c.modalities}, "kl": None,
+                "align": float(c.alignment_weight), "contrast": float(c.contrastive_weight)}
+
+    @property
     def genes(self) -> pd.Index:
         """The first modality's features (the saved folder's ``genes.txt``)."""
         return self.features[self.config.modalities[0]]
@@ -577,8 +590,9 @@ class MultimodalVAE:
                 if not chosen:
                     raise ScatlasInputError(
                         f"none of the model's modalities {self.locations} is in the data; pass "
-                        "modalities={name: location}"
-                    )
+                        "modalities= to say which to read (in Python also where: name -> "
+                        "location)",
+                        param="modalities")
         else:
             names = [modalities] if isinstance(modalities, str) else list(modalities)
             chosen = {m: self.locations.get(m, m) for m in names}
@@ -637,22 +651,30 @@ class MultimodalVAE:
         return_logvar: bool = False,
         progress: bool | None = None,
         layer: str | None = None,
-        input: str = "counts",
+        input: str | None = None,
+        use_raw: bool | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Posterior mean (n_cells, latent_dim) float32 of the product of the chosen experts.
 
         ``modalities``: None (every model modality whose location is in ``data``), names (read
         at the training locations), or ``{name: location}``. Each cell uses the chosen
         modalities it has (missing ones masked); a cell with none of them is an error. Features
-        are aligned by name to the model's (zero fill, ``min_overlap`` enforced). ``layer`` and
-        ``input`` exist for :func:`scatlas.tl.embed` (only their defaults are supported: the
-        locations say where the raw counts are). ``return_logvar``: also the log-variances.
+        are aligned by name to the model's (zero fill, ``min_overlap`` enforced). ``layer``,
+        ``input`` and ``use_raw`` exist for :func:`scatlas.tl.embed`: the model reads raw counts
+        (``input_kind``) at its modalities' locations, so only None (or ``input="counts"``) is
+        accepted. ``return_logvar``: also the log-variances.
         """
-        if layer is not None or input != "counts":
+        if input not in (None, "counts"):
             raise ScatlasInputError(
-                "a multimodal VAE reads raw counts from its modalities' locations; pass "
-                "modalities={name: location} instead of layer= / input="
-            )
+                f"a multimodal VAE reads raw counts (its likelihoods model counts), not "
+                f"input={input!r}; give the raw counts at the modalities' locations "
+                f"({self.locations or 'X'}), or pass modalities= to say which to read",
+                param="input")
+        if layer is not None or use_raw:
+            raise ScatlasInputError(
+                "a multimodal VAE reads its modalities at their locations "
+                f"({self.locations or 'X'}); pass modalities= to say which to read instead of "
+                "layer= / use_raw=", param="layer")
         batch_size = check_positive_int(batch_size, "batch_size")
         chosen = self._resolve(data, modalities, present_only=True)
         mods = self._read(data, chosen, masks, min_overlap)

@@ -80,8 +80,8 @@ def resolve_likelihoods(
         lik = likelihoods.get(name, DEFAULT_LIKELIHOODS.get(name.lower()))
         if lik is None:
             raise ScatlasInputError(
-                f"no default likelihood for modality {name!r}; pass likelihoods={{{name!r}: ...}} "
-                f"with one of {LIKELIHOODS}"
+                f"no default likelihood for modality {name!r}; pass likelihoods= giving it one "
+                f"of {LIKELIHOODS}", param="likelihoods"
             )
         if lik not in LIKELIHOODS:
             raise ScatlasInputError(
@@ -206,8 +206,9 @@ def _check_values(X: Any, location: str, likelihood: str) -> None:
     values = X.data if sp.issparse(X) else X.ravel()
     if values.size and values.min() < 0:
         raise ScatlasInputError(
-            f"{location} has negative values (min {values.min():g}); the {likelihood!r} "
-            "likelihood needs non-negative counts"
+            f"{location} has negative values (min {values.min():g}): scaled or z-scored data? "
+            f"The {likelihood!r} likelihood needs the raw, non-negative counts: point the "
+            "modality at them", param="modalities"
         )
     if likelihood in COUNT_LIKELIHOODS:
         check_integer_counts(values, location, f"the {likelihood!r} likelihood models raw "

@@ -91,10 +91,11 @@ class TrainConfig:
         check_positive_int(self.checkpoint_every, "checkpoint_every")
         if self.schedule not in ("cosine", "constant"):
             raise ScatlasInputError(
-                f"schedule must be 'cosine' or 'constant', got {self.schedule!r}"
-            )
+                f"schedule must be 'cosine' or 'constant', got {self.schedule!r}",
+                param="schedule")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ScatlasInputError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+            raise ScatlasInputError(f"learning_rate must be > 0, got {self.learning_rate!r}",
+                                    param="learning_rate")
         if self.patience is not None:
             check_positive_int(self.patience, "patience")
 
@@ -599,8 +600,82 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def plot_history(history: Sequence[dict[str, Any]] | str | Path, path: str | Path) -> Path:
-    """Loss curve (training loss per logged step, validation loss where present) as a PNG."""
+#: log keys that are not loss terms: bookkeeping and diagnostics (and counts, ``n_*``)
+NOT_TERMS = ("step", "lr", "loss", "cells_per_s", "grad_norm", "kl_weight")
+
+
+@dataclass
+class Panel:
+    """One panel of :func:`plot_history`: the log key, its title, the training and validation
+    series (``[(step, value)]``; validation empty when not logged or always 0) and the y scale
+    (``"log"`` where every value is positive and they span at least a factor of 10)."""
+
+    key: str
+    title: str
+    train: list[tuple[int, float]]
+    val: list[tuple[int, float]]
+    yscale: str
+
+
+def _yscale(values: Sequence[float]) -> str:
+    positive = [v for v in values if math.isfinite(v)]
+    if positive and all(v > 0 for v in positive) and max(positive) >= 10 * min(positive):
+        return "log"
+    return "linear"
+
+
+def history_panels(
+    history: Sequence[dict[str, Any]], terms: dict[str, float | None] | None = None
+) -> list[Panel]:
+    """The panels :func:`plot_history` draws: the total loss, then every loss term on its own.
+
+    ``terms``: ``{log key: weight in the loss or None}`` (a model's ``loss_terms``, e.g. the
+    metric encoder's ``{"triplet": 0.001, "mse": 0.999, "l1": 1.0}``); terms of weight 0 and
+    keys missing from the log are left out. None: every numeric key of the training records
+    except :data:`NOT_TERMS` and counts (``n_*``), in log order, weights unknown. A term whose
+    training values are all 0 is left out; titles carry the weight when it is not 1.
+    """
+    train_recs = [r for r in history if "loss" in r]
+    val_recs = [r for r in history if "val_loss" in r]
+    if terms is None:
+        keys: dict[str, float | None] = {}
+        for r in train_recs:
+            for k, v in r.items():
+                if (k not in NOT_TERMS and not k.startswith("n_") and isinstance(v, int | float)
+                        and not isinstance(v, bool)):
+                    keys.setdefault(k, None)
+        terms = keys
+    panels = []
+    for key, weight in [("loss", None), *terms.items()]:
+        if weight == 0:
+            continue
+        train = [(int(r["step"]), float(r[key])) for r in train_recs if key in r]
+        val = [(int(r["step"]), float(r[f"val_{key}"])) for r in val_recs if f"val_{key}" in r]
+        if not train and not val:
+            continue
+        if key != "loss" and all(v == 0 for _, v in train):
+            continue
+        if all(v == 0 for _, v in val):
+            val = []
+        title = "total loss" if key == "loss" else key
+        if weight is not None and weight != 1:
+            title += f" (weight {weight:g})"
+        panels.append(Panel(key, title, train, val,
+                            _yscale([v for _, v in train] + [v for _, v in val])))
+    return panels
+
+
+def plot_history(
+    history: Sequence[dict[str, Any]] | str | Path,
+    path: str | Path,
+    *,
+    terms: dict[str, float | None] | None = None,
+) -> Path:
+    """Loss curves as a PNG: the total loss and each loss term on its own panel
+    (:func:`history_panels`), training per logged step, validation (dots) where logged; a log
+    y axis where the values span a factor of 10 or more. ``history``: the records or a
+    JSON-lines log (:func:`read_log`); ``terms``: the model's ``loss_terms`` (weights in the
+    titles). Written atomically; returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -610,17 +685,24 @@ def plot_history(history: Sequence[dict[str, Any]] | str | Path, path: str | Pat
 
     if isinstance(history, str | Path):
         history = read_log(history)
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train")
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log" if all(v > 0 for _, v in train + val) else "linear")
-    ax.legend()
+    panels = history_panels(history, terms) or [Panel("loss", "total loss", [], [], "linear")]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        if panel.train:
+            ax.plot(*zip(*panel.train, strict=True), label="train")
+        if panel.val:
+            ax.plot(*zip(*panel.val, strict=True), "o-", markersize=3, label="validation")
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(panel.key)
+        ax.set_yscale(panel.yscale)
+        ax.grid(True, which="major", alpha=0.3)
+        if panel.val:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     path = Path(path)
     with atomic_write(path) as tmp:

@@ -7,17 +7,19 @@
   "metadata"}``. ``distances`` / ``ids`` are ``(m, k)`` lists exactly as ``index.search(queries,
   k, nprobe=..., filter=...)`` returns them; padding (fewer than ``k`` hits, e.g. under a filter)
   has id ``-1`` and distance ``null``; ``metadata[i][j]`` is the metadata row of ``ids[i][j]``.
-* ``POST /search/expression``: ``{"genes": [...], "counts": [[...]]}`` (cells x genes, raw
-  counts) or ``{"genes": [...], "sparse": {"shape": [n, g], "row": [...], "col": [...],
-  "data": [...]}}`` (COO triplets; ``indptr`` / ``indices`` / ``data`` CSR is accepted too), plus
-  the ``/search`` options; the cells are embedded with the loaded model (``model.embed``), then
-  searched. ``"return_embeddings": true`` adds the embeddings. 404 when there is no model.
+* ``POST /search/expression``: ``{"genes": [...], "counts": [[...]]}`` (cells x genes: raw
+  counts, or log-normalised values for a model trained on them; ``GET /health``'s
+  ``model_input`` says which) or ``{"genes": [...], "sparse": {"shape": [n, g], "row": [...],
+  "col": [...], "data": [...]}}`` (COO triplets; ``indptr`` / ``indices`` / ``data`` CSR is
+  accepted too), plus the ``/search`` options; the cells are embedded with the loaded model
+  (``model.embed``), then searched. ``"return_embeddings": true`` adds the embeddings. 404
+  when there is no model.
 * ``POST /annotate``: ``{"embeddings": ...}`` or the expression fields, ``"label_key"``,
   ``"k": 50``, ``"weighting"``, ``"ood_distance"`` -> ``{"label_key", "k", "predictions":
   [{"label", "confidence", "vs_second", "min_dist", "is_ood", "hits"}, ...]}``
   (:func:`scatlas.search.annotate`).
 * ``GET /health``: ``{"status": "ok", "ntotal", "dim", "metric", "engine", "nprobe",
-  "model_loaded", ...}``.
+  "model_loaded", "model_input", ...}``.
 * ``GET /metrics``: request and error counts per endpoint, latency quantiles (last 10,000
   requests per endpoint), batch-size histograms, queue depth; ``?format=prometheus`` gives the
   Prometheus text format.
@@ -28,7 +30,15 @@ Micro-batching (:mod:`scatlas.search._batcher`): concurrent ``/search`` and
 on the same worker thread without batching (its requests are usually many cells at once).
 Embedding runs on a second worker thread, so it overlaps with searches.
 
-Validation: every bad request gets a 4xx JSON ``{"error": "..."}`` naming the problem: malformed
+Input kind: expression values are read as the loaded model was trained (``model.input_kind``:
+raw counts, or log-normalised values for a model trained with ``input="lognorm"``); a request's
+optional ``"input"`` field must agree with it (it cannot be chosen per request). Values of
+another kind (negative: scaled or z-scored data; non-integer for a counts model; raw counts for a
+lognorm model) get a 400 saying what was found and what to send.
+
+Validation: every bad request gets a 4xx JSON ``{"error": "..."}`` naming the problem: a
+``Content-Type`` other than JSON (415; ``application/json``, with or without a charset, and
+``application/*+json`` are accepted, and a request without the header is read as JSON), malformed
 JSON (NaN / Infinity literals are rejected), a body over ``max_body_bytes`` (413), a missing,
 empty, ragged, non-numeric or non-finite matrix, the wrong dimension, more than
 ``max_queries_per_request`` rows, ``k`` outside ``[1, max_k]``, more than ``max_hits`` queries x
@@ -76,6 +86,14 @@ DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 LATENCY_WINDOW = 10_000
 QUANTILES = (0.5, 0.9, 0.99)
 MAX_GENES = 200_000
+#: the fraction of the model's genes a request must name (``model.embed``'s default
+#: ``min_overlap``)
+MIN_GENE_OVERLAP = 0.5
+#: what the expression values must be, per model input kind (``model.input_kind``)
+INPUT_KINDS = {
+    "counts": "raw counts (non-negative integers)",
+    "lognorm": "log-normalised values (log1p of normalised counts: finite, never negative)",
+}
 
 
 class _HTTPError(Exception):
@@ -226,8 +244,25 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed (JSON numbers must be finite)")
 
 
+def _check_content_type(request: Request) -> None:
+    """415 unless the body is declared JSON: ``application/json`` (any parameters, e.g. a
+    charset) or ``application/*+json``; a request without the header is read as JSON."""
+    declared = request.headers.get("content-type", "").strip()
+    if not declared:
+        return
+    media = declared.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/")
+                                       and media.endswith("+json")):
+        return
+    raise _HTTPError(415, f"Content-Type {declared!r} is not supported: send the body as a JSON "
+                          "object with the header 'Content-Type: application/json' (curl: "
+                          "-H 'content-type: application/json')")
+
+
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The request body as a JSON object; 413 above ``limit`` bytes, 400 when malformed."""
+    """The request body as a JSON object; 415 for a non-JSON ``Content-Type``, 413 above
+    ``limit`` bytes, 400 when malformed."""
+    _check_content_type(request)
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -277,11 +312,12 @@ def _get_bool(body: dict[str, Any], name: str, default: bool) -> bool:
 
 
 def parse_matrix(value: Any, name: str, *, n_cols: int | None, max_rows: int,
-                 nonnegative: bool = False) -> np.ndarray:
+                 nonnegative: bool = False, kind: str = "counts") -> np.ndarray:
     """A JSON list of rows -> ``(m, n_cols)`` float32, finite; a flat list is one row.
 
     Raises ``_HTTPError`` (400) for a missing / empty / ragged / non-numeric / non-finite matrix,
-    the wrong width or more than ``max_rows`` rows.
+    the wrong width or more than ``max_rows`` rows; with ``nonnegative``, for negative values
+    (the message says what input ``kind``, ``"counts"`` or ``"lognorm"``, to send instead).
     """
     if value is None:
         raise _bad(f"{name!r} is missing")
@@ -312,8 +348,9 @@ def parse_matrix(value: Any, name: str, *, n_cols: int | None, max_rows: int,
     if bad:
         raise _bad(f"{name!r} has {bad} non-finite value(s) (too large for float32?)")
     if nonnegative and (out < 0).any():
-        raise _bad(f"{name!r} has {int((out < 0).sum())} negative value(s); raw counts are "
-                   "non-negative")
+        raise _bad(f"{name!r} has {int((out < 0).sum())} negative value(s) (min "
+                   f"{float(out.min()):.4g}): scaled or z-scored data? The model reads "
+                   f"{INPUT_KINDS.get(kind, kind)}: send those")
     return out
 
 
@@ -357,8 +394,11 @@ def parse_filter(value: Any, columns: Sequence[str]) -> tuple[dict[str, Any] | N
     return value, json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def parse_expression(body: dict[str, Any], *, max_rows: int):
-    """``genes`` + ``counts`` (dense) or ``sparse`` (COO or CSR) -> an AnnData (cells x genes)."""
+def parse_expression(body: dict[str, Any], *, max_rows: int, kind: str = "counts"):
+    """``genes`` + ``counts`` (dense) or ``sparse`` (COO or CSR) -> an AnnData (cells x genes).
+
+    ``kind``: the model's input kind (``"counts"`` or ``"lognorm"``), named in the message for
+    negative values."""
     import anndata as ad
     import scipy.sparse as sp
 
@@ -376,9 +416,9 @@ def parse_expression(body: dict[str, Any], *, max_rows: int):
         raise _bad("send either 'counts' (dense) or 'sparse', not both")
     if "counts" in body:
         X = sp.csr_matrix(parse_matrix(body["counts"], "counts", n_cols=g, max_rows=max_rows,
-                                       nonnegative=True))
+                                       nonnegative=True, kind=kind))
     elif "sparse" in body:
-        X = _parse_sparse(body["sparse"], g, max_rows)
+        X = _parse_sparse(body["sparse"], g, max_rows, kind)
     else:
         raise _bad("expression input needs 'counts' (cells x genes) or 'sparse' "
                    "({shape, row, col, data} or {shape, indptr, indices, data})")
@@ -403,7 +443,7 @@ def _int_vector(spec: dict[str, Any], name: str, length: int | None = None) -> n
     return arr.astype(np.int64)
 
 
-def _parse_sparse(spec: Any, n_genes: int, max_rows: int):
+def _parse_sparse(spec: Any, n_genes: int, max_rows: int, kind: str = "counts"):
     import scipy.sparse as sp
 
     if not isinstance(spec, dict):
@@ -421,8 +461,8 @@ def _parse_sparse(spec: Any, n_genes: int, max_rows: int):
     data = spec.get("data")
     if not isinstance(data, list):
         raise _bad("sparse 'data' must be a list of numbers")
-    values = (parse_matrix([data], "sparse data", n_cols=None, max_rows=1, nonnegative=True)[0]
-              if data else np.zeros(0, np.float32))
+    values = (parse_matrix([data], "sparse data", n_cols=None, max_rows=1, nonnegative=True,
+                           kind=kind)[0] if data else np.zeros(0, np.float32))
     nnz = values.size
     if "indptr" in spec:
         indptr = _int_vector(spec, "indptr", n + 1)
@@ -604,15 +644,54 @@ class SearchService:
             kwargs["filter"] = filter
         return self.index.search(queries, k=k, **kwargs)
 
+    @property
+    def input_kind(self) -> str:
+        """The loaded model's input kind (``"counts"`` for models that do not record one)."""
+        return str(getattr(self.model, "input_kind", "counts"))
+
+    def expression_from(self, body: dict[str, Any]):
+        """The request's expression data as an AnnData, read as the model's input kind; its
+        optional ``"input"`` field must name that kind (it cannot be chosen per request)."""
+        kind = self.input_kind
+        if "input" in body and body["input"] != kind:
+            raise _bad(f"'input': {body['input']!r} cannot be chosen per request: this "
+                       f"service's model was trained on {INPUT_KINDS.get(kind, kind)} and reads "
+                       f"the 'counts' / 'sparse' values as such; send those (and 'input': "
+                       f"{kind!r} or no 'input')")
+        return parse_expression(body, max_rows=self.config.max_queries_per_request, kind=kind)
+
+    def _check_genes(self, adata) -> None:
+        """400 unless the request names at least :data:`MIN_GENE_OVERLAP` of the model's genes
+        (``model.embed`` would refuse it in its own terms)."""
+        genes = getattr(self.model, "genes", None)
+        if genes is None or not len(genes):
+            return
+        n = len(genes)
+        found = int(pd.Index(genes).isin(adata.var_names).sum())
+        if found < MIN_GENE_OVERLAP * n:
+            raise _bad(f"'genes' names {found} of the model's {n} genes ({found / n:.1%}); at "
+                       f"least {MIN_GENE_OVERLAP:.0%} are needed: send the cells' values for "
+                       f"the model's genes, named as the model names them (e.g. "
+                       f"{list(map(str, genes[:3]))})")
+
     async def embed(self, adata) -> np.ndarray:
         if self.model is None:
             raise _HTTPError(404, "no model is loaded: start the service with a model "
                                   "(scatlas serve --model DIR) to send expression data")
+        from ..models.inputs import InputKindError
+
+        self._check_genes(adata)
         if self._embed_executor is None:
             self._embed_executor = ThreadPoolExecutor(max_workers=1,
                                                       thread_name_prefix="scatlas-embed")
         loop = asyncio.get_running_loop()
-        emb = await loop.run_in_executor(self._embed_executor, self.model.embed, adata)
+        try:
+            emb = await loop.run_in_executor(self._embed_executor, self.model.embed, adata)
+        except InputKindError as err:  # its advice names Python arguments: say it for HTTP
+            kind = err.kind
+            raise _bad(f"the expression values ('counts' / 'sparse' data) hold {err.found}"
+                       f"{err.looks}; this service's model reads "
+                       f"{INPUT_KINDS.get(kind, kind)}: send those") from None
         emb = np.asarray(emb, dtype=np.float32)
         if emb.shape != (adata.n_obs, self.dim):
             raise RuntimeError(f"model.embed returned shape {emb.shape}, expected "
@@ -701,6 +780,7 @@ class SearchService:
             "model_loaded": model is not None,
             "model_genes": None if model is None else len(model.genes),
             "model_latent_dim": None if model is None else int(model.latent_dim),
+            "model_input": None if model is None else self.input_kind,
             "uptime_s": round(time.time() - self.started, 3),
             "limits": self.config.as_dict(),
         }
@@ -767,7 +847,7 @@ async def _search_expression(request: Request, service: SearchService) -> dict[s
         raise _HTTPError(404, "no model is loaded: start the service with a model "
                               "(scatlas serve --model DIR) to send expression data")
     body = await _read_json(request, service.config.max_body_bytes)
-    adata = parse_expression(body, max_rows=service.config.max_queries_per_request)
+    adata = service.expression_from(body)
     opts = service.search_options(body)
     return_embeddings = _get_bool(body, "return_embeddings", False)
     service.check_hits(adata.n_obs, opts["k"])
@@ -788,7 +868,7 @@ async def _annotate(request: Request, service: SearchService) -> dict[str, Any]:
         if service.model is None:
             raise _HTTPError(404, "no model is loaded: send 'embeddings', or start the service "
                                   "with a model (scatlas serve --model DIR)")
-        adata = parse_expression(body, max_rows=service.config.max_queries_per_request)
+        adata = service.expression_from(body)
         queries = await service.embed(adata)
     else:
         raise _bad("send 'embeddings' or expression data ('genes' + 'counts' or 'sparse')")

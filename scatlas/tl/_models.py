@@ -77,20 +77,34 @@ def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(perm[~held]), np.sort(perm[held])
 
 
-def _matrix(adata: ad.AnnData, layer: str | None, input: str) -> Any:
-    from ..models.inputs import check_integer_counts, matrix_of
+def _matrix(adata: ad.AnnData, layer: str | None, input: str, where: str) -> Any:
+    """The training matrix, its values checked against ``input`` when it is in memory
+    (:func:`scatlas.models.inputs.check_input_values`: finite and non-negative; integers for
+    raw counts; not raw counts for log-normalised input); backed or lazily read matrices (h5ad
+    backed, zarr) are checked block by block as the loader reads them (``CellBatches.take``:
+    finite, non-negative)."""
+    from ..models.inputs import INPUTS, check_input_values, matrix_of
 
+    if input not in INPUTS:
+        raise ScatlasInputError(f"input must be one of {INPUTS}, got {input!r}", param="input")
     X = matrix_of(adata, layer)
     if _in_memory(X):
-        # in memory: checked here in full; backed or lazily read matrices (h5ad backed, zarr)
-        # are checked block by block as the loader reads them (CellBatches.take)
-        from .._validate import check_matrix
-
-        check_matrix(X, "X" if layer is None else f"layers[{layer!r}]",
-                     nonnegative=input == "counts")
-        if input == "counts":
-            check_integer_counts(X)
+        check_input_values(X, input, where)
     return X
+
+
+def _training_data(adata: ad.AnnData, layer: str | None, use_raw: bool) -> ad.AnnData:
+    """``adata``, or with ``use_raw`` its ``.raw`` as an AnnData (raw ``X`` and genes, the
+    cells' ``obs``)."""
+    if not use_raw:
+        return adata
+    if layer is not None:
+        raise ScatlasInputError("pass layer= or use_raw=True, not both (adata.raw has no "
+                                "layers)", param="use_raw")
+    if adata.raw is None:
+        raise ScatlasInputError("use_raw=True but adata.raw is empty; train on X or a layer "
+                                "(use_raw=False, layer=)", param="use_raw")
+    return adata.raw.to_adata()
 
 
 def _in_memory(X: Any) -> bool:
@@ -105,6 +119,7 @@ def train_metric(
     seed: int = 0,
     layer: str | None = None,
     input: str = "counts",
+    use_raw: bool = False,
     hierarchy: dict[str, Any] | str | Path | None = None,
     batch_size: int | None = None,
     max_steps: int | None = None,
@@ -128,10 +143,16 @@ def train_metric(
     ----------
     adata
         Cells x genes, raw counts (``input="counts"``, log-normalised per batch) or already
-        log-normalised data (``input="lognorm"``), in ``X`` or ``layers[layer]``; in memory or
-        backed (rows are read per mini-batch). Its ``var_names`` (or the ``n_top_genes`` most
-        variable of them) become the model's gene list; counts are normalised over those genes
-        (SCimilarity normalises over its gene order too), at training and embedding alike.
+        log-normalised data (``input="lognorm"``: ``log1p`` of normalised counts), in ``X``,
+        ``layers[layer]`` or, with ``use_raw=True``, ``adata.raw`` (its ``X`` and genes); in
+        memory or backed (rows are read per mini-batch). Its ``var_names`` (or the
+        ``n_top_genes`` most variable of them) become the model's gene list; counts are
+        normalised over those genes (SCimilarity normalises over its gene order too), at
+        training and embedding alike. The values must be of the kind given: raw counts are
+        non-negative integers; log-normalised values are finite and never negative, so scaled
+        or z-scored data are refused (:func:`scatlas.models.inputs.check_input_values`). The
+        model records ``input``, ``layer`` and ``use_raw`` (``model.input_spec``, saved with
+        it) and embeds new data the same way by default.
     label_key
         ``obs`` column of cell labels. At least two labels need two or more cells. A label with
         a single cell is kept with a warning naming it: it cannot anchor a triplet (no positive)
@@ -189,6 +210,7 @@ def train_metric(
     :class:`~scatlas.models.MetricEncoder`, with the training summary in ``model.info``.
     """
     from ..models.data import CellBatches, MatrixSource
+    from ..models.inputs import InputSpec
     from ..models.metric import (
         INPUT_PCA,
         MetricConfig,
@@ -201,10 +223,13 @@ def train_metric(
     from ..models.train import TrainConfig, fit
 
     adata = _check_adata(adata)
+    spec = InputSpec(input, layer, bool(use_raw))
     labels = _labels(adata, label_key, "label_key")
     rare = _check_label_sizes(labels, label_key)
     studies = _labels(adata, study_key, "study_key") if study_key is not None else None
-    X = _matrix(adata, layer, input)
+    adata = _training_data(adata, layer, bool(use_raw))
+    X = _matrix(adata, layer, input, "adata.raw.X" if use_raw else
+                "X" if layer is None else f"layers[{layer!r}]")
     train_rows, val_rows = _split(labels.to_numpy(), validation_fraction, seed)
     chosen = preset_settings(preset, train_rows.size)
     if n_top_genes == "auto":
@@ -227,7 +252,7 @@ def train_metric(
     batches = CellBatches(
         source, labels=labels.to_numpy(), studies=None if studies is None else studies.to_numpy(),
         batch_size=batch_size, balance=balance, transform="lognorm" if input == "counts" else None,
-        rows=train_rows, seed=seed, check_input=not _in_memory(X),
+        rows=train_rows, seed=seed, check_input=not _in_memory(X), nonnegative=True,
     )
     density = batches.density() if sparse_step is None else None
     batches.sparse = use_sparse_step(sparse_step, config, n_dev, density)
@@ -258,7 +283,7 @@ def train_metric(
     }
     var_names = adata.var_names if genes is None else adata.var_names[genes]
     model = MetricEncoder(config, variables, var_names,
-                          label_names=batches.label_names, info=info)
+                          label_names=batches.label_names, info=info, input_spec=spec)
     model.history = result.history
     return model
 
@@ -392,7 +417,8 @@ def embed(
     *,
     key_added: str = "X_scatlas",
     layer: str | None = None,
-    input: str = "counts",
+    input: str | None = None,
+    use_raw: bool | None = None,
     batch_size: int = 10_000,
     min_overlap: float = 0.5,
     precision: str | None = None,
@@ -400,10 +426,13 @@ def embed(
 ) -> np.ndarray:
     """Embed ``adata`` with a trained model (or a model folder) into ``.obsm[key_added]``.
 
-    Genes are aligned to the model's by name (zero fill, ``min_overlap`` enforced) and raw
-    counts log-normalised (``input="counts"``). ``precision`` ("float32" or "bfloat16"; default
-    the model's) is passed to :meth:`MetricEncoder.embed`. Returns the (n_cells, latent_dim)
-    float32 embedding and records the model in ``.uns[key_added]``.
+    Genes are aligned to the model's by name (zero fill, ``min_overlap`` enforced). The data
+    are read as the model was trained (``model.input_spec``): ``input`` None is the recorded
+    kind (raw counts are log-normalised, log-normalised values used as they are), ``layer``
+    None the recorded layer where ``adata`` has it, ``use_raw`` None ``adata.raw`` where the
+    model was trained on it (:meth:`MetricEncoder.embed`). ``precision`` ("float32" or
+    "bfloat16"; default the model's) is passed on. Returns the (n_cells, latent_dim) float32
+    embedding and records the model in ``.uns[key_added]``.
     """
     from ..models.io import load
 
@@ -412,6 +441,8 @@ def embed(
     if not isinstance(adata, ad.AnnData):
         raise ScatlasInputError(f"expected an AnnData, got {type(adata).__name__}")
     extra = {} if precision is None else {"precision": precision}
+    if use_raw is not None:
+        extra["use_raw"] = use_raw
     Z = model.embed(adata, layer=layer, input=input, batch_size=batch_size,
                     min_overlap=min_overlap, progress=progress, **extra)
     adata.obsm[key_added] = Z
