@@ -310,6 +310,13 @@ def _score_annotation(args: argparse.Namespace, adata: Any, index: Any, table: A
          f"{cal.mean_confidence:.4f}; flagged {ood.get('fraction_flagged', 0.0):.1%}, accuracy "
          f"flagged {ood.get('accuracy_flagged', float('nan')):.3f} / unflagged "
          f"{ood.get('accuracy_unflagged', float('nan')):.3f}")
+    novel = cal.unseen_truth or {}
+    if novel.get("n_truth_not_in_reference"):
+        _log(f"annotate: {novel['n_truth_not_in_reference']} cells have a true label the index "
+             f"lacks ({', '.join(novel['labels_not_in_reference'][:5])}); accuracy on the "
+             f"others {novel['accuracy_on_reference_labels']:.4f}; flagged "
+             f"{novel['fraction_flagged_not_in_reference']:.1%} of the former, "
+             f"{novel['fraction_flagged_reference_labels']:.1%} of the latter")
     if exact > 0.5 * max(cal.n_scored, 1):
         _log(f"annotate: warning: {exact} of {adata.n_obs} query cells have an exact copy in the "
              "index (distance 0): they vote for their own label, so this accuracy is not a "

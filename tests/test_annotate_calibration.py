@@ -81,6 +81,11 @@ def test_ood_and_unseen_summaries_by_hand():
     assert cal.unseen_truth["n_truth_not_in_reference"] == 1  # row 3 ("z")
     assert cal.unseen_truth["labels_not_in_reference"] == ["z"]
     assert cal.unseen_truth["accuracy_on_reference_labels"] == pytest.approx(3 / 4)
+    assert cal.unseen_truth["fraction_flagged_not_in_reference"] == 1.0  # row 3
+    assert cal.unseen_truth["fraction_flagged_reference_labels"] == 0.25  # rows 0, 1, 2, 4
+    # rows 0, 1, 2, 4: bin (0.5, 0.75] holds 0.6 (wrong), (0.75, 1] 0.9, 0.8, 0.95 (right)
+    want = 1 / 4 * 0.6 + 3 / 4 * (1 - (0.9 + 0.8 + 0.95) / 3)
+    assert cal.unseen_truth["ece_on_reference_labels"] == pytest.approx(want)
     # bins of width 0.25: (0.5, 0.75] holds 0.6 and 0.55 (both wrong); (0.75, 1] 0.9, 0.8, 0.95
     t = cal.table.set_index("bin")
     assert list(t["n"]) == [0, 0, 2, 3]
@@ -152,6 +157,10 @@ def test_annotate_cli_truth_key_report(tmp_path, held_out, capsys):
     assert rec["settings"]["ood_source"] == "index"
     assert [r["n"] for r in rec["reliability"]] == list(want.table["n"])
     assert f"accuracy {want.accuracy:.4f}" in err
+    t7 = truth == "t7"
+    assert rec["unseen_truth"]["fraction_flagged_not_in_reference"] == pytest.approx(
+        direct["is_ood"].to_numpy()[t7].mean())
+    assert "true label the index lacks (t7)" in err
     assert (rep / "reliability.png").is_file() and (rep / "reliability.csv").is_file()
     assert not [p for p in rep.iterdir() if p.name.startswith(".")]  # no temporary files left
 

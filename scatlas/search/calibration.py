@@ -15,7 +15,9 @@ their own copy). It returns a :class:`Calibration` holding
 - with the out-of-distribution flags: the flagged fraction and the accuracy of flagged and of
   unflagged cells (a useful flag picks out the wrong calls);
 - with the reference's labels (``known_labels``): how many cells carry a true label that the
-  reference does not have (no k-NN vote can get those right) and the accuracy on the others.
+  reference does not have (no k-NN vote can get those right), the accuracy and ECE on the
+  others and, with the flags, the flagged fraction of each group (an unseen type should be
+  flagged far more often).
 
 Scored cells are those with a true label and a prediction; cells with no prediction (no labelled
 neighbour: label None, confidence NaN) and cells with no true label are counted, not scored.
@@ -188,11 +190,27 @@ def calibration(predicted: Any, confidence: Any, truth: Any, *, n_bins: int = 10
                   "labels_not_in_reference": sorted({str(t) for t in true[novel]}),
                   "accuracy_on_reference_labels": (float(correct[seen].mean()) if seen.any()
                                                    else float("nan"))}
+        if seen.any():
+            unseen["ece_on_reference_labels"] = _ece(conf[seen], correct[seen], n_bins)
+        if is_ood is not None:  # the flag's point: cells of labels the reference lacks
+            unseen["fraction_flagged_not_in_reference"] = (float(flag[novel].mean())
+                                                           if novel.any() else float("nan"))
+            unseen["fraction_flagged_reference_labels"] = (float(flag[seen].mean())
+                                                           if seen.any() else float("nan"))
     return Calibration(table=table, n_cells=n, n_scored=m,
                        n_no_prediction=int((~has_pred).sum()),
                        n_no_truth=int((has_pred & ~has_true).sum()), n_correct=int(ok.sum()),
                        accuracy=accuracy, ece=ece, mce=mce, mean_confidence=mean_conf,
                        n_bins=n_bins, ood=ood, unseen_truth=unseen)
+
+
+def _ece(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
+    b = bin_index(conf, n_bins)
+    n = np.bincount(b, minlength=n_bins)
+    acc = np.bincount(b, weights=correct.astype(np.float64), minlength=n_bins)
+    mc = np.bincount(b, weights=conf, minlength=n_bins)
+    full = n > 0
+    return float((np.abs(acc[full] - mc[full]) / conf.size).sum())
 
 
 def reliability_figure(cal: Calibration, title: str | None = None) -> Any:
