@@ -50,6 +50,7 @@ def test_errors_exit_2(tmp_path, capsys):
                    "--latent-dim", "4", "--lr", "1e38"])
     err = capsys.readouterr().err
     assert rc == 2 and "training loss is nan" in err and "Traceback" not in err
+    assert "lower --lr" in err and "learning_rate" not in err  # the flag, not the argument
     assert not (tmp_path / "m").exists()
 
 

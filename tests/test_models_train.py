@@ -519,3 +519,41 @@ def test_a_million_cells_get_the_default_batch_cheaply():
         assert idx.size == 1000 and np.unique(idx).size == 1000 and np.isin(idx, train).all()
     assert [default_batch_size(m) for m in (4, 300, 818, 2000, 10**6)] == [2, 150, 409, 1000,
                                                                           1000]
+
+
+def test_history_panels_put_each_loss_term_on_its_own_axis(tmp_path):
+    """plot_history: the total loss and every logged term (weights in the titles, validation
+    where logged, a log axis where a term spans 10x), not the total alone (issue 16, item 7)."""
+    from scatlas.models.train import history_panels
+
+    steps = np.arange(10, 210, 10)
+    mse = 1.0 / np.sqrt(steps)
+    triplet = 0.04 - 0.0001 * steps
+    l1 = 1e-3 * np.exp(-steps / 30)
+    history = []
+    for s, m, t, p in zip(steps, mse, triplet, l1, strict=True):
+        history.append({"step": int(s), "lr": 0.005, "loss": 0.999 * m + 0.001 * t + p,
+                        "triplet": t, "mse": m, "l1": p, "n_triplets": 40.0, "grad_norm": 1.0,
+                        "cells_per_s": 1e4})
+        if s % 50 == 0:
+            history.append({"step": int(s), "val_loss": 0.999 * m + 0.001 * t,
+                            "val_triplet": t / 2, "val_mse": m, "val_l1": 0.0})
+    terms = {"triplet": 0.001, "mse": 0.999, "l1": 1.0}
+    panels = history_panels(history, terms)
+    assert [p.key for p in panels] == ["loss", "triplet", "mse", "l1"]
+    assert [p.title for p in panels] == ["total loss", "triplet (weight 0.001)",
+                                         "mse (weight 0.999)", "l1"]
+    by = {p.key: p for p in panels}
+    np.testing.assert_allclose([v for _, v in by["triplet"].train], triplet)
+    assert [s for s, _ in by["triplet"].val] == [50, 100, 150, 200]
+    assert by["l1"].val == [] and by["l1"].yscale == "log"  # spans 1e-3 .. 1.3e-6
+    assert by["triplet"].yscale == "linear"  # 0.039 .. 0.02: within 10x
+    # inferred from the log alone: the same terms (counts and diagnostics left out)
+    assert [p.key for p in history_panels(history)] == ["loss", "triplet", "mse", "l1"]
+    # a term at weight 0, or 0 throughout, is not drawn
+    assert [p.key for p in history_panels(history, {**terms, "triplet": 0})] == [
+        "loss", "mse", "l1"]
+    png = plot_history(history, tmp_path / "loss.png", terms=terms)
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[1] > 1000  # three panels a row, 100 dpi

@@ -32,8 +32,8 @@ def _labels(adata: ad.AnnData, key: str, what: str) -> pd.Series:
     values = adata.obs[key]
     if values.isna().any():
         raise ScatlasInputError(
-            f"{what} {key!r} has {int(values.isna().sum())} missing value(s); drop or fill them"
-        )
+            f"{what} {key!r} has {int(values.isna().sum())} missing value(s); drop or fill them",
+            param=what)
     return values.astype(str)
 
 
@@ -340,7 +340,7 @@ def _batch_size(batch_size: int | None, n_train: int, data_parallel: bool) -> tu
     batch_size = check_positive_int(batch_size, "batch_size")
     if batch_size > n_train:
         batch_size = max(n_dev, n_train // n_dev * n_dev)
-        log.warning("batch_size capped at %d (the training cells)", batch_size)
+        log.warning("batch size capped at %d (the number of training cells)", batch_size)
     return batch_size, n_dev
 
 
