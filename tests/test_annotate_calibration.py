@@ -174,6 +174,10 @@ def test_annotate_cli_truth_key_errors_and_self_query_warning(tmp_path, held_out
     assert "--truth-key 'nope'" in capsys.readouterr().err
     assert main([*base, "--label-key", "nope"]) == 2
     assert "--label-key 'nope'" in capsys.readouterr().err
+    assert main([*base, "--ood-quantile", "0.97"]) == 2
+    assert "--ood-quantile must be one of" in capsys.readouterr().err
+    assert main([*base, "--ood-quantile", "0.95", "--ood-distance", "0.1"]) == 2
+    assert "--ood-distance or --ood-quantile, not both" in capsys.readouterr().err
     # querying indexed cells: exact copies vote for themselves; the CLI says so
     X, lab = clustered_embeddings(3000, 16, n_clusters=8, labels=True, seed=11)
     names = np.array([f"t{v}" for v in lab], dtype=object)

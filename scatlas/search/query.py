@@ -80,10 +80,11 @@ def annotate(idx: Any, queries: Any, k: int = 50, *, label_key: str,
     k = check_positive_int(k, "k")
     if ood_distance is not None:
         ood_distance = float(ood_distance)
-        if not ood_distance >= 0:
-            raise ScatlasInputError(f"ood_distance must be a number >= 0, got {ood_distance!r}")
+        if not np.isfinite(ood_distance):  # negative is fine: "ip" distances are -q.x
+            raise ScatlasInputError(f"ood_distance must be a finite number, got {ood_distance!r}")
         if ood_quantile is not None:
-            raise ScatlasInputError("give ood_distance or ood_quantile, not both")
+            raise ScatlasInputError("give ood_distance or ood_quantile, not both (ood_distance is "
+                                    "the threshold itself)")
         source, rule = "given", f"min_dist > {ood_distance:.6g} (given)"
     else:
         ood_distance, source, rule = idx.ood_threshold(ood_quantile)
