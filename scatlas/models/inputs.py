@@ -251,8 +251,14 @@ def model_chunks(
         if sp.issparse(X):
             X = sp.csr_matrix(X)
         blocks = (X[i : i + chunk_size] for i in range(0, X.shape[0], chunk_size))
+    n_cells = data.n_obs if isinstance(data, ad.AnnData) else X.shape[0]
+    start = 0
     for block in blocks:
-        check_input_values(block, input, where)
+        stop = start + block.shape[0]
+        # several chunks: the message names the chunk's cells (its counts are the chunk's)
+        check_input_values(block, input, where if n_cells <= chunk_size
+                           else f"{where} (cells {start}-{stop - 1})")
+        start = stop
         if input == "counts":
             yield lognorm(block, dense=dense)
         else:
