@@ -135,8 +135,10 @@ def check_obs_key(adata, key: str, what: str = "key") -> None:
 #: a Python value as messages write it after ``name=``: a quoted string, None / True / False, a
 #: number (a percentage too), an identifier; nothing (``layer=``: "give a value")
 _VALUE = r"""'[^']*'|"[^"]*"|-?\d+(?:\.\d+)?(?:e[+-]?\d+)?%?|\w+"""
-#: a name in a message: not part of a longer name, an attribute, an index or a quoted string
-_BEFORE = r"(?<![\w.\[\]'\"{-])"
+#: a name in a message: not part of a longer name, an attribute, an index, a quoted string or
+#: a path
+_BEFORE = r"(?<![\w.\[\]'\"{/\\-])"
+_AFTER = r"(?![\w=(/\\]|\.\w)"
 
 
 def in_caller_terms(
@@ -194,8 +196,8 @@ def in_caller_terms(
                   lambda m: value_of(m.group(1), m.group(2)), text)
     bare = [n for n in known if "_" in n]
     if bare:
-        text = re.sub(rf"{_BEFORE}({'|'.join(map(re.escape, bare))})(?![\w=(])",
+        text = re.sub(rf"{_BEFORE}({'|'.join(map(re.escape, bare))}){_AFTER}",
                       lambda m: names[m.group(1)], text)
-    if param in names and re.match(rf"{re.escape(param)}(?![\w=(])", text):
+    if param in names and re.match(rf"{re.escape(param)}{_AFTER}", text):
         text = names[param] + text[len(param):]
     return text

@@ -52,3 +52,10 @@ def test_obs_keys_name_their_flag():
         check_obs_key(a, "nope", "study_key")
     assert err.value.param == "study_key"
     assert in_caller_terms(err.value, TRAIN).startswith("--study-key 'nope' is not a column")
+
+
+def test_paths_and_file_names_are_left_alone():
+    for text in ("no such file /data/batch_size/x.h5ad", "see batch_size.h5ad",
+                 "C:\\runs\\batch_size\\x"):
+        assert in_caller_terms(text, TRAIN, param="batch_size") == text
+    assert in_caller_terms("then lower learning_rate.", TRAIN) == "then lower --lr."
