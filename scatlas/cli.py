@@ -16,6 +16,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import re
 import sys
 import time
 import warnings
@@ -260,30 +261,77 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scatlas`` console script; returns the exit code."""
-    from ._validate import ScatlasInputError, TrainingDivergedError
+    from ._validate import ScatlasInputError, TrainingDivergedError, in_caller_terms
 
-    args = build_parser().parse_args(argv)
-    shown_as = warnings.formatwarning
-    warnings.formatwarning = _warning_line(f"scatlas {args.command}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    shown_as = warnings.formatwarning  # names read when shown: integrate adds its method's
+    warnings.formatwarning = _warning_line(
+        f"scatlas {args.command}", lambda text: in_caller_terms(text, _flag_names(parser, args)))
     try:
         return int(args.func(args) or 0)
-    except (ScatlasInputError, TrainingDivergedError, backend.DeviceUnavailableError,
-            FileNotFoundError) as err:
+    except (ScatlasInputError, TrainingDivergedError) as err:
+        # messages lead with the parameter at fault ("lam must be ...", "reference 'x' is ...")
+        param = getattr(err, "param", None) or re.match(r"\w*", str(err)).group(0)
+        text = in_caller_terms(err, _flag_names(parser, args), param=param)
+        print(f"scatlas {args.command}: error: {text}", file=sys.stderr)
+        return 2
+    except (backend.DeviceUnavailableError, FileNotFoundError) as err:
         print(f"scatlas {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
         warnings.formatwarning = shown_as
 
 
-def _warning_line(prefix: str) -> Callable[..., str]:
+#: library parameters whose flag is not their own name, per command (the rest map by name:
+#: ``label_key`` -> ``--label-key``); ``integrate`` adds its method's (``param_flags``)
+PARAM_FLAGS: dict[str, dict[str, str]] = {
+    "pca": {"n_components": "--n-comps", "n_comps": "--n-comps", "zero_center": "--no-center"},
+    "cca": {"n_components": "--k"},
+}
+
+
+def _leaf_parser(parser: argparse.ArgumentParser,
+                 args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser that parsed ``args``: follow the subcommand choices made."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return parser
+        action = subs[0]
+        chosen = str(getattr(args, action.dest, "") or "").split()
+        # a command may rename itself (``index build``): its last word is the choice made here
+        name = next((w for w in reversed(chosen) if w in action.choices), None)
+        if name is None:
+            return parser
+        parser = action.choices[name]
+
+
+def _flag_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """Library parameter -> flag of the command that runs, for
+    :func:`scatlas._validate.in_caller_terms`: every long option by its destination
+    (``label_key`` -> ``--label-key``), then :data:`PARAM_FLAGS` and the method's own names
+    (``args.param_flags``, set by ``integrate``)."""
+    names: dict[str, str] = {}
+    for action in _leaf_parser(parser, args)._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and action.dest not in ("help", "version"):
+            names[action.dest] = longs[0]
+    names.update(PARAM_FLAGS.get(str(args.command).split()[0], {}))
+    names.update(getattr(args, "param_flags", None) or {})
+    return names
+
+
+def _warning_line(prefix: str, reword: Callable[[str], str] = str) -> Callable[..., str]:
     """``warnings.formatwarning`` for the CLI: ``scatlas CMD: warning: message``, one line
-    without the Python source line and path (they name our code, not the user's input); the
-    category is named unless it is a plain UserWarning."""
+    without the Python source line and path (they name our code, not the user's input), the
+    message passed through ``reword`` (parameters as flags); the category is named unless it
+    is a plain UserWarning."""
 
     def format_warning(message: Any, category: type[Warning], filename: str, lineno: int,
                        line: str | None = None) -> str:
         kind = "" if category is UserWarning else f" ({category.__name__})"
-        return f"{prefix}: warning{kind}: {message}\n"
+        return f"{prefix}: warning{kind}: {reword(str(message))}\n"
 
     return format_warning
 

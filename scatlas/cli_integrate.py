@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._validate import ScatlasInputError
@@ -42,6 +42,9 @@ class IntegrationMethod:
     add_arguments: Callable[[argparse._ArgumentGroup], None]
     run: Callable[[argparse.Namespace], int]
     multi_input: bool = False  # accepts --inputs (several files, streamed)
+    #: library parameter -> flag where the flag is not the parameter's own name (errors name
+    #: the flag: ``scatlas.cli.main``)
+    param_flags: Mapping[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,14 +203,16 @@ def _run_tl_integrate(args: argparse.Namespace) -> int:
 METHODS: dict[str, IntegrationMethod] = {
     "cca": IntegrationMethod(
         "Seurat CCA anchors + IntegrateData (obsm X_cca, X_cca_corrected)", _anchor_args,
-        _run_tl_integrate),
-    "mnn": IntegrationMethod("fastMNN as batchelor (obsm X_mnn)", _mnn_args, _run_tl_integrate),
+        _run_tl_integrate, param_flags={"dims": "--n-pcs", "n_pcs": "--n-pcs"}),
+    "mnn": IntegrationMethod("fastMNN as batchelor (obsm X_mnn)", _mnn_args, _run_tl_integrate,
+                             param_flags={"k": "--mnn-k", "d": "--mnn-d"}),
     "harmony": IntegrationMethod(
         "Harmony (harmonypy on the CPU, rapids-singlecell on a GPU) on --n-pcs PCs of the "
         "scaled HVGs (obsm X_harmony; needs pip install 'scatlas[harmony]')", _harmony_args,
-        _run_tl_integrate),
+        _run_tl_integrate, param_flags={"n_pcs": "--n-pcs"}),
     "inmf": IntegrationMethod(
-        "LIGER integrative NMF, in memory (obsm X_inmf, X_inmf_norm)", _inmf_args, _run_inmf),
+        "LIGER integrative NMF, in memory (obsm X_inmf, X_inmf_norm)", _inmf_args, _run_inmf,
+        param_flags={"thresh": "--var-thresh", "n_genes": "--n-genes"}),
     "online-inmf": IntegrationMethod(
         "online iNMF streamed from disk (several --inputs; --add-to, --project-onto)",
         _online_args, _run_online, multi_input=True),
@@ -307,4 +312,5 @@ def _with_defaults(args: argparse.Namespace) -> int:
         args.batch_key = "batch"
     if args.key_added is None:
         args.key_added = "X_inmf" if args.method == "online-inmf" else f"X_{args.method}"
+    args.param_flags = dict(METHODS[args.method].param_flags)
     return cmd_integrate(args)

@@ -17,12 +17,12 @@ def get_matrix(adata, layer: str | None):
     if layer is None:
         X = adata.X
         if X is None:
-            raise ScatlasInputError("adata.X is empty (None); pass layer=...")
+            raise ScatlasInputError("adata.X is empty (None); pass layer=", param="layer")
         return X
     if layer not in adata.layers:
         raise ScatlasInputError(
-            f"layer {layer!r} not found in adata.layers (available: {list(adata.layers)})"
-        )
+            f"layer {layer!r} not found in adata.layers (available: {list(adata.layers)})",
+            param="layer")
     return adata.layers[layer]
 
 

@@ -105,7 +105,7 @@ def cca(
         if len(present) != 2:
             raise ScatlasInputError(
                 f"obs[{batch_key!r}] has {len(present)} groups {present[:10]}; CCA pairs two "
-                "datasets: pass groups=(a, b)"
+                "datasets: name them with groups= (two of the groups)", param="groups"
             )
         groups = (present[0], present[1])
     g1, g2 = (str(g) for g in groups)
