@@ -449,6 +449,14 @@ def test_malformed_request_battery(index, model):
             r = c.post("/search", content=body, headers={"content-type": "application/json"})
             assert r.status_code == status, (name, r.status_code, r.text)
             assert isinstance(r.json()["error"], str) and r.json()["error"], name
+        # a non-number is named where it is, in JSON's terms (not numpy's dtype kind 'O')
+        row = [0.1] * index.dim
+        row[2] = None
+        r = c.post("/search", json={"embeddings": [[0.1] * index.dim, row]})
+        assert r.status_code == 400 and "row 1, column 2 is null" in r.json()["error"], r.text
+        row[2] = "x"
+        r = c.post("/search", json={"embeddings": [row]})
+        assert 'row 0, column 2 is a string "x"' in r.json()["error"], r.text
         # a lying Content-Length is caught while streaming; a bad header is a 400
         r = c.post("/search", content=b'{"embeddings": [[1]]}',
                    headers={"content-length": "abc"})
@@ -494,7 +502,7 @@ def test_malformed_request_battery(index, model):
         check_same(r.json(), *index.search(Q, 3))
         m = c.get("/metrics").json()
         search = m["endpoints"]["search"]
-        assert search["errors"] == len(_battery(index.dim)) + 1
+        assert search["errors"] == len(_battery(index.dim)) + 3  # + 2 non-numbers, bad header
         assert search["status"]["413"] == 1
         assert {"p50", "p90", "p99"} <= set(search["latency_ms"])
         prom = c.get("/metrics?format=prometheus")

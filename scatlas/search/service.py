@@ -334,8 +334,7 @@ def parse_matrix(value: Any, name: str, *, n_cols: int | None, max_rows: int,
     except (ValueError, TypeError) as err:
         raise _bad(f"{name!r} is not a rectangular numeric matrix ({err})") from None
     if arr.dtype.kind not in "iuf":
-        raise _bad(f"{name!r} must contain only numbers (got entries of kind "
-                   f"{arr.dtype.kind!r}: strings, nulls, booleans or nested lists?)")
+        raise _bad(f"{name!r} must contain only numbers; {_first_non_number(value)}")
     if arr.ndim != 2:
         raise _bad(f"{name!r} must be 2-D (rows x columns), got shape {list(arr.shape)}")
     if arr.shape[1] == 0:
@@ -352,6 +351,20 @@ def parse_matrix(value: Any, name: str, *, n_cols: int | None, max_rows: int,
                    f"{float(out.min()):.4g}): scaled or z-scored data? The model reads "
                    f"{INPUT_KINDS.get(kind, kind)}: send those")
     return out
+
+
+def _first_non_number(rows: list) -> str:
+    """Where the first entry of a JSON matrix that is not a number is, in JSON's terms
+    (``null``, ``true``, a string, a nested list): ``row 3, column 7 is null``."""
+    json_names = {type(None): "null", bool: "a boolean (true/false)", str: "a string",
+                  list: "a nested list", dict: "an object"}
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row if isinstance(row, list) else [row]):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                what = json_names.get(type(v), type(v).__name__)
+                shown = "" if v is None or isinstance(v, list | dict) else f" {json.dumps(v)}"
+                return f"row {i}, column {j} is {what}{shown}"
+    return "an entry is not a number"
 
 
 _SCALAR = (str, int, float, bool)
