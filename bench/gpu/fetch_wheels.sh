@@ -6,7 +6,10 @@
 # `bash bench/gpu/run.sh STEP` (see bench/gpu/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+if ! git check-ignore -q .whl/probe.whl 2>/dev/null; then  # .gitignore lists /.whl/ already
+  gitdir="$(git rev-parse --git-dir)"
+  mkdir -p "$gitdir/info" && echo '/.whl/' >> "$gitdir/info/exclude"
+fi
 mkdir -p .whl
 WHEELS=(
   anndata==0.12.19 array-api-compat==1.16.0 legacy-api-wrap==1.5 natsort==8.4.0

@@ -10,6 +10,20 @@ nothing is copied, and the kernels run on numba's threads.
 
 The handlers read XLA's C structs (``xla/ffi/api/c_api.h``: the call frame, argument and result
 lists, buffers) as 64-bit words; they answer XLA's metadata query (API version 0.3, no traits).
+
+Version guard
+-------------
+Laid out by hand, these structs are only as right as the XLA they were read from: another JAX
+can move a field, and a wrong offset is a segfault (at test collection, since the sparse-step
+tests ask :func:`available`). So the custom calls are opt-in beyond the JAX releases they were
+checked against (:data:`TESTED_JAX`, exact ``(jax, jaxlib)`` versions), through
+``$SCATLAS_XLA_FFI``:
+
+- unset or ``auto``: on a tested JAX only; elsewhere :func:`available` is False (the dense step
+  runs) and nothing is compiled, registered or called;
+- ``1`` / ``force``: on any JAX (to check a new release: ``SCATLAS_XLA_FFI=1 python -m pytest
+  tests/test_sparse_step.py``, then add it to :data:`TESTED_JAX`);
+- ``0`` / ``off``: never.
 A process-wide mutex serialises them, because numba's default threading layer refuses
 concurrent parallel launches and XLA may run independent custom calls at once.
 :func:`available` registers them once and checks them against scipy on a small product; callers
@@ -26,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -35,6 +50,38 @@ log = logging.getLogger(__name__)
 _TARGETS = {"matmul": "scatlas_csr_matmul", "t_matmul": "scatlas_csr_t_matmul",
             "densify": "scatlas_csr_densify"}
 _state: dict[str, Any] = {"ok": None}
+
+#: (jax, jaxlib) versions whose XLA FFI structs these handlers were checked against (the
+#: layout in ``jaxlib/include/xla/ffi/api/c_api.h`` and tests/test_sparse_step.py passing).
+TESTED_JAX: frozenset[tuple[str, str]] = frozenset({("0.10.2", "0.10.2")})
+ENV = "SCATLAS_XLA_FFI"
+#: ``XLA_FFI_Api_Version_STRUCT_SIZE``: size_t struct_size, a pointer, int major, int minor.
+API_VERSION_STRUCT_SIZE = 24
+#: The FFI API version the handlers declare (``XLA_FFI_API_MAJOR`` / ``_MINOR``).
+API_VERSION = (0, 3)
+
+
+def enabled() -> tuple[bool, str]:
+    """Whether the custom calls may be used in this process, and why (no JAX import beyond
+    reading its version; nothing compiled or registered)."""
+    mode = os.environ.get(ENV, "auto").strip().lower()
+    if mode in ("0", "off", "false", "no"):
+        return False, f"${ENV}={mode}"
+    try:
+        import jax
+        import jaxlib
+    except ImportError as exc:  # pragma: no cover - JAX is a dependency
+        return False, f"JAX unavailable ({exc})"
+    versions = (jax.__version__, jaxlib.__version__)
+    if mode in ("1", "on", "force", "true", "yes"):
+        return True, f"${ENV}={mode} (JAX {versions[0]}, jaxlib {versions[1]})"
+    if mode != "auto":
+        return False, f"${ENV} must be auto, 1/force or 0/off, got {mode!r}"
+    if versions in TESTED_JAX:
+        return True, f"JAX {versions[0]} / jaxlib {versions[1]} is a tested release"
+    return False, (f"JAX {versions[0]} / jaxlib {versions[1]} is not among the releases these "
+                   f"hand-laid FFI structs were checked with ({sorted(TESTED_JAX)}); set "
+                   f"{ENV}=1 to try them")
 
 
 def _compile_handlers() -> dict[str, Any]:
@@ -79,9 +126,9 @@ def _compile_handlers() -> dict[str, Any]:
             e = words(ext, 4)  # XLA_FFI_Metadata_Extension: size, type, next, metadata
             if (e[1] & 0xFFFFFFFF) == 1:
                 md = words(e[3], 5)  # XLA_FFI_Metadata: size, api_version (3 words), traits
-                md[1] = 28  # XLA_FFI_Api_Version_STRUCT_SIZE
+                md[1] = API_VERSION_STRUCT_SIZE
                 md[2] = 0
-                md[3] = 3 << 32  # major 0 (low half), minor 3 (high half)
+                md[3] = API_VERSION[0] | (API_VERSION[1] << 32)  # major low, minor high half
                 md[4] = 0
                 return True
         return False
@@ -205,8 +252,14 @@ def _self_test() -> bool:
 
 
 def available() -> bool:
-    """The custom calls are registered and agree with scipy (checked once per process)."""
+    """The custom calls are enabled here (:func:`enabled`), registered, and agree with scipy
+    (checked once per process). Under an untested JAX this is False without touching XLA."""
     if _state["ok"] is None:
+        ok, why = enabled()
+        if not ok:
+            log.info("scatlas sparse custom calls not used: %s", why)
+            _state["ok"] = False
+            return False
         try:
             import jax
 
