@@ -24,12 +24,12 @@
 # STANDIN=1 (CPU only, for checking this script): the GPU probes pass without a GPU, the
 # benchmarks run on the CPU at small sizes, the tests run as they would (skipped without a GPU).
 # DISABLE="faiss jax_gpu ..." treats those capabilities as missing (leaves their steps out).
-# Also: PARALLEL_TESTS (3 test files at a time), FILE_TIMEOUT_S (150 s per test file).
+# Also: PARALLEL_TESTS (4 test files at a time), FILE_TIMEOUT_S (150 s per test file).
 set -uo pipefail
 shopt -s nullglob
 ALL=(tests kernels metric mvae search)
 declare -A MIN_S=([tests]=60 [kernels]=60 [metric]=60 [mvae]=45 [search]=60)
-declare -A MAX_S=([tests]=240 [kernels]=150 [metric]=150 [mvae]=120 [search]=180)
+declare -A MAX_S=([tests]=180 [kernels]=150 [metric]=150 [mvae]=120 [search]=150)
 declare -A NEEDS=([tests]="pytest cupy_gpu" [kernels]="cupy_gpu anndata"
                   [metric]="jax_gpu flax optax anndata" [mvae]="jax_gpu flax optax anndata"
                   [search]="cupy_gpu faiss")
@@ -40,7 +40,7 @@ done
 cd "$(dirname "$0")/../.."
 T0=$SECONDS
 BUDGET_S=${BUDGET_S:-500}
-PARALLEL_TESTS=${PARALLEL_TESTS:-3}   # test files at a time (one GPU, 16 cores)
+PARALLEL_TESTS=${PARALLEL_TESTS:-4}   # test files at a time (one GPU, 16 cores)
 FILE_TIMEOUT_S=${FILE_TIMEOUT_S:-150}
 STANDIN=${STANDIN:-0}
 out="${OUT:-/tmp/scatlas-gpu-out}"
