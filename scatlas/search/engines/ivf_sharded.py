@@ -152,7 +152,7 @@ class ShardedNativeIVF:
 
     def shard_sizes(self) -> list[int]:
         """Stored rows (live and tombstoned) per shard."""
-        return [int(s.ids.shape[0]) for s in self.shards]
+        return [s.n_stored for s in self.shards]
 
     def set_centroids(self, C: Any) -> None:
         """Use given coarse centroids (nlist, d) on every shard."""
@@ -177,7 +177,7 @@ class ShardedNativeIVF:
         tot = np.zeros(self.nlist, dtype=np.int64)
         for j, s in enumerate(self.shards):
             with self._on(j):
-                tot += backend.to_host(s.offsets[1:] - s.offsets[:-1])
+                tot += backend.to_host(s.list_counts())  # over its segments, no merging
         return tot
 
     def _route(self, X: Any, base: Any) -> tuple[Any, Any, Any]:
@@ -192,7 +192,7 @@ class ShardedNativeIVF:
         """Two passes over ``make_chunks(record) -> iterator of (X, ids)``, as
         :meth:`NativeIVF.bulk_add`: pass 1 assigns (on shard 0's device) and counts, every shard
         allocates its lists once, pass 2 scatters each chunk's rows to their shard and slot."""
-        if any(s.ids.shape[0] for s in self.shards):
+        if any(s.n_stored for s in self.shards):
             for X, ids in make_chunks(True):
                 self.add(X, ids)
             return
