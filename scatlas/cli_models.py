@@ -243,6 +243,7 @@ def cmd_train_metric(args: argparse.Namespace) -> int:
         **_given(args, hidden=tuple, latent_dim=int, dropout=float, objective=str,
                  mining=str, margin=float, metric_weight=float, temperature=float, l1=float,
                  negatives=str),
+        **({} if args.input_pcs is None else {"input_pcs": args.input_pcs or None}),
         bf16=args.bf16,
     )
     return _finish_training("metric", model, args, log_path, t0)
@@ -386,6 +387,10 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--hidden", type=int, nargs="+", default=None,
                    help="hidden layer sizes (default: the preset's)")
     p.add_argument("--latent-dim", type=int, default=None, help="embedding size")
+    p.add_argument("--input-pcs", type=int, default=None, metavar="N",
+                   help="the network's input: the N PCs of the training cells (0: the genes "
+                   "themselves; default: the preset's, auto 50, scimilarity 0; --sparse-step "
+                   "on trains on the genes)")
     p.add_argument("--dropout", type=float, default=None, help="dropout of the hidden layers")
     p.add_argument("--l1", type=float, default=None,
                    help="L1 penalty on the first layer's weights (SCimilarity: 1e-4)")

@@ -16,8 +16,9 @@ from scatlas.models import load
 @pytest.fixture(scope="module")
 def tiny_model():
     a = datasets.synthetic(400, 60, n_batches=2, n_cell_types=3, seed=0)
+    # the gene input (no PCA layer): these tests check the first layer over the genes
     model = scatlas.tl.train_metric(a, "cell_type", "batch", max_steps=30, batch_size=100,
-                                    hidden=(32,), latent_dim=8, progress=False)
+                                    hidden=(32,), latent_dim=8, progress=False, input_pcs=None)
     return a, model
 
 
@@ -272,3 +273,14 @@ def test_input_pcs_projects_onto_the_training_cells_pca(tmp_path):
     with pytest.raises(ScatlasInputError, match="sparse_step"):
         scatlas.tl.train_metric(a, "cell_type", "batch", max_steps=2, input_pcs=5,
                                 sparse_step=True, progress=False)
+
+
+def test_auto_preset_input_is_the_training_pcs_unless_the_sparse_step_is_asked():
+    a = datasets.synthetic(300, 120, n_batches=2, n_cell_types=3, seed=1)
+    kw = dict(max_steps=5, batch_size=50, hidden=(16,), latent_dim=4, progress=False)
+    auto = scatlas.tl.train_metric(a, "cell_type", "batch", **kw)
+    assert auto.config.input_pcs == 50 and auto.info["sparse_step"] is False
+    sparse = scatlas.tl.train_metric(a, "cell_type", "batch", sparse_step=True, **kw)
+    assert sparse.config.input_pcs is None and sparse.info["sparse_step"] is True
+    genes = scatlas.tl.train_metric(a, "cell_type", "batch", preset="scimilarity", **kw)
+    assert genes.config.input_pcs is None

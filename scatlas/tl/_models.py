@@ -203,7 +203,8 @@ def train_metric(
         ``temperature``, ``l1``, ``bf16``, ``input_pcs`` (the network's input: the scores on
         this many principal components of the training cells' log-normalised genes, a fixed
         first layer fitted before training, :func:`scatlas.models.metric.fit_input_pca`, kept
-        in the model and applied when embedding; None: the genes themselves).
+        in the model and applied when embedding; None: the genes themselves; preset "auto":
+        50, unless ``sparse_step=True`` is asked for, which trains on the genes).
 
     Returns
     -------
@@ -237,8 +238,11 @@ def train_metric(
     if patience == "auto":
         patience = chosen["patience"]
     genes = _select_genes(X, train_rows, n_top_genes, input)
+    preset_model = dict(chosen["model"])
+    if sparse_step and "input_pcs" not in model_kw:
+        preset_model.pop("input_pcs", None)  # an explicit sparse step trains on the genes
     config = MetricConfig(n_genes=adata.n_vars if genes is None else genes.size,
-                          **{**chosen["model"], **model_kw})
+                          **{**preset_model, **model_kw})
     projection = None
     if config.input_pcs is not None:
         projection = _input_pca(X, train_rows, genes, input, config.input_pcs, seed)
@@ -312,9 +316,11 @@ def preset_settings(preset: str, n_train: int) -> dict[str, Any]:
 #: the "auto" preset, chosen by inner leave-one-batch-out cross-validation on CellBench and
 #: Baron among ``bench.quality.encoder.GRID`` (docs/models.md, "Defaults on real data"): the
 #: 2,000 most variable genes, one hidden layer of 256, a 64-dimensional embedding, supervised
-#: InfoNCE weighted 0.5 against the reconstruction; SCimilarity's dropout, L1 and optimiser
+#: InfoNCE weighted 0.5 against the reconstruction, on the 50 PCs of the training cells as the
+#: network's input (inner CV over both seeds: Baron +0.011, CellBench tie; docs/models.md);
+#: SCimilarity's dropout, L1 and optimiser
 AUTO_MODEL: dict[str, Any] = {"hidden": (256,), "latent_dim": 64, "objective": "infonce",
-                              "metric_weight": 0.5}
+                              "metric_weight": 0.5, "input_pcs": 50}
 AUTO_N_TOP_GENES: int | None = 2000
 AUTO_PATIENCE: int | None = None
 
