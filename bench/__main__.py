@@ -93,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             budget_s=args.budget, report=not args.no_report, **parse_params(args.param),
         )
         print(result_path(args.out, record["benchmark"], record["device"]))
+        from .runner import failed_methods  # noqa: PLC0415
+
+        failed = failed_methods(record)
+        if failed:
+            print(f"failed: {', '.join(map(str, failed))}", file=sys.stderr)
+        return 1 if failed else 0
         return 0
     from .report import write_report  # noqa: PLC0415
 

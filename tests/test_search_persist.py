@@ -178,10 +178,14 @@ def test_round_trip_onto_gpu(tmp_path, data, engine):
     path = idx.save(tmp_path / "ix")
     back = CellIndex.load(path, device="gpu")
     assert back.device == "gpu"
+    from neighbour_sets import assert_same_neighbours, float32_sum_tolerance
+
     arr = back._engine.X if engine == "exact" else back._engine.vectors
     assert isinstance(arr, cp.ndarray)
-    np.testing.assert_array_equal(back.search(X[::37], 10, nprobe=12)[1],
-                                  idx.search(X[::37], 10, nprobe=12)[1])
+    # the same vectors, keys summed in float32 on another device: equal up to ties
+    assert_same_neighbours(*idx.search(X[::37], 10, nprobe=12),
+                           *back.search(X[::37], 10, nprobe=12),
+                           atol=float32_sum_tolerance(16, scale=1.0))
     again = back.save(tmp_path / "ix2")
     assert CellIndex.load(again, device="cpu").ntotal == idx.ntotal
 

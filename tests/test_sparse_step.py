@@ -18,7 +18,8 @@ from scatlas.models.metric import MetricConfig, MetricTask, use_sparse_step
 from scatlas.models.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.skipif(not xla_ffi.available(),
-                                reason="sparse XLA custom calls unavailable (numba, pthreads)")
+                                reason="sparse XLA custom calls unavailable here (numba, pthreads, "
+                                "or an untested JAX: scatlas.kernels.xla_ffi.enabled())")
 
 
 def _csr(X: sp.csr_matrix, pad: int = 0) -> sparse_ops.CSR:
