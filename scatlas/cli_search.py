@@ -194,6 +194,10 @@ def cmd_index_calibrate(args: argparse.Namespace) -> int:
     _log(f"index calibrate: {record['n_cells']} held-out cells (of {record['n_given']}); "
          f"min_dist thresholds q0.95 {q['0.95']:.4g}, q0.99 {q['0.99']:.4g} -> {args.index} "
          f"in {time.perf_counter() - t0:.2f} s")
+    if "0.99" in record["levels_at_largest_distance"]:
+        _log(f"index calibrate: warning: {record['n_cells']} cells are too few for the 0.99 "
+             "level (at least 99 needed): it is their largest distance; calibrate with more "
+             "cells or annotate with --ood-quantile 0.95 / 0.9")
     return 0
 
 

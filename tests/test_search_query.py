@@ -137,7 +137,14 @@ def test_calibrate_ood_is_the_conformal_order_statistic(tmp_path):
         assert rec["quantiles"][str(q)] == pytest.approx(want, abs=2e-6)
         # at most a fraction 1 - q of the calibration cells lie above their own threshold
         assert (d > rec["quantiles"][str(q)] + 2e-6).mean() <= 1 - q
-    assert rec["n_cells"] == n
+    assert rec["n_cells"] == n and rec["levels_at_largest_distance"] == []  # ceil(1000 q) <= 999
+    small = idx.calibrate_ood(cal[:50])  # ceil(51 q) > 50 for q = 0.99, 0.999
+    assert small["levels_at_largest_distance"] == ["0.99", "0.999"]
+    assert small["quantiles"]["0.99"] == small["quantiles"]["0.999"] == pytest.approx(
+        (1.0 - u(cal[:50].astype(np.float64)) @ u(ref.astype(np.float64)).T).min(axis=1).max(),
+        abs=2e-6)
+    assert "too few" in idx.ood_threshold()[2]
+    idx.calibrate_ood(cal)
     thr, source, rule = idx.ood_threshold()
     assert source == "calibration" and thr == rec["quantiles"]["0.99"] and "999" in rule
     # fresh cells from the same distribution: flagged at about 1 % (binomial, n = 501)

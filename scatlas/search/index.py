@@ -405,7 +405,9 @@ class CellIndex:
         the threshold). ``filter`` / ``nprobe``: as in :meth:`search` (use the filter the
         annotation will use). Stores and returns ``stats["ood_calibration"]``: ``n_cells``,
         ``quantiles`` (level -> threshold, for 0.5, 0.9, 0.95, 0.99, 0.999; levels above
-        ``n / (n + 1)`` get the largest distance), and a description; saved with the index.
+        ``n / (n + 1)`` get the largest distance and are listed in
+        ``levels_at_largest_distance``: 0.99 needs at least 99 cells), and a description;
+        saved with the index.
         """
         X = self._check_queries(embeddings)
         n_in = int(X.shape[0])
@@ -436,8 +438,11 @@ class CellIndex:
                                     f"neighbour in the index, got {n}")
         quantiles = {str(q): float(d[min(n, math.ceil((n + 1) * q)) - 1])
                      for q in _OOD_QUANTILES}
+        capped = [q for q in _OOD_QUANTILES if math.ceil((n + 1) * q) > n]
         record = {"n_cells": n, "n_given": n_in, "label_key": label_key,
                   "quantiles": quantiles, "index_ntotal": self.ntotal,
+                  # levels whose conformal rank exceeds n: the largest distance, no guarantee
+                  "levels_at_largest_distance": [str(q) for q in capped],
                   "rule": "conformal: the ceil((n+1) q)-th smallest min_dist of n held-out "
                           "cells (capped at the largest)"}
         self.stats["ood_calibration"] = record
@@ -458,9 +463,11 @@ class CellIndex:
         cal = self.stats.get("ood_calibration")
         if cal:
             thr = cal["quantiles"][str(q)]
+            note = (" (too few for this level: their largest distance)"
+                    if str(q) in cal.get("levels_at_largest_distance", []) else "")
             return (float(thr), "calibration",
                     f"min_dist > {thr:.6g}: the {q} quantile of the min_dist of "
-                    f"{cal['n_cells']} held-out calibration cells")
+                    f"{cal['n_cells']} held-out calibration cells{note}")
         thr = self.ood_distance(q)
         if thr is None:
             return None, "none", "no out-of-distribution statistics (fewer than 2 cells)"
