@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .. import backend
 from .._validate import ScatlasInputError, check_matrix, check_positive_int
 from ..io import align_matrix, gene_positions, iter_chunks
 from .data import densify, lognorm
@@ -240,7 +241,9 @@ def model_chunks(
     if isinstance(data, ad.AnnData):
         matrix_of(data, layer)
         positions, _ = gene_positions(data.var_names, genes, min_overlap=min_overlap)
-        blocks = (align_matrix(X, positions) for _, _, X in iter_chunks(data, chunk_size, layer))
+        # a GPU AnnData (cupy / cupyx): each chunk comes to the host; JAX places the batches
+        blocks = (align_matrix(backend.to_host(X), positions)
+                  for _, _, X in iter_chunks(data, chunk_size, layer))
     else:
         X = check_matrix(data, "X", finite=False)  # values: per chunk below
         if X.shape[1] != len(genes):
@@ -254,6 +257,7 @@ def model_chunks(
     n_cells = data.n_obs if isinstance(data, ad.AnnData) else X.shape[0]
     start = 0
     for block in blocks:
+        block = backend.to_host(block)
         stop = start + block.shape[0]
         # several chunks: the message names the chunk's cells (its counts are the chunk's)
         check_input_values(block, input, where if n_cells <= chunk_size

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .. import backend
 from .._validate import ScatlasInputError, check_positive_int
 from .data import CellBatches, digest, lognorm
 from .inputs import check_integer_counts
@@ -234,6 +235,7 @@ def read_modality(
     n = _n_cells(data)
     where = location if isinstance(location, str) else f"modality {name!r}"
     X, names, rows = locate(data, name, location)
+    X = backend.to_host(X)  # a GPU AnnData's modality: read on the host, JAX places batches
     n_rows = X.shape[0] if hasattr(X, "shape") else len(X)
     if rows is None and n_rows != n:
         raise ScatlasInputError(

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .. import backend
 from .._validate import ScatlasInputError, check_obs_key, check_positive_int
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _matrix(adata: ad.AnnData, layer: str | None, input: str, where: str) -> Any
 
     if input not in INPUTS:
         raise ScatlasInputError(f"input must be one of {INPUTS}, got {input!r}", param="input")
-    X = matrix_of(adata, layer)
+    X = backend.to_host(matrix_of(adata, layer))  # GPU AnnData: the loader reads host rows
     if _in_memory(X):
         check_input_values(X, input, where)
     return X
