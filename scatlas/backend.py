@@ -236,6 +236,8 @@ def to_device(X: Any, device: str | None = None, *, dtype: Any = None,
     matrix
         ``X`` is a data matrix (counts), not an index array: integers become float32 too.
 
+    Notes
+    -----
     Sparse matrices keep their format (CSR/CSC/COO); other scipy formats become CSR. A sparse
     matrix with more than 2**31 - 1 stored entries is refused (:func:`check_gpu_sparse`).
     """

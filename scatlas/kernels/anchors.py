@@ -999,7 +999,9 @@ def seurat_integrate(
     preserve_order
         Keep the tree's order instead of making the larger object the reference.
 
-    Small batches
+    Notes
+    -----
+    Small batches:
         Seurat 4.3 stops when a batch has no more cells than ``dims`` (and its neighbour
         searches come up short below ``k_score``); here every pair of batches uses what its
         smaller batch (m cells) allows: ``dims``, ``k_anchor``, ``k_score`` lowered to m - 1,
