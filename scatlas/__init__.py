@@ -2,7 +2,8 @@
 
 Subpackages: ``kernels`` (array in, array out), ``models`` (JAX), ``search`` (cell index);
 scanpy-style layers ``pp`` and ``tl`` (AnnData in, results in ``.obsm`` / ``.varm`` / ``.uns``);
-``io`` for h5ad reading, chunked iteration and gene alignment; ``datasets`` for synthetic atlases.
+``io`` for h5ad reading, chunked iteration and gene alignment; ``datasets`` for synthetic atlases;
+``exceptions`` for the errors scatlas raises.
 Submodules load on first use, so ``import scatlas`` stays cheap.
 """
 
@@ -19,7 +20,8 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
 _SUBMODULES = (
-    "backend", "datasets", "io", "kernels", "metrics", "models", "pp", "search", "tl",
+    "backend", "datasets", "exceptions", "io", "kernels", "metrics", "models", "pp", "search",
+    "tl",
 )
 
 __all__ = [*_SUBMODULES, "gpu_available", "resolve_device", "__version__"]

@@ -14,23 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import backend
-
-
-class TrainingDivergedError(FloatingPointError):
-    """A model's training (or validation) loss became NaN or infinite."""
-
-
-class ScatlasInputError(ValueError):
-    """Bad input given to a public scatlas function.
-
-    ``param``: the parameter at fault, when there is one (a keyword; front ends name it in their
-    own terms, :func:`in_caller_terms`). Messages name parameters as Python does (``name=value``,
-    or the bare name leading the message), so that a front end can translate them.
-    """
-
-    def __init__(self, *args: Any, param: str | None = None) -> None:
-        super().__init__(*args)
-        self.param = param
+from .exceptions import ScatlasInputError, TrainingDivergedError  # noqa: F401 (re-exported)
 
 
 def _values(X: Any):

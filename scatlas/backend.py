@@ -68,13 +68,13 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from .exceptions import DeviceUnavailableError, ScatlasInputError  # noqa: F401 (re-exported)
+
 Device = Literal["cpu", "gpu"]
 DEVICE_ENV = "SCATLAS_DEVICE"
 _VALID = ("cpu", "gpu", "auto")
 
 
-class DeviceUnavailableError(RuntimeError):
-    """Raised when the GPU is requested but no usable CUDA device and CuPy are present."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,7 +101,7 @@ def resolve_device(device: str | None = None) -> Device:
     choice = str(choice).strip().lower()
     if choice not in _VALID:
         source = "device argument" if device is not None else f"${DEVICE_ENV}"
-        raise ValueError(f"{source} must be one of {_VALID}, got {choice!r}")
+        raise ScatlasInputError(f"{source} must be one of {_VALID}, got {choice!r}")
     if choice == "auto":
         return "gpu" if gpu_available() else "cpu"
     if choice == "gpu" and not gpu_available():
@@ -178,7 +178,7 @@ def resolve_dtype(dtype: Any = None) -> np.dtype:
         return np.dtype(np.float32)
     dt = np.dtype(dtype)
     if dt not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+        raise ScatlasInputError(f"dtype must be float32 or float64, got {dt}")
     return dt
 
 
@@ -212,7 +212,7 @@ def check_gpu_sparse(X: Any, name: str = "matrix") -> None:
     casts its indices to int32, where they would wrap around)."""
     nnz = int(X.nnz)
     if nnz > GPU_SPARSE_MAX_NNZ:
-        raise ValueError(
+        raise ScatlasInputError(
             f"{name} has {nnz:,} stored entries, more than cupyx.scipy.sparse can index with "
             f"int32 (at most {GPU_SPARSE_MAX_NNZ:,}); move it to the GPU in row blocks "
             "(X[start:stop]) or keep it on the host (device='cpu')"
@@ -418,9 +418,10 @@ def cpu_threads() -> int:
         try:
             n = int(env)
         except ValueError:
-            raise ValueError(f"${THREADS_ENV} must be a positive integer, got {env!r}") from None
+            raise ScatlasInputError(
+                f"${THREADS_ENV} must be a positive integer, got {env!r}") from None
         if n < 1:
-            raise ValueError(f"${THREADS_ENV} must be a positive integer, got {env!r}")
+            raise ScatlasInputError(f"${THREADS_ENV} must be a positive integer, got {env!r}")
         return n
     cores = _usable_cores()
     with _BLAS_LOCK:

@@ -156,9 +156,9 @@ def csr_arrays(X: Any, capacity: int | None = None) -> dict[str, np.ndarray]:
     X = sp.csr_matrix(X, dtype=np.float32)
     cap = csr_capacity(X.nnz) if capacity is None else int(capacity)
     if cap < X.nnz:
-        raise ValueError(f"capacity {cap} is below the {X.nnz} stored entries")
+        raise ScatlasInputError(f"capacity {cap} is below the {X.nnz} stored entries")
     if X.nnz >= 2**31:
-        raise ValueError(f"{X.nnz} stored entries do not fit int32 indices")
+        raise ScatlasInputError(f"{X.nnz} stored entries do not fit int32 indices")
     indices = np.zeros(cap, np.int32)
     data = np.zeros(cap, np.float32)
     indices[: X.nnz] = X.indices

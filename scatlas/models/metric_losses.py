@@ -33,6 +33,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ..exceptions import ScatlasInputError
+
 STRATEGIES = ("semihard", "hardest", "random")
 
 
@@ -87,7 +89,7 @@ def mine(
     ``python -m bench.metric_parts``); elsewhere as XLA array operations (:func:`mine_in_xla`).
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise ScatlasInputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     from . import host_mining
 
     in_xla = functools.partial(mine_in_xla, margin=margin, strategy=strategy)

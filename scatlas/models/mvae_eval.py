@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..exceptions import ScatlasInputError
 from .data import lognorm
 
 
@@ -31,7 +32,7 @@ def foscttm(x: np.ndarray, y: np.ndarray, *, block: int = 2048) -> float:
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     if x.shape[0] != y.shape[0] or x.shape[0] < 2:
-        raise ValueError(f"need paired rows, got {x.shape} and {y.shape}")
+        raise ScatlasInputError(f"need paired rows, got {x.shape} and {y.shape}")
     n = x.shape[0]
     xx, yy = (x**2).sum(1), (y**2).sum(1)
     true = ((x - y) ** 2).sum(1)

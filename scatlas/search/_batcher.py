@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from ..exceptions import BatcherClosedError, ScatlasInputError
+
 __all__ = ["BatcherClosedError", "MicroBatcher"]
 
 
-class BatcherClosedError(RuntimeError):
-    """The batcher is shutting down and takes no new requests."""
 
 
 @dataclass
@@ -101,9 +101,9 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
     ) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise ScatlasInputError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+            raise ScatlasInputError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self._search = search_fn
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait_ms) / 1000.0
