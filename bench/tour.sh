@@ -30,16 +30,18 @@ step() {  # step NAME CMD...: run it; show the last lines of its stderr; fail on
   return 0
 }
 
-request_bodies() {  # request_bodies EMB_H5AD RAW_H5AD LABEL DIR: DIR/{search,annotate}.json
+request_bodies() {  # request_bodies EMB_H5AD RAW_H5AD LABEL DIR EXTRA: DIR/{search,annotate}.json
   python - "$@" <<'PY'
 import json, sys
 import anndata as ad
 import numpy as np
-emb, raw, label, out = sys.argv[1:5]
+emb, raw, label, out, extra = sys.argv[1:6]
 a = ad.read_h5ad(emb)
 with open(f"{out}/search.json", "w") as f:
     json.dump({"embeddings": np.asarray(a.obsm["X_scatlas"][:5]).tolist(), "k": 5}, f)
 r = ad.read_h5ad(raw)[:5]
+if "--use-raw" in extra:  # the service reads a request as the model's input kind
+    r = r.raw.to_adata()
 X = r.X.toarray() if hasattr(r.X, "toarray") else np.asarray(r.X)
 with open(f"{out}/annotate.json", "w") as f:
     json.dump({"genes": list(map(str, r.var_names)), "counts": X.tolist(), "label_key": label}, f)
@@ -104,15 +106,13 @@ tour() {  # tour NAME FILE LABEL BATCH [EXTRA train/embed flags for non-count da
   # shellcheck disable=SC2086
   step "$name.train-metric" scatlas train metric "$file" --out "$d/encoder" \
     --label-key "$label" "${study[@]}" --plot "$d/loss.png" $extra || return
-  # shellcheck disable=SC2086
-  step "$name.embed" scatlas embed --model "$d/encoder" "$file" "$d/emb.h5ad" $extra || return
+  # the model recorded its input (kind, layer, .raw): embed, annotate, serve need no flag
+  step "$name.embed" scatlas embed --model "$d/encoder" "$file" "$d/emb.h5ad" || return
   step "$name.index" scatlas index build "$d/emb.h5ad" --out "$d/index" || return
   step "$name.annotate" scatlas annotate --index "$d/index" --model "$d/encoder" "$file" \
     --label-key "$label" --out "$d/annotated.h5ad"
-  if [[ -z "$extra" ]]; then
-    request_bodies "$d/emb.h5ad" "$file" "$label" "$d" && \
-      serve_tour "$name.serve" "$d/index" "$d/encoder" "$d"
-  fi
+  request_bodies "$d/emb.h5ad" "$file" "$label" "$d" "$extra" && \
+    serve_tour "$name.serve" "$d/index" "$d/encoder" "$d"
 }
 
 cd "$work" || exit 1
