@@ -4,8 +4,8 @@ Structure (as faiss ``IndexIVFFlat``, Jegou, Douze & Schmid 2011; Johnson et al.
 
 - coarse quantiser: ``nlist`` k-means centroids (:mod:`._kmeans`, trained on a sample; spherical
   when the training vectors are unit rows);
-- inverted lists in SEGMENTS, each one contiguous array: ``vectors`` (m, d) float32 sorted by
-  list, ``ids`` (m,) int64, ``offsets`` (nlist + 1,) so that list ``l`` is rows
+- inverted lists in SEGMENTS, each one contiguous array: ``vectors`` (m, d) float32 (or
+  float16) sorted by list, ``ids`` (m,) int64, ``offsets`` (nlist + 1,) so that list ``l`` is rows
   ``offsets[l]:offsets[l+1]`` of the segment, and ``dead`` (m,) tombstones; all on the device.
   The build makes the first segment; every :meth:`add` appends one more, holding only the new
   rows, so adding never copies what is stored (device peak: the index plus the new rows; the
@@ -22,19 +22,44 @@ vector) and counts; the arrays are allocated once; pass 2 re-reads each chunk an
 rows to their slots. Peak memory is the index plus one chunk; a one-shot stream of chunks is
 buffered instead (then the data are held twice while building).
 
-Search, per batch of queries: coarse scores ``Q C^T`` -> the ``nprobe`` best lists per query;
-the probed rows of all queries, in every segment, are enumerated as flat candidate vectors (list
-offsets by a cumulative sum and ``searchsorted``, no Python loop over queries or lists), their
-keys computed
-pair by pair (``-q.x`` or ``||q - x||^2``, exact, no GEMM tiling effects), tombstones and filters
-set to +inf, scattered into a padded (queries, max candidates) matrix, and the top k taken by
-partition + a (key, id) sort. Batches are sized so the gathered candidates stay within a memory
-budget. Given the same centroids this returns what faiss ``IndexIVFFlat`` returns for the same
-``nprobe`` (same probed lists, same candidates), up to float rounding of the keys.
+Lists may be stored in float16 (``list_dtype="float16"``: half the memory; every score is
+accumulated in float32 from the float16 values, which are the stored vectors from then on).
+
+Search: a LIST-MAJOR scan (as cuVS/RAFT IVF-Flat: each probed list is read once per batch, not
+once per query that probes it). Per batch of queries:
+
+1. coarse scores ``Q C^T`` -> the ``nprobe`` best lists per query; the batch's (query, list)
+   pairs are grouped by list with one argsort, and the number of queries of every list is read to
+   the host (one small device->host read per batch: nothing else in the scan waits on the
+   device);
+2. a plan on the host (NumPy over lists, not over candidates): each probed list, with up to
+   ``_QBLOCK`` of its queries, is one unit; units of similar shape (list length rounded up on a
+   quarter-octave grid, query count to a power of two) form a class, and each class is scored in
+   steps of a few units as ONE batched GEMM ``(G, Nq, d) x (G, d, M)``, the list rows read in
+   place (a padded list reads past its end; those columns, tombstones and filtered rows are set
+   to +inf). The scores of the batch stay in one flat buffer; each (query, list) pair keeps its
+   k best by ``partition`` (a running top-k over the pair's lists);
+3. ``tau`` = each query's k-th best GEMM score over its pairs; every score within ``eps`` of
+   ``tau`` (``eps`` = twice the float32 error bound of a GEMM score against the exact one,
+   ``4 (d + 3) u |q| max|x|``, doubled terms for l2) is a candidate (one ``nonzero``);
+4. the candidates (k and a few more per query) are re-scored exactly pair by pair (``-q.x`` or
+   ``||q - x||^2`` summed on its own: identical vectors get bit-identical keys, whatever list,
+   segment or GEMM shape they were scored in) and the k best taken by a (key, id) sort.
+
+Every exact top-k member has a GEMM score within ``eps`` of ``tau``, so the result is exactly
+the exact search over the probed lists (ties broken by the smaller id), as the pair-by-pair scan
+that this replaced, and what faiss ``IndexIVFFlat`` returns for the same centroids and
+``nprobe`` up to float rounding of the keys. Range search uses the same scan with ``tau`` =
+the radius. Batches are sized so the batch's scores stay within ``_SCORES_CPU`` /
+``_SCORES_GPU`` entries. CuPy's BLAS must run in float32 (not ``CUPY_TF32=1``): the error
+bound assumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +69,15 @@ from ... import backend
 from . import hits_per_query, mismatch, pair_keys, smallest_k
 from ._kmeans import assign, kmeans
 
-_CAND_ROWS_CPU = 2**18  # candidate rows gathered per query batch
-_CAND_ROWS_GPU = 2**22
+_SCORES_CPU = 2**24  # (query, row) scores held per query batch (the flat score buffer)
+_SCORES_GPU = 2**28
+_STEP_CPU = 2**20  # floats of list rows and queries gathered per GEMM step (cache-sized)
+_STEP_GPU = 2**26
+_QBLOCK_CPU = 64  # most queries of one list in one GEMM unit
+_QBLOCK_GPU = 256
+_PAD = 1.25  # score entries per real (query, row) pair, for sizing batches (padding)
+_U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
+_LIST_DTYPES = ("float32", "float16")
 _COMPACT_FRACTION = 0.25
 _NITER = 10
 _MAX_TAIL = 8  # appended segments kept apart before they are merged into one
@@ -55,14 +87,50 @@ _MERGE_ROWS = 2**20  # rows scattered per step when segments are merged
 class _Segment:
     """One list-sorted block of the inverted lists (see the module docstring)."""
 
-    __slots__ = ("vectors", "ids", "offsets", "dead")
+    FIELDS = ("vectors", "ids", "offsets", "dead")
+    __slots__ = ("_vectors", "ids", "_offsets", "dead", "_sqnorm", "_xmax", "_hoff")
 
     def __init__(self, vectors: Any, ids: Any, offsets: Any, dead: Any):
-        self.vectors, self.ids, self.offsets, self.dead = vectors, ids, offsets, dead
+        self._vectors, self.ids, self._offsets, self.dead = vectors, ids, offsets, dead
+        self._sqnorm = self._xmax = self._hoff = None
+
+    # setting the vectors or the offsets drops what the scan derived from them
+    def _set_vectors(self, v: Any) -> None:
+        self._vectors, self._sqnorm, self._xmax = v, None, None
+
+    def _set_offsets(self, v: Any) -> None:
+        self._offsets, self._hoff = v, None
+
+    vectors = property(lambda self: self._vectors, _set_vectors)
+    offsets = property(lambda self: self._offsets, _set_offsets)
 
     @property
     def rows(self) -> int:
         return int(self.ids.shape[0])
+
+    def host_offsets(self) -> np.ndarray:
+        """``offsets`` on the host (read from the device once per change)."""
+        if self._hoff is None:
+            self._hoff = backend.to_host(self._offsets).astype(np.int64)
+        return self._hoff
+
+    def sqnorm(self) -> Any:
+        """Squared norms of the stored rows (float32, from the stored dtype), on the device."""
+        if self._sqnorm is None or self._sqnorm.shape[0] != self.rows:
+            xp = backend.array_module(self._offsets)
+            out = xp.empty(self.rows, dtype=np.float32)
+            for s in range(0, self.rows, _MERGE_ROWS):
+                v = self._vectors[s : s + _MERGE_ROWS].astype(np.float32)
+                out[s : s + _MERGE_ROWS] = (v * v).sum(axis=1)
+            self._sqnorm, self._xmax = out, None
+        return self._sqnorm
+
+    def xmax(self) -> float:
+        """The largest row norm (host float; 0 when empty)."""
+        if self._xmax is None or self._sqnorm is None or self._sqnorm.shape[0] != self.rows:
+            sq = self.sqnorm()
+            self._xmax = float(np.sqrt(float(sq.max()))) if self.rows else 0.0
+        return self._xmax
 
     def list_of_rows(self) -> Any:
         """The list of every row, (m,) int64."""
@@ -82,8 +150,8 @@ def _merge_segments(segs: list[_Segment], nlist: int, d: int, drop_dead: bool) -
     offsets = xp.zeros(nlist + 1, dtype=np.int64)
     offsets[1:] = xp.cumsum(total)
     n = int(offsets[-1])
-    out = _Segment(xp.empty((n, d), dtype=np.float32), xp.empty(n, dtype=np.int64), offsets,
-                   xp.zeros(n, dtype=bool))
+    out = _Segment(xp.empty((n, d), dtype=segs[0].vectors.dtype), xp.empty(n, dtype=np.int64),
+                   offsets, xp.zeros(n, dtype=bool))
     before = offsets[:-1].copy()  # where the next segment's rows of each list go
     for seg, keep, cnt in zip(segs, keeps, counts, strict=True):
         src = xp.arange(seg.rows) if keep is None else xp.flatnonzero(keep)
@@ -100,6 +168,35 @@ def _merge_segments(segs: list[_Segment], nlist: int, d: int, drop_dead: bool) -
 
 
 
+def _row_class(m: np.ndarray) -> np.ndarray:
+    """Padded list length: ``m`` rounded up on a quarter-octave grid (at least 8; <= 25% pad)."""
+    m = np.maximum(np.asarray(m, dtype=np.int64), 1)
+    quarter = np.maximum(8, 2 ** np.maximum(np.floor(np.log2(m)).astype(np.int64) - 2, 0))
+    return -(-m // quarter) * quarter
+
+
+def _pow2(n: np.ndarray) -> np.ndarray:
+    """The smallest power of two >= ``n`` (>= 1)."""
+    n = np.maximum(np.asarray(n, dtype=np.int64), 1)
+    return (2 ** np.ceil(np.log2(n)).astype(np.int64)).astype(np.int64)
+
+
+def _groups(chunks: list, n: int) -> list[list]:
+    """``chunks`` (plan steps, ``[5]`` = first score) cut into about ``n`` runs of equal scores."""
+    if not chunks:
+        return []
+    f0 = np.array([c[5] for c in chunks], dtype=np.float64)
+    cut = np.searchsorted(f0, np.linspace(0, f0[-1], n + 1)[1:-1], side="right")
+    bounds = np.unique(np.concatenate([[0], cut, [len(chunks)]]))
+    return [chunks[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(n: int) -> ThreadPoolExecutor:
+    """The scan's CPU thread pool (one per size, kept for the process)."""
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="scatlas-ivf")
+
+
 def replayable(make_chunks, reiterable: bool):
     """``make_chunks(record)`` callable twice (the two-pass build): as given when its source
     re-reads, else one that replays the chunks read once and held in memory."""
@@ -114,19 +211,30 @@ class NativeIVF:
 
     name = "native-ivf"
 
-    def __init__(self, d: int, kind: str, nlist: int, device: str = "cpu", seed: int = 0):
+    def __init__(self, d: int, kind: str, nlist: int, device: str = "cpu", seed: int = 0,
+                 list_dtype: Any = "float32"):
         self.d, self.kind, self.nlist, self.device, self.seed = d, kind, nlist, device, seed
+        if np.dtype(list_dtype).name not in _LIST_DTYPES:
+            raise ValueError(f"list_dtype must be one of {_LIST_DTYPES}, got {list_dtype!r}")
         xp = backend.device_module(device)
         self.centroids: Any = None
         self.spherical = False
-        self._segs = [_Segment(xp.empty((0, d), dtype=np.float32), xp.empty(0, dtype=np.int64),
-                               xp.zeros(nlist + 1, dtype=np.int64), xp.zeros(0, dtype=bool))]
+        self._segs = [_Segment(xp.empty((0, d), dtype=np.dtype(list_dtype)),
+                               xp.empty(0, dtype=np.int64), xp.zeros(nlist + 1, dtype=np.int64),
+                               xp.zeros(0, dtype=bool))]
         self.n_dead = 0
+        self.last_scan: dict[str, float] = {}  # work of the last search (scan_counts)
 
     @classmethod
     def create(cls, d: int, kind: str, nlist: int, *, device: str = "cpu",
-               variant: str = "native-ivf", seed: int = 0) -> NativeIVF:
-        return cls(d, kind, nlist, device, seed)
+               variant: str = "native-ivf", seed: int = 0,
+               list_dtype: Any = "float32") -> NativeIVF:
+        return cls(d, kind, nlist, device, seed, list_dtype)
+
+    @property
+    def list_dtype(self) -> np.dtype:
+        """dtype of the stored list vectors (float32, or float16 to halve memory)."""
+        return np.dtype(self._segs[0].vectors.dtype)
 
     # -- training and adding --------------------------------------------------------------------
     @property
@@ -159,7 +267,7 @@ class NativeIVF:
 
     vectors = property(lambda self: self._flat().vectors,
                        lambda self, v: setattr(self._flat(), "vectors", v),
-                       doc="(N, d) float32, list-sorted: all segments as one (see above)")
+                       doc="(N, d) list_dtype, list-sorted: all segments as one (see above)")
     ids = property(lambda self: self._flat().ids,
                    lambda self, v: setattr(self._flat(), "ids", v), doc="(N,) int64")
     offsets = property(lambda self: self._flat().offsets,
@@ -205,7 +313,7 @@ class NativeIVF:
         n = int(counts.sum())
         offsets = np.zeros(self.nlist + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        self.vectors = xp.empty((n, self.d), dtype=np.float32)
+        self.vectors = xp.empty((n, self.d), dtype=self.list_dtype)
         self.ids = xp.empty(n, dtype=np.int64)
         self.dead = xp.zeros(n, dtype=bool)
         self.offsets = xp.asarray(offsets)
@@ -242,8 +350,8 @@ class NativeIVF:
         offsets = xp.zeros(self.nlist + 1, dtype=np.int64)
         offsets[1:] = xp.cumsum(xp.bincount(lab, minlength=self.nlist))
         n = X.shape[0]
-        seg = _Segment(xp.empty((n, self.d), dtype=np.float32), xp.empty(n, dtype=np.int64),
-                       offsets, xp.zeros(n, dtype=bool))
+        seg = _Segment(xp.empty((n, self.d), dtype=self.list_dtype),
+                       xp.empty(n, dtype=np.int64), offsets, xp.zeros(n, dtype=bool))
         pos = self._slots(lab, offsets[:-1])
         seg.vectors[pos], seg.ids[pos] = X, ids
         if self._segs[0].rows == 0 and len(self._segs) == 1:
@@ -259,96 +367,263 @@ class NativeIVF:
         return self._flat().list_of_rows()
 
     # -- search ---------------------------------------------------------------------------------
-    def _probe(self, Q: Any, nprobe: int) -> Any:
-        xp = backend.device_module(self.device)
-        S = Q @ self.centroids.T
-        keys = (self._cnorm[None, :] - 2.0 * S) if self.kind == "l2" else -S
-        lists = xp.broadcast_to(xp.arange(self.nlist, dtype=np.int64), keys.shape)
-        _, probe = smallest_k(keys, lists, min(nprobe, self.nlist))
-        return probe
+    def _map(self, fn, items: list) -> list:
+        """``[fn(x) for x in items]``; on the CPU over :func:`backend.cpu_threads` pool threads
+        (each on one BLAS thread; NumPy's GEMM, gathers and partitions release the GIL)."""
+        nt = 1 if self.device == "gpu" else backend.cpu_threads()
+        if nt <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        return list(_pool(nt).map(backend.serial_blas_task(fn), items))
 
-    def _candidates(self, seg: _Segment, probe: Any) -> tuple[Any, Any, Any]:
-        """Flat candidate rows of a batch in one segment: (rows (T,), query of each (T,), count
-        per query (mb,))."""
+    def _probe(self, Q: Any, nprobe: int) -> Any:
+        """The ``nprobe`` best lists of every query (B, nprobe), sorted by (key, list)."""
         xp = backend.device_module(self.device)
-        mb, p = probe.shape
-        starts = seg.offsets[probe].ravel()
-        lens = (seg.offsets[probe + 1] - seg.offsets[probe]).ravel()
-        ends = xp.cumsum(lens)
-        T = int(ends[-1]) if ends.shape[0] else 0
-        t = xp.arange(T, dtype=np.int64)
-        seg = xp.searchsorted(ends, t, side="right")
-        rows = starts[seg] + (t - (ends - lens)[seg])
-        qidx = seg // p
-        per_query = lens.reshape(mb, p).sum(axis=1)
-        return rows, qidx, per_query
+        nt = 1 if self.device == "gpu" else backend.cpu_threads()
+        step = max(64, -(-Q.shape[0] // nt))
+
+        def block(a: int) -> Any:
+            S = Q[a : a + step] @ self.centroids.T
+            keys = (self._cnorm[None, :] - 2.0 * S) if self.kind == "l2" else -S
+            lists = xp.broadcast_to(xp.arange(self.nlist, dtype=np.int64), keys.shape)
+            return smallest_k(keys, lists, min(nprobe, self.nlist))[1]
+
+        parts = self._map(block, list(range(0, Q.shape[0], step)))
+        return parts[0] if len(parts) == 1 else xp.concatenate(parts)
 
     def _batches(self, Q: Any, nprobe: int):
-        """Query batches whose candidates fit the budget (estimated from the mean list size)."""
-        budget = _CAND_ROWS_GPU if self.device == "gpu" else _CAND_ROWS_CPU
+        """Query batches whose scores fit the budget (estimated from the mean list size)."""
+        budget = _SCORES_GPU if self.device == "gpu" else _SCORES_CPU
         mean_list = max(1.0, self.n_stored / max(self.nlist, 1))
-        step = max(1, int(budget // (mean_list * max(nprobe, 1) * 2)))
+        step = max(1, int(budget // (mean_list * max(nprobe, 1) * _PAD)))
         for s in range(0, Q.shape[0], step):
             yield s, Q[s : s + step]
 
-    def _keys(self, seg: _Segment, Qb: Any, rows: Any, qidx: Any, allowed: Any) -> Any:
+    def _plan(self, segs: list[_Segment], counts: np.ndarray) -> dict[str, Any]:
+        """Host plan of a batch's scan (NumPy over lists, never over candidates).
+
+        ``counts[l]``: the batch's queries probing list ``l``. A unit is one list of one segment
+        with up to ``_QBLOCK`` of its queries (pairs ``qa : qa + qn`` of the list-sorted pairs)
+        and rows ``r0 : r0 + m``; units are grouped in classes of equal padded shape ``(Nq, M)``
+        and each class is cut into steps of at most ``_STEP`` gathered floats.
+        """
+        gpu = self.device == "gpu"
+        qblock, step = (_QBLOCK_GPU, _STEP_GPU) if gpu else (_QBLOCK_CPU, _STEP_CPU)
+        pstart = np.cumsum(counts) - counts
+        parts = [np.zeros((7, 0), dtype=np.int64)]
+        for s, seg in enumerate(segs):
+            hoff = seg.host_offsets()
+            m = np.diff(hoff)
+            lists = np.flatnonzero((counts > 0) & (m > 0))
+            nb = -(-counts[lists] // qblock)
+            ul = np.repeat(lists, nb)
+            ub = np.arange(ul.shape[0]) - np.repeat(np.cumsum(nb) - nb, nb)
+            qa = pstart[ul] + ub * qblock
+            qn = np.minimum(qblock, counts[ul] - ub * qblock)
+            parts.append(np.stack([np.full(ul.shape[0], s), _row_class(m[ul]), _pow2(qn), qa,
+                                   qn, hoff[ul], m[ul]]).astype(np.int64))
+        units = np.concatenate(parts, axis=1)
+        units = units[:, np.lexsort(units[2::-1])]  # by (segment, M, Nq)
+        cls = units[:3]
+        new = np.ones(units.shape[1], dtype=bool)
+        new[1:] = (cls[:, 1:] != cls[:, :-1]).any(axis=0)
+        starts = np.flatnonzero(new)
+        ends = np.append(starts[1:], units.shape[1]).astype(np.int64)
+        chunks, f0 = [], 0  # (segment, M, Nq, first unit, end unit, first score)
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            s, mm, nn = int(cls[0, a]), int(cls[1, a]), int(cls[2, a])
+            per = max(1, step // ((mm + nn) * self.d))
+            for u in range(a, b, per):
+                v = min(b, u + per)
+                chunks.append((s, mm, nn, u, v, f0))
+                f0 += (v - u) * nn * mm
+        return {"units": units[3:], "chunks": chunks, "n_scores": f0,
+                "rows": int((units[1]).sum()), "real": int((units[4] * units[6]).sum())}
+
+    def _scan(self, Qb: Any, probe: Any, k: int, allowed: Any, radius: float | None = None):
+        """The list-major scan of one batch (module docstring, steps 1-4): the exact candidates
+        -- the k best per query (``radius`` None; possibly more, within eps of the k-th) or
+        every one with key <= ``radius`` + eps -- as flat arrays (query index, exact key, id)."""
         xp = backend.device_module(self.device)
-        keys = pair_keys(Qb, seg.vectors, qidx, rows, self.kind)
-        bad = None
-        if self.n_dead:
-            bad = seg.dead[rows]
-        if allowed is not None:
-            nb = ~allowed[seg.ids[rows]]
-            bad = nb if bad is None else bad | nb
-        if bad is not None:
-            keys = xp.where(bad, xp.inf, keys)
-        return keys
+        B, P = probe.shape
+        T = B * P
+        segs = [seg for seg in self._segs if seg.rows]
+        pl = probe.ravel()
+        order = xp.argsort(pl, kind="stable")
+        # step 1: the one device->host read before the scan (queries per list)
+        counts = backend.to_host(xp.bincount(pl, minlength=self.nlist)).astype(np.int64)
+        plan = self._plan(segs, counts)
+        chunks = plan["chunks"]
+        units = xp.asarray(plan["units"])  # (4, U): qa, qn, r0, m
+        u_qa, u_qn, u_r0, u_m = units[0], units[1], units[2], units[3]
+        pq = xp.concatenate([order // P, xp.zeros(1, dtype=order.dtype)])  # query of each pair
+        dest = xp.concatenate([order, xp.full(1, T, dtype=order.dtype)])  # its row in tops
+        qsq = (Qb * Qb).sum(axis=1)
+        scores = xp.empty(plan["n_scores"], dtype=np.float32)
+        tops = None if radius is not None else xp.full((len(segs), T + 1, k), xp.inf,
+                                                         dtype=np.float32)
+        span = max([1] + [max(c[1], c[2]) for c in chunks])
+        ar = xp.arange(span, dtype=np.int64)
+        inf, zero = np.float32(np.inf), np.float32(0)
+
+        def pairs_of(u0: int, u1: int, nn: int) -> Any:  # (G, Nq) pair slots; padding -> T
+            return xp.where(ar[None, :nn] < u_qn[u0:u1, None], u_qa[u0:u1, None] + ar[:nn], T)
+
+        def score(ch: tuple) -> None:  # step 2: one batched GEMM
+            s, mm, nn, u0, u1, f0 = ch
+            seg, g = segs[s], u1 - u0
+            qp = pairs_of(u0, u1, nn)
+            ridx = xp.minimum(u_r0[u0:u1, None] + ar[:mm], seg.rows - 1)
+            X = seg.vectors[ridx]
+            if X.dtype != np.float32:
+                X = X.astype(np.float32)
+            S = scores[f0 : f0 + g * nn * mm].reshape(g, nn, mm)
+            xp.matmul(Qb[pq[qp]], X.transpose(0, 2, 1), out=S)
+            pen = xp.where(ar[None, :mm] < u_m[u0:u1, None], zero, inf)
+            if self.n_dead:
+                pen = pen + xp.where(seg.dead[ridx], inf, zero)
+            if allowed is not None:
+                pen = pen + xp.where(allowed[seg.ids[ridx]], zero, inf)
+            if self.kind == "l2":
+                S *= -2.0
+                S += (seg.sqnorm()[ridx] + pen)[:, None, :]
+                S += qsq[pq[qp]][:, :, None]
+            else:
+                S *= -1.0
+                S += pen[:, None, :]
+            if tops is not None:  # the pair's k best (a running top-k over its lists)
+                top = xp.partition(S, k - 1, axis=-1)[..., :k] if mm > k else S
+                tops[s, dest[qp], : top.shape[-1]] = top
+
+        groups = _groups(chunks, 4 * (1 if self.device == "gpu" else backend.cpu_threads()))
+        self._map(lambda grp: [score(ch) for ch in grp], groups)
+        # step 3: each query's threshold, then every score within eps of it
+        xmax = max([seg.xmax() for seg in segs] + [0.0])
+        qn = xp.sqrt(qsq)
+        if self.kind == "l2":
+            eps = 4.0 * (self.d + 3) * _U32 * (qn + xmax) ** 2
+        else:
+            eps = 4.0 * (self.d + 2) * _U32 * qn * xmax
+        if tops is not None:
+            W = tops[:, :T].reshape(len(segs), B, P * k).transpose(1, 0, 2).reshape(B, -1)
+            tau = xp.partition(W, k - 1, axis=-1)[:, k - 1]
+        else:
+            tau = xp.full(B, radius, dtype=np.float32)
+        big = np.float32(np.finfo(np.float32).max)
+        thr = xp.where(xp.isfinite(tau), (tau + eps).astype(np.float32), big)
+        thr = xp.concatenate([thr[pq[:T]], xp.full(1, -np.inf, dtype=np.float32)])  # per pair
+        hit = xp.empty(plan["n_scores"], dtype=bool)
+
+        def band(grp: list) -> None:
+            for _, mm, nn, u0, u1, f0 in grp:
+                sl = slice(f0, f0 + (u1 - u0) * nn * mm)
+                xp.less_equal(scores[sl].reshape(-1, nn, mm),
+                              thr[pairs_of(u0, u1, nn)][:, :, None],
+                              out=hit[sl].reshape(-1, nn, mm))
+
+        self._map(band, groups)
+        f = xp.flatnonzero(hit)  # the second device->host read (the number of candidates)
+        # step 4: the candidates' exact keys
+        meta = np.array([[c[5], c[1], c[2], c[3], c[0]] for c in chunks] or
+                        np.zeros((0, 5)), dtype=np.int64).T
+        c_f0, c_m, c_n, c_u0, c_s = xp.asarray(meta)
+        c = xp.searchsorted(c_f0, f, side="right") - 1
+        loc = f - c_f0[c]
+        per = c_n[c] * c_m[c]
+        u = c_u0[c] + loc // per
+        i, j = (loc % per) // c_m[c], (loc % per) % c_m[c]
+        query = pq[u_qa[u] + i]
+        row = u_r0[u] + j
+        if len(segs) == 1:
+            X, ids = segs[0].vectors[row].astype(np.float32, copy=False), segs[0].ids[row]
+        else:
+            cs = c_s[c]
+            X = xp.zeros((f.shape[0], self.d), dtype=np.float32)
+            ids = xp.zeros(f.shape[0], dtype=np.int64)
+            for s, seg in enumerate(segs):
+                mine = cs == s
+                r = xp.where(mine, row, 0)
+                X = xp.where(mine[:, None], seg.vectors[r].astype(np.float32), X)
+                ids = xp.where(mine, seg.ids[r], ids)
+        keys = pair_keys(Qb, X, query, xp.arange(f.shape[0]), self.kind)
+        self._count(B, T, plan, int(f.shape[0]), segs)
+        return query, keys, ids
+
+    def _count(self, B: int, T: int, plan: dict[str, Any], n_cand: int,
+               segs: list[_Segment]) -> None:
+        """Add one batch's work to :attr:`last_scan` (see :meth:`scan_counts`)."""
+        d, item = self.d, (segs[0].vectors.dtype.itemsize if segs else 4)
+        c = self.last_scan
+        add = {"queries": B, "pairs": T, "lists_read": plan["units"].shape[1],
+               "rows_read": plan["rows"], "scores": plan["n_scores"],
+               "real_scores": plan["real"], "candidates": n_cand,
+               "coarse_flops": 2.0 * B * self.nlist * d,
+               "scan_flops": 2.0 * plan["n_scores"] * d,
+               "exact_flops": 2.0 * n_cand * d,
+               "list_bytes": float(plan["rows"]) * d * item,
+               # scores written, read by the partition and by the band compare; hits
+               "score_bytes": float(plan["n_scores"]) * (3 * 4 + 2),
+               "other_bytes": float(self.nlist * d * 4 + 2 * B * d * 4
+                                    + n_cand * (d * (4 + item) + 32))}
+        for key, v in add.items():
+            c[key] = c.get(key, 0.0) + float(v)
+
+    def scan_counts(self) -> dict[str, float]:
+        """Work of the last :meth:`search` / :meth:`range_search` call, summed over its batches:
+        ``queries``, ``pairs`` (query, list), ``lists_read`` (GEMM units), ``rows_read`` (list
+        rows read, padding included), ``scores`` (GEMM entries, padding included),
+        ``real_scores``, ``candidates`` (re-scored exactly), flops (``coarse_flops``,
+        ``scan_flops``, ``exact_flops``) and bytes: ``list_bytes`` (every probed list read once
+        per batch: the compulsory traffic), ``score_bytes`` (the score buffer: written, read
+        twice) and ``other_bytes`` (centroids, queries, candidates). A roofline reads these
+        against the call's time."""
+        return dict(self.last_scan)
 
     def search(self, Q: Any, k: int, nprobe: int, allowed: Any = None) -> tuple[Any, Any]:
         xp = backend.device_module(self.device)
         Q = xp.asarray(Q, dtype=np.float32)
         allowed = None if allowed is None else xp.asarray(allowed)
+        self.last_scan = {}
         out_k, out_i = [], []
-        for _, Qb in self._batches(Q, nprobe):
-            probe = self._probe(Qb, nprobe)
-            parts = [(seg, *self._candidates(seg, probe)) for seg in self._segs]
-            mb = Qb.shape[0]
-            total = sum(per_query for *_, per_query in parts)
-            width = max(int(total.max()) if mb else 0, 1)
-            K = xp.full((mb, width), xp.inf, dtype=np.float32)
-            ID = xp.full((mb, width), -1, dtype=np.int64)
-            before = xp.zeros(mb, dtype=np.int64)  # each query's slots taken by earlier segments
-            for seg, rows, qidx, per_query in parts:
-                if rows.shape[0]:
-                    keys = self._keys(seg, Qb, rows, qidx, allowed)
-                    first = xp.cumsum(per_query) - per_query
-                    pos = before[qidx] + xp.arange(rows.shape[0]) - first[qidx]
-                    K[qidx, pos] = keys
-                    ID[qidx, pos] = seg.ids[rows]
-                before = before + per_query
-            kb, ib = smallest_k(K, ID, k)
-            out_k.append(kb)
-            out_i.append(ib)
+        with self._serial():
+            for _, Qb in self._batches(Q, nprobe):
+                B = Qb.shape[0]
+                K = xp.full((B, k + 1), xp.inf, dtype=np.float32)  # column k takes ranks >= k
+                ID = xp.full((B, k + 1), -1, dtype=np.int64)
+                if self.n_stored and B:
+                    query, keys, ids = self._scan(Qb, self._probe(Qb, nprobe), k, allowed)
+                    o = xp.lexsort(xp.stack([ids.astype(np.float64), keys.astype(np.float64),
+                                             query.astype(np.float64)]))
+                    qs = query[o]
+                    rank = xp.minimum(xp.arange(qs.shape[0]) - xp.searchsorted(qs, qs), k)
+                    K[qs, rank] = keys[o]
+                    ID[qs, rank] = ids[o]
+                out_k.append(K[:, :k])
+                out_i.append(xp.where(xp.isfinite(K[:, :k]), ID[:, :k], -1))
+        if not out_k:
+            return xp.full((0, k), xp.inf, dtype=np.float32), xp.full((0, k), -1, dtype=np.int64)
         return xp.concatenate(out_k), xp.concatenate(out_i)
 
     def range_search(self, Q: Any, max_key: float, nprobe: int, allowed: Any = None):
         xp = backend.device_module(self.device)
         Q = xp.asarray(Q, dtype=np.float32)
         allowed = None if allowed is None else xp.asarray(allowed)
+        self.last_scan = {}
         out = []
-        for _, Qb in self._batches(Q, nprobe):
-            probe = self._probe(Qb, nprobe)
-            hq, hk, hi = [], [], []
-            for seg in self._segs:
-                rows, qidx, _ = self._candidates(seg, probe)
-                keys = self._keys(seg, Qb, rows, qidx, allowed)
+        with self._serial():
+            for _, Qb in self._batches(Q, nprobe):
+                if not self.n_stored:
+                    none = (xp.zeros(0, dtype=np.float32), xp.zeros(0, dtype=np.int64))
+                    out.extend([none] * Qb.shape[0])
+                    continue
+                query, keys, ids = self._scan(Qb, self._probe(Qb, nprobe), 1, allowed,
+                                              radius=float(max_key))
                 keep = keys <= max_key
-                hq.append(qidx[keep])
-                hk.append(keys[keep])
-                hi.append(seg.ids[rows[keep]])
-            out.extend(hits_per_query(xp.concatenate(hq), xp.concatenate(hk),
-                                      xp.concatenate(hi), Qb.shape[0]))
+                out.extend(hits_per_query(query[keep], keys[keep], ids[keep], Qb.shape[0]))
         return out
+
+    def _serial(self):
+        """One BLAS thread during a CPU search (the scan's own pool runs the threads)."""
+        return contextlib.nullcontext() if self.device == "gpu" else backend.serial_blas()
 
     # -- removal --------------------------------------------------------------------------------
     def remove(self, ids: Any) -> int:
@@ -374,14 +649,15 @@ class NativeIVF:
 
     # -- persistence ----------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
-        return {"spherical": self.spherical, "n_dead": self.n_dead}
+        return {"spherical": self.spherical, "n_dead": self.n_dead,
+                "list_dtype": self.list_dtype.name}
 
     _FILES = ("centroids", "vectors", "ids", "offsets", "dead")
 
     def save(self, folder: Path) -> list[str]:
         """The one-array layout; segments are merged on the host (no device copy)."""
         if len(self._segs) > 1:
-            host = [_Segment(*(backend.to_host(getattr(seg, a)) for a in _Segment.__slots__))
+            host = [_Segment(*(backend.to_host(getattr(seg, a)) for a in _Segment.FIELDS))
                     for seg in self._segs]
             flat = _merge_segments(host, self.nlist, self.d, drop_dead=False)
         else:
@@ -406,7 +682,9 @@ class NativeIVF:
                 or int(arrays["offsets"][-1]) != n or arrays["dead"].shape != (n,)):
             raise mismatch(folder, "array shapes", {k: v.shape for k, v in arrays.items()},
                            "consistent lists")
-        eng = cls(d, meta["kind"], nlist, device)
+        if arrays["vectors"].dtype.name not in _LIST_DTYPES:
+            raise mismatch(folder, "vectors dtype", arrays["vectors"].dtype, _LIST_DTYPES)
+        eng = cls(d, meta["kind"], nlist, device, list_dtype=arrays["vectors"].dtype)
         eng.set_centroids(arrays["centroids"])
         eng.vectors, eng.ids = xp.asarray(arrays["vectors"]), xp.asarray(arrays["ids"])
         eng.offsets, eng.dead = xp.asarray(arrays["offsets"]), xp.asarray(arrays["dead"])
