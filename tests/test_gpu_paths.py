@@ -242,11 +242,18 @@ def _kernel_calls():
         "pca-gram": lambda Xs, kw: pca_(Xs[0], 5, method="gram", **f64, **kw).scores,
         "pca-randomized": lambda Xs, kw: pca_(Xs[0], 5, method="randomized", **f64,
                                               **kw).scores,
+        # fewer cells than genes: A A^T by row chunks of the sparse matrix
+        "pca-wide": lambda Xs, kw: pca_(Xs[0].T.tocsr(), 5, method="gram", **f64,
+                                        **kw).scores,
         "knn": lambda Xs, kw: knn(Xs[0], None, 5, exclude_self=True, **kw),
         "cca": lambda Xs, kw: cca(Xs[0], Xs[1], 4, **f64, **kw),
         "fastmnn": lambda Xs, kw: fastmnn(Xs, k=5, d=5, **f64, **kw).corrected,
         "seurat": lambda Xs, kw: seurat_integrate(Xs, dims=5, k_weight=10, **f64,
                                                   **kw).corrected,
+        # v5: one ScaleData over all cells, held implicitly (ColumnShifted) on the device
+        "seurat-v5-joint": lambda Xs, kw: seurat_integrate(
+            Xs, embeddings=[X[:, :6].toarray().astype(np.float64) for X in Xs], scale="joint",
+            k_filter=None, dims=5, k_weight=10, **f64, **kw).corrected,
         "inmf": lambda Xs, kw: inmf(Xs, k=3, n_iter=3, **f64, **kw).W,
         "online_inmf": lambda Xs, kw: online_inmf(Xs, k=3, max_epochs=1, minibatch_size=50,
                                                   **f64, **kw).W,

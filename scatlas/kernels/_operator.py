@@ -28,6 +28,11 @@ from .. import _progress, backend
 
 # Below this many stored values a sparse product is not worth splitting across threads.
 _THREAD_MIN_NNZ = 2_000_000
+#: Stored entries per block where a sparse matrix's entries are rewritten in float64.
+ENTRY_BLOCK = 2**20
+#: Bytes of one dense row chunk of :meth:`ShiftedOperator.gram` (256 MiB): the most of a sparse
+#: X that is ever dense at once there.
+GRAM_CHUNK_BYTES = 2**28
 
 
 def _n_threads() -> int:
@@ -53,6 +58,11 @@ def _csr_row_blocks(X, n_blocks: int) -> list[tuple[int, int, Any]]:
         )
         blocks.append((int(lo), int(hi), sub))
     return blocks
+
+
+def _chunk_rows(p: int, dtype: Any) -> int:
+    """Rows of a dense (rows, p) chunk of :data:`GRAM_CHUNK_BYTES` (at least 256)."""
+    return max(256, int(GRAM_CHUNK_BYTES // (max(p, 1) * np.dtype(dtype).itemsize)))
 
 
 class ShiftedOperator:
@@ -147,11 +157,14 @@ class ShiftedOperator:
 
         Each chunk product runs in the compute dtype (BLAS-3); partial sums are added in float64
         so that long accumulations over millions of cells keep their precision.
+
+        Peak memory beyond X: the (p, p) result in ``accumulate_dtype``, one dense (c, p) chunk
+        (c = ``chunk_rows``, default :data:`GRAM_CHUNK_BYTES` of rows, at least 256) and its
+        (p, p) product in the compute dtype (plus its cast when the dtypes differ).
         """
         n, p = self.shape
         if chunk_rows is None:
-            # ~256 MiB of dense chunk at a time
-            chunk_rows = max(256, int(2**28 // (max(p, 1) * np.dtype(self.dtype).itemsize)))
+            chunk_rows = _chunk_rows(p, self.dtype)
         G = self.xp.zeros((p, p), dtype=accumulate_dtype)
         starts = range(0, n, chunk_rows)
         for lo in _progress.track(starts, desc="Gram matrix", total=len(starts),
@@ -159,6 +172,7 @@ class ShiftedOperator:
             C = self.dense_rows(lo, min(n, lo + chunk_rows))
             with backend.blas_for_flops(2.0 * C.shape[0] * p * p, like=C):
                 G += (C.T @ C).astype(accumulate_dtype, copy=False)
+            del C  # the next chunk is not allocated while this one is alive
         return G
 
     def sq_norm_total(self) -> float:
@@ -178,9 +192,11 @@ class ShiftedOperator:
             b = self.b.astype(np.float64)
             return float(ssq - 2.0 * (b @ col_sum) + n * (b @ b))
         total = 0.0
-        for lo in range(0, n, 4096):
-            C = self.dense_rows(lo, min(n, lo + 4096)).astype(np.float64)
+        rows = min(4096, _chunk_rows(p, np.float64))
+        for lo in range(0, n, rows):
+            C = self.dense_rows(lo, min(n, lo + rows)).astype(np.float64)
             total += float((C * C).sum())
+            del C
         return total
 
     def close(self) -> None:
@@ -193,3 +209,88 @@ class ShiftedOperator:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class ColumnShifted:
+    """``S = X - 1 b^T`` for a sparse X and a per-column shift b, never formed densely.
+
+    How :func:`scatlas.kernels.anchors.scale_data` (``implicit=True``) holds Seurat's scaled
+    data of a sparse matrix: X are the values clipped at ``mean + clip sd`` and divided by the
+    gene's sd (its sparsity pattern unchanged), ``b = mean / sd``; an all-zero (unstored) entry
+    of the data is ``-b``. Memory: one CSR of the input's pattern and a (p,) vector, instead of
+    the dense (n, p) array.
+
+    Parameters
+    ----------
+    X
+        (n, p) CSR matrix (scipy.sparse or cupyx.scipy.sparse) in the compute dtype, canonical
+        (no duplicate entries).
+    shift
+        (p,) array of the same array module and dtype.
+    """
+
+    def __init__(self, X: Any, shift: Any):
+        self.X = X
+        self.shift = shift
+        self.shape = X.shape
+        self.dtype = X.dtype
+        self.xp = backend.array_module(shift)
+
+    def operator(self, **kwargs: Any) -> ShiftedOperator:
+        """The :class:`ShiftedOperator` of S (``row_shift`` / ``row_scale`` may be added)."""
+        return ShiftedOperator(self.X, col_shift=self.shift, **kwargs)
+
+    def toarray(self) -> Any:
+        """The dense (n, p) S (what this class exists to avoid; for small pieces and tests)."""
+        D = self.X.toarray()
+        D -= self.shift[None, :]
+        return D
+
+    def take_columns(self, cols: Any) -> ColumnShifted:
+        """S[:, cols] (cols: integer positions on S's device)."""
+        return ColumnShifted(self.X[:, cols].tocsr(), self.shift[cols])
+
+    def astype(self, dtype: Any) -> ColumnShifted:
+        if np.dtype(dtype) == self.dtype:
+            return self
+        return ColumnShifted(self.X.astype(dtype), self.shift.astype(dtype))
+
+    def rmatmat(self, Q: Any) -> Any:
+        """S^T Q for Q (n, l) -> (p, l)."""
+        return self.X.T @ Q - self.shift[:, None] * Q.sum(axis=0)[None, :]
+
+    def column_moments(self) -> tuple[Any, Any, Any]:
+        """Per-column float64 (sum, sum of squares) of X (not S: S's variance is X's) and the
+        shift in float64."""
+        xp = self.xp
+        X = self.X
+        s1 = xp.asarray(X.sum(axis=0)).ravel().astype(np.float64)
+        s2 = xp.asarray(X.multiply(X).sum(axis=0)).ravel().astype(np.float64)
+        return s1, s2, self.shift.astype(np.float64)
+
+    def row_moments(self) -> tuple[Any, Any]:
+        """Per-row float64 sums and sums of squares of S (over the p columns), from the stored
+        entries, ``sum_j (x_j - b_j)^2 = sum_stored ((x - b)^2 - b^2) + ||b||^2``, in row
+        blocks of about :data:`ENTRY_BLOCK` entries (float64 temporaries)."""
+        xp = self.xp
+        X = self.X
+        n = X.shape[0]
+        b = self.shift.astype(np.float64)
+        row_x = xp.zeros(n, dtype=np.float64)
+        row_t = xp.zeros(n, dtype=np.float64)
+        indptr = backend.to_host(X.indptr).astype(np.int64)
+        cuts = np.unique(np.searchsorted(indptr, np.arange(0, indptr[-1], ENTRY_BLOCK),
+                                         side="right") - 1)
+        bounds = [*(int(c) for c in cuts if 0 < c < n), n]
+        lo = 0
+        for hi in bounds:
+            s, e = int(indptr[lo]), int(indptr[hi])
+            if e > s:
+                d = X.data[s:e].astype(np.float64)
+                bj = b[X.indices[s:e]]
+                t = (d - bj) ** 2 - bj**2
+                rows = xp.repeat(xp.arange(lo, hi), xp.asarray(np.diff(indptr[lo:hi + 1])))
+                row_x += xp.bincount(rows, weights=d, minlength=n)
+                row_t += xp.bincount(rows, weights=t, minlength=n)
+            lo = hi
+        return row_x - b.sum(), row_t + float((b * b).sum())

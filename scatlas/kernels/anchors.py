@@ -73,6 +73,16 @@ Deviations from Seurat (documented, deliberate):
 No n1 x n2 matrix is ever formed: the CCA goes through p x p Gram matrices, neighbours are
 searched block-wise, weights are a sparse (n_query x n_anchors) matrix with k.weight entries per
 row and the correction is two sparse-times-data products.
+
+Sparse input is never made dense cells x genes for the anchors: the gene scaling (per dataset,
+or ``scale='joint'`` over all cells) is held implicitly (:func:`scale_data` with
+``implicit=True``: a CSR of the input's pattern minus a per-gene shift, exact with the clip),
+the CCA's Gram matrices are accumulated over dense row chunks of
+:data:`~scatlas.kernels._operator.GRAM_CHUNK_BYTES`, the loadings are sparse products and the
+filter densifies only its ~``max_features`` genes. Exceptions: the CCA's explicit route for
+small pairs (n1 n2 <= 1e7, (n1 + n2) p <= 1e8: dense float64 rows of both), and the expression
+path's corrected data and weight-space scaling, which are dense (n, p) by nature (the v5
+embedding path has neither). Dense input is scaled one dataset at a time (no concatenated copy).
 """
 
 from __future__ import annotations
@@ -87,7 +97,8 @@ import numpy as np
 
 from .. import _progress, backend
 from .._validate import ScatlasInputError, check_positive_int, check_same_features
-from ._operator import ShiftedOperator
+from . import _operator
+from ._operator import ColumnShifted, ShiftedOperator
 from .cca import cca as _cca
 from .linalg import as_compute_matrix
 from .linalg import pca as _pca
@@ -133,8 +144,18 @@ def stable_argsort(v: Any) -> Any:
 
 
 def to_dense(X: Any) -> Any:
-    """Dense copy of a sparse matrix; dense input is returned as is."""
-    return X.toarray() if backend.issparse(X) else X
+    """Dense copy of a sparse matrix (or a ColumnShifted); dense input is returned as is."""
+    return X.toarray() if backend.issparse(X) or isinstance(X, ColumnShifted) else X
+
+
+def _take_columns(X: Any, cols: Any) -> Any:
+    """X[:, cols] for an array, a sparse matrix or a ColumnShifted."""
+    return X.take_columns(cols) if isinstance(X, ColumnShifted) else X[:, cols]
+
+
+def _t_matmul(X: Any, Z: Any) -> Any:
+    """X^T Z (p, k) without densifying a sparse X or a ColumnShifted."""
+    return X.rmatmat(Z) if isinstance(X, ColumnShifted) else X.T @ Z
 
 
 def split_batches(X: Any, batch: Any, name: str = "X") -> tuple[list[Any], list[Any], Any]:
@@ -176,10 +197,18 @@ def prepare_datasets(datasets: Sequence[Any], dtype: Any, device: str | None,
         )
     out, restore = [], None
     for i, X in enumerate(datasets):
+        if isinstance(X, ColumnShifted):  # scaled data held implicitly (scale_data)
+            Xd, rest = backend.on_device(X.X, device, backend.resolve_dtype(dtype))
+            shift = X.shift if Xd is X.X else backend.to_device(
+                backend.to_host(X.shift), backend.device_of(Xd))
+            restore = rest if restore is None else restore
+            out.append(ColumnShifted(as_compute_matrix(Xd, dtype, f"{what}[{i}]"),
+                                     shift.astype(backend.resolve_dtype(dtype))))
+            continue
         Xd, rest = backend.on_device(X, device, backend.resolve_dtype(dtype))
         restore = rest if restore is None else restore
         out.append(as_compute_matrix(Xd, dtype, f"{what}[{i}]"))
-    if len({backend.device_of(X) for X in out}) != 1:
+    if len({backend.device_of(getattr(X, "X", X)) for X in out}) != 1:
         raise ScatlasInputError(f"all {what} must live on the same device (or pass device=)")
     check_same_features(out, [f"{what}[{i}]" for i in range(len(out))])
     return out, restore
@@ -219,25 +248,69 @@ def _caller_stacklevel() -> int:
 # ----------------------------------------------------------------------------------------------
 # ScaleData
 # ----------------------------------------------------------------------------------------------
-def scale_data(X: Any, *, clip: float | None = SCALE_MAX, dtype: Any = None) -> Any:
+def scale_data(X: Any, *, clip: float | None = SCALE_MAX, dtype: Any = None,
+               implicit: bool = False) -> Any:
     """Seurat ``ScaleData`` (``FastRowScale``): each gene centred and divided by its sd (n - 1).
 
     X is (n_cells, n_genes), dense or sparse, numpy or cupy; returns a dense (n, p) array in the
     compute dtype (float32 by default). Values above ``clip`` (``scale.max = 10``) are set to it
     (Seurat clips the upper side only); ``clip=None`` disables it. Zero-variance genes give 0
     (Seurat: NaN). Needs at least 2 cells.
+
+    ``implicit=True`` with a sparse X returns a :class:`~scatlas.kernels._operator.ColumnShifted`
+    instead: the scaled values ``(x - mean) / sd`` held as a CSR of X's pattern minus a (p,)
+    shift, so the dense (n, p) array is never formed (:func:`find_anchors`,
+    :func:`scatlas.kernels.cca`, :func:`scatlas.kernels.linalg.pca` take it). Exact, clipping
+    included, because an unstored zero scales to ``-mean / sd`` and is never clipped when
+    ``mean + clip sd >= 0`` (always so for non-negative data); a gene where that fails (negative
+    data) falls back to the dense array. Dense X is scaled densely either way.
+
+    Peak memory: the (n, p) output plus one input-sized temporary for sparse X (densified);
+    with ``implicit=True`` and sparse X, one copy of X's stored entries and (p,) vectors.
     """
     X = as_compute_matrix(X, dtype, "X")
     n = X.shape[0]
     if n < 2:
         raise ScatlasInputError("scale_data needs at least 2 cells (sd with n - 1)")
-    xp = backend.array_module(X)
     s1, s2 = _column_moments(X)
+    mean, sd, inv = _scale_params(s1, s2, n)
+    return _apply_scale(X, mean, sd, inv, clip, implicit)
+
+
+def _scale_params(s1: Any, s2: Any, n: int) -> tuple[Any, Any, Any]:
+    """(mean, sd, 1 / sd or 0 for a constant gene), float64, from column sums / squares."""
+    xp = backend.array_module(s1)
     mean = s1 / n
     var = xp.clip(s2 - n * mean**2, 0, None) / (n - 1)
     sd = xp.sqrt(var)
     flat = var <= 1e-12 * xp.maximum(s2 / n, 1e-300)  # constant gene (round-off variance)
     inv = xp.where(flat, 0.0, 1.0 / xp.where(flat, 1.0, sd))
+    return mean, sd, inv
+
+
+def _apply_scale(X: Any, mean: Any, sd: Any, inv: Any, clip: float | None,
+                 implicit: bool) -> Any:
+    """``min((X - mean) inv, clip)``: dense, or a ColumnShifted for sparse X (``implicit``)."""
+    xp = backend.array_module(X)
+    if implicit and backend.issparse(X):
+        thr = None if clip is None else mean + clip * sd
+        if thr is None or bool((thr >= 0).all()):
+            Xc = X.tocsr()
+            if not Xc.has_canonical_format:
+                Xc = Xc.copy() if Xc is X else Xc  # sum_duplicates works in place
+                Xc.sum_duplicates()
+            cols = Xc.indices
+            data = xp.empty(cols.shape[0], dtype=X.dtype)
+            block = _operator.ENTRY_BLOCK  # float64 temporaries by block
+            for lo in range(0, cols.shape[0], block):
+                seg = slice(lo, lo + block)
+                v = Xc.data[seg].astype(np.float64)
+                if thr is not None:
+                    xp.minimum(v, thr[cols[seg]], out=v)
+                v *= inv[cols[seg]]
+                data[seg] = v
+            S = backend.sparse_module(X).csr_matrix((data, cols, Xc.indptr), shape=X.shape)
+            return ColumnShifted(S, (mean * inv).astype(X.dtype))
     out = to_dense(X).astype(X.dtype, copy=True)
     out -= mean.astype(X.dtype)[None, :]
     out *= inv.astype(X.dtype)[None, :]
@@ -491,7 +564,7 @@ def _find_anchors(X1: Any, X2: Any, *, k_anchor: int, k_filter: int | None, k_sc
     n1, n2, p = X1d.shape[0], X2d.shape[0], X1d.shape[1]
     req, eff = _anchor_params(n1, n2, dims, k_anchor, k_score, k_filter, max_features)
     if scale:
-        X1d, X2d = scale_data(X1d, dtype=X1d.dtype), scale_data(X2d, dtype=X2d.dtype)
+        X1d, X2d = (scale_data(X, dtype=X.dtype, implicit=True) for X in (X1d, X2d))
     X1all, X2all = X1d, X2d  # all features (the filter's fallback data and shape check)
     used = _varying_in_both(X1d, X2d)  # RunCCA's CheckFeatures: drop zero-variance genes
     if used.size < 2:
@@ -503,7 +576,7 @@ def _find_anchors(X1: Any, X2: Any, *, k_anchor: int, k_filter: int | None, k_sc
     eff["dims"] = min(eff["dims"], int(used.size) - 1)
     if used.size < p:
         cols = backend.to_device(used, backend.device_of(X1d))
-        X1d, X2d = X1d[:, cols], X2d[:, cols]
+        X1d, X2d = _take_columns(X1d, cols), _take_columns(X2d, cols)
     dims, k_anchor, k_score, k_filter = (eff[k] for k in ("dims", "k_anchor", "k_score",
                                                           "k_filter"))
     try:
@@ -521,7 +594,7 @@ def _find_anchors(X1: Any, X2: Any, *, k_anchor: int, k_filter: int | None, k_sc
     n_mnn = int(a.shape[0])
     features = None
     if k_filter is not None:
-        loadings = to_dense(X1d).T @ Z1 + to_dense(X2d).T @ Z2  # ProjectDim on scale.data
+        loadings = _t_matmul(X1d, Z1) + _t_matmul(X2d, Z2)  # ProjectDim on scale.data
         features = used[top_dim_features(loadings, max_features)]
         F1, F2 = _filter_inputs(filter_data1, filter_data2, X1all, X2all, features, device)
         keep = _filter_anchors(a, b, F1, F2, k_filter, progress)
@@ -546,12 +619,20 @@ def _column_moments(X: Any) -> tuple[Any, Any]:
 def _column_variance(X: Any) -> Any:
     """Per-column variance (host float64, ddof=0) of a dense or sparse matrix; columns that are
     constant up to round-off give exactly 0."""
-    xp = backend.array_module(X)
     n = X.shape[0]
-    s1, s2 = _column_moments(X)
-    mean = s1 / n
-    var = xp.clip(s2 / n - mean**2, 0, None)
-    var = xp.where(var <= 1e-12 * xp.maximum(s2 / n, 1e-300), 0.0, var)
+    if isinstance(X, ColumnShifted):  # S = X - b: S's variance is X's; its mean square is not
+        s1, s2, b = X.column_moments()
+        xp = X.xp
+        mean = s1 / n
+        var = xp.clip(s2 / n - mean**2, 0, None)
+        mean_sq = xp.maximum(s2 / n, var + (mean - b) ** 2)
+    else:
+        xp = backend.array_module(X)
+        s1, s2 = _column_moments(X)
+        mean = s1 / n
+        var = xp.clip(s2 / n - mean**2, 0, None)
+        mean_sq = s2 / n
+    var = xp.where(var <= 1e-12 * xp.maximum(mean_sq, 1e-300), 0.0, var)
     return np.asarray(backend.to_host(var))
 
 
@@ -575,7 +656,7 @@ def _filter_inputs(F1: Any, F2: Any, X1: Any, X2: Any, features: np.ndarray,
             if F.shape != X.shape:
                 raise ScatlasInputError(f"{name} has shape {F.shape}; expected {X.shape}")
     cols = backend.to_device(features, backend.device_of(F1))
-    return (l2_normalize_rows(to_dense(F[:, cols])) for F in (F1, F2))
+    return (l2_normalize_rows(to_dense(_take_columns(F, cols))) for F in (F1, F2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -906,10 +987,13 @@ def _weight_space(ref: _Node, query: _Node, n_pcs: int | None, seed: int,
     if n_pcs is None:
         return query.data, int(query.data.shape[1])
     xp = backend.array_module(query.data)
-    merged = xp.concatenate([to_dense(ref.data), to_dense(query.data)])
+    if backend.issparse(ref.data) and backend.issparse(query.data):  # scaled implicitly
+        merged = backend.sparse_module(ref.data).vstack([ref.data, query.data], format="csr")
+    else:
+        merged = xp.concatenate([to_dense(ref.data), to_dense(query.data)])
     n_comp = min(n_pcs, max(merged.shape[1] - 1, 1), merged.shape[0] - 1)  # RunPCA's cap
-    res = _pca(scale_data(merged, dtype=merged.dtype), n_comp, center=False, seed=seed,
-               dtype=merged.dtype, progress=progress)
+    res = _pca(scale_data(merged, dtype=merged.dtype, implicit=True), n_comp, center=False,
+               seed=seed, dtype=merged.dtype, progress=progress)
     return res.scores[ref.n:], n_comp
 
 
@@ -926,13 +1010,16 @@ def _input_datasets(datasets: Any, batch: Any) -> tuple[list[Any], list[Any], li
 
 
 def _scaled_for_cca(data: list[Any], scale: str) -> list[Any]:
+    """Each dataset's CCA input: scaled per dataset, over all cells, or as given. Sparse data
+    stay sparse (:func:`scale_data` ``implicit=True``); dense data are scaled one dataset at a
+    time (no concatenated copy)."""
     if scale == "dataset":
-        return [scale_data(X, dtype=X.dtype) for X in data]
+        return [scale_data(X, dtype=X.dtype, implicit=True) for X in data]
     if scale == "joint":  # v5: one ScaleData over all cells (by.layer = FALSE)
-        xp = backend.array_module(data[0])
-        S = scale_data(xp.concatenate([to_dense(X) for X in data]), dtype=data[0].dtype)
-        cuts = np.cumsum([X.shape[0] for X in data])[:-1]
-        return list(xp.split(S, cuts.tolist()))
+        moments = [_column_moments(X) for X in data]
+        n = sum(X.shape[0] for X in data)
+        mean, sd, inv = _scale_params(sum(m[0] for m in moments), sum(m[1] for m in moments), n)
+        return [_apply_scale(X, mean, sd, inv, SCALE_MAX, implicit=True) for X in data]
     if scale == "none":
         return data
     raise ScatlasInputError(f"scale must be 'dataset', 'joint' or 'none', got {scale!r}")

@@ -38,24 +38,28 @@ import numpy as np
 
 from .. import backend
 from .._validate import ScatlasInputError, check_positive_int, check_same_features
-from ._operator import ShiftedOperator
+from ._operator import ColumnShifted, ShiftedOperator
 from .linalg import (
     _GRAM_MAX_FEATURES,
     _svd_randomized,
     _top_eigh,
-    as_compute_matrix,
     gram_factor,
+    prepare_input,
     resolve_n_iter,
 )
 
 
 def _per_cell_operator(X, name: str, scale: bool) -> ShiftedOperator:
     """Operator for X with each row centred (and scaled to unit sd, ddof=1) across features."""
-    xp = backend.array_module(X)
+    xp = backend.array_module(getattr(X, "shift", X))
     n, p = X.shape
     if p < 2:
         raise ScatlasInputError(f"{name} needs at least 2 shared features, got {p}")
-    if backend.issparse(X):
+    col_shift = None
+    if isinstance(X, ColumnShifted):  # scaled data held implicitly: X.X - 1 shift^T
+        row_sum, row_ssq = X.row_moments()
+        X, col_shift = X.X, X.shift
+    elif backend.issparse(X):
         row_sum = xp.asarray(X.sum(axis=1)).ravel().astype(np.float64)
         row_ssq = xp.asarray(X.multiply(X).sum(axis=1)).ravel().astype(np.float64)
     else:
@@ -71,7 +75,8 @@ def _per_cell_operator(X, name: str, scale: bool) -> ShiftedOperator:
             "(empty cells?); remove them before CCA"
         )
     scale_vec = (1.0 / xp.sqrt(var)).astype(X.dtype) if scale else None
-    return ShiftedOperator(X, row_shift=mean.astype(X.dtype), row_scale=scale_vec)
+    return ShiftedOperator(X, row_shift=mean.astype(X.dtype), col_shift=col_shift,
+                           row_scale=scale_vec)
 
 
 class _CrossOperator:
@@ -132,6 +137,8 @@ def _standardized_rows64(op: ShiftedOperator):
     X = op.X
     D = X.toarray() if op.sparse else op.xp.array(X, copy=True)
     D = D.astype(np.float64, copy=False)
+    if op.b is not None:  # a ColumnShifted input (scaled data held implicitly)
+        D -= op.b.astype(np.float64)[None, :]
     D -= D.mean(axis=1, keepdims=True)
     if op.r is not None:
         D /= op.xp.sqrt((D * D).sum(axis=1, keepdims=True) / (D.shape[1] - 1))
@@ -192,13 +199,17 @@ def _finish(Z1, Z2, D, k: int, l2_norm: bool, return_d: bool):
     return (Z1, Z2, D) if return_d else (Z1, Z2)
 
 
+def _prepare_one(X, dtype, device, name):
+    """(X on the device in the compute dtype, restore); a ColumnShifted keeps its form."""
+    Xd, shift, restore = prepare_input(X, dtype, device, name)
+    return (Xd if shift is None else ColumnShifted(Xd, shift)), restore
+
+
 def _prepare_pair(X1, X2, k, dtype, device):
-    X1d, restore = backend.on_device(X1, device, backend.resolve_dtype(dtype))
-    X2d, _ = backend.on_device(X2, device, backend.resolve_dtype(dtype))
-    if backend.device_of(X1d) != backend.device_of(X2d):
+    X1d, restore = _prepare_one(X1, dtype, device, "X1")
+    X2d, _ = _prepare_one(X2, dtype, device, "X2")
+    if backend.device_of(getattr(X1d, "X", X1d)) != backend.device_of(getattr(X2d, "X", X2d)):
         raise ScatlasInputError("X1 and X2 must live on the same device (or pass device=...)")
-    X1d = as_compute_matrix(X1d, dtype, "X1")
-    X2d = as_compute_matrix(X2d, dtype, "X2")
     p = check_same_features([X1d, X2d], ["X1", "X2"])
     limit = min(X1d.shape[0], X2d.shape[0], p)
     k = check_positive_int(k, "k", upper=limit, what="min(n1, n2, n_features)")

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import _progress, backend
 from .._validate import ScatlasInputError, check_matrix, check_positive_int
-from ._operator import ShiftedOperator
+from ._operator import ColumnShifted, ShiftedOperator, _chunk_rows
 
 Method = Literal["auto", "randomized", "gram"]
 
@@ -65,6 +65,24 @@ def as_compute_matrix(X: Any, dtype: Any, name: str = "X") -> Any:
         return X
     xp = backend.array_module(X)
     return xp.asarray(X, dtype=dt)
+
+
+def prepare_input(X: Any, dtype: Any, device: str | None,
+                  name: str = "X") -> tuple[Any, Any, Any]:
+    """(X on the device as a compute matrix, its implicit column shift or None, restore).
+
+    A :class:`~scatlas.kernels._operator.ColumnShifted` (scaled data held implicitly, from
+    :func:`scatlas.kernels.anchors.scale_data` ``implicit=True``) gives its sparse matrix and
+    its shift: the data are ``X - 1 shift^T``.
+    """
+    dt = backend.resolve_dtype(dtype)
+    if isinstance(X, ColumnShifted):
+        Xd, restore = backend.on_device(X.X, device, dt)
+        shift = X.shift if Xd is X.X else backend.to_device(backend.to_host(X.shift),
+                                                            backend.device_of(Xd))
+        return as_compute_matrix(Xd, dtype, name), shift.astype(dt), restore
+    Xd, restore = backend.on_device(X, device, dt)
+    return as_compute_matrix(Xd, dtype, name), None, restore
 
 
 def resolve_n_iter(n_iter: int | str, k: int, shape: tuple[int, int]) -> int:
@@ -229,17 +247,28 @@ def gram_factor(op: ShiftedOperator, k: int, progress: bool | None = None):
     """Top-k singular values and right singular vectors of A from the smaller side's Gram.
 
     p <= n: eigh of A^T A (p x p, accumulated over dense row chunks in float64).
-    n < p: eigh of A A^T (n x n) from the densified rows, then V = A^T U S^-1.
+    n < p: eigh of A A^T (n x n) in float64, then V = A^T U S^-1; a sparse X is never dense
+    whole (:func:`_row_gram`), a dense one is copied once in float64.
     Returns ``S`` (r,) descending and ``V`` (p, r), float64, with r <= k: singular values at
     round-off level (below 10 sqrt(eps) S[0] of the compute dtype: rank deficiency) are dropped.
+
+    Peak memory beyond X: p <= n: the (p, p) float64 Gram, one dense row chunk of
+    :data:`~scatlas.kernels._operator.GRAM_CHUNK_BYTES` and its (p, p) product; n < p: the
+    (n, n) float64 Gram and (sparse X) a float64 copy of X's entries plus two float64 chunks of
+    at most that size, (dense X) an (n, p) float64 copy; eigh's workspace of the Gram.
     """
     xp = op.xp
     n, p = op.shape
     if n < p:
-        C = op.dense_rows(0, n).astype(np.float64)
-        with backend.blas_for_flops(2.0 * n * n * p, like=C):
-            CCt = C @ C.T
+        if op.sparse:
+            op64, CCt = _row_gram(op)
+            C = None
+        else:
+            C = op.dense_rows(0, n).astype(np.float64)
+            with backend.blas_for_flops(2.0 * n * n * p, like=C):
+                CCt = C @ C.T
         evals, U = _top_eigh(CCt, k)
+        del CCt
     else:
         evals, V = _top_eigh(op.gram(progress=progress), k)
     S = xp.sqrt(evals)
@@ -247,8 +276,37 @@ def gram_factor(op: ShiftedOperator, k: int, progress: bool | None = None):
     # below ~sqrt(eps) * S[0] are round-off (rank deficiency), not signal.
     keep = S > (S[0] if S.size else 0) * 10 * np.sqrt(np.finfo(op.dtype).eps)
     if n < p:
-        return S[keep], (C.T @ U[:, keep]) / S[keep][None, :]
+        if C is None:
+            with op64:
+                AtU = op64.rmatmat(U[:, keep])
+        else:
+            AtU = C.T @ U[:, keep]
+        return S[keep], AtU / S[keep][None, :]
     return S[keep], V[:, keep]
+
+
+def _row_gram(op: ShiftedOperator) -> tuple[ShiftedOperator, Any]:
+    """(the operator in float64, to be closed by the caller; A A^T (n, n) float64) for a sparse
+    X, by row chunks:
+    ``(A A^T)[:, j] = A (A_j)^T`` for each dense chunk A_j of rows, so only chunks of
+    :data:`~scatlas.kernels._operator.GRAM_CHUNK_BYTES` are ever dense."""
+    xp = op.xp
+    n, p = op.shape
+    f64 = np.float64
+
+    def cast(v: Any) -> Any:
+        return None if v is None else v.astype(f64)
+
+    op64 = ShiftedOperator(op.X.astype(f64), row_shift=cast(op.a), col_shift=cast(op.b),
+                           row_scale=cast(op.r))
+    G = xp.empty((n, n), dtype=f64)
+    rows = _chunk_rows(p, f64)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        Ct = xp.ascontiguousarray(op64.dense_rows(lo, hi).T)
+        G[:, lo:hi] = op64.matmat(Ct)
+        del Ct
+    return op64, G
 
 
 def _svd_gram(op: ShiftedOperator, k: int, progress: bool | None = None):
@@ -340,10 +398,9 @@ def rsvd(
         In the compute dtype, of the caller's array kind. Signs follow scikit-learn's PCA
         convention (the largest-|.| entry of each row of Vt is positive).
     """
-    Xd, restore = backend.on_device(X, device, backend.resolve_dtype(dtype))
-    Xd = as_compute_matrix(Xd, dtype)
+    Xd, shift, restore = prepare_input(X, dtype, device)
     k = _check_k(k, Xd.shape)
-    col_shift = _column_means(Xd) if center else None
+    col_shift = _column_means(Xd) if center else shift
     with ShiftedOperator(Xd, col_shift=col_shift) as op:
         U, S, Vt = svd_operator(op, k, method=method, n_oversamples=n_oversamples,
                                 n_iter=n_iter, seed=seed, progress=progress)
@@ -395,14 +452,17 @@ def pca(
     Explained variance is ``S^2 / (n - 1)`` and its ratio divides by the total variance
     ``||X - mean||_F^2 / (n - 1)``, computed exactly from the sparse data.
     """
-    Xd, restore = backend.on_device(X, device, backend.resolve_dtype(dtype))
-    Xd = as_compute_matrix(Xd, dtype)
+    Xd, shift, restore = prepare_input(X, dtype, device)
     k = _check_k(n_components, Xd.shape, "n_components")
     if Xd.shape[0] < 2:
         raise ScatlasInputError("pca needs at least 2 cells")
     xp = backend.array_module(Xd)
-    mean = _column_means(Xd) if center else xp.zeros(Xd.shape[1], dtype=Xd.dtype)
-    with ShiftedOperator(Xd, col_shift=mean if center else None) as op:
+    col_shift = _column_means(Xd) if center else shift  # the operator: Xd - 1 col_shift^T
+    if not center:
+        mean = xp.zeros(Xd.shape[1], dtype=Xd.dtype)
+    else:  # the data's column means (a ColumnShifted's are Xd's minus its shift)
+        mean = col_shift if shift is None else col_shift - shift
+    with ShiftedOperator(Xd, col_shift=col_shift) as op:
         q = resolve_n_iter(n_iter, k, op.shape)
         chosen = method if method != "auto" else choose_method(op, k, n_oversamples, q)
         U, S, Vt = svd_operator(op, k, method=chosen, n_oversamples=n_oversamples, n_iter=q,
