@@ -134,16 +134,25 @@ def _masks(test: str, batch: np.ndarray, label: np.ndarray, d: str, c: str, T: s
 
 
 # -------------------------------------------------------------------------------- embeddings
-def embed_metric(ref: Any, others: list[Any], seed: int) -> list[np.ndarray]:
+#: the encoder settings recorded per row (``model.info`` and its config)
+MODEL_FACTS = ("preset", "n_top_genes", "input_pcs", "hidden", "latent_dim", "objective",
+               "steps", "sparse_step")
+
+
+def embed_metric(ref: Any, others: list[Any], seed: int) -> tuple[list[np.ndarray], dict]:
     import scatlas
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = scatlas.tl.train_metric(ref, "label", "batch", seed=seed, progress=False)
-    return [np.asarray(model.embed(a, progress=False), np.float32) for a in [ref, *others]]
+    info = dict(getattr(model, "info", {}) or {})
+    config = getattr(model, "config", None)
+    facts = {k: info.get(k, getattr(config, k, None)) for k in MODEL_FACTS}
+    facts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in facts.items()}
+    return [np.asarray(model.embed(a, progress=False), np.float32) for a in [ref, *others]], facts
 
 
-def embed_pca(ref: Any, others: list[Any], seed: int) -> list[np.ndarray]:
+def embed_pca(ref: Any, others: list[Any], seed: int) -> tuple[list[np.ndarray], dict]:
     import anndata as ad
     import scanpy as sc
     from sklearn.decomposition import PCA
@@ -158,7 +167,8 @@ def embed_pca(ref: Any, others: list[Any], seed: int) -> list[np.ndarray]:
     genes = np.flatnonzero(tmp.var["highly_variable"].to_numpy())
     dense = [x[:, genes].toarray() for x in L]
     pca = PCA(min(N_PCS, dense[0].shape[0] - 1, genes.size), random_state=seed).fit(dense[0])
-    return [pca.transform(x).astype(np.float32) for x in dense]
+    return ([pca.transform(x).astype(np.float32) for x in dense],
+            {"n_hvg": int(genes.size), "n_pcs": int(pca.n_components_)})
 
 
 # -------------------------------------------------------------------------------- scoring
@@ -265,7 +275,8 @@ def run_test(test: str, embeddings: Sequence[str], quick: bool, seed: int,
             t0 = time.perf_counter()
             try:
                 fn = embed_metric if emb == "metric" else embed_pca
-                Z_ref, Z_cal, Z_q = fn(ref, [cal, q], seed)
+                (Z_ref, Z_cal, Z_q), facts = fn(ref, [cal, q], seed)
+                base["embedding_settings"] = facts
                 res = score_split(Z_ref, label[s["reference"]], Z_cal, label[s["calibration"]],
                                   Z_q, label[s["queries"]], unseen)
                 rows.append({**base, **res, "seconds": time.perf_counter() - t0,
