@@ -244,3 +244,33 @@ def test_every_probed_list_is_read_once_per_batch(data, monkeypatch):
     D2, I2 = eng.search(Qm, 10, 4)
     np.testing.assert_array_equal(I1, I2)
     np.testing.assert_array_equal(D1, D2)
+
+
+@pytest.mark.parametrize("kind", ["ip", "l2"])
+def test_block_pruned_probe_equals_a_full_selection(kind, monkeypatch):
+    """The probe prunes by block minima; it picks the same lists as a selection over every
+    centroid, ties (duplicate centroids) by the smaller list, on NumPy and the CuPy stand-in."""
+    from scatlas.search.engines import smallest_k
+
+    rng = np.random.default_rng(3)
+    nlist = 700
+    C = rng.standard_normal((nlist, D)).astype(np.float32)
+    C[350:360] = C[5]  # exact ties across blocks
+    Q = np.concatenate([rng.standard_normal((300, D)), C[5:6] * 1.5]).astype(np.float32)
+    S = Q.astype(np.float64) @ C.T.astype(np.float64)
+    for nprobe in (1, 4, 11, 40):
+        eng = NativeIVF(D, kind, nlist)
+        eng.set_centroids(C)
+        got = eng._probe(Q, nprobe)
+        keys = (eng._cnorm[None, :] - 2.0 * (Q @ C.T)) if kind == "l2" else -(Q @ C.T)
+        lists = np.broadcast_to(np.arange(nlist), keys.shape)
+        np.testing.assert_array_equal(got, smallest_k(keys, lists, nprobe)[1])
+        if kind == "ip":  # and the true best lists, up to float rounding
+            want = np.argsort(-S, axis=1, kind="stable")[:, :nprobe]
+            assert np.mean(np.sort(got, 1) == np.sort(want, 1)) > 0.99
+        assert list(got[-1][: min(nprobe, 11)]) == [5, *range(350, 360)][: min(nprobe, 11)]
+    fake_gpu.install(monkeypatch)
+    gpu = NativeIVF(D, kind, nlist, device="gpu")
+    gpu.set_centroids(fake_gpu.to_fake_gpu(C))
+    np.testing.assert_array_equal(backend.to_host(gpu._probe(fake_gpu.to_fake_gpu(Q), 11)),
+                                  eng._probe(Q, 11))
