@@ -187,9 +187,15 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     from . import datasets
 
     t0 = time.perf_counter()
-    datasets.write_synthetic_h5ad(args.output, args.n_cells, n_genes=args.n_genes,
-                                  n_batches=args.n_batches, n_cell_types=args.n_cell_types,
-                                  seed=args.seed)
+    params = dict(n_genes=args.n_genes, n_batches=args.n_batches,
+                  n_cell_types=args.n_cell_types, seed=args.seed)
+    if args.skip:  # cells n+1... of the same atlas: new cells, never in a file without --skip
+        from .io import write_h5ad
+
+        cells = datasets.synthetic(args.skip + args.n_cells, **params)[args.skip:].copy()
+        write_h5ad(cells, args.output)
+    else:
+        datasets.write_synthetic_h5ad(args.output, args.n_cells, **params)
     _done("synthetic", args.output, t0)
     return 0
 
@@ -252,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-batches", type=int, default=3)
     p.add_argument("--n-cell-types", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", type=int, default=0, metavar="N",
+                   help="leave out the first N cells: the file holds new cells of the same atlas "
+                   "(held-out queries for an atlas written without --skip; built in memory)")
     p.set_defaults(func=cmd_synthetic)
 
     for module in _command_modules():

@@ -123,3 +123,13 @@ def test_cli_warnings_are_one_line_without_source(tmp_path, mesc):
     warned = [line for line in run.stderr.splitlines() if "n_top_genes" in line]
     assert warned and warned[0].startswith("scatlas pca: warning: "), run.stderr
     assert ".py:" not in run.stderr, run.stderr
+
+
+def test_synthetic_skip_writes_the_next_cells_of_the_same_atlas(tmp_path):
+    whole, rest = tmp_path / "whole.h5ad", tmp_path / "rest.h5ad"
+    assert cli.main(["synthetic", str(whole), "--n-cells", "300", "--n-genes", "50"]) == 0
+    assert cli.main(["synthetic", str(rest), "--n-cells", "100", "--n-genes", "50",
+                     "--skip", "250"]) == 0
+    a, b = ad.read_h5ad(whole), ad.read_h5ad(rest)
+    assert b.n_obs == 100 and list(b.obs_names[:50]) == list(a.obs_names[250:])
+    np.testing.assert_array_equal(b.X[:50].toarray(), a.X[250:].toarray())
