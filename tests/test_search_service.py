@@ -269,6 +269,18 @@ def test_annotate_endpoint(client, index, model):
     np.testing.assert_allclose([p["min_dist"] for p in out["predictions"]],
                                table["min_dist"].to_numpy(dtype=float), rtol=1e-5, atol=1e-6)
     assert [p["is_ood"] for p in out["predictions"]] == [bool(v) for v in table["is_ood"]]
+    # the rule behind is_ood comes back with the labels, as annotate records it
+    assert out["ood"]["ood_source"] == table.attrs["ood_source"]
+    assert out["ood"]["ood_rule"] == table.attrs["ood_rule"]
+    # a given threshold may be negative (an "ip" index's distances are -q.x); it is applied
+    r = client.post("/annotate", json={"embeddings": Q.tolist(), "k": 15,
+                                       "label_key": "cell_type", "ood_distance": -1.0})
+    assert r.status_code == 200, r.text
+    assert r.json()["ood"]["ood_source"] == "given"
+    assert all(p["is_ood"] for p in r.json()["predictions"])  # every min_dist > -1
+    r = client.post("/annotate", json={"embeddings": Q.tolist(), "label_key": "cell_type",
+                                       "ood_distance": "far"})
+    assert r.status_code == 400 and "finite number" in r.json()["error"]
 
     # from expression: same as annotating the model's embedding
     genes = [f"g{i}" for i in range(40)]

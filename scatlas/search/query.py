@@ -67,13 +67,16 @@ def annotate(idx: Any, queries: Any, k: int = 50, *, label_key: str,
         held-out calibration cells' ``min_dist`` when the index was calibrated
         (:meth:`CellIndex.calibrate_ood`), else of the index's own 1-NN distances.
 
-    Returns a DataFrame with one row per query: ``label`` (object, None when no neighbour has a
-    label), ``confidence`` (float64, weighted vote share of the winner), ``vs_second``,
-    ``min_dist`` (float64, distance to the nearest hit), ``is_ood`` (bool) and ``hits`` (dict
-    label -> neighbour count). Ties between labels go to the label whose best neighbour is
-    nearest. ``.attrs`` records the flag's rule: ``ood_distance`` (the threshold applied, None
-    when none), ``ood_source`` (``"given"``, ``"calibration"``, ``"index"`` or ``"none"``),
-    ``ood_quantile`` and ``ood_rule`` (a sentence).
+    Returns
+    -------
+    pandas.DataFrame
+        One row per query: ``label`` (object, None when no neighbour has a label),
+        ``confidence`` (float64, weighted vote share of the winner), ``vs_second``,
+        ``min_dist`` (float64, distance to the nearest hit), ``is_ood`` (bool) and ``hits``
+        (dict label -> neighbour count). Ties between labels go to the label whose best
+        neighbour is nearest. ``.attrs`` records the flag's rule: ``ood_distance`` (the
+        threshold applied, None when none), ``ood_source`` (``"given"``, ``"calibration"``,
+        ``"index"`` or ``"none"``), ``ood_quantile`` and ``ood_rule`` (a sentence).
     """
     if weighting not in ("distance", "uniform"):
         raise ScatlasInputError(f"weighting must be 'distance' or 'uniform', got {weighting!r}")

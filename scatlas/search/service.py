@@ -769,15 +769,17 @@ class SearchService:
                 raise _bad(f"weighting must be a string, got {weighting!r}")
             kwargs["weighting"] = weighting
         ood = body.get("ood_distance")
-        if ood is not None:
-            if isinstance(ood, bool) or not isinstance(ood, int | float) or ood < 0:
-                raise _bad(f"ood_distance must be a non-negative number, got {ood!r}")
+        if ood is not None:  # any finite number: "ip" distances (-q.x) are negative
+            if isinstance(ood, bool) or not isinstance(ood, int | float) or not np.isfinite(ood):
+                raise _bad(f"ood_distance must be a finite number, got {ood!r}")
             kwargs["ood_distance"] = float(ood)
-        table = await self.batcher.run(annotate_fn, self.index, queries, **kwargs)
-        table = pd.DataFrame(table)
+        result = await self.batcher.run(annotate_fn, self.index, queries, **kwargs)
+        rule = {key: _jsonable(getattr(result, "attrs", {}).get(key))
+                for key in ("ood_distance", "ood_source", "ood_quantile", "ood_rule")}
+        table = pd.DataFrame(result)
         predictions = [{str(c): _jsonable(v) for c, v in rec.items()}
                        for rec in table.to_dict("records")]
-        return {"label_key": label_key, "k": k, "predictions": predictions}
+        return {"label_key": label_key, "k": k, "ood": rule, "predictions": predictions}
 
     def health(self) -> dict[str, Any]:
         idx = self.index
