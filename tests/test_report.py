@@ -90,3 +90,15 @@ def test_cli_integrate_harmony_matches_the_library(tmp_path):
     assert got.shape == (600, 20)
     # the same computation through two front doors: equal up to float32 storage
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_report_shows_progress_when_asked(tmp_path, capsys):
+    from scatlas.report import integration_report
+
+    adata = datasets.synthetic(200, 100, n_batches=2, n_cell_types=3, seed=2)
+    adata.obsm["X_fake"] = np.random.default_rng(1).normal(size=(200, 8))
+    integration_report(adata, tmp_path / "rep", key="X_fake", progress=True)
+    err = capsys.readouterr().err
+    assert "report" in err and "step" in err  # tqdm's bar over the report's steps
+    integration_report(adata, tmp_path / "rep2", key="X_fake", progress=False)
+    assert "report" not in capsys.readouterr().err
