@@ -44,8 +44,11 @@ At 5e7 cells on a GPU, in one device call (bench/gpu/run.sh's ``search`` step)::
   written to disk. The exact ground truth of the first ``--gt-queries`` queries and the exact
   search's timings are blocked GEMMs (:func:`~scatlas.search.engines.exact.blocked_topk`) on the
   same device: no CPU exact scan. Raw faiss, the NumPy twin and hnswlib need host data and are
-  left out. Device memory: the data, the index built from them (another 25.6 GB at 5e7) and a
-  few GB of blocks (k-means assignment 2 GB): about 54 GB at 5e7.
+  left out. Device memory: the data, the index built from them (another 26 GB at 5e7: vectors
+  and ids) and a few GB of blocks (k-means assignment: 2^29 scores and their negated copy),
+  labels and the training sample: about 57 GB at 5e7. Every method's figures are written as
+  they are measured (``"partial": true`` until the size is done), so a run cut off by a timeout
+  still leaves the data, exact and build figures. bench/gpu/README.md has the time estimate.
 - ``--no-save``: nothing under ``bench/.cache/`` (no dataset memmap, no cached ground truth, no
   index saved: ``save_s`` and ``index_bytes`` are left out). With ``--gen host`` the data are
   then generated in memory.
@@ -54,6 +57,7 @@ At 5e7 cells on a GPU, in one device call (bench/gpu/run.sh's ``search`` step)::
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -248,7 +252,9 @@ def dir_bytes(path: Path) -> int:
 # methods
 # ----------------------------------------------------------------------------------------------
 def run_ours(X, Q, gt, args, engine=None, label="scatlas.CellIndex",
-             device: str | None = None) -> dict[str, Any]:
+             device: str | None = None, checkpoint=None) -> dict[str, Any]:
+    """Build, batch search and recall, single-query latency, nprobe sweep;
+    ``checkpoint(res)`` is called once the build and the batch search are measured."""
     engine = engine or args.engine
     gc.collect()
     r0 = rss_mb()
@@ -271,6 +277,8 @@ def run_ours(X, Q, gt, args, engine=None, label="scatlas.CellIndex",
     res.update(bq)
     res["recall@10"] = recall_at(I[: len(gt)], gt)
     res["recall_queries"] = len(gt)
+    if checkpoint is not None:
+        checkpoint(res)
     twin = idx.engine == "native-ivf" and idx.device == "cpu"  # the slow NumPy twin
     n_single = min(args.single, 50) if twin else args.single
     res.update(latency(lambda q: idx.search(q, K), Q, n_single))
@@ -412,9 +420,18 @@ def run_hnswlib(n_total: int, path: Path, n_queries: int, Q, X, args) -> dict[st
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
-def bench_size(n: int, args) -> dict[str, Any]:
+def bench_size(n: int, args, checkpoint=None) -> dict[str, Any]:
+    """Every method at size n; ``checkpoint(partial record)`` after each step, so that a run
+    cut off by a timeout still leaves what it measured."""
     out: dict[str, Any] = {"n": n, "d": D, "queries": args.queries, "k": K, "gen": args.gen,
                            "methods": []}
+
+    def mark(res: dict[str, Any] | None = None) -> None:
+        if res is not None and not any(m is res for m in out["methods"]):
+            out["methods"].append(res)
+        if checkpoint is not None:
+            checkpoint(out)
+
     t0 = time.perf_counter()
     if args.gen == "device":
         log(f"== N = {n:,}: generating {n + args.queries:,} x {D} on the {args.device}")
@@ -422,6 +439,7 @@ def bench_size(n: int, args) -> dict[str, Any]:
     else:
         X, Q = dataset(n, args.queries, save=args.save)
     out["data_s"] = time.perf_counter() - t0
+    mark()
     host_data = not backend.is_gpu_array(X)
     path = CACHE / f"search_clustered_n{n}_q{args.queries}_d{D}_c{N_CLUSTERS}_s{SEED}.npy"
     n_gt = min(args.gt_queries or len(Q), len(Q))
@@ -430,10 +448,10 @@ def bench_size(n: int, args) -> dict[str, Any]:
     gt, gt_s = ground_truth(X, Q[:n_gt], tag, save=args.save and args.gen == "host")
     out["recall_queries"] = n_gt
     log("exact")
-    out["methods"].append(run_exact(X, Q, gt_s, n_gt, args))
+    mark(run_exact(X, Q, gt_s, n_gt, args))
     log(f"scatlas.CellIndex ({args.engine})")
-    ours, idx = run_ours(X, Q, gt, args)
-    out["methods"].append(ours)
+    ours, idx = run_ours(X, Q, gt, args, checkpoint=mark)
+    mark(ours)
     if not host_data:  # raw faiss, the NumPy twin and hnswlib read host data
         del idx
         log("raw faiss, native-ivf (NumPy twin), hnswlib: skipped (data on the device)")
@@ -508,8 +526,14 @@ def to_markdown(results: dict[str, Any]) -> str:
              ""]
     for key in sorted(results["sizes"], key=int):
         r = results["sizes"][key]
-        lines += [f"## N = {int(key):,}", "",
-                  "| method | cells | build s | RSS growth MB | index MB | recall@10 | p50 ms | "
+        lines += [f"## N = {int(key):,}", ""]
+        if r.get("gen") == "device":
+            lines += [f"Data generated on the device in {fmt(r.get('data_s'))} s; recall@10 "
+                      f"over the first {r.get('recall_queries')} queries (exact ground truth "
+                      "by blocked GEMM on the device)." + (" **Partial: the run was cut off "
+                                                          "here.**" if r.get("partial") else ""),
+                      ""]
+        lines += ["| method | cells | build s | RSS growth MB | index MB | recall@10 | p50 ms | "
                   "p99 ms | batch QPS | nlist | nprobe | load |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = []
@@ -596,8 +620,14 @@ def main(argv: list[str] | None = None) -> int:
     results["device"] = args.device
     results["command"] = "OMP_NUM_THREADS=" + str(os.environ.get("OMP_NUM_THREADS")) + \
         " python -m bench.search " + " ".join(argv if argv is not None else sys.argv[1:])
+    def checkpoint(n: int, partial: dict[str, Any]) -> None:
+        results["sizes"][str(n)] = {**partial, "partial": True,
+                                    "environment": results["environment"],
+                                    "command": results["command"]}
+        atomic_write_text(path, json.dumps(results, indent=2))
+
     for n in sizes:
-        r = bench_size(n, args)
+        r = bench_size(n, args, functools.partial(checkpoint, n))
         r["environment"] = results["environment"]
         r["command"] = results["command"]
         results["sizes"][str(n)] = r

@@ -120,3 +120,62 @@ def test_host_generation_caches_only_when_saving(tmp_path, monkeypatch, save):
     X, Q = sb.dataset(3000, 100, save=save)
     assert X.shape == (3000, sb.D) and Q.shape == (100, sb.D)
     assert (tmp_path / "cache").exists() == save
+
+
+def test_a_run_cut_off_leaves_what_it_measured(tmp_path, monkeypatch):
+    """The step's timeout may cut the 5e7 run: the record is written after each step (data,
+    exact, our build and batch search), marked partial, before the single-query timings."""
+    calls = []
+    real = sb.latency
+
+    def latency(fn, Q, n):
+        calls.append(n)
+        if len(calls) == 2:  # the first is exact search's; the second our index's
+            raise TimeoutError("cut off")
+        return real(fn, Q, n)
+
+    monkeypatch.setattr(sb, "latency", latency)
+    with pytest.raises(TimeoutError):
+        _run(tmp_path, monkeypatch, "cpu")
+    rec = json.loads((tmp_path / "out" / "search_cpu.json").read_text())["sizes"]["20000"]
+    assert rec["partial"] is True and rec["data_s"] > 0
+    exact, ours = rec["methods"]
+    assert exact["p50_ms"] > 0 and ours["build_s"] > 0 and ours["recall@10"] >= 0.95
+    assert "p50_ms" not in ours
+
+
+# ----------------------------------------------------------------------------------------------
+# bench/gpu/run.sh's search step (the runbook's scratch tree, with a stub that records argv)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def runbook(tmp_path):
+    from test_gpu_runbook import tree
+
+    root = tree.__wrapped__(tmp_path)
+    (root / "bench" / "search.py").write_text(
+        "import json, os, sys\nfrom pathlib import Path\nfrom bench._stub import write\n"
+        "write('search', sys.argv)\n"
+        "Path(os.environ['ARGV_FILE']).write_text(json.dumps(sys.argv[1:]))\n")
+    return root
+
+
+def _search_step(root, tmp_path, **env):
+    from test_gpu_runbook import run
+
+    argv_file = tmp_path / "argv.json"
+    rc, _, log, _ = run(root, "search", ARGV_FILE=str(argv_file), **env)
+    assert rc == 0, log
+    argv = json.loads(argv_file.read_text())
+    return {a: b for a, b in zip(argv, [*argv[1:], None], strict=True)}, log
+
+
+def test_runbook_search_step_draws_on_the_device_and_saves_nothing(runbook, tmp_path):
+    opt, _ = _search_step(runbook, tmp_path)
+    assert "--no-save" in opt and opt["--gen"] == "device"
+    assert opt["--engine"] == "native-ivf" and opt["--gt-queries"] == "1000"
+    assert opt["--hnsw-size"] == opt["--raw-build-max"] == opt["--native-max"] == "0"
+    assert opt["--sizes"] == "2e4"  # STANDIN's large size (the GPU's: 5e7)
+    # less time left than SEARCH_BIG_MIN_S: the smaller size, said in the log
+    opt, log = _search_step(runbook, tmp_path, SEARCH_BIG_MIN_S="10000")
+    assert opt["--sizes"] == "1e4"
+    assert "SEARCH_BIG_MIN_S=10000): 1e4 cells, not 2e4" in log
