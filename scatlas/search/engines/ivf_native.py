@@ -69,7 +69,7 @@ from ... import backend
 from . import hits_per_query, mismatch, pair_keys, smallest_k
 from ._kmeans import assign, kmeans
 
-_SCORES_CPU = 2**24  # (query, row) scores held per query batch (the flat score buffer)
+_SCORES_CPU = 2**25  # (query, row) scores held per query batch (the flat score buffer)
 _SCORES_GPU = 2**28
 _STEP_CPU = 2**20  # floats of list rows and queries gathered per GEMM step (cache-sized)
 _STEP_GPU = 2**26
@@ -78,7 +78,7 @@ _QBLOCK_GPU = 256
 _PAD = 1.25  # score entries per real (query, row) pair, for sizing batches (padding)
 _M_STEPS, _M_LEAST = 8, 8  # list lengths padded on an eighth-octave grid (steps >= 8)
 _Q_STEPS = 2  # query counts padded on a half-octave grid (1, 2, 3, 4, 6, 8, 12, ...)
-_PROBE_BLOCK = 64  # lists per block in the probe's pruning
+_PROBE_BLOCK = 64  # most lists per block in the probe's pruning
 _U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
 _LIST_DTYPES = ("float32", "float16")
 _COMPACT_FRACTION = 0.25
@@ -393,15 +393,19 @@ class NativeIVF:
     def _probe(self, Q: Any, nprobe: int) -> Any:
         """The ``nprobe`` best lists of every query (B, nprobe), sorted by (key, list).
 
-        Block pruning: the lists are cut in blocks of ``_PROBE_BLOCK``; the ``nprobe``-th best
-        block minimum bounds the ``nprobe``-th best key (``nprobe`` distinct lists reach it),
-        so only the keys within it (a few more than ``nprobe`` per query) are sorted. The same
-        lists as a full selection, ties included; a partition of every key cost 3x more."""
+        Block pruning: the lists are cut in blocks (8 to ``_PROBE_BLOCK`` lists, at least
+        ``4 nprobe`` blocks); the ``nprobe``-th best block minimum bounds the ``nprobe``-th best
+        key (``nprobe`` distinct lists reach it), so only the keys within it (a few more than
+        ``nprobe`` per query) are sorted. The same lists as a full selection, ties included; a
+        partition of every key cost 3x more."""
         xp = backend.device_module(self.device)
         nt = 1 if self.device == "gpu" else backend.cpu_threads()
         step = max(64, -(-Q.shape[0] // nt))
         P = min(nprobe, self.nlist)
-        nb = self._cpad.shape[0] // _PROBE_BLOCK
+        bs = _PROBE_BLOCK  # a power of two dividing the padding, leaving >= 4 P blocks
+        while bs > 8 and self._cpad.shape[0] // bs < 4 * P:
+            bs //= 2
+        nb = self._cpad.shape[0] // bs
 
         def block(a: int) -> Any:
             Qa = Q[a : a + step]
@@ -413,7 +417,7 @@ class NativeIVF:
             S = Qa @ self._cpad.T
             keys = (self._kpad[None, :] - 2.0 * S) if self.kind == "l2" else self._kpad - S
             b = Qa.shape[0]
-            bmin = keys.reshape(b, nb, _PROBE_BLOCK).min(axis=2)
+            bmin = keys.reshape(b, nb, bs).min(axis=2)
             tau = xp.partition(bmin, P - 1, axis=-1)[:, P - 1]
             r, c = xp.nonzero(keys <= tau[:, None])  # row-major: grouped by query
             pos = xp.arange(r.shape[0]) - xp.searchsorted(r, xp.arange(b))[r]
