@@ -278,3 +278,31 @@ def test_gram_peak_is_as_documented():
     expected = p * p * 8 + rows * p * 4 + p * p * 4 + p * p * 8
     assert G.shape == (p, p)
     assert abs(peak - expected) < 0.1 * expected + 2**16, (peak, expected)
+
+
+def test_exact_search_block_peak_is_as_documented():
+    """ExactEngine / blocked_topk: the first block of 1,024 queries x 8,192 rows is merged
+    whole, about 27 bytes per score (scores, mask, concatenated keys and int64 ids, the
+    partition): the figure its docstring scales to the GPU's 8,192 x 65,536 blocks."""
+    from scatlas.search.engines.exact import blocked_topk
+
+    rng = np.random.default_rng(12)
+    X = rng.standard_normal((20000, 32)).astype(np.float32)
+    Q = rng.standard_normal((1024, 32)).astype(np.float32)
+    _, peak = peak_of(lambda: blocked_topk(Q, X, 10, "ip"))
+    per_score = peak / (1024 * 8192)
+    assert 24 < per_score < 30, per_score
+
+
+def test_rsvd_randomized_peak_is_as_documented():
+    """rsvd's randomized route: about 4 n l + 3 p l values of the compute dtype (the old and
+    new orthonormal bases of a power iteration; the (n + p) k outputs come after them): within
+    15 %."""
+    from scatlas.kernels.linalg import rsvd
+
+    n, p, k, over = 30000, 60, 10, 10
+    X = np.random.default_rng(13).standard_normal((n, p)).astype(np.float32)
+    ell = k + over
+    _, peak = peak_of(lambda: rsvd(X, k, method="randomized", n_oversamples=over))
+    doc = (4 * n * ell + 3 * p * ell) * 4
+    assert abs(peak - doc) < 0.15 * doc, (peak, doc)

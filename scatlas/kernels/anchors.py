@@ -265,7 +265,7 @@ def scale_data(X: Any, *, clip: float | None = SCALE_MAX, dtype: Any = None,
     ``mean + clip sd >= 0`` (always so for non-negative data); a gene where that fails (negative
     data) falls back to the dense array. Dense X is scaled densely either way.
 
-    Peak memory: the (n, p) output plus one input-sized temporary for sparse X (densified);
+    Peak device memory: the (n, p) output plus one input-sized temporary for sparse X (densified);
     with ``implicit=True`` and sparse X, one copy of X's stored entries and (p,) vectors.
     """
     X = as_compute_matrix(X, dtype, "X")
@@ -539,6 +539,16 @@ def find_anchors(
         ``cell1`` / ``cell2`` (m,) int64 and ``score`` (m,) float64 of the caller's array kind,
         in Seurat's order; ``embeddings`` holds the (L2-normalised) canonical vectors,
         ``params`` the parameter values used.
+
+    Peak device memory (n = n1 + n2, b: the compute dtype's bytes): the inputs; with
+    ``scale=True`` their scaled form (sparse: a copy of the stored entries, held implicitly;
+    dense: an (n, p) b copy); the CCA's (:func:`scatlas.kernels.cca`: with p genes used,
+    about 8 p^2 8 bytes and a 256 MiB chunk on the Gram route); the canonical vectors 2 n dims
+    b; the four neighbour lists, n (k + 1) 8 bytes each side with k = max(k_anchor, k_score),
+    while :func:`scatlas.kernels.knn` holds its score block (256 MiB on the CPU, a quarter of
+    the free device memory on the GPU); the scoring's (m, 2 k_score) int64 neighbour sets
+    and (8192, 2 k_score, 2 k_score) booleans per chunk; the filter's dense (n,
+    ~max_features) rows and its kNN (n1 k_filter 8 bytes).
     """
     anc, req = _find_anchors(X1, X2, k_anchor=k_anchor, k_filter=k_filter, k_score=k_score,
                              dims=dims, max_features=max_features, filter_data1=filter_data1,
@@ -787,6 +797,12 @@ def integrate_pair(
     Returns
     -------
     corrected : (n2, g) dense, compute dtype, caller's array kind (and the weights).
+
+    Peak device memory (b: the compute dtype's bytes): dense copies of sparse ``ref_data``
+    and ``query_data`` ((n1 + n2) g b), the weight-space kNN of every query cell
+    (:func:`scatlas.kernels.knn`: its score block and n2 k_weight (b + 8) bytes), the
+    weights' construction (about eight (n2, k_weight) int64 / float64 arrays) and the CSR
+    weights, two (n2, g) b products and the (n2, g) b output.
     """
     corrected, W, k_used, n_cells = _integrate_pair(
         ref_data, query_data, anchors, weight_space_query, k_weight=k_weight,
@@ -1105,6 +1121,16 @@ def seurat_integrate(
     -------
     SeuratIntegration
         ``corrected`` is (n, p) expression (or (n, e) embedding) of the caller's array kind.
+
+    Peak device memory (n cells in all, b: the compute dtype's bytes): the datasets and their
+    CCA input (``'dataset'`` / ``'joint'`` on sparse data: a copy of the stored entries held
+    implicitly, never (n, p) dense; on dense data an (n, p) b scaled copy), every pair's
+    anchors, and the largest of one pair's :func:`find_anchors` and one merge. A merge on the
+    expression path holds the merged pair's dense (n_ref + n_query, p) data, the scaled form
+    for its weight-space PCA (implicit when both sides are still sparse) and
+    :func:`integrate_pair`'s; the corrected data grow to a dense (n, p) b array (the output).
+    On the embedding path (``embeddings``) a merge holds only (n, e)-sized arrays and the
+    kNN's blocks.
     """
     parts, names, idx = _input_datasets(datasets, batch)
     data, restore = prepare_datasets(parts, dtype, device)

@@ -276,6 +276,18 @@ _COMMON_DOC = """
     -------
     Z1 : (n1, k), Z2 : (n2, k)
         Per-cell canonical vectors of the caller's array kind (and ``D`` : (k,) if requested).
+
+    Peak device memory (b: the compute dtype's bytes): the inputs (a cast copy when the
+    dtype differs) and per-cell row statistics; ``'gram'``: for each dataset a (p, p) float64
+    Gram matrix with eigh's workspace and its (p, r) factor, the (p, p) core and its SVD (about
+    8 p^2 8 bytes in all), one dense row chunk of
+    :data:`~scatlas.kernels._operator.GRAM_CHUNK_BYTES` (256 MiB) and its product (with
+    n_i < p the (n_i, n_i) Gram route of :func:`scatlas.kernels.linalg.gram_factor` instead);
+    ``'explicit'``: the dense standardised rows of both datasets in float64, (n1 + n2) p 8
+    bytes (at most 800 MB under ``auto``'s limit), the (n1, n2) product and its (m, m) Gram,
+    m = min(n1, n2), in float64; ``'randomized'``: about 4 max(n1, n2) l b + 3 p l b, l = k +
+    n_oversamples; the outputs (n1 + n2) k b. Sparse input (and the implicit scaled data of
+    :func:`scatlas.kernels.anchors.scale_data`) is dense whole only on the explicit route.
 """
 
 

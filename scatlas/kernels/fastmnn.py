@@ -433,6 +433,16 @@ def fastmnn(
     -------
     FastMNNResult
         ``corrected`` (n, d) of the caller's array kind, rows in input order.
+
+    Peak device memory (b: the compute dtype's bytes): the batches (a cast copy when the
+    dtype differs), their cosine-normalised copies (same sparsity) and one stacked copy for the
+    multi-batch PCA, whose operator is centred and scaled implicitly (never (n, p) dense; its
+    Gram route holds a (p, p) float64 matrix, eigh's workspace and a dense row chunk of
+    :data:`~scatlas.kernels._operator.GRAM_CHUNK_BYTES` = 256 MiB, see
+    :func:`scatlas.kernels.linalg.rsvd`); then (n, d) coordinates, about four copies during a
+    merge (both sides orthogonalised and centred), and per merge the MNN search's score block
+    (:func:`scatlas.kernels.knn`) and n_right k int64 / float arrays of the tricube
+    correction. With ``d=None`` a sparse input is densified (it is low-dimensional there).
     """
     if batch is not None:
         if isinstance(X, Sequence):

@@ -397,6 +397,15 @@ def rsvd(
     U : (n, k), S : (k,) descending, Vt : (k, p)
         In the compute dtype, of the caller's array kind. Signs follow scikit-learn's PCA
         convention (the largest-|.| entry of each row of Vt is positive).
+
+    Peak device memory: X (a cast copy when its dtype differs) plus, with l = k +
+    n_oversamples and b the compute dtype's bytes: randomized route, 4 n l b (the old and
+    new orthonormal bases during a power iteration) + 3 p l b; Gram route with p <= n, a
+    (p, p) float64 Gram matrix and eigh's workspace (about 3 p^2 8 bytes), one dense row chunk
+    of :data:`~scatlas.kernels._operator.GRAM_CHUNK_BYTES` (256 MiB) and its (p, p) product;
+    with n < p, an (n, n) float64 Gram and eigh's workspace (about 3 n^2 8 bytes) and a
+    float64 copy of the stored entries (sparse X; dense X: of X) with two float64 chunks of
+    256 MiB; the outputs (n + p) k b. A sparse X is never dense whole.
     """
     Xd, shift, restore = prepare_input(X, dtype, device)
     k = _check_k(k, Xd.shape)
@@ -450,7 +459,12 @@ def pca(
     Same arguments as :func:`rsvd`. With ``center=True`` (default) this is scikit-learn's
     ``PCA``; with ``center=False`` it is ``TruncatedSVD`` (scanpy's ``zero_center=False``).
     Explained variance is ``S^2 / (n - 1)`` and its ratio divides by the total variance
-    ``||X - mean||_F^2 / (n - 1)``, computed exactly from the sparse data.
+    ``||X - mean||_F^2 / (n - 1)``, computed exactly from the sparse data. ``X`` may also be
+    the implicit form of :func:`scatlas.kernels.anchors.scale_data` (``implicit=True``).
+
+    Peak device memory: :func:`rsvd`'s, plus the (n, k) scores; the total variance of an
+    uncentred sparse X (or scaled data held implicitly) is summed over float64 row chunks of
+    at most 256 MiB.
     """
     Xd, shift, restore = prepare_input(X, dtype, device)
     k = _check_k(n_components, Xd.shape, "n_components")

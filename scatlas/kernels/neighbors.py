@@ -139,6 +139,15 @@ def knn(
         cancellation error: a duplicate is at distance exactly 0).
     indices : (n_query, k) int64
         Reference row indices; among equal distances the smaller index first.
+
+    Peak device memory (b: the compute dtype's bytes): the inputs plus their augmented copies
+    ((n_query + n_ref)(p + 2) b, with up to two transient copies of the reference while it is
+    permuted and scaled; unit-row copies first for cosine; sparse input stays sparse and its
+    reference blocks are densified one at a time within the budget), one block of
+    scores: at most 256 MiB with its mask on the CPU, on the GPU a quarter of the free device
+    memory at the first block (between 2^22 and 2^30 scores, about 14 + b bytes each with the
+    candidate scan), the (q, k + 8) running lists of a query block (q = 2048 rows on the CPU,
+    8192 on the GPU), 64 MiB of re-ranked pairs, and the outputs n_query k (b + 8).
     """
     if metric not in _METRICS:
         raise ScatlasInputError(f"metric must be one of {_METRICS}, got {metric!r}")
@@ -201,6 +210,9 @@ def mnn_pairs(
     ia, ib : (n_pairs,) int64
         Row indices into ``a`` and ``b``, sorted lexicographically by ``(ia, ib)``; the caller's
         array kind.
+
+    Peak device memory: one :func:`knn` at a time (the a -> b search, then b -> a, each as
+    documented there) plus both neighbour lists (n_a k + n_b k2) 8 bytes and the pairs.
     """
     k2 = k if k2 is None else k2
     opts = dict(metric=metric, block_size=block_size, engine=engine, dtype=dtype,

@@ -582,6 +582,13 @@ def inmf(
         working dtype; ``objective`` (one float64 value per iteration); ``seed`` of the kept
         restart.
 
+    Peak device memory (m genes, b: the working dtype's bytes): the datasets (a cast copy
+    when the dtype differs; on the GPU a sparse X_i also keeps a CSR copy of its transpose, so
+    twice its stored entries), the factors (m (B + 1) + n) k b for B datasets of n cells in
+    all (twice with ``n_restarts > 1``: the best run is kept), and per block update about
+    eight (r, k) float64 arrays of the NNLS solver, r = max(n_i, m), with its (8192, k, k)
+    float64 chunk. Sparse data are never densified.
+
     Notes
     -----
     Source: Welch et al. 2019 (objective), libplanc ``bppinmf.hpp`` (BPP block updates, W from
@@ -659,6 +666,9 @@ def uinmf(
     INMFResult
         As :func:`inmf`, plus ``U``: list of (unshared_genes_i, k) loadings (None where
         ``Us[i]`` is None).
+
+    Peak device memory: :func:`inmf`'s, with the unshared matrices ``Us`` held like the
+    datasets and their (unshared_genes_i, k) factors.
 
     Notes
     -----
@@ -807,6 +817,10 @@ def jnmf(
     -------
     JNMFResult
         ``H`` (cells, k) shared; ``W`` list of (features_m, k).
+
+    Peak device memory: the modalities (as :func:`inmf`'s datasets), the factors (n + sum_m
+    features_m) k in the working dtype (twice with ``n_restarts > 1``) and the NNLS solver's
+    about eight (r, k) float64 arrays, r = max(n, features_m), with its (8192, k, k) chunk.
 
     Notes
     -----

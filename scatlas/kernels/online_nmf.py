@@ -426,6 +426,14 @@ def online_inmf(
     -------
     OnlineINMFResult
         Old datasets first (scenario 2), then the new ones, in the caller's array kind.
+
+    Peak device memory (m genes, b: the working dtype's bytes): a dataset given as a matrix on
+    the device stays there whole (a store or chunk list is read block by block: only the
+    current mini-batch is moved); W (m, k) b and per dataset (the reference's included) V_i,
+    B_i, B_old_i (m, k) b and two (k, k);
+    each mini-batch (b_i, m) as given (sparse stays sparse) with its (b_i, k) solve (about
+    eight (b_i, k) float64 arrays); at the end the H_i (n_i, k) b outputs, solved in blocks of
+    16,384 cells. Memory does not grow with the number of cells otherwise.
     """
     dt = backend.resolve_dtype(dtype)
     check_positive_int(max_epochs, "max_epochs")
@@ -603,6 +611,9 @@ def project_inmf(
     -------
     list of (cells_i, k) arrays ``H_i = argmin_{H >= 0} ||X_i - H W^T||_F`` (exact BPP), one per
     dataset (one per chunk for a generator input). As RcppPlanc ``projectNewData``: ``V = 0``.
+
+    Peak device memory: W, one block of ``chunk_size`` cells (as given; sparse stays sparse)
+    with its solve (about eight (chunk_size, k) float64 arrays), and the (cells_i, k) outputs.
     """
     dt = backend.resolve_dtype(dtype)
     check_positive_int(chunk_size, "chunk_size")

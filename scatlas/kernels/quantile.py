@@ -162,6 +162,12 @@ def quantile_norm(
         ``H_norm`` (list of (cells_i, k), float64 for float64 input else the input dtype) and
         ``clusters`` (list of (cells_i,) int64, 0-based, -1 unassigned).
 
+    Peak device memory: the inputs, their copies (the outputs, n k b for n cells in all), the
+    (n,) int64 clusters, and for the vote of the largest dataset its (n_i, n_neighbors) int64
+    neighbours plus, on the GPU, :func:`scatlas.kernels.knn` in float64 (its score block: a
+    quarter of the free device memory at most); the quantile sampling holds at most
+    ``max_sample`` cells per dataset and cluster.
+
     Notes
     -----
     rliger ``.quantileNorm.HList`` (v2.x, = v1.0 ``quantile_norm``); see the module docstring

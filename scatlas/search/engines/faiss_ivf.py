@@ -42,7 +42,15 @@ def _pq_m(d: int) -> int:
 
 
 class FaissIVF:
-    """faiss IVF-Flat / IVF-PQ (CPU) or GPU IVF-Flat behind the engine interface."""
+    """faiss IVF-Flat / IVF-PQ (CPU) or GPU IVF-Flat behind the engine interface.
+
+    Peak device memory (faiss-gpu only; on the CPU the figures are host memory): the lists, n
+    (4 d + 8) bytes for IVF-Flat (IVF-PQ: n (32 + 8) at d = 128) plus the (nlist, d) centroids,
+    spread over the GPUs when sharded; the trained CPU index is kept beside the GPU clone (host
+    memory: the same lists again), and faiss's own scratch memory per GPU
+    (``StandardGpuResources``). Adding goes chunk by chunk (no second copy of the lists);
+    removal on the GPU round-trips through the CPU index.
+    """
 
     def __init__(self, index: Any, d: int, kind: str, nlist: int, variant: str, device: str):
         self.index = index  # the CPU index (trained, with the lists) unless on the GPU

@@ -216,7 +216,20 @@ def replayable(make_chunks, reiterable: bool):
 
 
 class NativeIVF:
-    """IVF-Flat on one contiguous list-sorted array; see the module docstring."""
+    """IVF-Flat on one contiguous list-sorted array; see the module docstring.
+
+    Peak device memory: the index, n (4 d + 13) bytes with float32 lists (float16: n (2 d +
+    13)): vectors, int64 ids, dead flags and the scan's cached float32 squared norms, plus the
+    (nlist, d) centroids. Training: the sample, its labels and the k-means assignment blocks
+    (2^26 float32 scores on the CPU, 2^29 = 2 GiB on the GPU, with their negated copy). Build
+    (:meth:`bulk_add`): the index, one chunk, its assignment blocks and the int32 labels of every
+    row (4 n); a one-shot stream is held whole once more. :meth:`add`: the new rows and their
+    labels. Merging the appended segments (past 8) or :meth:`compact`: a copy of the merged
+    rows and about 40 bytes per merged row of int64 positions. Search of a batch of m queries:
+    the coarse (m, nlist) scores, the flat score buffer (2^25 float32 on the CPU, 2^28 = 1 GiB
+    on the GPU, padding included) and one step's gathered operands (2^20 / 2^26 floats: 256 MiB
+    on the GPU), plus the candidates. 5e7 x 128: 26 GB for the index.
+    """
 
     name = "native-ivf"
 

@@ -51,6 +51,11 @@ class ShardedNativeIVF:
 
     Same engine interface as :class:`NativeIVF` (``name`` is ``"native-ivf"``: the saved form is
     the unsharded one).
+
+    Peak device memory: per GPU, its shard's :class:`NativeIVF` figures (about 1/n_shards of
+    the lists, the full (nlist, d) centroids, a search's score buffer per shard); shard 0's
+    device also receives every shard's (m, k) keys and ids to merge. Saving gathers all shards
+    into one NumPy engine (host memory: the whole index).
     """
 
     name = "native-ivf"
