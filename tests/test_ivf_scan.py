@@ -31,6 +31,13 @@ def data():
     return X, Q
 
 
+@pytest.fixture(params=["classes", "one-shape"])
+def shapes(request, monkeypatch):
+    """Both plans: units in classes of similar shape, or (a few queries) one padded shape."""
+    monkeypatch.setattr(ivf_native, "_FEW_SCORES", 0 if request.param == "classes" else 2**62)
+    return request.param
+
+
 def _build(X, kind, device="cpu", list_dtype="float32", scale=1.0, pieces=1):
     eng = NativeIVF(D, kind, NLIST, device=device, list_dtype=list_dtype)
     Xs = (X * scale).astype(np.float32)
@@ -94,7 +101,7 @@ def _tol(Xs, Q, kind):
 
 @pytest.mark.parametrize("kind,scale", [("ip", 1.0), ("l2", 1.0), ("l2", 30.0)])
 @pytest.mark.parametrize("pieces", [1, 3], ids=["one-segment", "appended"])
-def test_equals_exact_search_over_the_probed_lists(data, kind, scale, pieces):
+def test_equals_exact_search_over_the_probed_lists(data, kind, scale, pieces, shapes):
     X, Q = data
     eng, Xs = _build(X, kind, scale=scale, pieces=pieces)
     Qs = (Q * scale).astype(np.float32)
@@ -117,7 +124,7 @@ def test_ties_at_the_cut_go_to_the_smaller_ids(data):
         assert len(set(Dg[0].tolist())) == 1
 
 
-def test_filters_and_tombstones(data):
+def test_filters_and_tombstones(data, shapes):
     X, Q = data
     eng, Xs = _build(X, "ip", pieces=2)
     dead = np.arange(0, 4000, 5)
@@ -131,7 +138,7 @@ def test_filters_and_tombstones(data):
         assert not np.isin(Ig, dead).any() and allowed[Ig[Ig >= 0]].all()
 
 
-def test_range_search_equals_the_reference(data):
+def test_range_search_equals_the_reference(data, shapes):
     X, Q = data
     eng, Xs = _build(X, "l2", pieces=2)
     radius = 0.08
@@ -191,7 +198,7 @@ def test_float16_lists_recall_and_exact_over_stored_values(data, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["ip", "l2"])
-def test_cupy_path_equals_numpy_path(data, monkeypatch, kind):
+def test_cupy_path_equals_numpy_path(data, monkeypatch, kind, shapes):
     """The CuPy branch (on the NumPy stand-in, with the GPU's query blocks and step sizes)
     returns exactly what the NumPy twin returns: the final keys are exact pair keys."""
     X, Q = data

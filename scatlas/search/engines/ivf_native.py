@@ -79,7 +79,12 @@ _PAD = 1.25  # score entries per real (query, row) pair, for sizing batches (pad
 _M_STEPS, _M_LEAST = 8, 8  # list lengths padded on an eighth-octave grid (steps >= 8)
 _Q_STEPS = 2  # query counts padded on a half-octave grid (1, 2, 3, 4, 6, 8, 12, ...)
 _PROBE_BLOCK = 64  # most lists per block in the probe's pruning
+_POOL_MIN = 2**18  # scores (or coarse keys) from which a CPU search uses its thread pool
+_FEW_SCORES = 2**16  # below this many real scores a batch pads its lists to one shape
 _U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
+# bytes each score moves, unfused: GEMM write 4, key transform (negate, + penalty) 2 x (4 + 4),
+# partition read + copy 8, band compare 4 + 1, nonzero 1 (l2: one more pass, 8)
+_SCORE_BYTES = 34
 _LIST_DTYPES = ("float32", "float16")
 _COMPACT_FRACTION = 0.25
 _NITER = 10
@@ -395,10 +400,18 @@ class NativeIVF:
         return self._flat().list_of_rows()
 
     # -- search ---------------------------------------------------------------------------------
-    def _map(self, fn, items: list) -> list:
-        """``[fn(x) for x in items]``; on the CPU over :func:`backend.cpu_threads` pool threads
-        (each on one BLAS thread; NumPy's GEMM, gathers and partitions release the GIL)."""
-        nt = 1 if self.device == "gpu" else backend.cpu_threads()
+    def _threads(self, work: float) -> int:
+        """Pool threads for ``work`` scores: :func:`backend.cpu_threads` on the CPU from
+        ``_POOL_MIN`` on; 1 below (a few queries: handing steps to threads costs more than it
+        saves, milliseconds when the cores are busy) and on the GPU."""
+        if self.device == "gpu" or work < _POOL_MIN:
+            return 1
+        return backend.cpu_threads()
+
+    @staticmethod
+    def _map(fn, items: list, nt: int) -> list:
+        """``[fn(x) for x in items]``, over ``nt`` pool threads when ``nt > 1`` (each on one
+        BLAS thread; NumPy's GEMM, gathers and partitions release the GIL)."""
         if nt <= 1 or len(items) <= 1:
             return [fn(x) for x in items]
         return list(_pool(nt).map(backend.serial_blas_task(fn), items))
@@ -412,7 +425,7 @@ class NativeIVF:
         ``nprobe`` per query) are sorted. The same lists as a full selection, ties included; a
         partition of every key cost 3x more."""
         xp = backend.device_module(self.device)
-        nt = 1 if self.device == "gpu" else backend.cpu_threads()
+        nt = self._threads(Q.shape[0] * self.nlist)
         step = max(64, -(-Q.shape[0] // nt))
         P = min(nprobe, self.nlist)
         bs = _PROBE_BLOCK  # a power of two dividing the padding, leaving >= 4 P blocks
@@ -441,7 +454,7 @@ class NativeIVF:
             L[r, pos] = c
             return smallest_k(K, L, P)[1]
 
-        parts = self._map(block, list(range(0, Q.shape[0], step)))
+        parts = self._map(block, list(range(0, Q.shape[0], step)), nt)
         return parts[0] if len(parts) == 1 else xp.concatenate(parts)
 
     def _batches(self, Q: Any, nprobe: int):
@@ -476,6 +489,10 @@ class NativeIVF:
             parts.append(np.stack([np.full(ul.shape[0], s), _row_class(m[ul]), _query_class(qn), qa,
                                    qn, hoff[ul], m[ul]]).astype(np.int64))
         units = np.concatenate(parts, axis=1)
+        if (units[4] * units[6]).sum() < _FEW_SCORES:  # a few queries: one class a segment
+            for s in np.unique(units[0]):
+                mine = units[0] == s
+                units[1:3, mine] = units[1:3, mine].max(axis=1, keepdims=True)
         units = units[:, np.lexsort(units[2::-1])]  # by (segment, M, Nq)
         cls = units[:3]
         new = np.ones(units.shape[1], dtype=bool)
@@ -491,7 +508,8 @@ class NativeIVF:
                 chunks.append((s, mm, nn, u, v, f0))
                 f0 += (v - u) * nn * mm
         return {"units": units[3:], "chunks": chunks, "n_scores": f0,
-                "rows": int((units[1]).sum()), "real": int((units[4] * units[6]).sum())}
+                "rows": int((units[1]).sum()), "rows_real": int(units[6].sum()),
+                "real": int((units[4] * units[6]).sum())}
 
     def _scan(self, Qb: Any, probe: Any, k: int, allowed: Any, radius: float | None = None):
         """The list-major scan of one batch (module docstring, steps 1-4): the exact candidates
@@ -548,8 +566,9 @@ class NativeIVF:
                 top = xp.partition(S, k - 1, axis=-1)[..., :k] if mm > k else S
                 tops[s, dest[qp], : top.shape[-1]] = top
 
-        groups = _groups(chunks, 4 * (1 if self.device == "gpu" else backend.cpu_threads()))
-        self._map(lambda grp: [score(ch) for ch in grp], groups)
+        nt = self._threads(plan["n_scores"])
+        groups = _groups(chunks, 4 * nt)
+        self._map(lambda grp: [score(ch) for ch in grp], groups, nt)
         # step 3: each query's threshold, then every score within eps of it
         xmax = max([seg.xmax() for seg in segs] + [0.0])
         qn = xp.sqrt(qsq)
@@ -574,7 +593,7 @@ class NativeIVF:
                               thr[pairs_of(u0, u1, nn)][:, :, None],
                               out=hit[sl].reshape(-1, nn, mm))
 
-        self._map(band, groups)
+        self._map(band, groups, nt)
         f = xp.flatnonzero(hit)  # the second device->host read (the number of candidates)
         # step 4: the candidates' exact keys
         meta = np.array([[c[5], c[1], c[2], c[3], c[0]] for c in chunks] or
@@ -608,14 +627,15 @@ class NativeIVF:
         d, item = self.d, (segs[0].vectors.dtype.itemsize if segs else 4)
         c = self.last_scan
         add = {"queries": B, "pairs": T, "lists_read": plan["units"].shape[1],
-               "rows_read": plan["rows"], "scores": plan["n_scores"],
+               "rows_read": plan["rows"], "rows_real": plan["rows_real"],
+               "scores": plan["n_scores"],
                "real_scores": plan["real"], "candidates": n_cand,
                "coarse_flops": 2.0 * B * self.nlist * d,
                "scan_flops": 2.0 * plan["n_scores"] * d,
                "exact_flops": 2.0 * n_cand * d,
                "list_bytes": float(plan["rows"]) * d * item,
-               # scores written, read by the partition and by the band compare; hits
-               "score_bytes": float(plan["n_scores"]) * (3 * 4 + 2),
+               "gather_bytes": float(plan["rows"]) * d * 4 * 2,
+               "score_bytes": float(plan["n_scores"]) * (_SCORE_BYTES + 8 * (self.kind == "l2")),
                "other_bytes": float(self.nlist * d * 4 + 2 * B * d * 4
                                     + n_cand * (d * (4 + item) + 32))}
         for key, v in add.items():
@@ -625,11 +645,13 @@ class NativeIVF:
         """Work of the last :meth:`search` / :meth:`range_search` call, summed over its batches:
         ``queries``, ``pairs`` (query, list), ``lists_read`` (GEMM units), ``rows_read`` (list
         rows read, padding included), ``scores`` (GEMM entries, padding included),
-        ``real_scores``, ``candidates`` (re-scored exactly), flops (``coarse_flops``,
-        ``scan_flops``, ``exact_flops``) and bytes: ``list_bytes`` (every probed list read once
-        per batch: the compulsory traffic), ``score_bytes`` (the score buffer: written, read
-        twice) and ``other_bytes`` (centroids, queries, candidates). A roofline reads these
-        against the call's time."""
+        ``rows_real`` (without padding), ``real_scores``, ``candidates`` (re-scored exactly),
+        flops (``coarse_flops``, ``scan_flops``, ``exact_flops``) and bytes: ``list_bytes``
+        (every probed list read once per batch: the compulsory traffic), ``gather_bytes`` (the
+        float32 copy of the gathered rows, written and read by the GEMM), ``score_bytes`` (each
+        score's passes, unfused: ``_SCORE_BYTES``) and ``other_bytes`` (centroids, queries,
+        candidates). Bytes touched, not DRAM traffic: on the CPU the steps are cache-sized. A
+        roofline reads these against the call's time."""
         return dict(self.last_scan)
 
     def search(self, Q: Any, k: int, nprobe: int, allowed: Any = None) -> tuple[Any, Any]:
