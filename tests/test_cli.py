@@ -120,7 +120,7 @@ def test_cli_warnings_are_one_line_without_source(tmp_path, mesc):
                           "--n-top-genes", "5000", "--n-comps", "5", "--no-progress"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    warned = [line for line in run.stderr.splitlines() if "n_top_genes" in line]
+    warned = [line for line in run.stderr.splitlines() if "--n-top-genes 5000" in line]
     assert warned and warned[0].startswith("scatlas pca: warning: "), run.stderr
     assert ".py:" not in run.stderr, run.stderr
 
