@@ -43,8 +43,9 @@ def _np_nb(x, mu, theta):
     return stats.nbinom.logpmf(x, n=theta, p=theta / (theta + mu))
 
 
-def _np_negative_elbo(cfg, params, batch, eps, kl_weight, subsets):
-    """Everything recomputed in float64 numpy / scipy from the flax parameters."""
+def _np_negative_elbo(cfg, params, batch, eps, kl_weight, subsets, pca=None):
+    """Everything recomputed in float64 numpy / scipy from the flax parameters (``pca``: the
+    ``input_pca`` collection of ``input_pcs``)."""
     p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
     M = len(cfg.modalities)
     xs = [np.asarray(batch[f"x{m}"], np.float64) for m in range(M)]
@@ -57,6 +58,9 @@ def _np_negative_elbo(cfg, params, batch, eps, kl_weight, subsets):
         log_libs.append(np.log(lib))
         h = xs[m] if cfg.likelihoods[m] == "bernoulli" else np.log1p(xs[m] * INPUT_SCALE
                                                                       / lib[:, None])
+        if cfg.input_pcs[m]:  # the fixed PCA input layer: centred scores
+            pr = pca[f"experts_{m}"]
+            h = (h - np.float64(pr["pca_mean"])) @ np.asarray(pr["pca_components"], np.float64)
         std = (np.log(lib) - cfg.log_lib_mean[m]) / cfg.log_lib_sd[m]
         h = _np_blocks(e["_Blocks_0"], np.concatenate([h, std[:, None]], 1), cfg.n_layers)
         mus.append(_np_dense(e["mean"], h))
@@ -83,6 +87,9 @@ def _np_negative_elbo(cfg, params, batch, eps, kl_weight, subsets):
             if lik == "bernoulli":
                 prob = expit(logits + (log_libs[m] - cfg.log_lib_mean[m])[:, None])
                 ll = stats.bernoulli.logpmf(x, prob).sum(1)
+            elif lik == "log1p_normal":  # x + 1 log-normal, no library offset
+                ll = stats.lognorm.logpdf(x + 1, s=np.exp(hp["log_sd"]),
+                                          scale=np.exp(logits)).sum(1)
             else:
                 mu1 = np.exp(log_softmax(logits, axis=1) + log_libs[m][:, None])
                 theta = np.exp(hp["log_theta"])
@@ -174,6 +181,50 @@ def test_negative_elbo_matches_numpy_reference(cross):
     np.testing.assert_allclose(np.asarray(aux["terms"]), terms, rtol=2e-4, atol=2e-3)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-4)
     assert valid[:, 4].tolist()[:4] == [1, 0, 0, 1]  # cell 4 has only atac
+
+
+def test_input_pcs_elbo_matches_numpy_reference():
+    """Experts reading fixed PCA scores: the ELBO equals the numpy reference that projects the
+    log-normalised input by the stored mean and components; those are not parameters. The
+    protein here has the log1p-normal likelihood (scipy's log-normal of ``x + 1``)."""
+    from scatlas.models.mvae import INPUT_PCA
+
+    rng = np.random.default_rng(4)
+    liks, feats = ("nb", "log1p_normal", "bernoulli"), (12, 6, 9)
+    cfg = MVAEConfig(("rna", "protein", "atac"), liks, feats, log_lib_mean=(3.0, 2.5, 1.0),
+                     log_lib_sd=(0.7, 0.9, 0.5), n_batches=2, latent_dim=4, hidden=8,
+                     dropout=0.0, alignment_weight=0.5, input_pcs=(5, 0, 3))
+    proj = {m: {"mean": rng.standard_normal(feats[m]).astype(np.float32),
+                "components": rng.standard_normal((feats[m], k)).astype(np.float32)}
+            for m, k in ((0, 5), (2, 3))}
+    B = 7
+    batch = _tiny_batch(rng, B, feats, liks)
+    task = MVAETask(cfg, proj)
+    variables = task.init(jax.random.PRNGKey(1), batch)
+    assert set(variables) == {"params", INPUT_PCA}
+    assert set(variables[INPUT_PCA]) == {"experts_0", "experts_2"}
+    np.testing.assert_array_equal(variables[INPUT_PCA]["experts_2"]["pca_components"],
+                                  proj[2]["components"])
+    # the first dense layer of a projected expert reads k (+ library) inputs
+    assert variables["params"]["experts_0"]["_Blocks_0"]["Dense_0"]["kernel"].shape == (6, 8)
+    assert variables["params"]["experts_1"]["_Blocks_0"]["Dense_0"]["kernel"].shape == (7, 8)
+    params = jax.tree_util.tree_map(
+        lambda a: a + 0.3 * rng.standard_normal(a.shape).astype(np.float32),
+        variables["params"])
+    variables = {"params": params, INPUT_PCA: variables[INPUT_PCA]}
+    subsets = np.broadcast_to(subset_patterns(3)[:, None], (4, B, 3)).astype(np.float32)
+    eps = rng.standard_normal((4, B, cfg.latent_dim)).astype(np.float32)
+    loss, aux = negative_elbo(task.net, variables, {k: jnp.asarray(v) for k, v in batch.items()},
+                              jnp.asarray(eps), 0.6, jnp.asarray(subsets))
+    ref_loss, terms, _, _, align, _ = _np_negative_elbo(cfg, params, batch, eps, 0.6, subsets,
+                                                        pca=variables[INPUT_PCA])
+    np.testing.assert_allclose(np.asarray(aux["align"]), align, rtol=2e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(aux["terms"]), terms, rtol=2e-4, atol=2e-3)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-4)
+    with pytest.raises(ScatlasInputError, match="go together"):
+        MVAETask(cfg)
+    with pytest.raises(ScatlasInputError, match="input_pcs"):
+        MVAEConfig(("rna",), ("nb",), (5,), input_pcs=(6,))
 
 
 def test_kl_warmup_is_linear():
@@ -360,6 +411,74 @@ def test_bad_input_errors():
         train_mvae(a, likelihoods={"protein": "poisson"}, max_steps=1)
     with pytest.raises(ScatlasInputError, match="not 'X'"):
         train_mvae(a, {"rna": "varm/x"}, max_steps=1)
+
+
+def test_input_pcs_projection_is_the_training_cells_pca(tmp_path):
+    """``train_mvae(input_pcs=k)``: the RNA expert's fixed layer is the PCA (numpy SVD here) of
+    the log-normalised RNA of the training cells that have RNA (validation cells and cells
+    missing RNA left out), unchanged by training; narrower modalities read their features;
+    save / load keeps it."""
+    from scatlas.models import load
+    from scatlas.models.mvae import INPUT_PCA
+    from scatlas.tl import train_mvae
+    from scatlas.tl._mvae import _holdout
+
+    a = _paired(80, seed=1)
+    X = a.X.toarray()
+    X[[3, 7, 11]] = 0  # three cells without RNA
+    a.X = sp.csr_matrix(X)
+    model = train_mvae(a, input_pcs=4, n_top_genes=None, validation_fraction=0.25,
+                       max_steps=20, eval_every=10, seed=2, progress=False)
+    assert model.config.input_pcs == (4, 0)  # 4 proteins: not more than k
+    assert model.info["input_pcs"] == {"rna": 4, "protein": 0}
+    train_rows, _ = _holdout(80, 0.25, 2)
+    rows = train_rows[X[train_rows].sum(1) > 0]
+    assert rows.size == 60 - np.isin([3, 7, 11], train_rows).sum()
+    L = np.log1p(X[rows] * (INPUT_SCALE / X[rows].sum(1, keepdims=True)))
+    mean = L.mean(0)
+    _, sv, vt = np.linalg.svd(L - mean, full_matrices=False)
+    got = model.variables[INPUT_PCA]["experts_0"]
+    assert set(model.variables[INPUT_PCA]) == {"experts_0"}
+    np.testing.assert_allclose(got["pca_mean"], mean, rtol=1e-5, atol=1e-6)
+    comp = np.asarray(got["pca_components"], np.float64)
+    signs = np.sign(np.sum(comp * vt[:4].T, axis=0))
+    np.testing.assert_allclose(comp * signs, vt[:4].T, atol=1e-4)
+    assert sv[3] > 1.01 * sv[4]  # the 4-dim subspace is well defined
+    path = model.save(tmp_path / "mvae_pcs")
+    back = load(path)
+    assert back.config.input_pcs == (4, 0)
+    has_rna = a[X.sum(1) > 0].copy()
+    np.testing.assert_array_equal(back.embed(has_rna, ["rna"]), model.embed(has_rna, ["rna"]))
+    with pytest.raises(ScatlasInputError, match="unknown modalities"):
+        train_mvae(a, input_pcs={"atac": 3}, max_steps=1)
+    per_name = train_mvae(a, input_pcs={"protein": 2}, n_top_genes=None, max_steps=2,
+                          progress=False)
+    assert per_name.config.input_pcs == (0, 2)
+
+
+def test_log1p_normal_target_imputes_its_decoded_mean():
+    """A log1p-normal protein: ``scale="log1p"`` is the decoder's mean of ``log1p x``, the
+    counts scale its log-normal mean ``exp(mean + sd^2 / 2) - 1``; no library applies."""
+    from scatlas.tl import train_mvae
+
+    a = _paired(60, seed=3)
+    model = train_mvae(a, likelihoods={"protein": "log1p_normal"}, n_top_genes=None,
+                       max_steps=30, seed=1, progress=False)
+    assert model.likelihoods["protein"] == "log1p_normal"
+    log_vals = model.impute(a, ["rna"], "protein", scale="log1p")
+    counts = model.impute(a, ["rna"], "protein")
+    sd = np.exp(np.asarray(model.variables["params"]["heads_1"]["log_sd"], np.float64))
+    np.testing.assert_allclose(counts, np.expm1(log_vals + 0.5 * sd**2), rtol=1e-4, atol=1e-4)
+    # the decoded mean, by hand: the posterior mean of the RNA expert through the protein head
+    z = model.embed(a, ["rna"])
+    out = model._net.apply(model.variables, jnp.asarray(z), None, method="decode")[1]
+    np.testing.assert_allclose(log_vals, np.asarray(out["logits"]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ScatlasInputError, match="no library"):
+        model.impute(a, ["rna"], "protein", library="observed")
+    frac = a.copy()
+    frac.obsm["protein_counts"] = frac.obsm["protein_counts"] * 0.5
+    with pytest.raises(ScatlasInputError, match="integer counts"):
+        train_mvae(frac, likelihoods={"protein": "log1p_normal"}, max_steps=1)
 
 
 def test_mudata_mosaic_rows_are_matched():

@@ -11,6 +11,7 @@ from scipy.special import expit, logsumexp
 from scatlas.models.mvae_likelihoods import (
     kl_standard_normal,
     log_bernoulli,
+    log_log1p_normal,
     log_nb,
     log_nb_mixture,
     log_normal,
@@ -62,6 +63,21 @@ def test_log_bernoulli_and_normal_match_scipy():
     y, m, log_sd = rng.normal(size=7), rng.normal(size=7), rng.normal(scale=0.5, size=7)
     ours = np.asarray(log_normal(jnp.asarray(y), jnp.asarray(m), jnp.asarray(log_sd)))
     np.testing.assert_allclose(ours, stats.norm.logpdf(y, m, np.exp(log_sd)), rtol=1e-5)
+
+
+def test_log1p_normal_is_shifted_lognormal_density():
+    """``log1p(x) ~ N(m, sd)`` is ``x + 1 ~ LogNormal``: scipy's lognorm density at ``x + 1``;
+    its mass over x >= 0 is ``P(log1p x >= 0) = Phi(m / sd)``."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([[0.0, 1.0, 250.0], rng.poisson(8.0, size=9).astype(np.float64)])
+    m, log_sd = rng.normal(1.5, 1.0, size=x.size), rng.normal(scale=0.4, size=x.size)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    ours = np.asarray(log_log1p_normal(f32(x), f32(m), f32(log_sd)))
+    ref = stats.lognorm.logpdf(x + 1, s=np.exp(log_sd), scale=np.exp(m))
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    grid = np.linspace(0, 400, 400_001)
+    dens = np.exp(np.asarray(log_log1p_normal(jnp.asarray(grid), 1.2, jnp.log(0.6))))
+    np.testing.assert_allclose(np.trapezoid(dens, grid), stats.norm.cdf(1.2 / 0.6), atol=1e-4)
 
 
 def test_kl_standard_normal_matches_gaussian_kl():

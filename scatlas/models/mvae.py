@@ -8,6 +8,9 @@ Model (Wu & Goodman 2018, MVAE; likelihoods as totalVI / MultiVI / PeakVI): a sh
 - protein (``"nb_mixture"``, optional): totalVI's background/foreground mixture with a shared
   theta, ``mu_back = l softmax(b(z, s))``, ``mu_fore = mu_back (1 + softplus(a(z, s)))``, mixing
   ``sigmoid(pi(z, s))`` on the background;
+- counts on the ``log1p`` scale (``"log1p_normal"``, optional): ``log1p(x_mf) ~ N(f_m(z, s)_f,
+  sigma_mf^2)``, a per-feature sd; no library offset (the decoder predicts the values, as a
+  regression of ``log1p`` counts does);
 - accessibility (``"bernoulli"``): ``x_mf ~ Bernoulli(sigmoid(f_m(z, s)_f + log l_m - c_m))``
   on binarised data, ``c_m`` the mean training log depth (PeakVI's depth factor as an offset);
 - the log library itself, standardised, ``~ N(g_m(z, s), sigma_m^2)`` (so that imputation can
@@ -65,6 +68,7 @@ from .mvae_likelihoods import (
     LOGVAR_MIN,
     kl_standard_normal,
     log_bernoulli,
+    log_log1p_normal,
     log_nb,
     log_nb_mixture,
     log_normal,
@@ -94,8 +98,12 @@ class MVAEConfig:
     cells, :func:`alignment_penalty`; 0: off; on shallow data a large weight collapses the
     posterior to the prior), ``contrastive_weight`` / ``contrastive_temperature`` (of the
     InfoNCE matching term, :func:`contrastive_penalty`; 0: off); ``library_input`` (the
-    standardised log library is an encoder input). :func:`scatlas.tl.train_mvae` has its own
-    defaults for some of these (``DEFAULT_MODEL`` there).
+    standardised log library is an encoder input); ``input_pcs`` (per modality, 0: the expert
+    reads the features; ``k > 0``: it reads the ``k`` principal-component scores of its usual
+    input, a fixed centred linear map fitted on the training cells and kept in the variables
+    collection ``INPUT_PCA``, :func:`fit_expert_pca`; () means 0 for every modality).
+    :func:`scatlas.tl.train_mvae` has its own defaults for some of these (``DEFAULT_MODEL``
+    there).
     """
 
     modalities: tuple[str, ...]
@@ -117,6 +125,7 @@ class MVAEConfig:
     alignment_weight: float = 0.0
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
+    input_pcs: tuple[int, ...] = ()
     bf16: bool = False
 
     def __post_init__(self) -> None:
@@ -139,6 +148,12 @@ class MVAEConfig:
             raise ScatlasInputError("log_lib_mean / log_lib_sd need one value per modality")
         for f in self.n_features:
             check_positive_int(f, "n_features")
+        self.input_pcs = tuple(int(k) for k in self.input_pcs) or (0,) * M
+        if len(self.input_pcs) != M:
+            raise ScatlasInputError("input_pcs needs one value per modality (0: none)")
+        for k, f in zip(self.input_pcs, self.n_features, strict=True):
+            if not 0 <= k <= f:
+                raise ScatlasInputError(f"input_pcs must be in [0, n_features], got {k} of {f}")
         for name in ("latent_dim", "hidden", "n_layers", "decoder_layers"):
             check_positive_int(getattr(self, name), name)
         if self.n_batches < 0:
@@ -183,6 +198,42 @@ class _Blocks(nn.Module):
         return h
 
 
+#: the variables collection holding the experts' fixed PCA input layers (``input_pcs``)
+INPUT_PCA = "input_pca"
+
+
+def expert_input(likelihood: str, x: Any, lib: Any) -> Any:
+    """An expert's input before the network: the 0/1 data (Bernoulli) or
+    ``log1p(INPUT_SCALE x / lib)`` (``lib`` the cells' totals, at least 1); numpy or jax."""
+    if likelihood == "bernoulli":
+        return x
+    xp = jnp if isinstance(x, jax.Array) else np
+    return xp.log1p(x * (INPUT_SCALE / lib)[:, None])
+
+
+def fit_expert_pca(mod: Modality, rows: np.ndarray, n_components: int,
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """The fixed PCA input layer of an expert (``MVAEConfig.input_pcs``): sklearn's ``PCA``
+    (centred, ``random_state=seed``) of :func:`expert_input` of the modality's observed cells
+    among ``rows``. Returns ``{"mean": (F,), "components": (F, k)}`` float32,
+    ``k = min(n_components, n_cells - 1, F)``; an expert reads ``(input - mean) @ components``."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+
+    n_components = check_positive_int(n_components, "input_pcs")
+    rows = rows[mod.observed[rows]]
+    X = mod.matrix[rows]
+    X = np.asarray(X.toarray() if sp.issparse(X) else X, np.float64)
+    k = min(n_components, X.shape[0] - 1, X.shape[1])
+    if k < 1:
+        raise ScatlasInputError(
+            f"input_pcs of modality {mod.name!r} needs at least 2 training cells with it")
+    lib = np.maximum(X.sum(axis=1), 1.0)
+    pca = PCA(k, random_state=seed).fit(expert_input(mod.likelihood, X, lib))
+    return {"mean": pca.mean_.astype(np.float32),
+            "components": np.ascontiguousarray(pca.components_.T, dtype=np.float32)}
+
+
 class Expert(nn.Module):
     """Encoder of one modality: (B, F) data and (B,) library -> Gaussian (mu, logvar) (B, D)."""
 
@@ -195,11 +246,18 @@ class Expert(nn.Module):
     lib_sd: float
     library_input: bool
     dtype: Any
+    input_pcs: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, lib: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         safe = jnp.maximum(lib, 1.0)
-        h = x if self.likelihood == "bernoulli" else jnp.log1p(x * (INPUT_SCALE / safe)[:, None])
+        h = expert_input(self.likelihood, x, safe)
+        if self.input_pcs:  # the fixed PCA input layer (not a parameter: the optimiser skips it)
+            F = x.shape[1]
+            centre = self.variable(INPUT_PCA, "pca_mean", jnp.zeros, (F,), jnp.float32)
+            comp = self.variable(INPUT_PCA, "pca_components", jnp.zeros, (F, self.input_pcs),
+                                 jnp.float32)
+            h = (h - centre.value) @ comp.value
         if self.library_input:
             std_lib = (jnp.log(safe) - self.lib_mean) / self.lib_sd
             h = jnp.concatenate([h, std_lib[:, None]], axis=1)
@@ -214,9 +272,10 @@ class Head(nn.Module):
     """Decoder of one modality: (N, D) latent and (N, K) covariate -> likelihood parameters.
 
     Returns a dict of (N, F) float32 arrays: ``logits`` (NB: log of the rate fractions before
-    the softmax; Bernoulli: logits before the depth offset; NB mixture: background), ``fore``
-    and ``mix`` (NB mixture), and ``lib`` (N,) the predicted standardised log library; the
-    per-feature ``log_theta`` (F,) for the count likelihoods and ``lib_log_sd`` () are params.
+    the softmax; Bernoulli: logits before the depth offset; NB mixture: background;
+    log1p-normal: the mean of ``log1p x``), ``fore`` and ``mix`` (NB mixture), and ``lib`` (N,)
+    the predicted standardised log library; the per-feature ``log_theta`` (F,) (NB, NB
+    mixture) or ``log_sd`` (F,) (log1p-normal) and ``lib_log_sd`` () are params.
     """
 
     likelihood: str
@@ -235,7 +294,9 @@ class Head(nn.Module):
             out["mix"] = nn.Dense(self.n_features, dtype=self.dtype, name="mix")(h)
         out["lib"] = nn.Dense(1, dtype=self.dtype, name="library")(h)[:, 0]
         out = {k: v.astype(jnp.float32) for k, v in out.items()}
-        if self.likelihood != "bernoulli":
+        if self.likelihood == "log1p_normal":
+            out["log_sd"] = self.param("log_sd", nn.initializers.zeros, (self.n_features,))
+        elif self.likelihood != "bernoulli":
             out["log_theta"] = self.param("log_theta", nn.initializers.zeros, (self.n_features,))
         out["lib_log_sd"] = self.param("lib_log_sd", nn.initializers.zeros, ())
         return out
@@ -250,8 +311,9 @@ class MVAENet(nn.Module):
         c = self.config
         self.experts = [
             Expert(lik, c.hidden, c.n_layers, c.latent_dim, c.dropout, mean, sd, c.library_input,
-                   c.dtype)
-            for lik, mean, sd in zip(c.likelihoods, c.log_lib_mean, c.log_lib_sd, strict=True)
+                   c.dtype, k)
+            for lik, mean, sd, k in zip(c.likelihoods, c.log_lib_mean, c.log_lib_sd,
+                                        c.input_pcs, strict=True)
         ]
         self.heads = [
             Head(lik, f, c.hidden, c.decoder_layers, c.dtype)
@@ -293,6 +355,8 @@ def log_likelihood(
     logits = out["logits"]
     if likelihood == "bernoulli":
         lp = log_bernoulli(x, logits + (log_lib - lib_mean)[..., None])
+    elif likelihood == "log1p_normal":
+        lp = log_log1p_normal(x, logits, out["log_sd"])
     else:
         log_mu = jax.nn.log_softmax(logits, axis=-1) + log_lib[..., None]
         if likelihood == "nb":
@@ -306,10 +370,13 @@ def log_likelihood(
 def expected_value(
     likelihood: str, out: Mapping[str, jax.Array], log_lib: jax.Array, lib_mean: float
 ) -> jax.Array:
-    """Mean of the likelihood: expected counts (NB, NB mixture) or probabilities (Bernoulli)."""
+    """Mean of the likelihood: expected counts (NB, NB mixture, log1p-normal:
+    ``exp(mean + sd^2 / 2) - 1``, no library) or probabilities (Bernoulli)."""
     logits = out["logits"]
     if likelihood == "bernoulli":
         return jax.nn.sigmoid(logits + (log_lib - lib_mean)[..., None])
+    if likelihood == "log1p_normal":
+        return jnp.expm1(logits + 0.5 * jnp.exp(2.0 * out["log_sd"]))
     mu = jax.nn.softmax(logits, axis=-1) * jnp.exp(log_lib)[..., None]
     if likelihood == "nb":
         return mu
@@ -433,14 +500,33 @@ class MVAETask:
     """The :class:`~scatlas.models.train.Task` of the multimodal VAE (no BatchNorm state)."""
 
     config: MVAEConfig
+    #: the fixed PCA input layers of ``config.input_pcs``, by modality index
+    #: (:func:`fit_expert_pca`); needed for every modality with ``input_pcs > 0``
+    projections: Mapping[int, Mapping[str, np.ndarray]] | None = None
     patterns: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.net = self.config.net()
         self.patterns = subset_patterns(len(self.config.modalities))
+        proj = dict(self.projections or {})
+        for m, k in enumerate(self.config.input_pcs):
+            if bool(k) != (m in proj):
+                raise ScatlasInputError("input_pcs and the PCA projections go together")
+            if k and np.shape(proj[m]["components"]) != (self.config.n_features[m], k):
+                raise ScatlasInputError(
+                    f"projection of modality {m} has shape {np.shape(proj[m]['components'])}, "
+                    f"expected {(self.config.n_features[m], k)}")
+        self.projections = proj
 
     def init(self, rng: jax.Array, batch: dict[str, Any]) -> dict[str, Any]:
-        return jax.jit(self._init)(rng, {k: v for k, v in batch.items() if k != "index"})
+        variables = jax.jit(self._init)(rng, {k: v for k, v in batch.items() if k != "index"})
+        if self.projections:  # the fitted PCA input layers replace their zero placeholders
+            variables = dict(variables)
+            variables[INPUT_PCA] = {
+                f"experts_{m}": {"pca_mean": jnp.asarray(p["mean"], jnp.float32),
+                                 "pca_components": jnp.asarray(p["components"], jnp.float32)}
+                for m, p in self.projections.items()}
+        return variables
 
     def _init(self, rng: jax.Array, batch: dict[str, Any]) -> dict[str, Any]:
         M = len(self.config.modalities)
@@ -514,6 +600,10 @@ class MultimodalVAE:
         self.batch_key = batch_key
         self.batch_names = list(batch_names)
         self.info = dict(info or {})
+        if (INPUT_PCA in self.variables) != any(config.input_pcs):
+            raise ScatlasInputError(
+                f"a model with input_pcs={config.input_pcs} needs variables[{INPUT_PCA!r}] "
+                "exactly when some modality's input_pcs is > 0")
         self._net = config.net()
         self._device_variables = jax.device_put(self.variables)
         self._encode = jax.jit(self._encode_impl)
@@ -574,6 +664,8 @@ class MultimodalVAE:
             if not log_scale:  # the mean of its lognormal (log scale: its mean, the median)
                 sd = jnp.exp(out["lib_log_sd"]) * c.log_lib_sd[m]
                 log_lib = log_lib + 0.5 * sd**2
+        if log_scale and c.likelihoods[m] == "log1p_normal":
+            return out["logits"]  # the mean of log1p x itself
         mean = expected_value(c.likelihoods[m], out, log_lib, c.log_lib_mean[m])
         return jnp.log1p(mean) if log_scale else mean
 
@@ -702,11 +794,13 @@ class MultimodalVAE:
 
         The latent is the posterior mean of the ``source`` experts' product (``source`` as
         ``modalities`` in :meth:`embed`; None: every model modality present except the target).
-        Values: expected counts for NB / NB-mixture targets, probabilities for Bernoulli.
-        ``library``: ``"predicted"`` (the model's log-library mean for the latent),
+        Values: expected counts for NB / NB-mixture / log1p-normal targets, probabilities for
+        Bernoulli. ``library``: ``"predicted"`` (the model's log-library mean for the latent),
         ``"observed"`` (the target's observed totals; every cell must have the target) or a
-        number (a fixed total, e.g. 1e4 for normalised values). ``batch``: the batch category
-        to decode in (default: the cells' ``obs[batch_key]`` when present, else the first).
+        number (a fixed total, e.g. 1e4 for normalised values); a log1p-normal target has no
+        library (its decoder predicts the values), so only ``"predicted"`` is accepted there.
+        ``batch``: the batch category to decode in (default: the cells' ``obs[batch_key]`` when
+        present, else the first).
         ``n_samples``: 0 decodes the posterior mean; ``k > 0`` averages the decoded means of
         ``k`` posterior samples (Monte Carlo posterior predictive mean; ``seed`` fixes them).
         ``scale``: ``"counts"`` (the values above) or ``"log1p"``: ``log1p`` of them, the library
@@ -715,7 +809,8 @@ class MultimodalVAE:
         ``E_q(z|source)[log1p E[x | z]]``: the estimate of the log-scale values under posterior
         uncertainty in ``z`` (what a log-scale comparison such as the Pearson correlation of
         ``log1p`` counts scores; averaging counts and then taking the log favours the samples
-        with the largest values).
+        with the largest values). A log1p-normal target's ``"log1p"`` values are its decoded
+        means of ``log1p x`` (the counts scale: ``exp(mean + sd^2 / 2) - 1``).
         """
         c = self.config
         if target not in c.modalities:
@@ -735,6 +830,11 @@ class MultimodalVAE:
             raise ScatlasInputError(f"scale must be 'counts' or 'log1p', got {scale!r}")
         if scale == "log1p" and c.likelihoods[m] == "bernoulli":
             raise ScatlasInputError(f"scale='log1p' needs a count target; {target!r} is bernoulli")
+        if c.likelihoods[m] == "log1p_normal" and not (isinstance(library, str)
+                                                      and library == "predicted"):
+            raise ScatlasInputError(
+                f"{target!r} has the log1p_normal likelihood, which has no library: only "
+                f"library='predicted' applies, got {library!r}", param="library")
         log_scale = scale == "log1p"
         mods = self._read(data, chosen, masks, min_overlap)
         z, z_logvar = self._posterior(mods, batch_size, progress)

@@ -41,7 +41,7 @@ DEFAULT_LIKELIHOODS: dict[str, str] = {
     **dict.fromkeys(("protein", "proteins", "adt", "prot", "cite"), "nb"),
     **dict.fromkeys(("atac", "peaks", "chromatin", "accessibility", "dna"), "bernoulli"),
 }
-COUNT_LIKELIHOODS = ("nb", "nb_mixture")
+COUNT_LIKELIHOODS = ("nb", "nb_mixture", "log1p_normal")
 
 
 @dataclass

@@ -9,6 +9,8 @@ Pure :mod:`jax.numpy` functions (jittable, broadcasting, float32), each checked 
   background / foreground model, scvi-tools ``log_mixture_nb``).
 - :func:`log_bernoulli`: Bernoulli on 0/1 data from logits (PeakVI / MultiVI accessibility).
 - :func:`log_normal`: Gaussian log density (the log-library model).
+- :func:`log_log1p_normal`: ``log1p(x) ~ N(mean, sd^2)`` as a density of ``x`` (``x + 1``
+  log-normal): the ``"log1p_normal"`` likelihood, a Gaussian on the ``log1p`` scale.
 - :func:`kl_standard_normal`: ``KL(N(mu, exp(logvar)) || N(0, I))`` summed over the last axis.
 - :func:`product_of_experts`: the precision-weighted Gaussian product of the masked experts and
   the ``N(0, I)`` prior expert (Wu & Goodman 2018, MVAE; MIDAS ``poe``; Cobolt).
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
-LIKELIHOODS = ("nb", "nb_mixture", "bernoulli")
+LIKELIHOODS = ("nb", "nb_mixture", "bernoulli", "log1p_normal")
 #: bounds of encoder log-variances (scMM clamps at +-12)
 LOGVAR_MIN, LOGVAR_MAX = -12.0, 12.0
 
@@ -64,6 +66,14 @@ def log_bernoulli(x: jax.Array, logits: jax.Array) -> jax.Array:
 def log_normal(x: jax.Array, mean: jax.Array, log_sd: jax.Array) -> jax.Array:
     """Elementwise Gaussian log density ``log N(x; mean, exp(log_sd)^2)``."""
     return -0.5 * ((x - mean) * jnp.exp(-log_sd)) ** 2 - log_sd - 0.5 * math.log(2 * math.pi)
+
+
+def log_log1p_normal(x: jax.Array, mean: jax.Array, log_sd: jax.Array) -> jax.Array:
+    """Elementwise ``log p(x)`` where ``log1p(x) ~ N(mean, exp(log_sd)^2)``: the density of the
+    shifted log-normal ``x + 1 ~ LogNormal(mean, sd)``, ``log N(log1p x; mean, sd) - log1p x``
+    (the Jacobian does not depend on the parameters)."""
+    y = jnp.log1p(x)
+    return log_normal(y, mean, log_sd) - y
 
 
 def kl_standard_normal(mu: jax.Array, logvar: jax.Array) -> jax.Array:

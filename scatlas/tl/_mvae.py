@@ -57,6 +57,23 @@ def _select_features(mods: list, train_rows: np.ndarray, n_top: int | None) -> N
         )
 
 
+def _input_pcs(mods: list, input_pcs: Any) -> list[int]:
+    """Requested PCA input width per modality: an int ``k`` applies to every modality with more
+    than ``k`` features; a mapping names them (others 0); None / 0: none."""
+    if input_pcs is None:
+        return [0] * len(mods)
+    if isinstance(input_pcs, Mapping):
+        unknown = set(input_pcs) - {m.name for m in mods}
+        if unknown:
+            raise ScatlasInputError(f"input_pcs given for unknown modalities {sorted(unknown)}")
+        want = [input_pcs.get(m.name) or 0 for m in mods]
+        return [check_positive_int(k, "input_pcs") if k else 0 for k in want]
+    if not input_pcs:
+        return [0] * len(mods)
+    k = check_positive_int(input_pcs, "input_pcs")
+    return [k if m.n_features > k else 0 for m in mods]
+
+
 def _holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(train_rows, val_rows)``, sorted: ``round(fraction * n)`` random cells held out."""
     if not 0 <= fraction < 1:
@@ -99,6 +116,7 @@ def train_mvae(
     log_path: str | Path | None = None,
     progress: bool | None = None,
     data_parallel: bool = True,
+    input_pcs: int | Mapping[str, int] | None = None,
     **model_kw: Any,
 ):
     """Train a multimodal VAE with a product-of-experts posterior on paired or mosaic cells.
@@ -114,9 +132,10 @@ def train_mvae(
         A cell misses a modality where its row is all-NaN or all-zero (or ``masks`` says so);
         every cell needs at least one modality.
     likelihoods
-        ``{name: "nb" | "nb_mixture" | "bernoulli"}``; missing names get the default for the
-        modality name (rna/gex/... and protein/adt/...: ``"nb"``; atac/peaks/...:
-        ``"bernoulli"``).
+        ``{name: "nb" | "nb_mixture" | "bernoulli" | "log1p_normal"}``; missing names get the
+        default for the modality name (rna/gex/... and protein/adt/...: ``"nb"``;
+        atac/peaks/...: ``"bernoulli"``). ``"log1p_normal"``: a Gaussian on ``log1p`` of the
+        counts, no library offset (raw counts in; docs/mvae.md).
     seed
         Parameters, dropout, noise, the validation split and the batches derive from it.
     batch_key
@@ -137,6 +156,13 @@ def train_mvae(
         AdamW with a cosine schedule (:class:`~scatlas.models.train.TrainConfig`).
     kl_warmup_steps
         Steps of linear KL warm-up from 0 to 1 (default: a third of ``max_steps``).
+    input_pcs
+        None (default): every expert reads its features. ``k``: the expert of every modality
+        with more than ``k`` features reads the ``k`` principal-component scores of its input
+        instead (``log1p(1e4 x / total)``, or the 0/1 peaks), a fixed centred linear layer
+        fitted on the training cells before training
+        (:func:`scatlas.models.mvae.fit_expert_pca`; at most ``n_train - 1``), as the metric
+        encoder's ``input_pcs``; a mapping ``{name: k}`` sets it per modality.
     **model_kw
         :class:`~scatlas.models.mvae.MVAEConfig` fields: ``latent_dim`` (20), ``hidden`` (128),
         ``n_layers`` (1), ``decoder_layers`` (1), ``dropout`` (0.3), ``n_random_subsets`` (1),
@@ -152,7 +178,7 @@ def train_mvae(
     :class:`~scatlas.models.mvae.MultimodalVAE`, with the training summary in ``model.info``
     and the log records in ``model.history``.
     """
-    from ..models.mvae import MultimodalVAE, MVAEConfig, MVAETask
+    from ..models.mvae import MultimodalVAE, MVAEConfig, MVAETask, fit_expert_pca
     from ..models.mvae_data import (
         MultiModalBatches,
         batch_codes,
@@ -181,6 +207,11 @@ def train_mvae(
     max_steps = check_positive_int(max_steps, "max_steps")
     if kl_warmup_steps is None:
         kl_warmup_steps = max_steps // 3
+    projections = {m: fit_expert_pca(mod, train_rows, k, seed)
+                   for m, (mod, k) in enumerate(zip(mods, _input_pcs(mods, input_pcs),
+                                                    strict=True)) if k}
+    model_kw["input_pcs"] = tuple(projections[m]["components"].shape[1] if m in projections
+                                  else 0 for m in range(len(mods)))
     config = MVAEConfig(
         modalities=tuple(modalities), likelihoods=tuple(liks[m] for m in modalities),
         n_features=tuple(m.n_features for m in mods), log_lib_mean=tuple(lib_mean),
@@ -196,7 +227,7 @@ def train_mvae(
         data_parallel=data_parallel,
     )
     val = _validation_batches(batches, val_rows, batch_size, n_dev)
-    result = fit(MVAETask(config), batches, tcfg, val_batches=val)
+    result = fit(MVAETask(config, projections), batches, tcfg, val_batches=val)
     observed = {m.name: int(m.observed.sum()) for m in mods}
     info = {
         "n_cells": int(adata.n_obs), "n_train": int(train_rows.size), "n_val": int(val_rows.size),
@@ -204,6 +235,7 @@ def train_mvae(
         "best_step": result.best_step, "best_val": result.best_val,
         "stopped_early": result.stopped_early, "cells_per_s": result.cells_per_s,
         "compile_s": result.compile_s, "seed": seed, "n_top_genes": n_top_genes,
+        "input_pcs": dict(zip(modalities, config.input_pcs, strict=True)),
         "train": tcfg.to_dict(),
     }
     locations = {name: loc for name, loc in modalities.items() if isinstance(loc, str)}
