@@ -250,3 +250,19 @@ def test_cca_defaults_on_baron_donors(baron_donor, flavor, capsys):
               f"iLISI {il['pca']:.3f} -> {il['cca']:.3f}")
     assert lt["cca"] > 0.6 and lt["cca"] > lt["pca"] - 0.2  # 5 labels: chance ~0.2
     assert il["cca"] > il["pca"] + 0.15
+
+
+def test_scaled_pca_of_sparse_input_equals_dense():
+    """Harmony's and cca v5's PCA: a CSR input (scaled implicitly, CSR + shift) gives the dense
+    input's scores (float64, up to the sign of each PC); that it never densifies a large input
+    is tests/test_kernel_memory.py's."""
+    import scipy.sparse as sp
+
+    from scatlas.tl._common import scaled_pca
+
+    rng = np.random.default_rng(0)
+    dense = np.log1p(rng.poisson(0.3, size=(300, 120)).astype(np.float64))
+    want = scaled_pca(dense, 10, dtype=np.float64)
+    got = scaled_pca(sp.csr_matrix(dense), 10, dtype=np.float64)
+    signs = np.sign((got * want).sum(0))
+    np.testing.assert_allclose(got * signs, want, rtol=1e-8, atol=1e-8 * np.abs(want).max())

@@ -63,9 +63,10 @@ def scaled_pca(X: Any, n_pcs: int = 30, *, seed: int = 0, dtype: Any = None,
     Seurat's CCA integration ends with: ``ScaleData`` (centre, unit variance,
     clip at 10) of the (n, p) log-expression ``X`` (dense or sparse, numpy or cupy), then
     ``RunPCA`` (:func:`scatlas.kernels.linalg.pca`, ``center=False``). Same device as ``X``;
-    float32 unless ``dtype``. ``n_pcs`` is capped at min(n, p) - 1."""
+    float32 unless ``dtype``. ``n_pcs`` is capped at min(n, p) - 1. A sparse ``X`` is never made
+    dense: the scaled values are its CSR plus a per-gene shift (``scale_data(implicit=True)``)."""
     n_pcs = check_positive_int(n_pcs, "n_pcs")
-    S = scale_data(X, dtype=dtype)
+    S = scale_data(X, dtype=dtype, implicit=True)  # sparse X stays sparse (CSR + a shift)
     k = min(n_pcs, min(S.shape) - 1)
     if k < 1:
         raise ScatlasInputError(f"a PCA needs at least 2 cells and 2 genes, got {S.shape}")
