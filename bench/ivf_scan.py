@@ -356,7 +356,7 @@ def markdown(rec: dict[str, Any]) -> str:
         f"`{rec['command']}`. {env.get('cpu_model')}, {env.get('cpu_cores_available')} cores "
         f"(shared with other work: load average {rec['load_1m_start']} at the start, "
         f"{rec['load_1m_end']} at the end); numpy {env['versions'].get('numpy')}, faiss "
-        f"{env['versions'].get('faiss-cpu')}; {rec['date']}.",
+        f"{rec['faiss_version']}; {rec['date']}.",
         "",
         "Same clustered 128-d unit rows as bench.search, cosine, k = 10, one call per "
         f"{rec['sizes'][0]['queries']:,}-query batch; both engines with the SAME k-means "
@@ -438,6 +438,14 @@ def markdown(rec: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _faiss_version() -> str | None:
+    try:
+        import faiss  # noqa: PLC0415
+    except ImportError:
+        return None
+    return getattr(faiss, "__version__", None)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m bench.ivf_scan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -454,6 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                            sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "repeats": args.repeats,
         "load_1m_start": round(os.getloadavg()[0], 2), "environment": capture("cpu"),
+        "faiss_version": _faiss_version(),
     }
     log("machine peaks")
     rec["peaks"] = machine_peaks()

@@ -31,10 +31,13 @@ def data():
     return X, Q
 
 
-@pytest.fixture(params=["classes", "one-shape"])
+@pytest.fixture(params=["classes", "merged"])
 def shapes(request, monkeypatch):
-    """Both plans: units in classes of similar shape, or (a few queries) one padded shape."""
-    monkeypatch.setattr(ivf_native, "_FEW_SCORES", 0 if request.param == "classes" else 2**62)
+    """Both extremes of the plan: units in classes of similar shape, never merged; or every
+    class merged into the longest of its query count (one padded shape)."""
+    merge = 0 if request.param == "classes" else 2**62
+    monkeypatch.setattr(ivf_native, "_MERGE_CPU", merge)
+    monkeypatch.setattr(ivf_native, "_MERGE_GPU", merge)
     return request.param
 
 
@@ -229,6 +232,7 @@ def test_every_probed_list_is_read_once_per_batch(data, monkeypatch):
     X, Q = data
     eng, _ = _build(X, "ip")
     Qm = np.repeat(Q, 8, axis=0)  # every list probed by many queries
+    monkeypatch.setattr(ivf_native, "_MERGE_CPU", 0)  # classes as the grid makes them
     eng.search(Qm, 10, 4)
     c = eng.scan_counts()
     per_list = np.bincount(backend.to_host(eng._probe(Qm, 4)).ravel(), minlength=NLIST)

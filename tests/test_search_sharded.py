@@ -220,3 +220,29 @@ def test_gpu_shards_equal_cpu_twin(data, tmp_path):
     one = CellIndex.load(tmp_path / "g", device="cpu")
     # both searched on the CPU, same stored vectors and centroids: bit for bit
     np.testing.assert_array_equal(one.search(Q, 10, nprobe=4)[1], cpu.search(Q, 10, nprobe=4)[1])
+
+
+def test_float16_lists_sharded_equal_unsharded(data, tmp_path):
+    """fp16 lists (issue 19): every shard stores float16, results equal one unsharded fp16
+    engine's exactly, and the gathered save keeps float16."""
+    from scatlas.search.engines.ivf_native import NativeIVF
+
+    X, _, Q = data
+    one = NativeIVF(16, "ip", NLIST, list_dtype="float16")
+    one.train(X)
+    sh = ShardedNativeIVF(16, "ip", NLIST, n_shards=3, list_dtype="float16")
+    sh.set_centroids(one.centroids)
+    for eng in (one, sh):
+        eng.bulk_add(lambda record: iter([(X[:1200], np.arange(1200))]))
+        eng.add(X[1200:], np.arange(1200, 1500))
+    assert sh.list_dtype == np.float16 and all(s.list_dtype == np.float16 for s in sh.shards)
+    for nprobe in (2, NLIST):
+        for a, b in zip(one.search(Q, 10, nprobe), sh.search(Q, 10, nprobe), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert sh.meta()["list_dtype"] == "float16"
+    sh.save(tmp_path)
+    assert np.load(tmp_path / "vectors.npy").dtype == np.float16
+    back = ShardedNativeIVF.load(tmp_path, {"dim": 16, "nlist": NLIST, "kind": "ip",
+                                            "engine_meta": sh.meta()}, "cpu")
+    assert back.list_dtype == np.float16
+    np.testing.assert_array_equal(back.search(Q, 10, 3)[1], one.search(Q, 10, 3)[1])

@@ -80,7 +80,8 @@ _M_STEPS, _M_LEAST = 8, 8  # list lengths padded on an eighth-octave grid (steps
 _Q_STEPS = 2  # query counts padded on a half-octave grid (1, 2, 3, 4, 6, 8, 12, ...)
 _PROBE_BLOCK = 64  # most lists per block in the probe's pruning
 _POOL_MIN = 2**18  # scores (or coarse keys) from which a CPU search uses its thread pool
-_FEW_SCORES = 2**16  # below this many real scores a batch pads its lists to one shape
+_MERGE_CPU = 2**12  # padded scores worth one step's fixed cost (NumPy calls, kernel launches)
+_MERGE_GPU = 2**20
 _U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
 # bytes each score moves, unfused: GEMM write 4, key transform (negate, + penalty) 2 x (4 + 4),
 # partition read + copy 8, band compare 4 + 1, nonzero 1 (l2: one more pass, 8)
@@ -475,6 +476,7 @@ class NativeIVF:
         """
         gpu = self.device == "gpu"
         qblock, step = (_QBLOCK_GPU, _STEP_GPU) if gpu else (_QBLOCK_CPU, _STEP_CPU)
+        merge = _MERGE_GPU if gpu else _MERGE_CPU
         pstart = np.cumsum(counts) - counts
         parts = [np.zeros((7, 0), dtype=np.int64)]
         for s, seg in enumerate(segs):
@@ -489,26 +491,33 @@ class NativeIVF:
             parts.append(np.stack([np.full(ul.shape[0], s), _row_class(m[ul]), _query_class(qn), qa,
                                    qn, hoff[ul], m[ul]]).astype(np.int64))
         units = np.concatenate(parts, axis=1)
-        if (units[4] * units[6]).sum() < _FEW_SCORES:  # a few queries: one class a segment
-            for s in np.unique(units[0]):
-                mine = units[0] == s
-                units[1:3, mine] = units[1:3, mine].max(axis=1, keepdims=True)
-        units = units[:, np.lexsort(units[2::-1])]  # by (segment, M, Nq)
+        units = units[:, np.lexsort((units[1], units[2], units[0]))]  # by (segment, Nq, M)
         cls = units[:3]
         new = np.ones(units.shape[1], dtype=bool)
         new[1:] = (cls[:, 1:] != cls[:, :-1]).any(axis=0)
-        starts = np.flatnonzero(new)
-        ends = np.append(starts[1:], units.shape[1]).astype(np.int64)
+        starts = np.flatnonzero(new).tolist()
+        ends = [*starts[1:], units.shape[1]]
+        # a class joins the next longer one of its (segment, Nq) when padding its units to that
+        # length costs fewer scores than a step's fixed cost (a few queries: a few steps)
+        merged: list[list[int]] = []  # [first unit, end unit, segment, M, Nq]
+        for a, b in zip(starts, ends, strict=True):
+            s, mm, nn = (int(v) for v in cls[:, a])
+            last = merged[-1] if merged else None
+            if (last is not None and last[2] == s and last[4] == nn
+                    and (last[1] - last[0]) * nn * (mm - last[3]) < merge):
+                last[1], last[3] = b, mm
+            else:
+                merged.append([a, b, s, mm, nn])
         chunks, f0 = [], 0  # (segment, M, Nq, first unit, end unit, first score)
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            s, mm, nn = int(cls[0, a]), int(cls[1, a]), int(cls[2, a])
+        for a, b, s, mm, nn in merged:
+            units[1, a:b] = mm
             per = max(1, step // ((mm + nn) * self.d))
             for u in range(a, b, per):
                 v = min(b, u + per)
                 chunks.append((s, mm, nn, u, v, f0))
                 f0 += (v - u) * nn * mm
         return {"units": units[3:], "chunks": chunks, "n_scores": f0,
-                "rows": int((units[1]).sum()), "rows_real": int(units[6].sum()),
+                "rows": int(units[1].sum()), "rows_real": int(units[6].sum()),
                 "real": int((units[4] * units[6]).sum())}
 
     def _scan(self, Qb: Any, probe: Any, k: int, allowed: Any, radius: float | None = None):

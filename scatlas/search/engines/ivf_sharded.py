@@ -61,7 +61,7 @@ class ShardedNativeIVF:
     name = "native-ivf"
 
     def __init__(self, d: int, kind: str, nlist: int, device: str = "cpu", seed: int = 0,
-                 n_shards: int = 2, parallel: bool | None = None):
+                 n_shards: int = 2, parallel: bool | None = None, list_dtype: Any = "float32"):
         if n_shards < 1:
             raise ValueError(f"n_shards must be >= 1, got {n_shards}")
         self.d, self.kind, self.nlist, self.device, self.seed = d, kind, nlist, device, seed
@@ -76,13 +76,18 @@ class ShardedNativeIVF:
         self.shards: list[NativeIVF] = []
         for j in range(self.n_shards):
             with self._on(j):
-                self.shards.append(NativeIVF(d, kind, nlist, device, seed))
+                self.shards.append(NativeIVF(d, kind, nlist, device, seed, list_dtype))
 
     @classmethod
     def create(cls, d: int, kind: str, nlist: int, *, device: str = "cpu",
                variant: str = "native-ivf", seed: int = 0, n_shards: int = 2,
-               parallel: bool | None = None) -> ShardedNativeIVF:
-        return cls(d, kind, nlist, device, seed, n_shards, parallel)
+               parallel: bool | None = None, list_dtype: Any = "float32") -> ShardedNativeIVF:
+        return cls(d, kind, nlist, device, seed, n_shards, parallel, list_dtype)
+
+    @property
+    def list_dtype(self) -> np.dtype:
+        """dtype of the stored list vectors (every shard's)."""
+        return self.shards[0].list_dtype
 
     # -- devices --------------------------------------------------------------------------------
     def _on(self, j: int):
@@ -219,7 +224,7 @@ class ShardedNativeIVF:
             with self._on(j):
                 sx = backend.array_module(s.centroids)
                 m = int(offs[j, -1])
-                s.vectors = sx.empty((m, self.d), dtype=np.float32)
+                s.vectors = sx.empty((m, self.d), dtype=s.list_dtype)
                 s.ids = sx.empty(m, dtype=np.int64)
                 s.dead = sx.zeros(m, dtype=bool)
                 s.offsets = sx.asarray(offs[j])
@@ -350,7 +355,8 @@ class ShardedNativeIVF:
                     parallel: bool | None = None) -> ShardedNativeIVF:
         """Split an unsharded engine (any device) into ``n_shards`` shards on ``device``: row
         ``r`` of each list goes to shard ``r % n_shards``."""
-        out = cls(eng.d, eng.kind, eng.nlist, device, eng.seed, n_shards, parallel)
+        out = cls(eng.d, eng.kind, eng.nlist, device, eng.seed, n_shards, parallel,
+                  eng.list_dtype)
         offsets = backend.to_host(eng.offsets)
         vectors, ids = backend.to_host(eng.vectors), backend.to_host(eng.ids)
         dead = backend.to_host(eng.dead)
@@ -373,7 +379,8 @@ class ShardedNativeIVF:
 
     # -- persistence ----------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
-        return {"spherical": self.spherical, "n_dead": self.n_dead, "n_shards": self.n_shards}
+        return {"spherical": self.spherical, "n_dead": self.n_dead, "n_shards": self.n_shards,
+                "list_dtype": self.list_dtype.name}
 
     def save(self, folder: Path) -> list[str]:
         """The unsharded layout (:meth:`to_native` + :meth:`NativeIVF.save`)."""
