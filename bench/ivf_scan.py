@@ -411,16 +411,18 @@ def markdown(rec: dict[str, Any]) -> str:
         "",
         "Compulsory bytes: every probed list read once per batch, plus centroids, queries and "
         "the re-scored candidates. Touched: plus the float32 copy of the gathered rows "
-        "(written, read by the GEMM) and every pass over the score buffer, unfused (34 bytes "
-        "a score); on the CPU these steps are cache-sized, so touched bytes are not all DRAM "
+        "(written, read by the GEMM) and every pass over the score buffer, unfused "
+        f"({ivf_native._SCORE_BYTES} bytes a score); on the CPU these steps are cache-sized, so "
+        "touched bytes are not all DRAM "
         "traffic. faiss row: the flops a pair-by-pair scan of the same candidates does (its "
         "bytes are not counted).",
         "",
         "## H100: a PROJECTION from the counts, not a measurement (no GPU was used)",
         "",
         "max(bytes / 3.35 TB/s, flops / 67 TFLOPS FP32) for the scan as implemented on the "
-        "GPU path (sub-batches of `_SCORES_GPU` scores; lists gathered into a float32 copy and "
-        "re-read by the GEMM; 34 bytes of unfused passes a score); floor: the probed lists "
+        "GPU path (sub-batches of at most `_SCORES_GPU` = 2^30 scores, what an 80 GB card "
+        "gives; lists gathered into a float32 copy and re-read by the GEMM; "
+        f"{ivf_native._SCORE_BYTES} bytes of unfused passes a score); floor: the probed lists "
         "read once at 3.35 TB/s. Padding and skew as measured at the largest size here. Real "
         "kernels (gathers, batched small GEMMs, partitions) will not reach these rates: read "
         "them as lower bounds on the time.",

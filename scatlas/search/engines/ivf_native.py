@@ -28,31 +28,37 @@ accumulated in float32 from the float16 values, which are the stored vectors fro
 Search: a LIST-MAJOR scan (as cuVS/RAFT IVF-Flat: each probed list is read once per batch, not
 once per query that probes it). Per batch of queries:
 
-1. coarse scores ``Q C^T`` -> the ``nprobe`` best lists per query; the batch's (query, list)
-   pairs are grouped by list with one argsort, and the number of queries of every list is read to
-   the host (one small device->host read per batch: nothing else in the scan waits on the
-   device);
+1. coarse scores ``Q C^T`` -> the ``nprobe`` best lists per query (block-pruned selection, see
+   :meth:`NativeIVF._probe`); the batch's (query, list) pairs are grouped by list with one
+   argsort, and the number of queries of every list is read to the host;
 2. a plan on the host (NumPy over lists, not over candidates): each probed list, with up to
-   ``_QBLOCK`` of its queries, is one unit; units of similar shape (list length rounded up on a
-   quarter-octave grid, query count to a power of two) form a class, and each class is scored in
-   steps of a few units as ONE batched GEMM ``(G, Nq, d) x (G, d, M)``, the list rows read in
-   place (a padded list reads past its end; those columns, tombstones and filtered rows are set
-   to +inf). The scores of the batch stay in one flat buffer; each (query, list) pair keeps its
-   k best by ``partition`` (a running top-k over the pair's lists);
+   ``_QBLOCK`` of its queries, is one unit; units of similar shape (list length rounded up on an
+   eighth-octave grid, query count on a half-octave one; a class joins the next longer one when
+   the padding costs less than a step, ``_MERGE``) form a class, and each class is scored in
+   steps of a few units as ONE batched GEMM ``(G, Nq, d) x (G, d, M)`` of the pre-scaled
+   queries (``-q``, or ``-2q`` for l2) and the units' rows (gathered as float32, G x M rows; a
+   padded list reads past its end: those columns, tombstones and filtered rows get +inf). The
+   scores of the batch stay in one flat buffer; each (query, list) pair keeps its k best by
+   ``partition`` (a running top-k over the pair's lists);
 3. ``tau`` = each query's k-th best GEMM score over its pairs; every score within ``eps`` of
-   ``tau`` (``eps`` = twice the float32 error bound of a GEMM score against the exact one,
-   ``4 (d + 3) u |q| max|x|``, doubled terms for l2) is a candidate (one ``nonzero``);
+   ``tau`` (``eps`` = twice the float32 error bound of a GEMM score against the exact one:
+   ``4 (d + 2) u |q| max|x|``, for l2 ``4 (d + 3) u (|q| + max|x|)^2``) is a candidate (one
+   ``nonzero``);
 4. the candidates (k and a few more per query) are re-scored exactly pair by pair (``-q.x`` or
    ``||q - x||^2`` summed on its own: identical vectors get bit-identical keys, whatever list,
    segment or GEMM shape they were scored in) and the k best taken by a (key, id) sort.
+
+The device waits three times a batch, on small reads (the probe's candidate width, the queries
+per list, the number of candidates); never per list or per query.
 
 Every exact top-k member has a GEMM score within ``eps`` of ``tau``, so the result is exactly
 the exact search over the probed lists (ties broken by the smaller id), as the pair-by-pair scan
 that this replaced, and what faiss ``IndexIVFFlat`` returns for the same centroids and
 ``nprobe`` up to float rounding of the keys. Range search uses the same scan with ``tau`` =
-the radius. Batches are sized so the batch's scores stay within ``_SCORES_CPU`` /
-``_SCORES_GPU`` entries. CuPy's BLAS must run in float32 (not ``CUPY_TF32=1``): the error
-bound assumes it.
+the radius. Batches are sized so the batch's scores stay within ``_SCORES_CPU`` entries (on
+the GPU: a share of the free memory, at most ``_SCORES_GPU``). CuPy's BLAS must run in float32
+(not ``CUPY_TF32=1``): the error bound assumes it. On the CPU the steps run on a thread pool
+(:func:`backend.cpu_threads`) with one BLAS thread each, from ``_POOL_MIN`` scores on.
 """
 
 from __future__ import annotations
@@ -70,7 +76,9 @@ from . import hits_per_query, mismatch, pair_keys, smallest_k
 from ._kmeans import assign, kmeans
 
 _SCORES_CPU = 2**25  # (query, row) scores held per query batch (the flat score buffer)
-_SCORES_GPU = 2**28
+_SCORES_GPU = 2**30  # at most; less when the device has less free memory (_score_budget)
+_GPU_FREE_SHARE = 0.4  # of the free device memory for a batch's scores
+_GPU_SCORE_BYTES = 12  # the score, its hit flag, the partition's copy of a step, slack
 _STEP_CPU = 2**20  # floats of list rows and queries gathered per GEMM step (cache-sized)
 _STEP_GPU = 2**26
 _QBLOCK_CPU = 64  # most queries of one list in one GEMM unit
@@ -83,9 +91,9 @@ _POOL_MIN = 2**18  # scores (or coarse keys) from which a CPU search uses its th
 _MERGE_CPU = 2**12  # padded scores worth one step's fixed cost (NumPy calls, kernel launches)
 _MERGE_GPU = 2**20
 _U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
-# bytes each score moves, unfused: GEMM write 4, key transform (negate, + penalty) 2 x (4 + 4),
-# partition read + copy 8, band compare 4 + 1, nonzero 1 (l2: one more pass, 8)
-_SCORE_BYTES = 34
+# bytes each score moves, unfused: GEMM write 4 (queries pre-scaled: -q or -2q), + penalty
+# 4 + 4, partition read + copy 8, band compare 4 + 1, nonzero 1 (l2: one more pass, 8)
+_SCORE_BYTES = 26
 _LIST_DTYPES = ("float32", "float16")
 _COMPACT_FRACTION = 0.25
 _NITER = 10
@@ -460,11 +468,20 @@ class NativeIVF:
 
     def _batches(self, Q: Any, nprobe: int):
         """Query batches whose scores fit the budget (estimated from the mean list size)."""
-        budget = _SCORES_GPU if self.device == "gpu" else _SCORES_CPU
+        budget = self._score_budget()
         mean_list = max(1.0, self.n_stored / max(self.nlist, 1))
         step = max(1, int(budget // (mean_list * max(nprobe, 1) * _PAD)))
         for s in range(0, Q.shape[0], step):
             yield s, Q[s : s + step]
+
+    def _score_budget(self) -> int:
+        """Scores one batch may hold: ``_SCORES_CPU``; on the GPU a share of the free device
+        memory (``_GPU_FREE_SHARE``, ``_GPU_SCORE_BYTES`` a score), in [2^24, ``_SCORES_GPU``]."""
+        if self.device != "gpu":
+            return _SCORES_CPU
+        cp = backend.gpu_module()
+        free = cp.cuda.runtime.memGetInfo()[0] + cp.get_default_memory_pool().free_bytes()
+        return int(min(max(free * _GPU_FREE_SHARE // _GPU_SCORE_BYTES, 2**24), _SCORES_GPU))
 
     def _plan(self, segs: list[_Segment], counts: np.ndarray) -> dict[str, Any]:
         """Host plan of a batch's scan (NumPy over lists, never over candidates).
@@ -539,6 +556,7 @@ class NativeIVF:
         pq = xp.concatenate([order // P, xp.zeros(1, dtype=order.dtype)])  # query of each pair
         dest = xp.concatenate([order, xp.full(1, T, dtype=order.dtype)])  # its row in tops
         qsq = (Qb * Qb).sum(axis=1)
+        Qs = Qb * np.float32(-2.0 if self.kind == "l2" else -1.0)  # GEMM gives the key term
         scores = xp.empty(plan["n_scores"], dtype=np.float32)
         tops = None if radius is not None else xp.full((len(segs), T + 1, k), xp.inf,
                                                          dtype=np.float32)
@@ -558,18 +576,16 @@ class NativeIVF:
             if X.dtype != np.float32:
                 X = X.astype(np.float32)
             S = scores[f0 : f0 + g * nn * mm].reshape(g, nn, mm)
-            xp.matmul(Qb[pq[qp]], X.transpose(0, 2, 1), out=S)
+            xp.matmul(Qs[pq[qp]], X.transpose(0, 2, 1), out=S)
             pen = xp.where(ar[None, :mm] < u_m[u0:u1, None], zero, inf)
             if self.n_dead:
                 pen = pen + xp.where(seg.dead[ridx], inf, zero)
             if allowed is not None:
                 pen = pen + xp.where(allowed[seg.ids[ridx]], zero, inf)
             if self.kind == "l2":
-                S *= -2.0
                 S += (seg.sqnorm()[ridx] + pen)[:, None, :]
                 S += qsq[pq[qp]][:, :, None]
             else:
-                S *= -1.0
                 S += pen[:, None, :]
             if tops is not None:  # the pair's k best (a running top-k over its lists)
                 top = xp.partition(S, k - 1, axis=-1)[..., :k] if mm > k else S
