@@ -240,9 +240,11 @@ class NativeIVF:
     row (4 n); a one-shot stream is held whole once more. :meth:`add`: the new rows and their
     labels. Merging the appended segments (past 8) or :meth:`compact`: a copy of the merged
     rows and about 40 bytes per merged row of int64 positions. Search of a batch of m queries:
-    the coarse (m, nlist) scores, the flat score buffer (2^25 float32 on the CPU, 2^28 = 1 GiB
-    on the GPU, padding included) and one step's gathered operands (2^20 / 2^26 floats: 256 MiB
-    on the GPU), plus the candidates. 5e7 x 128: 26 GB for the index.
+    the coarse (m, nlist) scores, the flat score buffer and its hit flags (5 bytes a score,
+    padding included: 2^25 scores = 160 MiB on the CPU; on the GPU up to 40% of the free memory
+    at 12 bytes a score, at most 2^30 scores = 5 GiB) and one step's gathered operands and their
+    partition copy (2^20 / 2^27 floats: 512 MiB on the GPU), plus the candidates. 5e7 x 128:
+    26 GB for the index.
     """
 
     name = "native-ivf"
