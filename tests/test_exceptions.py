@@ -47,3 +47,16 @@ def test_former_bare_value_errors_are_input_errors(monkeypatch):
 
     with pytest.raises(ScatlasInputError, match="paired rows"):
         foscttm(np.zeros((3, 2)), np.zeros((4, 2)))
+
+
+def test_no_bare_value_error_is_raised_by_scatlas():
+    """Every check raises a scatlas.exceptions class (the service's JSON hook is the one place
+    where a ValueError is the stdlib json module's contract)."""
+    import re
+    from pathlib import Path
+
+    root = Path(scatlas.__file__).parent
+    bare = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"raise ValueError\(", line)]
+    assert len(bare) <= 1 and all(b.startswith("search/service.py:") for b in bare), bare

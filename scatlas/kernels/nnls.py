@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .. import backend
+from ..exceptions import ScatlasInputError
 
 __all__ = ["nnls_bpp", "nnls_hals", "kkt_violation"]
 
@@ -82,9 +83,9 @@ def _check_system(AtA: Any, AtB: Any) -> tuple[Any, Any, Any]:
     """Validate shapes / dtypes; return ``(xp, AtA, AtB)`` in a common float dtype."""
     xp = backend.array_module(AtB)
     if AtA.ndim != 2 or AtA.shape[0] != AtA.shape[1]:
-        raise ValueError(f"AtA must be square (k, k), got shape {AtA.shape}")
+        raise ScatlasInputError(f"AtA must be square (k, k), got shape {AtA.shape}")
     if AtB.ndim != 2 or AtB.shape[0] != AtA.shape[0]:
-        raise ValueError(f"AtB must be (k, r) with k={AtA.shape[0]}, got shape {AtB.shape}")
+        raise ScatlasInputError(f"AtB must be (k, r) with k={AtA.shape[0]}, got shape {AtB.shape}")
     dt = np.result_type(AtA.dtype, AtB.dtype)
     if dt not in (np.float32, np.float64):
         dt = np.dtype(np.float64)
@@ -397,7 +398,7 @@ def nnls_hals(AtA: Any, AtB: Any, X0: Any, n_iter: int = 1, *, floor: float = 0.
     """
     xp, C, D = _check_system(AtA, AtB)
     if X0.shape != D.shape:
-        raise ValueError(f"X0 must have shape {D.shape}, got {X0.shape}")
+        raise ScatlasInputError(f"X0 must have shape {D.shape}, got {X0.shape}")
     X = xp.maximum(xp.asarray(X0, dtype=D.dtype), floor)  # a fresh copy
     return _hals_inplace(C, D, X, int(n_iter), floor)
 

@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from ..exceptions import ScatlasInputError
+
 try:  # numba ships with scanpy; fall back to scipy when it is missing
     import numba
 except ImportError:  # pragma: no cover - exercised only without numba
@@ -208,7 +210,7 @@ def csr_arrays(X: Any) -> CSRArrays:
     """The non-zeros of a scipy sparse or dense (mostly zero) X (n, G), as :class:`CSRArrays`
     (a dense X is scanned in parallel; a sparse one is sorted if needed)."""
     if X.ndim != 2:
-        raise ValueError(f"X must be 2-D, got shape {X.shape}")
+        raise ScatlasInputError(f"X must be 2-D, got shape {X.shape}")
     if not sp.issparse(X):
         X = np.ascontiguousarray(X, dtype=np.float32)
         if numba is not None:
@@ -228,7 +230,7 @@ def matmul_rows(A: CSRArrays, W: np.ndarray, start: int = 0, stop: int | None = 
     ``out`` when given (C-contiguous float32 of that shape)."""
     stop = A.shape[0] if stop is None else stop
     if W.ndim != 2 or A.shape[1] != W.shape[0]:
-        raise ValueError(f"cannot multiply {A.shape} by {W.shape}")
+        raise ScatlasInputError(f"cannot multiply {A.shape} by {W.shape}")
     W = np.ascontiguousarray(W, dtype=np.float32)
     if out is None:
         out = np.empty((stop - start, W.shape[1]), dtype=np.float32)
@@ -255,7 +257,7 @@ def sparse_t_matmul(X: Any, D: np.ndarray) -> np.ndarray:
     if not sp.issparse(X):
         raise TypeError(f"X must be a scipy sparse matrix, got {type(X).__name__}")
     if X.ndim != 2 or D.ndim != 2 or X.shape[0] != D.shape[0]:
-        raise ValueError(f"cannot multiply the transpose of {X.shape} by {D.shape}")
+        raise ScatlasInputError(f"cannot multiply the transpose of {X.shape} by {D.shape}")
     D = np.ascontiguousarray(D, dtype=np.float32)
     Xr = sp.csr_matrix(X)
     if numba is None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ... import backend
+from ...exceptions import ScatlasInputError
 
 _EPS = 1.0 / 1024.0
 _ASSIGN_SCORES = 64 * 2**20  # scores per assignment block on the CPU (x8 on the GPU)
@@ -49,7 +50,7 @@ def kmeans(X: Any, k: int, *, kind: str = "l2", niter: int = 10, seed: int = 0,
     X = xp.asarray(X, dtype=np.float32)
     n, d = X.shape
     if k > n:
-        raise ValueError(f"k-means: {k} centroids from {n} points")
+        raise ScatlasInputError(f"k-means: {k} centroids from {n} points")
     rng = np.random.default_rng(seed)
     C = X[xp.asarray(np.sort(rng.choice(n, size=k, replace=False)))].copy()
     ones = xp.ones(n, dtype=np.float32)

@@ -72,6 +72,7 @@ from typing import Any
 import numpy as np
 
 from ... import backend
+from ...exceptions import ScatlasInputError
 from . import hits_per_query, mismatch, pair_keys, smallest_k
 from ._kmeans import assign, kmeans
 
@@ -253,7 +254,7 @@ class NativeIVF:
                  list_dtype: Any = "float32"):
         self.d, self.kind, self.nlist, self.device, self.seed = d, kind, nlist, device, seed
         if np.dtype(list_dtype).name not in _LIST_DTYPES:
-            raise ValueError(f"list_dtype must be one of {_LIST_DTYPES}, got {list_dtype!r}")
+            raise ScatlasInputError(f"list_dtype must be one of {_LIST_DTYPES}, got {list_dtype!r}")
         xp = backend.device_module(device)
         self.centroids: Any = None
         self.spherical = False
@@ -319,7 +320,8 @@ class NativeIVF:
         xp = backend.device_module(self.device)
         C = xp.asarray(C, dtype=np.float32)
         if C.shape != (self.nlist, self.d):
-            raise ValueError(f"centroids must have shape {(self.nlist, self.d)}, got {C.shape}")
+            raise ScatlasInputError(
+                f"centroids must have shape {(self.nlist, self.d)}, got {C.shape}")
         self.centroids = xp.ascontiguousarray(C)
         self._cnorm = (self.centroids * self.centroids).sum(axis=1)
         # the probe's copy, padded to whole blocks of _PROBE_BLOCK lists (pads: key +inf)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ... import backend
+from ...exceptions import ScatlasInputError
 from . import hits_per_query, smallest_k
 from .ivf_native import NativeIVF, replayable
 
@@ -63,7 +64,7 @@ class ShardedNativeIVF:
     def __init__(self, d: int, kind: str, nlist: int, device: str = "cpu", seed: int = 0,
                  n_shards: int = 2, parallel: bool | None = None, list_dtype: Any = "float32"):
         if n_shards < 1:
-            raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+            raise ScatlasInputError(f"n_shards must be >= 1, got {n_shards}")
         self.d, self.kind, self.nlist, self.device, self.seed = d, kind, nlist, device, seed
         self.n_shards = int(n_shards)
         if device == "gpu":
