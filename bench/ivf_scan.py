@@ -53,7 +53,6 @@ from scatlas.search import default_nlist, default_nprobe, default_train_size
 from scatlas.search.engines import ivf_native
 from scatlas.search.engines.exact import blocked_topk
 from scatlas.search.engines.ivf_native import NativeIVF
-from scatlas.search.synthetic import iter_clustered
 
 from .environment import REPO_ROOT, capture
 from .io import atomic_write_text
@@ -69,24 +68,11 @@ H100_BW, H100_FP32 = 3.35e12, 67e12  # bytes/s, flop/s (vendor figures; projecti
 # data
 # ----------------------------------------------------------------------------------------------
 def dataset(n: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 128) base (memmap) and (n_queries, 128) queries: the rows bench.search caches."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"search_clustered_n{n}_q{n_queries}_d{D}_c{N_CLUSTERS}_s{SEED}.npy"
-    if not path.exists():
-        log(f"generating {n + n_queries:,} x {D} -> {path}")
-        tmp = path.with_suffix(".tmp.npy")
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                       shape=(n + n_queries, D))
-        pos = 0
-        for chunk in iter_clustered(n + n_queries, D, n_clusters=N_CLUSTERS, seed=SEED,
-                                    chunk_size=200_000):
-            mm[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
-        mm.flush()
-        del mm
-        os.replace(tmp, path)
-    mm = np.load(path, mmap_mode="r")
-    return mm[:n], np.ascontiguousarray(mm[n:])
+    """(n, 128) base (memmap) and (n_queries, 128) queries: bench.search's cached rows (same
+    D, seed and clusters)."""
+    from .search import dataset as search_dataset  # noqa: PLC0415
+
+    return search_dataset(n, n_queries)
 
 
 def ground_truth(X: np.ndarray, Q: np.ndarray, n: int) -> np.ndarray:
