@@ -211,17 +211,23 @@ def expert_input(likelihood: str, x: Any, lib: Any) -> Any:
     return xp.log1p(x * (INPUT_SCALE / lib)[:, None])
 
 
-def fit_expert_pca(mod: Modality, rows: np.ndarray, n_components: int,
-                   seed: int = 0) -> dict[str, np.ndarray]:
+#: at most this many (evenly spaced) training cells fit an expert's PCA input layer
+PCA_CELLS = 20_000
+
+
+def fit_expert_pca(mod: Modality, rows: np.ndarray, n_components: int, seed: int = 0,
+                   max_cells: int = PCA_CELLS) -> dict[str, np.ndarray]:
     """The fixed PCA input layer of an expert (``MVAEConfig.input_pcs``): sklearn's ``PCA``
     (centred, ``random_state=seed``) of :func:`expert_input` of the modality's observed cells
-    among ``rows``. Returns ``{"mean": (F,), "components": (F, k)}`` float32,
+    among ``rows`` (sorted; every ``ceil(n / max_cells)``-th of them, as the metric encoder's
+    input PCA). Returns ``{"mean": (F,), "components": (F, k)}`` float32,
     ``k = min(n_components, n_cells - 1, F)``; an expert reads ``(input - mean) @ components``."""
     import scipy.sparse as sp
     from sklearn.decomposition import PCA
 
     n_components = check_positive_int(n_components, "input_pcs")
-    rows = rows[mod.observed[rows]]
+    rows = np.sort(rows[mod.observed[rows]])
+    rows = rows[::max(1, -(-rows.size // check_positive_int(max_cells, "max_cells")))]
     X = mod.matrix[rows]
     X = np.asarray(X.toarray() if sp.issparse(X) else X, np.float64)
     k = min(n_components, X.shape[0] - 1, X.shape[1])

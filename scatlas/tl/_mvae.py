@@ -18,7 +18,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MODALITIES = {"rna": "X", "protein": "obsm/protein_counts"}
 DEFAULT_N_TOP_GENES = 2000
 #: model defaults of ``train_mvae`` (chosen by nested cross-validation on CITE-seq, docs/mvae.md)
-DEFAULT_MODEL = {"dropout": 0.3, "alignment_weight": 0.1, "library_weight": 5.0}
+DEFAULT_MODEL = {"dropout": 0.3, "alignment_weight": 0.1, "library_weight": 5.0,
+                 "latent_dim": 10}
+#: experts of modalities with more features than this read that many principal components
+#: (``train_mvae(input_pcs=...)``; chosen by nested cross-validation, docs/mvae.md)
+DEFAULT_INPUT_PCS = 50
 #: below this many cells no validation split is held out by default
 SMALL_N = 1000
 
@@ -116,7 +120,7 @@ def train_mvae(
     log_path: str | Path | None = None,
     progress: bool | None = None,
     data_parallel: bool = True,
-    input_pcs: int | Mapping[str, int] | None = None,
+    input_pcs: int | Mapping[str, int] | None = DEFAULT_INPUT_PCS,
     **model_kw: Any,
 ):
     """Train a multimodal VAE with a product-of-experts posterior on paired or mosaic cells.
@@ -157,19 +161,21 @@ def train_mvae(
     kl_warmup_steps
         Steps of linear KL warm-up from 0 to 1 (default: a third of ``max_steps``).
     input_pcs
-        None (default): every expert reads its features. ``k``: the expert of every modality
-        with more than ``k`` features reads the ``k`` principal-component scores of its input
-        instead (``log1p(1e4 x / total)``, or the 0/1 peaks), a fixed centred linear layer
-        fitted on the training cells before training
-        (:func:`scatlas.models.mvae.fit_expert_pca`; at most ``n_train - 1``), as the metric
-        encoder's ``input_pcs``; a mapping ``{name: k}`` sets it per modality.
+        ``k`` (default 50): the expert of every modality with more than ``k`` features (RNA
+        after the HVG selection, ATAC, wide protein panels; not the 49 ADTs of the CITE-seq
+        benchmark) reads the ``k`` principal-component scores of its input instead
+        (``log1p(1e4 x / total)``, or the 0/1 peaks), a fixed centred linear layer fitted on
+        (at most 20,000 of) the training cells before training
+        (:func:`scatlas.models.mvae.fit_expert_pca`; at most ``n_train - 1`` components), as
+        the metric encoder's ``input_pcs`` and GLUE's PCA / LSI encoder inputs; a mapping
+        ``{name: k}`` sets it per modality; None or 0: every expert reads its features.
     **model_kw
-        :class:`~scatlas.models.mvae.MVAEConfig` fields: ``latent_dim`` (20), ``hidden`` (128),
+        :class:`~scatlas.models.mvae.MVAEConfig` fields: ``latent_dim`` (10), ``hidden`` (128),
         ``n_layers`` (1), ``decoder_layers`` (1), ``dropout`` (0.3), ``n_random_subsets`` (1),
         ``cross_reconstruction`` (True), ``alignment_weight`` (0.1), ``library_weight`` (5),
         ``contrastive_weight`` (0), ``contrastive_temperature`` (0.1), ``library_input``
         (True), ``bf16`` (False). The defaults in brackets are ``train_mvae``'s
-        (``DEFAULT_MODEL`` for dropout, alignment and library weight; chosen by nested
+        (``DEFAULT_MODEL`` for latent size, dropout, alignment and library weight; chosen by nested
         cross-validation on CITE-seq cells and checked on the synthetic mosaic data, see
         docs/mvae.md).
 
