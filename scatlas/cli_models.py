@@ -156,8 +156,8 @@ def cmd_train_mvae(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, learning_rate=args.lr, **chosen,
         kl_warmup_steps=args.kl_warmup_steps, patience=args.patience,
         eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir, log_path=log_path,
-        progress=args.progress, latent_dim=args.latent_dim,
-        hidden=args.hidden, n_layers=args.n_layers,
+        progress=args.progress, hidden=args.hidden, n_layers=args.n_layers,
+        **({} if args.latent_dim is None else {"latent_dim": args.latent_dim}),
     )
     return _finish_training("mvae", model, args, log_path, t0, extra=("observed",))
 
@@ -465,7 +465,8 @@ def _register_mvae(models: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--kl-warmup-steps", type=int, default=None,
                    help="linear KL warm-up steps (default a third of the steps)")
-    p.add_argument("--latent-dim", type=int, default=20, help="latent size (default 20)")
+    p.add_argument("--latent-dim", type=int, default=None,
+                   help="latent size (default: tl.train_mvae's, 10)")
     p.add_argument("--hidden", type=int, default=128, help="hidden units (default 128)")
     p.add_argument("--n-layers", type=int, default=1, help="encoder hidden layers (default 1)")
     _loop_args(p)
