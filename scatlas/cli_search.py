@@ -166,16 +166,24 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_index_calibrate(args: argparse.Namespace) -> int:
+def _index_and_cells(args: argparse.Namespace, path: str, what: str) -> tuple[Any, Any, Any]:
+    """The index (``--index``, ``--device``) and the embeddings of the cells in ``path``
+    (``--obsm-key``, or embedded with ``--model``) and their obs; their dimensions must agree."""
     from .search import CellIndex
     from .search.pipeline import load_model
 
-    t0 = time.perf_counter()
     index = CellIndex.load(args.index, device=args.device)
-    emb, obs, _ = _embeddings(args.cells, args.obsm_key, load_model(args.model))
+    emb, obs, _ = _embeddings(path, args.obsm_key, load_model(args.model))
     if emb.shape[1] != index.dim:
-        raise ScatlasInputError(f"the calibration cells have dimension {emb.shape[1]} but the "
-                                f"index holds {index.dim}-dimensional vectors")
+        raise ScatlasInputError(f"{what} have dimension {emb.shape[1]} but the index holds "
+                                f"{index.dim}-dimensional vectors")
+    return index, emb, obs
+
+
+def cmd_index_calibrate(args: argparse.Namespace) -> int:
+
+    t0 = time.perf_counter()
+    index, emb, obs = _index_and_cells(args, args.cells, "the calibration cells")
     labels = None
     if args.label_key is not None:
         if obs is None or args.label_key not in obs.columns:
@@ -204,15 +212,9 @@ def cmd_index_calibrate(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .search import CellIndex
-    from .search.pipeline import load_model
 
     t0 = time.perf_counter()
-    index = CellIndex.load(args.index, device=args.device)
-    emb, obs, _ = _embeddings(args.query, args.obsm_key, load_model(args.model))
-    if emb.shape[1] != index.dim:
-        raise ScatlasInputError(f"the queries have dimension {emb.shape[1]} but the index holds "
-                                f"{index.dim}-dimensional vectors")
+    index, emb, obs = _index_and_cells(args, args.query, "the queries")
     kwargs: dict[str, Any] = {"k": args.k}
     if args.nprobe is not None:
         kwargs["nprobe"] = args.nprobe
