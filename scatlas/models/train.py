@@ -133,6 +133,8 @@ class Task(Protocol):
     ``loss(params, state, batch, rng, step, train) -> (loss, (metrics, new_state))``: a scalar
     loss, a dict of scalar metrics and the updated non-parameter collections (BatchNorm
     statistics; return ``state`` unchanged when ``train`` is False). Must be jittable.
+    Optional: ``optimizer(cfg) -> optax.GradientTransformation`` replaces
+    :func:`make_optimizer` (e.g. one Adam per network of a GAN, ``optax.multi_transform``).
     """
 
     def init(self, rng: jax.Array, batch: Batch) -> dict[str, Any]: ...
@@ -245,7 +247,8 @@ class Trainer:
         self.part = (jax.process_index(), n_proc) if n_proc > 1 else (0, 1)
         self.data = NamedSharding(self.mesh, P("data"))
         self.repl = NamedSharding(self.mesh, P())
-        self.tx = make_optimizer(cfg)
+        # a task may bring its own optimiser (a GAN's two networks: models.michigan)
+        self.tx = getattr(task, "optimizer", make_optimizer)(cfg)
         self.train_step = jax.jit(
             self._train_step, in_shardings=(self.repl, self.data),
             out_shardings=(self.repl, self.repl), donate_argnums=(0,),
