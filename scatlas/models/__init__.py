@@ -20,6 +20,7 @@ _EXPORTS = {
     "MetricEncoder": ".metric",
     "MetricConfig": ".metric",
     "load": ".io",
+    "MichiGAN": ".michigan",
 }
 
 __all__ = sorted(_EXPORTS)

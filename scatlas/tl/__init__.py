@@ -9,10 +9,11 @@ One module per tool family; this package re-exports them.
 from ._inmf import inmf, online_inmf, online_inmf_add, project_inmf
 from ._integrate import integrate
 from ._linalg import cca, pca
+from ._michigan import train_michigan
 from ._models import embed, train_metric
 from ._mvae import train_mvae
 
 __all__ = [
     "cca", "embed", "inmf", "integrate", "online_inmf", "online_inmf_add", "pca", "project_inmf",
-    "train_metric", "train_mvae",
+    "train_metric", "train_michigan", "train_mvae",
 ]
