@@ -149,6 +149,33 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     index.save(args.out)
     _log(f"index build: {index.ntotal} vectors of dimension {index.dim} ({index.engine}, "
          f"{index.metric}) -> {args.out} in {time.perf_counter() - t0:.2f} s")
+    if args.map != "none":
+        _make_map(args.out, emb, args.map, index.metric, args.map_seed)
+    return 0
+
+
+def _make_map(index_dir: str, emb: Any, method: str, metric: str, seed: int) -> None:
+    """Compute the 2-D map of ``emb`` and store it (with the embeddings) in the index folder."""
+    from .search.atlas_map import compute_map, save_map
+
+    t0 = time.perf_counter()
+    emb = np.asarray(emb, dtype=np.float32)
+    coords = compute_map(emb, method, metric=metric, seed=seed)
+    path = save_map(index_dir, emb, coords, method=method, seed=seed)
+    _log(f"index map: {method} of {emb.shape[0]} cells -> {path} in "
+         f"{time.perf_counter() - t0:.2f} s")
+
+
+def cmd_index_map(args: argparse.Namespace) -> int:
+    from .search import CellIndex
+
+    index = CellIndex.load(args.index, device="cpu")
+    emb, _, _ = _embeddings(args.embeddings, args.obsm_key)
+    if emb.shape != (index.next_id, index.dim):
+        raise ScatlasInputError(f"the embeddings have shape {list(emb.shape)} but the index "
+                                f"holds ids 0..{index.next_id - 1} of dimension {index.dim}: "
+                                "give the embeddings the index was built from, in id order")
+    _make_map(args.index, emb, args.method, index.metric, args.seed)
     return 0
 
 
@@ -373,7 +400,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      label_key=args.label_key, device=args.device)
     service = app.state.service
     _log(f"serve: loaded {service.ntotal} vectors (dim {service.dim}) in "
-         f"{time.perf_counter() - t0:.2f} s; listening on http://{args.host}:{args.port}")
+         f"{time.perf_counter() - t0:.2f} s; listening on http://{args.host}:{args.port} "
+         f"(web page: http://{args.host}:{args.port}/)")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, lifespan="on",
                             timeout_graceful_shutdown=args.graceful_timeout)
@@ -421,8 +449,22 @@ def register(subparsers, *, common, io_args) -> None:  # noqa: ARG001 - shared s
                    help="auto, exact, faiss-ivf, faiss-ivfpq, native-ivf, faiss-gpu")
     b.add_argument("--nlist", type=int, default=None, help="IVF lists (default: from n)")
     b.add_argument("--nprobe", type=int, default=None, help="default lists probed per query")
+    b.add_argument("--map", choices=["tsne", "umap", "pca", "none"], default="none",
+                   help="also store a 2-D map of the cells (and their embeddings) for the web "
+                        "page of scatlas serve (default none; tsne needs scatlas[tsne])")
+    b.add_argument("--map-seed", type=int, default=0, help="seed of the map (default 0)")
     _device(b)
     b.set_defaults(func=cmd_index_build, command="index build")
+
+    mp = sub.add_parser("map", help="store a 2-D map of an index's cells for the web page")
+    mp.add_argument("index", help="index folder (its map/ subfolder is written atomically)")
+    mp.add_argument("embeddings", help="the embeddings the index was built from, in id order "
+                                       "(.h5ad obsm or .npy)")
+    mp.add_argument("--method", choices=["tsne", "umap", "pca"], default="tsne",
+                    help="tsne (default; needs scatlas[tsne]), umap (needs umap-learn) or pca")
+    mp.add_argument("--obsm-key", default="X_scatlas", help="obsm key (default X_scatlas)")
+    mp.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    mp.set_defaults(func=cmd_index_map, command="index map")
 
     c = sub.add_parser("calibrate",
                        help="set the out-of-distribution threshold from held-out cells")

@@ -135,6 +135,9 @@ def save_index(idx: Any, directory: str | Path) -> Path:
             json.dump(manifest, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
+        from .atlas_map import carry_map  # noqa: PLC0415 - the stored 2-D map, when still valid
+
+        carry_map(target, tmp, manifest["files"])
         swap_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -936,6 +936,7 @@ def create_app(
     default_k: int = 10,
     label_key: str | None = None,
     device: str | None = None,
+    atlas_map: Any = None,
 ) -> Starlette:
     """The search service as an ASGI app (Starlette; serve with uvicorn).
 
@@ -946,8 +947,11 @@ def create_app(
     ``max_wait_ms``: longest wait for a batch to fill (0: batch only what queued during the
     previous call); ``max_queries_per_request``, ``max_k``, ``max_body_bytes``, ``max_hits``
     (queries x k per request): request limits;
-    ``label_key``: default ``label_key`` of ``/annotate``. ``app.state.service`` holds the
-    :class:`SearchService` (its ``metrics``, ``batcher``).
+    ``label_key``: default ``label_key`` of ``/annotate``. ``atlas_map``: the index's 2-D map
+    for the web page (:mod:`scatlas.search.atlas_map`): an ``AtlasMap``, an index folder holding
+    one, or None (read from ``index`` when that is a folder). ``app.state.service`` holds the
+    :class:`SearchService` (its ``metrics``, ``batcher``). The web page's routes (``GET /`` and
+    the few it adds) are :mod:`scatlas.search.webpage`'s.
     """
     config = ServiceConfig(max_batch=max_batch, max_wait_ms=max_wait_ms,
                            max_queries_per_request=max_queries_per_request, max_k=max_k,
@@ -955,6 +959,12 @@ def create_app(
                            default_k=default_k,
                            default_label_key=label_key)
     service = SearchService(_resolve_index(index, device), _resolve_model(model), config)
+    if atlas_map is None and isinstance(index, str | os.PathLike):
+        atlas_map = index
+    if isinstance(atlas_map, str | os.PathLike):
+        from .atlas_map import load_map
+
+        atlas_map = load_map(atlas_map)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -972,6 +982,9 @@ def create_app(
               methods=["POST"]),
         Route("/annotate", _endpoint("annotate", service, _annotate), methods=["POST"]),
     ]
+    from .webpage import page_routes
+
+    routes += page_routes(service, atlas_map)
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_exception})
     app.state.service = service
