@@ -28,6 +28,7 @@ from .nmf import INMFResult, JNMFResult, inmf, inmf_objective, jnmf, uinmf
 from .nnls import nnls_bpp, nnls_hals
 from .online_nmf import OnlineINMFResult, online_inmf, project_inmf
 from .quantile import QuantileNormResult, quantile_norm
+from .snf import SpectralClusters, affinity, snf, spectral_clusters
 
 __all__ = [
     "Anchors", "FastMNNResult", "SeuratIntegration", "fastmnn", "find_anchors",
@@ -37,4 +38,5 @@ __all__ = [
     "INMFResult", "JNMFResult", "OnlineINMFResult", "PCAResult", "QuantileNormResult", "cca",
     "inmf", "inmf_objective", "jnmf", "knn", "mnn_pairs", "nnls_bpp", "nnls_hals",
     "online_inmf", "pca", "pls", "project_inmf", "quantile_norm", "ridge_cca", "rsvd", "uinmf",
+    "SpectralClusters", "affinity", "snf", "spectral_clusters",
 ]
