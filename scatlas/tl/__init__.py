@@ -12,8 +12,9 @@ from ._linalg import cca, pca
 from ._michigan import train_michigan
 from ._models import embed, train_metric
 from ._mvae import train_mvae
+from ._snf import snf
 
 __all__ = [
     "cca", "embed", "inmf", "integrate", "online_inmf", "online_inmf_add", "pca", "project_inmf",
-    "train_metric", "train_michigan", "train_mvae",
+    "snf", "train_metric", "train_michigan", "train_mvae",
 ]
