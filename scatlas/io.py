@@ -34,7 +34,7 @@ import scipy.sparse as sp
 from . import backend
 from ._validate import ScatlasInputError, check_positive_int
 
-__all__ = ["align_genes", "atomic_write", "iter_chunks", "read_h5ad", "read_zarr",
+__all__ = ["align_genes", "atomic_write", "iter_chunks", "read_dask", "read_h5ad", "read_zarr",
            "write_h5ad"]
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,37 @@ def _lazy_zarr_matrix(elem: Any, path: Path, key: str) -> Any:
         f"{str(path)!r}:{key} has encoding {encoding!r}, which cannot be read lazily; read the "
         "store in memory (backed=False)"
     )
+
+
+def read_dask(path: PathLike, *, chunk_rows: int = 10_000, layer: str | None = None,
+              obs: bool = True) -> ad.AnnData:
+    """An AnnData whose ``X`` is a lazy ``dask.array.Array`` over a zarr store or an ``.h5ad``.
+
+    ``X`` (or ``layers[layer]``, returned as ``X``) is read by
+    ``anndata.experimental.read_elem_lazy`` in row blocks of ``chunk_rows`` cells (one block of
+    columns): ``scipy.sparse`` CSR chunks for CSR data, NumPy chunks for dense, dtype as stored;
+    nothing is read until computed, and the graph pickles to ``distributed`` workers (each
+    opens the file itself). ``obs`` (skipped with ``obs=False``: an empty frame of the right
+    length) and ``var`` are read into memory. This is the input of the Dask routes
+    (:func:`scatlas.kernels.pca`, :func:`scatlas.atlas.build`).
+    """
+    from anndata.experimental import read_elem_lazy  # noqa: PLC0415
+    from anndata.io import read_elem  # noqa: PLC0415
+
+    chunk_rows = check_positive_int(chunk_rows, "chunk_rows")
+    path = Path(path)
+    if path.is_dir():
+        _, root = _open_zarr_anndata(path)
+    else:
+        root = h5py.File(_check_h5ad_path(path), "r")
+    key = "X" if layer is None else f"layers/{layer}"
+    if key not in root:
+        raise ScatlasInputError(f"{str(path)!r} has no {key}", param="layer")
+    X = read_elem_lazy(root[key], chunks=(chunk_rows, -1))
+    var = read_elem(root["var"])
+    obs_df = read_elem(root["obs"]) if obs else pd.DataFrame(index=pd.RangeIndex(X.shape[0])
+                                                             .astype(str))
+    return ad.AnnData(X=X, obs=obs_df, var=var)
 
 
 # --------------------------------------------------------------------------------------------

@@ -465,7 +465,17 @@ def pca(
     Peak device memory: :func:`rsvd`'s, plus the (n, k) scores; the total variance of an
     uncentred sparse X (or scaled data held implicitly) is summed over float64 row chunks of
     at most 256 MiB.
+
+    A ``dask.array.Array`` is computed blockwise on the active Dask scheduler, exactly
+    (:func:`scatlas.kernels.dask_linalg.pca`; ``scores`` then stays a lazy Dask array).
     """
+    from .dask_linalg import is_dask_array  # noqa: PLC0415
+
+    if is_dask_array(X):
+        from .dask_linalg import pca as dask_pca  # noqa: PLC0415
+
+        return dask_pca(X, n_components, center=center, seed=seed, n_oversamples=n_oversamples,
+                        n_iter=n_iter, method=method, dtype=dtype, progress=progress)
     Xd, shift, restore = prepare_input(X, dtype, device)
     k = _check_k(n_components, Xd.shape, "n_components")
     if Xd.shape[0] < 2:
