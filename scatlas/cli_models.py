@@ -358,7 +358,7 @@ def _join_job(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Callable) -> None:
-    train = sub.add_parser("train", help="train a cell model (metric, mvae)")
+    train = sub.add_parser("train", help="train a cell model (metric, mvae, michigan)")
     models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
 
     p = models.add_parser("metric", help="SCimilarity-style metric-learning encoder",
@@ -438,6 +438,15 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
 
     _register_mvae(models)
     _register_impute(sub)
+    # other cli_*.py modules add their models to `scatlas train` (cli_michigan)
+    import importlib
+
+    from .cli import _command_modules
+
+    for name in _command_modules():
+        add = getattr(importlib.import_module(name), "register_train", None)
+        if add is not None:
+            add(models)
 
 
 def _register_mvae(models: argparse._SubParsersAction) -> None:
