@@ -249,6 +249,12 @@ function renderAnnotation() {
     add("flag rule", `nearest distance > ${fmt(ann.ood.ood_distance)} (${ann.ood.ood_source})`);
   }
   box.append(dl);
+  if (state.result.self !== null) {
+    const s = document.createElement("p");
+    s.textContent = `Cell ${state.result.self} is in the index, so it is its own nearest ` +
+      "hit and votes for its own label.";
+    box.append(s);
+  }
   if (ann.predictions.length > 1) {
     const tally = {};
     ann.predictions.forEach((q) => { tally[q.label] = (tally[q.label] || 0) + 1; });
