@@ -70,6 +70,8 @@ _METRICS = ("sqeuclidean", "euclidean", "cosine")
 MAX_DENSE_BYTES = 2 * 2**30
 #: Bytes of one dense block (distances on the dense route, diffusion rows on the sparse one).
 BLOCK_BYTES = 256 * 2**20
+#: The sparse route's diffusion buffer on the CPU (bytes): small enough to stay in cache.
+_CPU_BUFFER_BYTES = 16 * 2**20
 #: Edges per chunk when per-edge distances are computed (sparse route).
 _EDGE_CHUNK = 1 << 16
 _EPS = float(np.spacing(1))  # snfpy's np.spacing(1), in float64 whatever the compute dtype
@@ -246,7 +248,10 @@ def _support(n: int, neighbour_lists: list[Any]) -> _Support:
     rows = [ar] + [xp.repeat(ar, nb.shape[1]) for nb in neighbour_lists]
     cols = [ar] + [nb.ravel().astype(np.int64) for nb in neighbour_lists]
     r, c = xp.concatenate(rows), xp.concatenate(cols)
-    codes = xp.unique(xp.concatenate([r * n + c, c * n + r]))  # sorted: row-major CSR order
+    codes = xp.sort(xp.concatenate([r * n + c, c * n + r]))  # sorted: row-major CSR order
+    first = xp.ones(codes.shape[0], dtype=bool)
+    first[1:] = codes[1:] != codes[:-1]
+    codes = codes[first]
     rows, indices = codes // n, codes % n
     indptr = xp.searchsorted(rows, xp.arange(n + 1, dtype=np.int64))
     tpos = xp.searchsorted(codes, indices * n + rows)
@@ -533,13 +538,15 @@ def _normalise_support(S: _Support, W: Any) -> Any:
     return 0.5 * (W + W[S.tpos])
 
 
-def _masked_diffusion(S: _Support, Q: Any, nb_idx: Any, nb_w: Any) -> Any:
+def _masked_diffusion(S: _Support, Q: Any, nb_idx: Any, nb_w: Any, buf: Any) -> Any:
     """``(S_v Q S_v^T)`` on the support's entries, with ``S_v`` given as (n, K) neighbour
     indices and weights and ``Q`` a data array on the support.
 
-    By row blocks: ``R = S_v[block] Q`` (sparse x sparse), scattered into a dense block buffer,
-    then every support entry (i, j) of the block gathers ``sum_c w[j, c] R[i, idx[j, c]]``.
-    Buffer entries are zeroed again after use, so no block is ever cleared whole.
+    By blocks of ``b = buf.shape[0]`` rows: ``R = S_v[block] Q`` (sparse x sparse), scattered
+    into the dense (b, n) buffer ``buf`` (all zero on entry), then every support entry (i, j >= i)
+    of the block gathers ``sum_c w[j, c] R[i, idx[j, c]]``. The entries written are zeroed again
+    after use, so the buffer is never cleared whole. Entries (j, i) copy (i, j): the product
+    is symmetric for a symmetric ``Q``.
     """
     xp = backend.array_module(Q)
     spm = backend.sparse_module(Q)
@@ -547,20 +554,23 @@ def _masked_diffusion(S: _Support, Q: Any, nb_idx: Any, nb_w: Any) -> Any:
     Sv = spm.csr_matrix((nb_w.ravel(), nb_idx.ravel(),
                          xp.arange(0, n * K + 1, K, dtype=np.int64)), shape=(n, n))
     Qm = S.csr(Q)
-    step = max(1, BLOCK_BYTES // (n * Q.dtype.itemsize))
-    buf = xp.zeros((min(step, n), n), dtype=Q.dtype)
+    step = buf.shape[0]
+    flat_buf = buf.reshape(-1)
     out = xp.empty(S.nnz, dtype=Q.dtype)
     indptr = backend.to_host(S.indptr)
     for s in range(0, n, step):
         e = min(n, s + step)
         R = (Sv[s:e] @ Qm).tocoo()
-        r_rows, r_cols = R.row, R.col
-        buf[r_rows, r_cols] = R.data
+        pos = R.row.astype(np.int64) * n + R.col
+        flat_buf[pos] = R.data
         lo, hi = int(indptr[s]), int(indptr[e])
-        i_loc = S.rows[lo:hi] - s
-        j = S.indices[lo:hi]
-        out[lo:hi] = (buf[i_loc[:, None], nb_idx[j]] * nb_w[j]).sum(axis=1)
-        buf[r_rows, r_cols] = 0
+        upper = lo + xp.nonzero(S.indices[lo:hi] >= S.rows[lo:hi])[0]  # (j, i) mirrors (i, j)
+        j = S.indices[upper]
+        gather = xp.take(flat_buf, ((S.rows[upper] - s) * n)[:, None] + nb_idx[j])
+        out[upper] = xp.einsum("ek,ek->e", gather, nb_w[j])
+        flat_buf[pos] = 0
+    lower = xp.nonzero(S.indices < S.rows)[0]
+    out[lower] = out[S.tpos[lower]]
     return out
 
 
@@ -569,10 +579,13 @@ def _fuse_sparse(S: _Support, W: list[Any], K: int, t: int, alpha: float) -> Any
     m = len(W)
     P = [_normalise_support(S, Wv) for Wv in W]
     nbs = [_top_k_rows(S, Pv, K) for Pv in P]
+    xp = backend.array_module(P[0])
+    rows = max(1, (_CPU_BUFFER_BYTES if xp is np else BLOCK_BYTES) // (S.n * P[0].itemsize))
+    buf = xp.zeros((min(rows, S.n), S.n), dtype=P[0].dtype)
     for _ in range(t):
         Psum = sum(P[1:], P[0])
         for v in range(m):
-            P[v] = _masked_diffusion(S, (Psum - P[v]) / (m - 1), *nbs[v])
+            P[v] = _masked_diffusion(S, (Psum - P[v]) / (m - 1), *nbs[v], buf)
             P[v][S.diag] += alpha
     F = sum(P[1:], P[0]) / m
     F = F / _row_sums(S, F)[S.rows]
