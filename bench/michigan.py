@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+#: training settings of parts (b) and (c) (``--vae-steps``, ``--gan-steps``, ``--gan-lr``)
+TRAIN: dict[str, Any] = {"vae_steps": 1500, "gan_steps": 4000, "gan_learning_rate": 5e-4}
 RESULTS = Path(__file__).parent / "results" / "michigan_cpu.json"
 CELLBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / \
     "cellbench_lung_celllines_5batch.h5ad"
@@ -158,6 +160,10 @@ def part_mig(seeds: Sequence[int], quick: bool) -> dict[str, Any]:
             "met": bool((t > v).all())}
 
 
+def _train(quick: bool) -> dict[str, Any]:
+    return {**TRAIN, "vae_steps": 300, "gan_steps": 500} if quick else dict(TRAIN)
+
+
 def part_realism(seeds: Sequence[int], quick: bool, holdout: str | None) -> dict[str, Any]:
     import anndata as ad
     from sklearn.decomposition import PCA
@@ -172,8 +178,7 @@ def part_realism(seeds: Sequence[int], quick: bool, holdout: str | None) -> dict
     for seed in seeds:
         t0 = time.perf_counter()
         model = tl.train_michigan(train, seed=seed, n_top_genes=1000, progress=False,
-                                  vae_steps=300 if quick else 1500,
-                                  gan_steps=500 if quick else 4000)
+                                  **_train(quick))
         secs = time.perf_counter() - t0
         genes = model.genes
         real_tr = _lognorm(train[:, genes].X)
@@ -244,8 +249,7 @@ def part_shift(seeds: Sequence[int], quick: bool) -> dict[str, Any]:
         adata = _counts_adata(counts[keep])
         lab = labels[keep]
         model = tl.train_michigan(adata, seed=seed, n_top_genes=None, progress=False,
-                                  vae_steps=300 if quick else 1500,
-                                  gan_steps=500 if quick else 3000)
+                                  **_train(quick))
         a_ctrl = (lab[:, 0] == 0) & (lab[:, 1] == 0)
         a_stim = (lab[:, 0] == 0) & (lab[:, 1] == 1)
         b_ctrl = (lab[:, 0] == 1) & (lab[:, 1] == 0)
@@ -274,9 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--holdout", default=None, help="CellBench batch left out (default: first)")
     p.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
     p.add_argument("--out", default=str(RESULTS))
+    for key, kind in (("vae_steps", int), ("gan_steps", int), ("gan_learning_rate", float)):
+        p.add_argument("--" + key.replace("_", "-").replace("learning-rate", "lr"), type=kind,
+                       default=TRAIN[key], dest=key)
     args = p.parse_args(argv)
+    TRAIN.update({k: getattr(args, k) for k in TRAIN})
     seeds = [int(s) for s in args.seeds.split(",")]
     record: dict[str, Any] = {"benchmark": "michigan", "device": "cpu", "seeds": seeds,
+                              "train": dict(TRAIN),
                               "quick": bool(args.quick), "environment": capture("cpu")}
     failed = []
     for part in args.parts.split(","):

@@ -4,8 +4,9 @@ generator and critic.
 MichiGAN (Yu & Welch 2021, Genome Biology 22:158) trains a disentangling VAE on single-cell
 expression, then a GAN whose generator and critic are both conditioned on the VAE's posterior
 means: the generator ``G(z, n)`` replaces the VAE's decoder (realistic samples) while ``z`` keeps
-the VAE's disentangled meaning. Conditioning here is by concatenation (the paper's choice; a
-projection critic, Miyato & Koyama 2018, is the alternative it mentions).
+the VAE's disentangled meaning. The generator reads the code concatenated with its noise; the
+critic reads it concatenated with the profile and through a projection term (Miyato & Koyama
+2018), :class:`Critic`.
 
 All modules take and return float32 arrays; ``B`` cells, ``G`` genes, ``D`` latent dimensions,
 ``N`` noise dimensions.
@@ -114,7 +115,14 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """D(x, z): (B, G) profiles and (B, D) condition -> (B,) Wasserstein critic scores."""
+    """D(x, z): (B, G) profiles and (B, D) condition -> (B,) Wasserstein critic scores.
+
+    A projection critic (Miyato & Koyama 2018, for a continuous condition): features
+    ``h = phi(x, z)`` of the profile concatenated with its condition, then
+    ``D = w . h + <V z, h>``. The inner product makes the score depend on how the profile fits
+    its code, so the generator cannot ignore the code (with concatenation alone the critic,
+    and then the generator, can learn the marginal distribution only).
+    """
 
     hidden: int
     n_layers: int
@@ -123,7 +131,8 @@ class Critic(nn.Module):
     def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
         h = MLP(self.hidden, self.n_layers, norm=False, leaky=True)(
             jnp.concatenate([x, z], axis=1))
-        return nn.Dense(1, name="out")(h)[:, 0]
+        projection = jnp.sum(nn.Dense(self.hidden, use_bias=False, name="embed")(z) * h, axis=1)
+        return nn.Dense(1, name="out")(h)[:, 0] + projection
 
 
 class ConditionalGAN(nn.Module):
