@@ -380,12 +380,29 @@ def test_the_page_in_a_real_browser(atlas, tmp_path):
         header.click()
         driver.find_element("css selector", "th[data-col=distance] button").click()
         assert _shown_hits(driver)[1] == sorted(dist, reverse=True)
+        # the CSV download holds the same hits
+        driver.execute_cdp_cmd("Page.setDownloadBehavior",
+                               {"behavior": "allow", "downloadPath": str(tmp_path)})
+        driver.find_element("id", "download").click()
+        csv = tmp_path / "scatlas_hits.csv"
+        t0 = time.monotonic()
+        while not csv.is_file() and time.monotonic() - t0 < 15:
+            time.sleep(0.1)
+        table = pd.read_csv(csv)
+        assert table["id"].tolist() == I[0].tolist() and set(table["query"]) == {"cell 31"}
+        np.testing.assert_allclose(table["distance"], D[0], rtol=1e-6, atol=1e-7)
+        assert table["cell_type"].tolist() == index.metadata["cell_type"].iloc[I[0]].tolist()
         shot = Path(os.environ.get("SCATLAS_WEB_SCREENSHOT", tmp_path / "web_page.png"))
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.find_element("css selector", "th[data-col=rank] button").click()
         driver.execute_script("window.scrollTo(0, 0)")
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
         print(f"screenshot: {shot}")
+
+        # a bad k in the URL: the API's message, readable
+        driver.get(f"{url}/?cell=5&k=0")
+        assert _settled(driver) == "error"
+        assert "k must be in [1, 1000], got 0" in driver.find_element("id", "error").text
 
         # an upload shows the pipeline's annotation
         counts, _ = _counts(5, seed=11)

@@ -278,6 +278,10 @@ class AtlasMap:
             out[i] = p
         return out
 
+    def cached_picture(self, column: str | None) -> tuple[bytes, list[dict[str, Any]]] | None:
+        """The picture :meth:`render_png` made for the colouring ``column``, if any."""
+        return self._pictures.get("" if column is None else str(column))
+
     def render_png(self, labels: pd.Series | None = None,
                    alive: np.ndarray | None = None) -> tuple[bytes, list[dict[str, Any]]]:
         """The map as a PNG (``WIDTH`` x ``HEIGHT``), cells coloured by ``labels`` (a metadata

@@ -27,6 +27,7 @@ fetched from elsewhere) queries the JSON API itself (``/health``, ``/search``,
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import re
 from importlib import resources
@@ -71,6 +72,13 @@ class PageState:
             suffix = "." + entry.name.rsplit(".", 1)[-1]
             if entry.is_file() and suffix in STATIC_TYPES:
                 self.static[entry.name] = (entry.read_bytes(), STATIC_TYPES[suffix])
+        # the page links its CSS and JavaScript by content hash, so browsers may keep them
+        html, media = self.static["index.html"]
+        for name in ("app.css", "app.js"):
+            digest = hashlib.sha256(self.static[name][0]).hexdigest()[:12]
+            html = html.replace(f"/static/{name}\"".encode(),
+                                f"/static/{name}?v={digest}\"".encode())
+        self.static["index.html"] = (html, media)
 
     def label_column(self) -> str | None:
         """The annotation's default label column: ``--label-key``, else a usual name."""
@@ -91,6 +99,9 @@ class PageState:
     def picture(self, column: str | None) -> tuple[bytes, list[dict[str, Any]]]:
         if self.map is None:
             raise _HTTPError(404, NO_MAP)
+        cached = self.map.cached_picture(column)
+        if cached is not None:
+            return cached
         index = self.service.index
         labels = None
         if column is not None:
@@ -118,7 +129,9 @@ def _static(state: PageState):
         if name not in state.static:
             raise _HTTPError(404, f"no static file {name!r}")
         body, media = state.static[name]
-        return Response(body, media_type=media, headers={"cache-control": "no-cache"})
+        # a versioned link (?v=<hash>, as the page uses) never changes: cache it for a day
+        cache = "public, max-age=86400" if "v" in request.query_params else "no-cache"
+        return Response(body, media_type=media, headers={"cache-control": cache})
     return static
 
 
@@ -147,6 +160,14 @@ def _cell(state: PageState):
     return cell
 
 
+async def _picture(state: PageState, column: str | None) -> tuple[bytes, list[dict[str, Any]]]:
+    """The map picture for ``column``: from the cache, or drawn once in a worker thread."""
+    cached = state.map.cached_picture(column) if state.map is not None else None
+    if cached is not None:
+        return cached
+    return await asyncio.get_running_loop().run_in_executor(None, state.picture, column)
+
+
 def _map_info(state: PageState):
     async def map_info(request: Request, service: SearchService) -> dict[str, Any]:
         from .atlas_map import HEIGHT, WIDTH
@@ -157,8 +178,7 @@ def _map_info(state: PageState):
                 "color": column}
         if state.map is None:
             return {"available": False, "message": NO_MAP, **base}
-        loop = asyncio.get_running_loop()
-        _, legend = await loop.run_in_executor(None, state.picture, column)
+        _, legend = await _picture(state, column)
         return {"available": True, "method": state.map.method, "n": state.map.n,
                 "width": WIDTH, "height": HEIGHT, "legend": legend, **base}
     return map_info
@@ -167,8 +187,7 @@ def _map_info(state: PageState):
 def _map_png(state: PageState):
     async def map_png(request: Request, service: SearchService) -> Response:
         column = state.color_column(request)
-        loop = asyncio.get_running_loop()
-        png, _ = await loop.run_in_executor(None, state.picture, column)
+        png, _ = await _picture(state, column)
         return Response(png, media_type="image/png",
                         headers={"cache-control": "public, max-age=3600"})
     return map_png
