@@ -4,6 +4,7 @@
   clipping, data parallelism over devices, orbax checkpoints, early stopping, logging);
 - :mod:`.data`: :class:`CellBatches`, deterministic balanced mini-batches with prefetching;
 - :mod:`.metric`: :class:`MetricEncoder`, the SCimilarity-style metric-learning encoder;
+- :mod:`.covel`: :class:`CoVEL`, graph-linked, fine-grained and contrastive views (issue 21);
 - :mod:`.io`: saved model folders; :func:`load` reads any of them.
 
 Submodules load on first use (importing jax takes a second).
@@ -20,6 +21,7 @@ _EXPORTS = {
     "MetricEncoder": ".metric",
     "MetricConfig": ".metric",
     "load": ".io",
+    "CoVEL": ".covel",
     "MichiGAN": ".michigan",
 }
 

@@ -35,6 +35,7 @@ FORMAT_VERSION = 1
 KINDS: dict[str, str] = {
     "metric": "scatlas.models.metric:MetricEncoder",
     "mvae": "scatlas.models.mvae:MultimodalVAE",
+    "covel": "scatlas.models.covel:CoVEL",
     "michigan": "scatlas.models.michigan:MichiGAN",
 }
 

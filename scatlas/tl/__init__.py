@@ -6,6 +6,7 @@ convention). Results are of the matrix's array kind unless ``device=`` moves the
 One module per tool family; this package re-exports them.
 """
 
+from ._covel import train_covel
 from ._inmf import inmf, online_inmf, online_inmf_add, project_inmf
 from ._integrate import integrate
 from ._linalg import cca, pca
@@ -16,5 +17,5 @@ from ._snf import snf
 
 __all__ = [
     "cca", "embed", "inmf", "integrate", "online_inmf", "online_inmf_add", "pca", "project_inmf",
-    "snf", "train_metric", "train_michigan", "train_mvae",
+    "snf", "train_covel", "train_metric", "train_michigan", "train_mvae",
 ]
