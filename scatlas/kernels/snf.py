@@ -706,11 +706,13 @@ def spectral_clusters(
     best = estimate_n_clusters(lam, n_range)
     c = n_clusters or best[0]
     from sklearn.cluster import KMeans  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
     emb = vecs[:, :c]
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     emb = emb / np.where(norms > 0, norms, 1)
-    labels = KMeans(n_clusters=c, n_init=10, random_state=seed).fit_predict(emb)
+    with threadpool_limits(limits=1):  # n x c is small: threads only wait on a busy machine
+        labels = KMeans(n_clusters=c, n_init=10, random_state=seed).fit_predict(emb)
     xp = backend.array_module(F)
     return SpectralClusters(labels=xp.asarray(labels.astype(np.int64)), n_clusters=int(c),
                             eigengap_best=best, eigenvalues=lam)
