@@ -14,7 +14,7 @@ Methods, in two groups (the ratio column is baseline time / our time = our throu
 baseline throughput):
 
 ``train``
-    ``scatlas.metric.train_step``: ``scatlas.models.metric.benchmark_callables(n_genes, 1000,
+    ``scatlas.metric.train_step``: ``bench.metric_units.benchmark_callables(n_genes, 1000,
     seed)["train_step"]``, one jitted step incl. on-device mining on a fixed device-resident
     batch, blocking until the whole new state is computed (not only the loss: the optimizer
     update would otherwise spill into the next timed call). The step is the one
@@ -222,10 +222,10 @@ def _ours_callables(w: Workload, step: str = "auto") -> dict[str, Any]:
     key = "ours" if step == "auto" else f"ours_{step}"
     if key not in w.extra:
         try:
-            from scatlas.models.metric import benchmark_callables  # noqa: PLC0415
+            from bench.metric_units import benchmark_callables  # noqa: PLC0415
         except ImportError as exc:
             raise RuntimeError(
-                "our side is not available: scatlas.models.metric.benchmark_callables(n_genes, "
+                "our side is not available: bench.metric_units.benchmark_callables(n_genes, "
                 f"batch_size=1000, *, seed=0) could not be imported ({exc})") from exc
         p = w.extra["params"]
         start = time.perf_counter()

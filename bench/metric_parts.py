@@ -150,7 +150,9 @@ def block_rows(repeats: int) -> dict[str, Any]:
                         for n, A in operands.items()}, repeats)
     gflops = {f"{n:,} rows, GFLOPS": round(2 * n * 1024 * 1024 / times[n] / 1e9, 1)
               for n in sizes}
-    model = metric.benchmark_callables(2000)["model"]
+    from bench.metric_units import benchmark_callables  # noqa: PLC0415
+
+    model = benchmark_callables(2000)["model"]
     H = rng.standard_normal((10_000, 1024)).astype(np.float32)
     _, after_first = model._encoders("float32")
 
@@ -170,8 +172,8 @@ def restore_rows(repeats: int) -> dict[str, Any]:
     glibc left at its static defaults (mmap from 128 KiB) or as ``_host_memory`` restores it."""
     import scipy.sparse as sp  # noqa: PLC0415
 
+    from bench.metric_units import benchmark_callables  # noqa: PLC0415
     from scatlas import _host_memory  # noqa: PLC0415
-    from scatlas.models.metric import benchmark_callables  # noqa: PLC0415
 
     libc = _host_memory._libc()  # noqa: SLF001
     if libc is None:
@@ -205,8 +207,8 @@ def restore_rows(repeats: int) -> dict[str, Any]:
 
 
 def step_rows(genes: Sequence[int], repeats: int) -> dict[str, Any]:
+    from bench.metric_units import benchmark_callables  # noqa: PLC0415
     from scatlas._host_memory import keep_freed_memory  # noqa: PLC0415
-    from scatlas.models.metric import benchmark_callables  # noqa: PLC0415
 
     out: dict[str, Any] = {}
     for g in genes:

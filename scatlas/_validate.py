@@ -185,3 +185,48 @@ def in_caller_terms(
     if param in names and re.match(rf"{re.escape(param)}{_AFTER}", text):
         text = names[param] + text[len(param):]
     return text
+
+
+def config_overrides(
+    cls: type, given: Any, param: str, *, own_args: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The fields a ``train=`` / ``model=`` argument sets, as a dict to merge over defaults.
+
+    ``given``: None (nothing), an instance of the dataclass ``cls`` (its fields that differ from
+    ``cls``'s defaults; a field without a default always counts) or a mapping of field names.
+    A name that is not a field of ``cls``, one in ``exclude`` (chosen from the data, e.g.
+    ``n_genes``) or one in ``own_args`` (the function takes it as its own argument: one way to
+    set each setting) is refused with a :class:`ScatlasInputError` naming it and ``param``.
+    """
+    import dataclasses
+
+    if given is None:
+        return {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if isinstance(given, cls):
+        chosen = {}
+        for name, f in fields.items():
+            value = getattr(given, name)
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory() if f.default_factory is not dataclasses.MISSING
+                       else dataclasses.MISSING)
+            if name not in exclude and (default is dataclasses.MISSING or value != default):
+                chosen[name] = value
+        given = chosen
+    elif not isinstance(given, Mapping):
+        raise ScatlasInputError(
+            f"{param} must be a {cls.__name__} or a mapping of its fields, got "
+            f"{type(given).__name__}", param=param)
+    out = {}
+    for name, value in given.items():
+        if name not in fields or name in exclude:
+            settable = sorted(set(fields) - set(exclude) - set(own_args))
+            raise ScatlasInputError(
+                f"{param}[{name!r}] is not a setting of {cls.__name__} that can be given "
+                f"here; settable: {settable}", param=param)
+        if name in own_args:
+            raise ScatlasInputError(
+                f"{param}[{name!r}]: pass {name}= as its own argument instead", param=param)
+        out[name] = value
+    return out

@@ -219,7 +219,7 @@ def test_interleaved_run_records_harness_entries(monkeypatch, tmp_path):
 
 def test_missing_ours_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv(bench_metric.PEER_ENV, str(tmp_path / "no" / "python"))
-    monkeypatch.setitem(sys.modules, "scatlas.models.metric", None)  # import fails
+    monkeypatch.setitem(sys.modules, "bench.metric_units", None)  # import fails
     rec = bench_metric.run_interleaved("64", repeats=1, warmup=1, out=tmp_path,
                                        methods_=["ours"], n_embed=10, batch_size=20)
     res = rec["results"]["64"]["methods"]["scatlas.metric.train_step"]

@@ -130,13 +130,13 @@ def test_sparse_first_layer_equals_dense_path(tiny_model):
 def test_embedding_in_row_blocks_equals_one_call(tiny_model, monkeypatch, batch_size):
     """Chunks split into equal row blocks (the last one padded) give the rows of one call of
     the jitted network over all cells."""
-    from scatlas.models import metric
     from scatlas.models.data import lognorm
+    from scatlas.models.metric import _model
 
     a, model = tiny_model
     reference = np.asarray(model._encode(model._device_variables, lognorm(a.X)))
-    monkeypatch.setattr(metric, "CPU_BLOCK_ROWS", 60)
-    rows = metric._block_rows(batch_size)
+    monkeypatch.setattr(_model, "CPU_BLOCK_ROWS", 60)
+    rows = _model._block_rows(batch_size)
     assert rows <= 60 and -(-batch_size // rows) == -(-batch_size // 60)
     got = model.embed(a, batch_size=batch_size)
     assert got.shape == (a.n_obs, model.latent_dim)
@@ -207,7 +207,7 @@ def test_small_imbalanced_data_trains_without_a_batch_size(n_cells):
     labels[:2] = "rare"  # a label of two cells, weighted up by the sampler
     a.obs["lab"] = labels
     model = scatlas.tl.train_metric(a, "lab", "batch", max_steps=3, progress=False)
-    assert model.info["batch_size"] == scatlas.tl._models.default_batch_size(
+    assert model.info["batch_size"] == scatlas.models.data.default_batch_size(
         model.info["n_train"])
     assert np.isfinite([r["loss"] for r in model.history if "loss" in r]).all()
 

@@ -500,7 +500,8 @@ def test_draw_without_repeats_when_weights_concentrate():
 def test_a_million_cells_get_the_default_batch_cheaply():
     """The defaults at 1e6 cells, without training: 1,000-cell batches of distinct cells drawn
     from imbalanced labels (a singleton, a pair) in O(batch log n)."""
-    from scatlas.tl._models import _split, default_batch_size
+    from scatlas.models.data import default_batch_size
+    from scatlas.tl._models import _split
 
     n = 1_000_000
     rng = np.random.default_rng(0)

@@ -529,3 +529,57 @@ class _Prefetcher:
 
     def __del__(self) -> None:
         self._stop.set()
+
+
+# ------------------------------------------------------------------------- batch sizes, devices
+# shared by tl.train_metric, tl.train_mvae and the later models (moved from tl/_models, issue 18)
+
+#: the batch :func:`default_batch_size` gives from 2,000 training cells on (SCimilarity's); half
+#: the training cells below that (a batch of all the cells would be the same set at every step)
+DEFAULT_BATCH_SIZE = 1000
+
+#: validation batches at most (SCimilarity: ``limit_val_batches=10``)
+MAX_VALIDATION_BATCHES = 10
+
+
+def n_devices(data_parallel: bool) -> int:
+    """The JAX devices a data-parallel step spreads over: all of them, or 1."""
+    import jax
+
+    return jax.device_count() if data_parallel else 1
+
+
+def default_batch_size(n_train: int) -> int:
+    """``min(1000, max(2, n_train // 2))``: the batch used when none is given (300 training
+    cells -> 150, 818 -> 409, 2,000 and more -> 1,000)."""
+    return int(min(DEFAULT_BATCH_SIZE, max(2, n_train // 2)))
+
+
+def training_batch_size(batch_size: int | None, n_train: int,
+                        data_parallel: bool) -> tuple[int, int]:
+    """The step's batch size (None: :func:`default_batch_size`), capped at the training cells
+    and a multiple of the devices used; returns ``(batch_size, n_devices)``."""
+    import logging
+
+    n_dev = n_devices(data_parallel)
+    if batch_size is None:
+        batch_size = default_batch_size(n_train)
+        batch_size = max(n_dev, batch_size // n_dev * n_dev)
+    batch_size = check_positive_int(batch_size, "batch_size")
+    if batch_size > n_train:
+        batch_size = max(n_dev, n_train // n_dev * n_dev)
+        logging.getLogger(__name__).warning(
+            "batch size capped at %d (the number of training cells)", batch_size)
+    return batch_size, n_dev
+
+
+def validation_batches(batches: CellBatches, val_rows: np.ndarray, batch_size: int,
+                       n_dev: int) -> list[Batch] | None:
+    """Fixed validation batches over ``val_rows`` (each split evenly over the devices; the few
+    cells that do not fill a last batch are left out, and at most
+    :data:`MAX_VALIDATION_BATCHES` batches are kept); None without enough cells."""
+    if val_rows.size < n_dev:
+        return None
+    vb = max(n_dev, min(batch_size, val_rows.size) // n_dev * n_dev)
+    usable = val_rows[: min(val_rows.size // vb, MAX_VALIDATION_BATCHES) * vb]
+    return list(batches.sequential(usable, vb))

@@ -15,7 +15,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .. import backend
-from .._validate import ScatlasInputError, check_obs_key, check_positive_int
+from .._validate import (
+    ScatlasInputError,
+    check_obs_key,
+    check_positive_int,
+    config_overrides,
+)
+from ..models.data import DEFAULT_BATCH_SIZE, n_devices, training_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +142,8 @@ def train_metric(
     progress: bool | None = None,
     data_parallel: bool = True,
     sparse_step: bool | None = None,
+    train: Any = None,
+    model: Any = None,
     **model_kw: Any,
 ):
     """Train a SCimilarity-style metric-learning encoder on labelled cells.
@@ -166,7 +174,8 @@ def train_metric(
         Labels related by a hierarchy are never used as negatives: a child -> parent(s) mapping
         or a file for :func:`scatlas.models.metric.read_hierarchy` (e.g. cell-ontology edges).
     batch_size, max_steps
-        Cells per step (default :func:`default_batch_size`: ``min(1000, n_train // 2)``,
+        Cells per step (default :func:`scatlas.models.data.default_batch_size`:
+        ``min(1000, n_train // 2)``,
         SCimilarity's 1,000 from 2,000 training cells on; capped at the training cells) and
         steps (default: about 20 passes over the training cells, between 200 and 50,000).
         Cells are drawn without repeats within a batch; where the balanced sampling weights
@@ -195,8 +204,17 @@ def train_metric(
         ``python -m bench.metric_parts``); True insists; False never. The loss
         is the same; the random dropout draws differ, so a run is reproducible for a given
         choice.
-    **model_kw
-        :class:`~scatlas.models.metric.MetricConfig` fields (defaults: the preset's):
+    train
+        Further :class:`~scatlas.models.train.TrainConfig` settings, as a ``TrainConfig`` (its
+        non-default fields) or a mapping: ``schedule`` ("cosine" | "constant"),
+        ``warmup_steps``, ``min_lr_ratio``, ``clip_norm``, ``checkpoint_every``,
+        ``keep_checkpoints``, ``log_every``, ``prefetch``, ``reuse_host_memory``. A setting this
+        function takes as its own argument (``max_steps``, ``learning_rate``, ...) is refused
+        here: pass it as that argument.
+    model, **model_kw
+        :class:`~scatlas.models.metric.MetricConfig` fields (defaults: the preset's), as a
+        ``MetricConfig`` (its non-default fields; ``n_genes`` comes from the data), a mapping,
+        or keywords (not the same field twice):
         ``hidden``, ``latent_dim``,
         ``dropout``, ``input_dropout``, ``objective`` ("triplet" | "infonce"), ``margin``,
         ``metric_weight``, ``mining`` ("semihard" | "hardest" | "random"), ``across_studies``,
@@ -211,7 +229,7 @@ def train_metric(
     -------
     :class:`~scatlas.models.MetricEncoder`, with the training summary in ``model.info``.
     """
-    from ..models.data import CellBatches, MatrixSource
+    from ..models.data import CellBatches, MatrixSource, validation_batches
     from ..models.inputs import InputSpec
     from ..models.metric import (
         INPUT_PCA,
@@ -225,6 +243,8 @@ def train_metric(
     from ..models.train import TrainConfig, fit
 
     adata = _check_adata(adata)
+    model_kw = merged_model_settings(MetricConfig, model, model_kw)
+    train_kw = config_overrides(TrainConfig, train, "train", own_args=OWN_TRAIN_ARGS)
     spec = InputSpec(input, layer, bool(use_raw))
     labels = _labels(adata, label_key, "label_key")
     rare = _check_label_sizes(labels, label_key)
@@ -250,7 +270,7 @@ def train_metric(
         config = dataclasses.replace(config, input_pcs=projection["components"].shape[1])
     if batch_size is None and chosen["batch_size"] is not None:
         batch_size = chosen["batch_size"]
-    batch_size, n_dev = _batch_size(batch_size, train_rows.size, data_parallel)
+    batch_size, n_dev = training_batch_size(batch_size, train_rows.size, data_parallel)
     if max_steps is None:
         max_steps = int(min(50_000, max(200, math.ceil(20 * train_rows.size / batch_size))))
     source = MatrixSource(X, columns=genes)
@@ -268,9 +288,9 @@ def train_metric(
         max_steps=max_steps, learning_rate=learning_rate, seed=seed, eval_every=eval_every,
         patience=patience, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
         log_path=None if log_path is None else str(log_path), progress=progress,
-        data_parallel=data_parallel,
+        data_parallel=data_parallel, **train_kw,
     )
-    val = _validation_batches(batches, val_rows, batch_size, n_dev)
+    val = validation_batches(batches, val_rows, batch_size, n_dev)
     negative_only = np.isin(batches.label_names, rare)
     result = fit(MetricTask(config, tcfg, related, negative_only, projection), batches, tcfg,
                  val_batches=val)
@@ -287,10 +307,36 @@ def train_metric(
         "patience": patience,
     }
     var_names = adata.var_names if genes is None else adata.var_names[genes]
-    model = MetricEncoder(config, variables, var_names,
-                          label_names=batches.label_names, info=info, input_spec=spec)
-    model.history = result.history
-    return model
+    encoder = MetricEncoder(config, variables, var_names,
+                            label_names=batches.label_names, info=info, input_spec=spec)
+    encoder.history = result.history
+    return encoder
+
+
+#: TrainConfig fields the tl trainers take as their own arguments (refused in ``train=``)
+OWN_TRAIN_ARGS = ("max_steps", "learning_rate", "weight_decay", "seed", "eval_every",
+                   "patience", "checkpoint_dir", "log_path", "progress", "data_parallel")
+
+
+def merged_model_settings(cls: type, model: Any, model_kw: dict[str, Any],
+                           own_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``model=`` (a config or a mapping) and the ``**model_kw`` keywords as one dict of config
+    fields; a field given both ways is refused."""
+    given = config_overrides(cls, model, "model", own_args=own_args,
+                             exclude=_DATA_FIELDS.get(cls.__name__, ()))
+    twice = sorted(set(given) & set(model_kw))
+    if twice:
+        raise ScatlasInputError(f"{twice} given both in model= and as keywords; give each "
+                                "once", param="model")
+    return {**given, **model_kw}
+
+
+#: config fields the trainers fill in from the data (never taken from ``model=``)
+_DATA_FIELDS = {
+    "MetricConfig": ("n_genes",),
+    "MVAEConfig": ("modalities", "likelihoods", "n_features", "log_lib_mean", "log_lib_sd",
+                   "n_batches"),
+}
 
 
 PRESETS = ("auto", "scimilarity")
@@ -324,47 +370,6 @@ AUTO_MODEL: dict[str, Any] = {"hidden": (256,), "latent_dim": 64, "objective": "
                               "metric_weight": 0.5, "input_pcs": 50}
 AUTO_N_TOP_GENES: int | None = 2000
 AUTO_PATIENCE: int | None = None
-
-
-#: the default batch: SCimilarity's 1,000 cells, or half the training cells when they are
-#: fewer than 2,000 (a batch of all the cells would be the same set at every step)
-DEFAULT_BATCH_SIZE = 1000
-
-
-def default_batch_size(n_train: int) -> int:
-    """``min(1000, max(2, n_train // 2))``: the batch :func:`train_metric` uses when none is
-    given (300 training cells -> 150, 818 -> 409, 2,000 and more -> 1,000)."""
-    return int(min(DEFAULT_BATCH_SIZE, max(2, n_train // 2)))
-
-
-def _batch_size(batch_size: int | None, n_train: int, data_parallel: bool) -> tuple[int, int]:
-    """The step's batch size (None: :func:`default_batch_size`), capped at the training cells
-    and a multiple of the devices used; returns ``(batch_size, n_devices)``."""
-    n_dev = _n_devices(data_parallel)
-    if batch_size is None:
-        batch_size = default_batch_size(n_train)
-        batch_size = max(n_dev, batch_size // n_dev * n_dev)
-    batch_size = check_positive_int(batch_size, "batch_size")
-    if batch_size > n_train:
-        batch_size = max(n_dev, n_train // n_dev * n_dev)
-        log.warning("batch size capped at %d (the number of training cells)", batch_size)
-    return batch_size, n_dev
-
-
-#: validation batches at most (SCimilarity: ``limit_val_batches=10``)
-MAX_VALIDATION_BATCHES = 10
-
-
-def _validation_batches(batches: Any, val_rows: np.ndarray, batch_size: int,
-                        n_dev: int) -> list | None:
-    """Fixed validation batches over ``val_rows`` (each split evenly over the devices; the few
-    cells that do not fill a last batch are left out, and at most
-    :data:`MAX_VALIDATION_BATCHES` batches are kept); None without enough cells."""
-    if val_rows.size < n_dev:
-        return None
-    vb = max(n_dev, min(batch_size, val_rows.size) // n_dev * n_dev)
-    usable = val_rows[: min(val_rows.size // vb, MAX_VALIDATION_BATCHES) * vb]
-    return list(batches.sequential(usable, vb))
 
 
 #: cells (evenly spaced training cells) on which the genes are chosen
@@ -412,12 +417,6 @@ def _input_pca(X: Any, train_rows: np.ndarray, genes: np.ndarray | None, input: 
     return fit_input_pca(block, n_components, seed)
 
 
-def _n_devices(data_parallel: bool) -> int:
-    import jax
-
-    return jax.device_count() if data_parallel else 1
-
-
 def embed(
     adata: ad.AnnData,
     model: Any,
@@ -456,3 +455,9 @@ def embed(
     adata.uns[key_added] = {"model": repr(model), "n_genes": len(model.genes),
                             "latent_dim": int(Z.shape[1])}
     return Z
+
+
+# TEMPORARY (this session): tl._michigan and tl._covel, written alongside, still import these
+# names; they go once those modules import models.data's public names
+_batch_size = training_batch_size
+_n_devices = n_devices

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import ScatlasInputError, check_positive_int
-from ._models import _batch_size, _validation_batches
+from .._validate import ScatlasInputError, check_positive_int, config_overrides
+from ._models import OWN_TRAIN_ARGS, merged_model_settings
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ def train_mvae(
     progress: bool | None = None,
     data_parallel: bool = True,
     input_pcs: int | Mapping[str, int] | None = DEFAULT_INPUT_PCS,
+    train: Any = None,
+    model: Any = None,
     **model_kw: Any,
 ):
     """Train a multimodal VAE with a product-of-experts posterior on paired or mosaic cells.
@@ -169,8 +171,17 @@ def train_mvae(
         (:func:`scatlas.models.mvae.fit_expert_pca`; at most ``n_train - 1`` components), as
         the metric encoder's ``input_pcs`` and GLUE's PCA / LSI encoder inputs; a mapping
         ``{name: k}`` sets it per modality; None or 0: every expert reads its features.
-    **model_kw
-        :class:`~scatlas.models.mvae.MVAEConfig` fields: ``latent_dim`` (10), ``hidden`` (128),
+    train
+        Further :class:`~scatlas.models.train.TrainConfig` settings, as a ``TrainConfig`` (its
+        non-default fields) or a mapping: ``schedule`` ("cosine" | "constant"),
+        ``warmup_steps``, ``min_lr_ratio``, ``clip_norm``, ``checkpoint_every``,
+        ``keep_checkpoints``, ``log_every``, ``prefetch``, ``reuse_host_memory``. A setting this
+        function takes as its own argument (``max_steps``, ``learning_rate``, ...) is refused
+        here: pass it as that argument.
+    model, **model_kw
+        :class:`~scatlas.models.mvae.MVAEConfig` fields, as an ``MVAEConfig`` (its
+        non-default fields; the modalities' sizes and library statistics come from the data),
+        a mapping, or keywords (not the same field twice): ``latent_dim`` (10), ``hidden`` (128),
         ``n_layers`` (1), ``decoder_layers`` (1), ``dropout`` (0.3), ``n_random_subsets`` (1),
         ``cross_reconstruction`` (True), ``alignment_weight`` (0.1), ``library_weight`` (5),
         ``contrastive_weight`` (0), ``contrastive_temperature`` (0.1), ``library_input``
@@ -184,6 +195,7 @@ def train_mvae(
     :class:`~scatlas.models.mvae.MultimodalVAE`, with the training summary in ``model.info``
     and the log records in ``model.history``.
     """
+    from ..models.data import training_batch_size, validation_batches
     from ..models.mvae import MultimodalVAE, MVAEConfig, MVAETask, fit_expert_pca
     from ..models.mvae_data import (
         MultiModalBatches,
@@ -193,6 +205,9 @@ def train_mvae(
     )
     from ..models.train import TrainConfig, fit
 
+    model_kw = merged_model_settings(MVAEConfig, model, model_kw,
+                                     own_args=("kl_warmup_steps", "input_pcs"))
+    train_kw = config_overrides(TrainConfig, train, "train", own_args=OWN_TRAIN_ARGS)
     if not hasattr(adata, "n_obs") or not hasattr(adata, "obs"):
         raise ScatlasInputError(f"expected an AnnData or MuData, got {type(adata).__name__}")
     if adata.n_obs < 2:
@@ -207,7 +222,7 @@ def train_mvae(
     cov, batch_names = batch_codes(adata, batch_key)
     lib_mean, lib_sd = _library_stats(mods, train_rows)
 
-    batch_size, n_dev = _batch_size(batch_size, train_rows.size, data_parallel)
+    batch_size, n_dev = training_batch_size(batch_size, train_rows.size, data_parallel)
     if max_steps is None:
         max_steps = int(min(50_000, max(500, math.ceil(200 * train_rows.size / batch_size))))
     max_steps = check_positive_int(max_steps, "max_steps")
@@ -230,9 +245,9 @@ def train_mvae(
         eval_every=eval_every, patience=patience,
         checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
         log_path=None if log_path is None else str(log_path), progress=progress,
-        data_parallel=data_parallel,
+        data_parallel=data_parallel, **train_kw,
     )
-    val = _validation_batches(batches, val_rows, batch_size, n_dev)
+    val = validation_batches(batches, val_rows, batch_size, n_dev)
     result = fit(MVAETask(config, projections), batches, tcfg, val_batches=val)
     observed = {m.name: int(m.observed.sum()) for m in mods}
     info = {
@@ -245,9 +260,9 @@ def train_mvae(
         "train": tcfg.to_dict(),
     }
     locations = {name: loc for name, loc in modalities.items() if isinstance(loc, str)}
-    model = MultimodalVAE(
+    vae = MultimodalVAE(
         config, result.variables, {m.name: m.features for m in mods}, locations=locations,
         batch_key=batch_key, batch_names=batch_names, info=info,
     )
-    model.history = result.history
-    return model
+    vae.history = result.history
+    return vae
