@@ -291,7 +291,7 @@ def _browser():
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1500", "--force-device-scale-factor=1"):
+                "--window-size=1280,1700", "--force-device-scale-factor=1"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(driver), options=options)
 

@@ -238,8 +238,8 @@ function renderAnnotation() {
     dl.append(dt, dd);
   };
   add(ann.label_key, fmt(p.label), "label-big", "annotation-label");
-  add("confidence", `${(100 * p.confidence).toFixed(1)}% of the ${ann.k} votes`, null,
-      "annotation-confidence");
+  add("confidence", `${(100 * p.confidence).toFixed(1)}% of the distance-weighted vote ` +
+      `(k = ${ann.k})`, null, "annotation-confidence");
   add("ahead of the second label by", fmt(p.vs_second, 3));
   add("nearest distance", fmt(p.min_dist));
   const flag = p.is_ood === null ? "no threshold known" :
@@ -251,8 +251,9 @@ function renderAnnotation() {
   box.append(dl);
   if (state.result.self !== null) {
     const s = document.createElement("p");
-    s.textContent = `Cell ${state.result.self} is in the index, so it is its own nearest ` +
-      "hit and votes for its own label.";
+    s.textContent = `Cell ${state.result.self} is in the index: it is its own nearest hit, ` +
+      "at distance 0, and its vote outweighs the others, so the label is its own. The " +
+      "neighbours' labels are in the table below.";
     box.append(s);
   }
   if (ann.predictions.length > 1) {
@@ -435,9 +436,11 @@ function drawMap() {
     if (p) { dot(ctx, p, 4, "#000", "#ffd400"); shown += 1; }
   });
   const qxy = state.result.queryXY[state.query];
-  if (qxy) {
+  if (qxy) {  // a red ring with a white halo, visible over any colour
+    ctx.lineWidth = 6;
+    dot(ctx, qxy, 11, "#fff", null);
     ctx.lineWidth = 3;
-    dot(ctx, qxy, 9, "#a4161a", null);
+    dot(ctx, qxy, 11, "#a4161a", null);
   }
   $("map-note").textContent = `${state.map.method} map of ${state.map.n} cells, coloured by ` +
     `${state.map.color || "nothing"}; ${shown} hits of the selected query in yellow` +
