@@ -200,6 +200,8 @@ class FeatureGraph:
                     f"the graph names no feature of modality {m!r} ({b - a} features, e.g. "
                     f"{_shown(list(modalities[m])[:3], 3)}); check the feature names or the "
                     "mapping table", param="graph")
+        for m in names:
+            a, b = offsets[m]
             n_links[m] = int(linked[a:b].sum())
             if n_links[m] == 0:
                 raise ScatlasInputError(
