@@ -259,6 +259,17 @@ def _check_content_type(request: Request) -> None:
                           "-H 'content-type: application/json')")
 
 
+async def _stream_body(request: Request, limit: int) -> bytes:
+    """The request body, read chunk by chunk; 413 as soon as it passes ``limit`` bytes (a
+    ``Content-Length`` can be absent or wrong)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _HTTPError(413, f"request body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     """The request body as a JSON object; 415 for a non-JSON ``Content-Type``, 413 above
     ``limit`` bytes, 400 when malformed."""
@@ -272,15 +283,11 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         if declared > limit:
             raise _HTTPError(413, f"request body of {declared} bytes exceeds the limit of "
                                   f"{limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _HTTPError(413, f"request body exceeds the limit of {limit} bytes")
+    body = await _stream_body(request, limit)
     if not body:
         raise _bad("empty request body; send a JSON object")
     try:
-        obj = json.loads(bytes(body), parse_constant=_reject_constant)
+        obj = json.loads(body, parse_constant=_reject_constant)
     except RecursionError:
         raise _bad("malformed JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as err:

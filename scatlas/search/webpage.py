@@ -39,7 +39,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from .service import INPUT_KINDS, MIN_GENE_OVERLAP, _bad, _endpoint, _HTTPError, _read_json
+from .service import (
+    INPUT_KINDS,
+    MIN_GENE_OVERLAP,
+    _bad,
+    _endpoint,
+    _HTTPError,
+    _read_json,
+    _stream_body,
+)
 
 if TYPE_CHECKING:
     from .atlas_map import AtlasMap
@@ -228,14 +236,10 @@ async def _read_upload(request: Request, limit: int) -> bytes:
     if length is not None and length.isdigit() and int(length) > limit:
         raise _HTTPError(413, f"the file has {int(length)} bytes; the limit is {limit} bytes "
                               f"({limit / 2**20:.0f} MiB, scatlas serve --max-body-mb)")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _HTTPError(413, f"the file exceeds the limit of {limit} bytes")
+    body = await _stream_body(request, limit)
     if not body:
         raise _bad("the upload is empty: choose a .h5ad file")
-    return bytes(body)
+    return body
 
 
 def read_h5ad_bytes(data: bytes, max_cells: int):
