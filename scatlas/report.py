@@ -1,11 +1,13 @@
-"""Integration reports: scib-family metrics (JSON) and UMAPs before / after, by batch and label.
+"""Integration reports: scib-family metrics (JSON) and UMAPs and t-SNEs before / after, by batch
+and label.
 
 ``integration_report`` compares the uncorrected embedding (PCA of the log-normalised
 highly-variable genes, computed here from the raw counts in ``.X``) with an integrated
 embedding in ``.obsm``. Metrics come from :mod:`scatlas.metrics` (with labels: the full
-``summary``; without: iLISI only); UMAPs from umap-learn, drawn with
-matplotlib, on the exact k-NN graph of :func:`scatlas.kernels.knn`. Files are written
-atomically.
+``summary``; without: iLISI only); UMAPs from umap-learn, on the exact k-NN graph of
+:func:`scatlas.kernels.knn`, and beside them t-SNEs from openTSNE (:func:`scatlas.tl.tsne`; left
+out, with a warning, when openTSNE is not installed), drawn with matplotlib
+(:func:`scatlas.pl.scatter`). Files are written atomically.
 
 The plots follow scanpy's ``pl.embedding`` conventions: the cells are drawn in one random order
 (seeded), so no batch is painted over the others because it came last, and legends are sorted
@@ -18,7 +20,6 @@ report does and are not shown; the report's steps show a progress bar (``progres
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ._validate import ScatlasInputError, check_obs_key
+from .pl import draw_order  # noqa: F401 (re-exported: the report's drawing order)
 
 _N_PCS = 30
 
@@ -76,73 +78,54 @@ def _umap(X: np.ndarray, seed: int) -> np.ndarray:
         return model.fit_transform(X)
 
 
-def _natural_key(text: str) -> list[Any]:
-    """Sort key putting ``"batch2"`` before ``"batch10"`` (digit runs compared as numbers)."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
-            for part in re.split(r"(\d+)", text) if part]
+def _tsne(X: np.ndarray, seed: int) -> np.ndarray | None:
+    """2-D t-SNE (openTSNE, :func:`scatlas.tl.tsne_coordinates`); None, with a warning, when
+    openTSNE is not installed (the report then shows UMAPs only)."""
+    from .tl._tsne import tsne_coordinates
 
-
-def draw_order(n: int, seed: int = 0) -> np.ndarray:
-    """The order cells are drawn in: one seeded random permutation of ``range(n)``, so that no
-    category covers the others because it was drawn last (scanpy shuffles the same way)."""
-    return np.random.default_rng(seed).permutation(n)
-
-
-def _palette(n: int) -> list[Any]:
-    """``n`` distinct colours: tab10 / tab20 as scanpy, then evenly spaced hues."""
-    import matplotlib
-
-    if n <= 10:
-        return list(matplotlib.colormaps["tab10"].colors[:n])
-    if n <= 20:
-        return list(matplotlib.colormaps["tab20"].colors[:n])
-    return [matplotlib.colormaps["hsv"](i / n) for i in range(n)]
+    try:
+        return tsne_coordinates(np.nan_to_num(np.asarray(X, dtype=np.float32)), seed=seed)
+    except ScatlasInputError as err:
+        if "openTSNE" not in str(err):
+            raise
+        warnings.warn(f"report: no t-SNE panels ({err})", stacklevel=3)
+        return None
 
 
 def umap_figure(panels: dict[str, np.ndarray], colours: dict[str, np.ndarray],
-                seed: int = 0) -> Any:
-    """The report's figure: one row per embedding in ``panels`` (name -> (n, 2) coordinates),
-    one column per colouring in ``colours`` (name -> (n,) categories); cells drawn in
-    :func:`draw_order`, legends sorted. Returns the matplotlib Figure (Agg)."""
+                seed: int = 0, tsne: dict[str, np.ndarray] | None = None) -> Any:
+    """The report's figure: one row per embedding in ``panels`` (name -> (n, 2) UMAP
+    coordinates), one column per colouring in ``colours`` (name -> (n,) categories), and, with
+    ``tsne`` (name -> (n, 2) t-SNE coordinates), as many t-SNE columns beside them. Cells drawn
+    in :func:`scatlas.pl.draw_order`, legends sorted. Returns the matplotlib Figure (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(len(panels), len(colours), squeeze=False,
-                             figsize=(5.6 * len(colours), 4.5 * len(panels)))
-    for col, (name, values) in enumerate(colours.items()):
-        cats = sorted({str(v) for v in values}, key=_natural_key)
-        code = {c: i for i, c in enumerate(cats)}
-        palette = np.asarray(_palette(len(cats)), dtype=float)
-        rgba = palette[[code[str(v)] for v in values]]
-        order = draw_order(len(values), seed)
-        for row, (title, xy) in enumerate(panels.items()):
-            ax = axes[row, col]
-            ax.scatter(xy[order, 0], xy[order, 1], s=4, c=rgba[order], alpha=0.8,
-                       linewidths=0, rasterized=True)
-            ax.set_title(f"{title}: {name}")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_xlabel("UMAP1")
-            ax.set_ylabel("UMAP2")
-            if len(cats) <= 30:
-                handles = [Line2D([], [], marker="o", linestyle="", color=palette[i],
-                                  markersize=5, label=c) for i, c in enumerate(cats)]
-                ax.legend(handles=handles, fontsize=7, loc="center left",
-                          bbox_to_anchor=(1.0, 0.5), frameon=False)
+    from .pl import scatter
+
+    views = [("UMAP", panels)] + ([("t-SNE", tsne)] if tsne else [])
+    ncols = len(colours) * len(views)
+    fig, axes = plt.subplots(len(panels), ncols, squeeze=False,
+                             figsize=(5.6 * ncols, 4.5 * len(panels)))
+    for v, (axis, coords) in enumerate(views):
+        for c, (name, values) in enumerate(colours.items()):
+            for row, title in enumerate(panels):
+                label = f"{title}: {name}" if axis == "UMAP" else f"{title} ({axis}): {name}"
+                scatter(axes[row, v * len(colours) + c], coords[title], values, title=label,
+                        axis=axis, seed=seed)
     fig.tight_layout()
     return fig
 
 
 def _plot(panels: dict[str, np.ndarray], colours: dict[str, np.ndarray], path: Path,
-          seed: int = 0) -> None:
+          seed: int = 0, tsne: dict[str, np.ndarray] | None = None) -> None:
     import matplotlib.pyplot as plt
 
     from .io import atomic_write
 
-    fig = umap_figure(panels, colours, seed)
+    fig = umap_figure(panels, colours, seed, tsne)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
@@ -162,7 +145,8 @@ def integration_report(
 
     For an iNMF result the quantile-normalised ``.obsm[key + "_norm"]`` is used when present.
     ``metrics.json`` holds ``{"uncorrected": {...}, "integrated": {...}, "key": ..., ...}``;
-    ``umap.png`` has one row per embedding and one column per colouring (batch, label).
+    ``umap.png`` has one row per embedding and one column per colouring (batch, label) for the
+    UMAPs, then the same columns for the t-SNEs, side by side.
     ``progress``: a bar over the report's steps (default: when stderr is a terminal).
     Returns ``out_dir``.
     """
@@ -181,7 +165,7 @@ def integration_report(
     batch = adata.obs[batch_key].astype(str).to_numpy()
     labels = adata.obs[label_key].astype(str).to_numpy() if label_key else None
     embeddings = {"integrated": np.asarray(adata.obsm[used], dtype=np.float64)}
-    n_steps = 1 + (2 if adata.X is not None else 1) * 2 + 1  # pca, metrics, umaps, plot
+    n_steps = 1 + (2 if adata.X is not None else 1) * 3 + 1  # pca, metrics, umaps, t-SNEs, plot
     with bar(desc="report", total=n_steps, progress=progress, unit="step") as steps:
         steps.set_postfix_str("uncorrected PCA")
         before = _uncorrected_pca(adata, batch_key)
@@ -197,12 +181,17 @@ def integration_report(
         with io.atomic_write(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(record, indent=2, default=float))
         colours = {batch_key: batch, **({label_key: labels} if labels is not None else {})}
-        panels = {}
+        panels, tsne = {}, {}
         for name, X in embeddings.items():
             steps.set_postfix_str(f"UMAP ({name})")
             panels[name] = _umap(X, seed)
             steps.update(1)
+            steps.set_postfix_str(f"t-SNE ({name})")
+            coords = _tsne(X, seed)
+            if coords is not None:
+                tsne[name] = coords
+            steps.update(1)
         steps.set_postfix_str("plot")
-        _plot(panels, colours, out / "umap.png", seed)
+        _plot(panels, colours, out / "umap.png", seed, tsne if len(tsne) == len(panels) else None)
         steps.update(1)
     return out
