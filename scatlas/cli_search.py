@@ -151,6 +151,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
          f"{index.metric}) -> {args.out} in {time.perf_counter() - t0:.2f} s")
     if args.map != "none":
         _make_map(args.out, emb, args.map, index.metric, args.map_seed)
+    else:
+        _log("index build: no 2-D map stored (the web page of scatlas serve draws one and "
+             "queries by cell id with it): add --map tsne, or run scatlas index map later")
     return 0
 
 

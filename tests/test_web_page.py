@@ -416,7 +416,21 @@ def test_the_page_in_a_real_browser(atlas, tmp_path):
         emb = atlas["model"].embed(_adata(counts))
         expected = annotate(index, emb, label_key="cell_type", k=K)
         assert driver.find_element("id", "annotation-label").text == expected["label"].iloc[0]
+        flag = driver.find_element("id", "annotation-ood").text
+        assert ("out of distribution" in flag) == bool(expected["is_ood"].iloc[0]), flag
         assert len(driver.find_elements("css selector", "#query-cell option")) == 5
+
+        # pasted expression (one cell as "GENE count" lines) answers as the pipeline does
+        cell = counts[2:3]
+        text = "\n".join(f"{g} {int(v)}" for g, v in zip(atlas["genes"], cell[0], strict=True))
+        driver.execute_script("document.getElementById('paste').value = arguments[0]", text)
+        driver.find_element("id", "go-paste").click()
+        assert _settled(driver) == "done", driver.find_element("id", "error").text
+        emb = atlas["model"].embed(_adata(cell))
+        D, I = index.search(emb, k=K)
+        assert _shown_hits(driver)[0] == I[0].tolist()
+        expected = annotate(index, emb, label_key="cell_type", k=K)
+        assert driver.find_element("id", "annotation-label").text == expected["label"].iloc[0]
 
         # bad uploads: readable messages, no stack trace
         for name, content, words in (
