@@ -35,10 +35,14 @@ Two routes, one code path for NumPy/SciPy and CuPy/cupyx each:
   (:func:`scatlas.kernels.knn`; default ``max(2 K, 30)``), symmetrised, plus the diagonal. The
   kernel values, normalisations and diffusion are those above restricted to the support (a
   masked ``S (Psum - P) S^T``, computed by row blocks); ``rho_i`` is exact. With the support
-  holding every pair it equals the dense route; otherwise affinities outside it are dropped
-  (their kernel is at most ``exp(-18)`` of a near neighbour's), an approximation. Memory: the
-  support's entries ``nnz ~ n m n_support`` times (m + 6) values, plus blocks of at most
-  :data:`BLOCK_BYTES` (256 MiB); never an n x n array.
+  holding every pair it equals the dense route; otherwise the affinities of pairs that are not
+  near neighbours in any view are dropped (an approximation: the kernel's exponential factor
+  falls with distance relative to the cells' neighbourhood scale, towards
+  ``exp(-9 / (2 mu^2))``, exp(-18) at mu = 0.5, for distant pairs, but the mass of many small
+  entries is lost). Memory: the support's entries,
+  ``nnz <= n (1 + 2 m n_support)``, times about (m + 6) values and indices, plus one dense block
+  of rows (16 MiB on the CPU, :data:`BLOCK_BYTES` = 256 MiB on the GPU) and its sparse product
+  ``S_v[block] Q``; never an n x n array.
 
 Deliberate differences from snfpy: ``S_v`` keeps exactly K entries per row (snfpy keeps every
 entry at or above a linearly interpolated percentile, so ties at the K-th value keep more);
