@@ -20,8 +20,8 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
 _SUBMODULES = (
-    "backend", "datasets", "exceptions", "io", "kernels", "metrics", "models", "pp", "search",
-    "tl",
+    "atlas", "backend", "datasets", "exceptions", "io", "kernels", "metrics", "models", "pl",
+    "pp", "search", "tl",
 )
 
 __all__ = [*_SUBMODULES, "gpu_available", "resolve_device", "__version__"]

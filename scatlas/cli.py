@@ -194,6 +194,11 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
         cells = datasets.synthetic(args.skip + args.n_cells, **params)[args.skip:].copy()
         write_h5ad(cells, args.output)
+    elif args.output.endswith(".zarr"):  # chunk by chunk on Dask (scatlas.atlas)
+        from .atlas import write_synthetic_zarr
+
+        write_synthetic_zarr(args.output, args.n_cells, scheduler=args.scheduler,
+                             n_workers=args.n_workers, progress=args.progress, **params)
     else:
         datasets.write_synthetic_h5ad(args.output, args.n_cells, **params)
     _done("synthetic", args.output, t0)
@@ -251,8 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_cca, seed=42)
 
-    p = sub.add_parser("synthetic", help="write a synthetic single-cell atlas (.h5ad)")
-    p.add_argument("output", help="output .h5ad")
+    p = sub.add_parser("synthetic", help="write a synthetic single-cell atlas (.h5ad or .zarr)")
+    p.add_argument("output", help="output .h5ad, or .zarr (generated on Dask, chunk by chunk)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help=".zarr: Dask scheduler address (default: a local cluster)")
+    p.add_argument("--n-workers", type=int, default=None, help=".zarr: local Dask workers")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (.zarr; default: when stderr is a terminal)")
     p.add_argument("--n-cells", type=int, default=10_000)
     p.add_argument("--n-genes", type=int, default=2_000)
     p.add_argument("--n-batches", type=int, default=3)

@@ -802,6 +802,15 @@ def write_synthetic_h5ad(
     return path
 
 
+def write_synthetic_zarr(path: str | os.PathLike, n_cells: int = 1_000_000, n_genes: int = 2_000,
+                         **kwargs: Any) -> dict[str, Any]:
+    """The same atlas written to a zarr store chunk by chunk, generated in parallel on Dask:
+    :func:`scatlas.atlas.write_synthetic_zarr` (``kwargs``: its options and the generator's)."""
+    from .atlas import write_synthetic_zarr as write  # noqa: PLC0415
+
+    return write(path, n_cells, n_genes, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # Streaming h5ad writer
 # --------------------------------------------------------------------------------------------
