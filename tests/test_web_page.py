@@ -341,9 +341,16 @@ def _shown_hits(driver) -> tuple[list[int], list[float]]:
     return ids, dist
 
 
+@pytest.fixture
+def driver():
+    """The headless browser (requested before the atlas, so that a skip costs nothing)."""
+    browser = _browser()
+    yield browser
+    browser.quit()
+
+
 @pytest.mark.browser
-def test_the_page_in_a_real_browser(atlas, tmp_path):
-    driver = _browser()
+def test_the_page_in_a_real_browser(driver, atlas, tmp_path):
     proc, url = _serve(atlas)
     index, X = atlas["index"], atlas["X"]
     try:
@@ -450,6 +457,5 @@ def test_the_page_in_a_real_browser(atlas, tmp_path):
             message = driver.find_element("id", "error").text
             assert words in message and "Traceback" not in message, message
     finally:
-        driver.quit()
         proc.terminate()
         proc.wait(timeout=30)
