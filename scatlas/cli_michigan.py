@@ -131,7 +131,7 @@ def register_train(models: argparse._SubParsersAction) -> None:
     p.add_argument("--gan-lr", type=float, default=2e-4, help="GAN learning rate (2e-4)")
     p.add_argument("--latent-dim", type=int, default=None, help="latent size (default 10)")
     p.add_argument("--beta", type=float, default=None,
-                   help="weight of the total correlation (default 6; 1: a plain VAE)")
+                   help="weight of the total correlation (default 2; 1: a plain VAE)")
     p.add_argument("--hidden", type=int, default=None, help="VAE hidden units (default 256)")
     p.add_argument("--noise-dim", type=int, default=None, help="generator noise (default 10)")
     p.add_argument("--n-critic", type=int, default=None,

@@ -84,10 +84,10 @@ def train_michigan(
         ``log_path``.
     **model_kw
         :class:`~scatlas.models.michigan.MichiGANConfig` fields: ``latent_dim`` (10),
-        ``hidden`` (256), ``n_layers`` (2), ``beta`` (6; 1: a plain VAE), ``alpha``, ``gamma``
-        (1), ``noise_dim`` (10), ``gen_hidden``, ``critic_hidden`` (256), ``gen_layers``,
-        ``critic_layers`` (2), ``gp_weight`` (10), ``n_critic`` (5), ``adam_b1`` (0.5),
-        ``adam_b2`` (0.9).
+        ``hidden`` (256), ``n_layers`` (2), ``beta`` (2; 1: a plain VAE; docs/generative.md),
+        ``alpha``, ``gamma`` (1), ``noise_dim`` (10), ``gen_hidden``, ``critic_hidden``
+        (256), ``gen_layers``, ``critic_layers`` (2), ``gp_weight`` (10), ``n_critic`` (5),
+        ``adam_b1`` (0.5), ``adam_b2`` (0.9).
 
     Returns
     -------
