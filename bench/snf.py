@@ -166,10 +166,11 @@ def _scatlas_worker(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"t": args.t}
     if args.route == "dense":
         kwargs.update(sparse=False)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     F = snf([x1, x2], **kwargs)
-    seconds = time.perf_counter() - start
-    out = {"seconds": seconds, "route": "sparse" if hasattr(F, "nnz") else "dense",
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    out = {"seconds": seconds, "cpu_seconds": cpu,
+           "route": "sparse" if hasattr(F, "nnz") else "dense",
            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if args.t > 1:
         labels = np.asarray(spectral_clusters(F, N_GROUPS, seed=0).labels)
@@ -182,16 +183,19 @@ import json, resource, sys, time
 import numpy as np, snf
 x1, x2 = np.load(sys.argv[1]), np.load(sys.argv[2])
 t = int(sys.argv[3])
-t0 = time.perf_counter()
+clock = [(time.perf_counter(), time.process_time())]
 aff = snf.make_affinity(x1, x2, K=20, mu=0.5)
-t1 = time.perf_counter()
+clock.append((time.perf_counter(), time.process_time()))
 snf.snf(*aff, K=20, t=0)
-t2 = time.perf_counter()
-if t:
-    snf.snf(*aff, K=20, t=t)
-t3 = time.perf_counter()
-print(json.dumps({"affinity_s": t1 - t0, "setup_s": t2 - t1,
-                  "iteration_s": (t3 - t2 - (t2 - t1)) / t if t else None,
+clock.append((time.perf_counter(), time.process_time()))
+snf.snf(*aff, K=20, t=t)
+clock.append((time.perf_counter(), time.process_time()))
+out = {}
+for c, key in ((0, ""), (1, "cpu_")):
+    a, b, d, e = (x[c] for x in clock)
+    out.update({key + "affinity_s": b - a, key + "setup_s": d - b,
+                key + "iteration_s": (e - d - (d - b)) / t})
+print(json.dumps({**out,
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
@@ -219,49 +223,95 @@ def _scatlas(n: int, seed: int, t: int, route: str) -> dict[str, Any]:
 
 
 def speed(sizes: list[int], seed: int, repeats: int, dense_max: int,
-          snfpy_max: int) -> dict[str, Any]:
+          snfpy_max: int, dense_t20: bool, repeats_large: int) -> dict[str, Any]:
     from scatlas.kernels.snf import MAX_DENSE_BYTES  # noqa: PLC0415
 
     out: dict[str, Any] = {"t": 20, "K": 20, "mu": 0.5, "repeats": repeats,
+                           "repeats_above_1e4": repeats_large,
                            "max_dense_bytes": MAX_DENSE_BYTES, "sizes": {}}
     measured: dict[str, Any] | None = None
     for n in sizes:
         row: dict[str, Any] = {}
-        runs = [_scatlas(n, seed, 20, "auto") for _ in range(repeats)]
+        reps = repeats if n <= 10_000 else repeats_large
+        runs = [_scatlas(n, seed, 20, "auto") for _ in range(reps)]
         row["scatlas_default_t20"] = {
             "route": runs[0]["route"], "seconds_median": statistics.median(
                 r["seconds"] for r in runs), "seconds": [r["seconds"] for r in runs],
+            "cpu_seconds_median": statistics.median(r["cpu_seconds"] for r in runs),
             "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
             "ari_planted": runs[0].get("ari_planted")}
         if n <= dense_max:
-            dense = _scatlas(n, seed, 20, "dense")
-            row["scatlas_dense_t20"] = dense
             row["scatlas_dense_t1"] = _scatlas(n, seed, 1, "dense")
+            if dense_t20:
+                row["scatlas_dense_t20"] = _scatlas(n, seed, 20, "dense")
         if n <= snfpy_max:
             peer = _snfpy(n, seed, 1)
             measured = {"n": n, **peer}
-            peer_t1 = peer["affinity_s"] + peer["setup_s"] + peer["iteration_s"]
-            row["snfpy"] = {**peer, "measured_t1_s": peer_t1,
-                            "extrapolated_t20_s": peer["affinity_s"] + peer["setup_s"]
-                            + 20 * peer["iteration_s"], "extrapolated": True}
-            if "scatlas_dense_t1" in row:
-                row["ratio_t1_measured_dense"] = peer_t1 / row["scatlas_dense_t1"]["seconds"]
+            _measured_peer(row, peer)
         elif measured is not None:
-            scale = n / measured["n"]
-            row["snfpy"] = {
-                "not_run": f"needs {n * n * 8 / 2**30:.1f} GiB per n x n float64 matrix "
-                           "(snfpy holds at least 6)",
-                "extrapolated_t20_s": (measured["affinity_s"] + measured["setup_s"]) * scale**2
-                + 20 * measured["iteration_s"] * scale**3, "extrapolated": True}
+            _extrapolate(row, measured, n)
         if "snfpy" in row:
-            ext = row["snfpy"]["extrapolated_t20_s"]
-            row["ratio_t20_vs_extrapolated_snfpy"] = {
-                "default": ext / row["scatlas_default_t20"]["seconds_median"],
-                **({"dense": ext / row["scatlas_dense_t20"]["seconds"]}
-                   if "scatlas_dense_t20" in row else {})}
+            _ratio(row)
         out["sizes"][str(n)] = row
         print(json.dumps({n: row}, default=float), flush=True)
     return out
+
+
+def _extrapolate(row: dict[str, Any], measured: dict[str, Any], n: int) -> None:
+    """snfpy's t=20 time at ``n`` from its phases measured at ``measured["n"]``: affinity and
+    setup O(n^2), the GEMM iteration O(n^3)."""
+    scale = n / measured["n"]
+    row["snfpy"] = {
+        "not_run": f"needs {n * n * 8 / 2**30:.1f} GiB per n x n float64 matrix (snfpy holds "
+                   "at least 6)", "extrapolated": True, "from_n": measured["n"],
+        **{f"extrapolated_t20_{key}s": (measured[f"{key}affinity_s"]
+                                        + measured[f"{key}setup_s"]) * scale**2
+           + 20 * measured[f"{key}iteration_s"] * scale**3 for key in ("", "cpu_")}}
+
+
+def _ratio(row: dict[str, Any]) -> None:
+    default = row["scatlas_default_t20"]
+    row["ratio_t20_vs_extrapolated_snfpy"] = {
+        "wall": row["snfpy"]["extrapolated_t20_s"] / default["seconds_median"],
+        "cpu": row["snfpy"]["extrapolated_t20_cpu_s"] / default["cpu_seconds_median"]}
+
+
+def merge(tags: list[str]) -> Path:
+    """Build ``snf_speed_cpu.json`` from runs made in separate processes (they can run at the
+    same time): ``snf_speed_<tag>_cpu.json`` for each tag (scatlas rows, ``--snfpy-max 0``)
+    and ``snf_speed_peer_cpu.json`` (``peer``: snfpy's measured phases). snfpy's t=20 time is
+    measured-phase based at its own size and extrapolated at the others."""
+    peer = json.loads((RESULTS / "snf_speed_peer_cpu.json").read_text())
+    measured = {"n": peer["n"], **peer["snfpy"]}
+    out: dict[str, Any] = {"environment": peer["environment"], "sizes": {}}
+    for tag in tags:
+        part = json.loads((RESULTS / f"snf_speed_{tag}_cpu.json").read_text())
+        for key in ("t", "K", "mu", "repeats", "repeats_above_1e4", "max_dense_bytes"):
+            out[key] = part[key]
+        for n, row in part["sizes"].items():
+            if int(n) == measured["n"]:
+                _measured_peer(row, measured)
+            else:
+                _extrapolate(row, measured, int(n))
+            _ratio(row)
+            row["environment"] = part["environment"]
+            out["sizes"][n] = row
+    path = RESULTS / "snf_speed_cpu.json"
+    path.write_text(json.dumps(out, indent=2, default=float))
+    return path
+
+
+def _measured_peer(row: dict[str, Any], peer: dict[str, Any]) -> None:
+    row["snfpy"] = {**peer, "extrapolated": True}
+    for key in ("", "cpu_"):
+        row["snfpy"][f"measured_t1_{key}s"] = (
+            peer[f"{key}affinity_s"] + peer[f"{key}setup_s"] + peer[f"{key}iteration_s"])
+        row["snfpy"][f"extrapolated_t20_{key}s"] = (
+            peer[f"{key}affinity_s"] + peer[f"{key}setup_s"] + 20 * peer[f"{key}iteration_s"])
+    if "scatlas_dense_t1" in row:
+        row["ratio_t1_measured_dense"] = {
+            "wall": row["snfpy"]["measured_t1_s"] / row["scatlas_dense_t1"]["seconds"],
+            "cpu": row["snfpy"]["measured_t1_cpu_s"] / row["scatlas_dense_t1"]["cpu_seconds"]}
 
 
 def _write(name: str, record: dict[str, Any]) -> Path:
@@ -283,10 +333,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--sizes", default="1e4,5e4")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--repeats-large", type=int, default=1,
+                   help="repeats of the default route above 1e4 cells")
     s.add_argument("--dense-max", type=float, default=1e4,
                    help="largest n also run on the dense route (forced past the budget)")
+    s.add_argument("--dense-t20", action="store_true",
+                   help="also time the dense route at t=20 (slow: O(t n^2 K))")
     s.add_argument("--snfpy-max", type=float, default=1e4,
                    help="largest n snfpy is run at (dense n x n float64 matrices)")
+    s.add_argument("--tag", default="",
+                   help="write snf_speed_<tag>_cpu.json (combine them with merge --tags)")
+    mg = sub.add_parser("merge")
+    mg.add_argument("--tags", required=True, help="comma-separated tags of speed runs")
+    pe = sub.add_parser("peer", help="snfpy alone at one size (snf_speed_peer_cpu.json)")
+    pe.add_argument("--n", type=float, default=1e4)
+    pe.add_argument("--seed", type=int, default=0)
     w = sub.add_parser("worker")
     w.add_argument("--n", type=int, required=True)
     w.add_argument("--seed", type=int, default=0)
@@ -296,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "worker":
             print(json.dumps(_scatlas_worker(args)))
+            return 0
+        if args.cmd == "merge":
+            print(merge(args.tags.split(",")))
+            return 0
+        if args.cmd == "peer":
+            n = int(args.n)
+            print(_write("snf_speed_peer", {"n": n, "snfpy": _snfpy(n, args.seed, 1)}))
             return 0
         if args.cmd == "quality":
             if not DATA.is_dir():
@@ -310,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         sizes = [int(float(x)) for x in args.sizes.split(",")]
         record = speed(sizes, args.seed, args.repeats, int(args.dense_max),
-                       int(args.snfpy_max))
-        print(_write("snf_speed", record))
+                       int(args.snfpy_max), args.dense_t20,
+                       args.repeats_large)
+        print(_write(f"snf_speed_{args.tag}" if args.tag else "snf_speed", record))
         return 0
     except Exception as err:  # a failed method fails the benchmark
         print(f"bench.snf {args.cmd} failed: {err}", file=sys.stderr)
