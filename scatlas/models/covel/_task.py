@@ -155,17 +155,19 @@ class CoVELTask:
               ) -> dict[str, jax.Array]:
         """Every enabled loss term (unweighted), keyed as in the module docstring."""
         c = self.config
-        keys = iter(jax.random.split(rng, 16))
-        drop = next(keys) if train else None
+        def key(i: int) -> jax.Array:  # one stream per draw, whatever views are on
+            return jax.random.fold_in(rng, i)
+
+        drop = key(0) if train else None
         out: dict[str, jax.Array] = {}
         vloc, vstd = self._apply(params, CoVELNet.features, *self.conv_edges())
-        v = vloc + vstd * jax.random.normal(next(keys), vloc.shape)
+        v = vloc + vstd * jax.random.normal(key(1), vloc.shape)
         offsets = np.cumsum((0, *c.n_features))
         locs = []
         for k, (m, lik) in enumerate(zip(c.modalities, c.likelihoods, strict=True)):
             x = batch[f"x_{m}"]
             loc, std = self._apply(params, CoVELNet.encode, k, x, train, rng=drop)
-            u = loc + std * jax.random.normal(next(keys), loc.shape)
+            u = loc + std * jax.random.normal(key(10 + k), loc.shape)
             dec = self._apply(params, CoVELNet.decoder, k)
             out[f"x_nll_{m}"] = data_nll(x, u, v[offsets[k]:offsets[k + 1]], dec, lik)
             out[f"x_kl_{m}"] = kl_normal(loc, std).mean() / c.n_features[k]
@@ -174,11 +176,9 @@ class CoVELTask:
             g = self.graph
             src, tgt, w, sgn = g["src"], g["tgt"], g["weight"], g["sign"]
             if src.shape[0] > c.max_edges:
-                pick = jax.random.choice(next(keys), src.shape[0], (c.max_edges,), replace=False)
+                pick = jax.random.choice(key(2), src.shape[0], (c.max_edges,), replace=False)
                 src, tgt, w, sgn = src[pick], tgt[pick], w[pick], sgn[pick]
-            else:
-                next(keys)
-            neg = jax.random.randint(next(keys), (src.shape[0], c.neg_samples), 0, vloc.shape[0])
+            neg = jax.random.randint(key(3), (src.shape[0], c.neg_samples), 0, vloc.shape[0])
             out["g_nll"] = graph_nll(v, src, tgt, w, sgn, neg)
             out["g_kl"] = kl_normal(vloc, vstd).mean() / vloc.shape[0]
         if c.align:
@@ -195,7 +195,7 @@ class CoVELTask:
             aug = []
             for k, m in enumerate(c.modalities):
                 x = batch[f"x_{m}"]
-                k1, k2, k3 = jax.random.split(next(keys), 3)
+                k1, k2, k3 = jax.random.split(key(20 + k), 3)
                 keep1 = jax.random.bernoulli(k1, 1 - c.mask_rate, x.shape)
                 keep2 = jax.random.bernoulli(k2, 1 - c.mask_rate, x.shape)
                 a, _ = self._apply(params, CoVELNet.encode, k, x * keep1, train,
