@@ -6,7 +6,7 @@ Usage::
     python -m bench run rsvd --sizes 1e4,1e5,1e6 --repeats 3 --warmup 1 --device auto
     python -m bench report
 
-Programmatic entry points (used by ``scatlas bench``): :func:`bench.runner.run_benchmark` and
+Programmatic entry points: :func:`bench.runner.run_benchmark` and
 :func:`bench.report.write_report`.
 """
 

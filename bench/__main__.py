@@ -45,7 +45,7 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed so ``scatlas bench`` can reuse it)."""
+    """The argument parser of ``python -m bench``."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the benchmarks")

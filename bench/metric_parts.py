@@ -1,7 +1,7 @@
 """Benchmark ``metric_parts``: the pieces behind the metric encoder's CPU figures, each against the
 alternative it replaced, in one process (medians of alternating calls).
 
-The docstrings of :mod:`scatlas.kernels.spmm`, :mod:`scatlas.kernels.xla_ffi`,
+The docstrings of :mod:`scatlas.kernels.spmm`, :mod:`scatlas.models.xla_ffi`,
 :mod:`scatlas._host_memory` and :mod:`scatlas.models.metric` quote these rows:
 
 - ``spmm``: ``X @ W`` (10,000 cells, 10 % non-zero) by the per-cell kernel (small W) or the

@@ -11,15 +11,14 @@ import scipy.sparse as sp
 import scatlas
 from scatlas import datasets
 from scatlas._validate import ScatlasInputError
-from scatlas.kernels import xla_ffi
-from scatlas.models import sparse_ops
+from scatlas.models import sparse_ops, xla_ffi
 from scatlas.models.data import CellBatches, csr_arrays, csr_capacity
 from scatlas.models.metric import MetricConfig, MetricTask, use_sparse_step
 from scatlas.models.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.skipif(not xla_ffi.available(),
                                 reason="sparse XLA custom calls unavailable here (numba, pthreads, "
-                                "or an untested JAX: scatlas.kernels.xla_ffi.enabled())")
+                                "or an untested JAX: scatlas.models.xla_ffi.enabled())")
 
 
 def _csr(X: sp.csr_matrix, pad: int = 0) -> sparse_ops.CSR:

@@ -106,14 +106,14 @@ def test_inmf_data_pool_runs_with_serial_blas(two_thread_budget, monkeypatch):
     data = nmf._Data(X, np.dtype(np.float64))
     assert len(data.blocks) == BUDGET
     seen = []
-    real = nnls._executor
+    real = nnls.executor
 
     def recording_executor(n):
         rec = _RecordingPool(real(n))
         seen.append(rec)
         return rec
 
-    monkeypatch.setattr(nmf, "_executor", recording_executor)
+    monkeypatch.setattr(nmf, "executor", recording_executor)
     rec_blocks = _RecordingPool(None)
     seen.append(rec_blocks)
     data.blocks = [(a, b, _RecordingBlock(sub, rec_blocks)) for a, b, sub in data.blocks]
@@ -188,7 +188,7 @@ def test_lapack_runs_serial(two_thread_budget, monkeypatch):
 
     monkeypatch.setattr(scipy.linalg, "eigh", eigh)
     A = np.random.default_rng(6).standard_normal((60, 40))
-    evals, _ = linalg._top_eigh(A.T @ A, 5)
+    evals, _ = linalg.top_eigh(A.T @ A, 5)
     assert seen == [1]
     # against the dense SVD: eigenvalues of A^T A are the squared singular values (float64,
     # relative error ~ m eps kappa, far below 1e-8 for this well-conditioned matrix)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scatlas.kernels import xla_ffi
+from scatlas.models import xla_ffi
 
 
 @pytest.fixture

@@ -40,12 +40,12 @@ from .. import backend
 from .._validate import ScatlasInputError, check_positive_int, check_same_features
 from ._operator import ColumnShifted, ShiftedOperator
 from .linalg import (
-    _GRAM_MAX_FEATURES,
-    _svd_randomized,
-    _top_eigh,
+    GRAM_MAX_FEATURES,
     gram_factor,
     prepare_input,
     resolve_n_iter,
+    svd_randomized,
+    top_eigh,
 )
 
 
@@ -166,7 +166,7 @@ def _cross_svd_explicit(op1, op2, k: int):
         small_left = n1 <= n2
         Ms = M if small_left else M.T  # (small, large)
         MMt = Ms @ Ms.T
-    _, E = _top_eigh(MMt, k)
+    _, E = top_eigh(MMt, k)
     Ub, D, Vbt = xp.linalg.svd(E.T @ Ms, full_matrices=False)  # Rayleigh-Ritz on M
     left, right = E @ Ub, Vbt.T
     tol = 10 * np.sqrt(max(n1, n2) * np.finfo(np.float64).eps) * (D[0] if D.size else 0)
@@ -178,7 +178,7 @@ def _cross_svd_explicit(op1, op2, k: int):
 def _cross_svd_randomized(op1, op2, k, n_oversamples, n_iter, seed, progress):
     cross = _CrossOperator(op1, op2)
     q = resolve_n_iter(n_iter, k, cross.shape)
-    U, D, Vt = _svd_randomized(cross, k, n_oversamples, q, seed, progress)
+    U, D, Vt = svd_randomized(cross, k, n_oversamples, q, seed, progress)
     return U, Vt.T, D
 
 
@@ -225,7 +225,7 @@ def _cross_decomposition(X1, X2, k, *, scale, lam, l2_norm, method, n_oversample
         if lam is None and _explicit_is_small(n1, n2, p):
             method = "explicit"
         else:
-            method = "gram" if (p <= _GRAM_MAX_FEATURES or lam is not None) else "randomized"
+            method = "gram" if (p <= GRAM_MAX_FEATURES or lam is not None) else "randomized"
     if method not in ("gram", "randomized", "explicit"):
         raise ScatlasInputError(
             f"method must be 'auto', 'gram', 'explicit' or 'randomized', got {method!r}"

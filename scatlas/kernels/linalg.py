@@ -31,7 +31,7 @@ from ._operator import ColumnShifted, ShiftedOperator, _chunk_rows
 Method = Literal["auto", "randomized", "gram"]
 
 # The Gram route holds a p x p matrix and runs a p x p eigh; beyond this it is never chosen.
-_GRAM_MAX_FEATURES = 8192
+GRAM_MAX_FEATURES = 8192
 # How much faster dense BLAS-3 runs than a sparse-times-dense product per flop. CPU: measured on
 # the 2-core dev machine (~330 GFLOP/s float32 GEMM vs ~15 GFLOP/s per thread for CSR @ dense
 # with 60 columns, 1e5 x 2000 at 10%). GPU: an unmeasured placeholder until a GPU run tunes it.
@@ -107,7 +107,7 @@ def choose_method(op: ShiftedOperator, k: int, n_oversamples: int, n_iter: int) 
     """
     n, p = op.shape
     m = min(n, p)
-    if m > _GRAM_MAX_FEATURES:
+    if m > GRAM_MAX_FEATURES:
         return "randomized"
     if m <= _ALWAYS_EXACT_FEATURES:
         return "gram"
@@ -193,7 +193,7 @@ def svd_flip_rows(U, Vt):
     return U * signs[None, :], Vt * signs[:, None]
 
 
-def _top_eigh(G, k: int):
+def top_eigh(G, k: int):
     """Top-k eigenpairs of a symmetric PSD matrix, descending, eigenvalues clipped at 0.
 
     On the CPU with k well below the size, LAPACK's ``syevr`` computes only the k wanted pairs
@@ -220,7 +220,7 @@ def _top_eigh(G, k: int):
 # ----------------------------------------------------------------------------------------------
 # solvers on an operator
 # ----------------------------------------------------------------------------------------------
-def _svd_randomized(op: ShiftedOperator, k: int, n_oversamples: int, n_iter: int, seed: int,
+def svd_randomized(op: ShiftedOperator, k: int, n_oversamples: int, n_iter: int, seed: int,
                     progress: bool | None):
     xp = op.xp
     n, p = op.shape
@@ -267,10 +267,10 @@ def gram_factor(op: ShiftedOperator, k: int, progress: bool | None = None):
             C = op.dense_rows(0, n).astype(np.float64)
             with backend.blas_for_flops(2.0 * n * n * p, like=C):
                 CCt = C @ C.T
-        evals, U = _top_eigh(CCt, k)
+        evals, U = top_eigh(CCt, k)
         del CCt
     else:
-        evals, V = _top_eigh(op.gram(progress=progress), k)
+        evals, V = top_eigh(op.gram(progress=progress), k)
     S = xp.sqrt(evals)
     # Eigenvalues of a Gram matrix carry an absolute error ~ eps * lambda_max, so singular values
     # below ~sqrt(eps) * S[0] are round-off (rank deficiency), not signal.
@@ -339,7 +339,7 @@ def svd_operator(op: ShiftedOperator, k: int, *, method: Method = "auto", n_over
     if method == "gram":
         U, S, Vt = _svd_gram(op, k, progress)
     elif method == "randomized":
-        U, S, Vt = _svd_randomized(op, k, n_oversamples, q, seed, progress)
+        U, S, Vt = svd_randomized(op, k, n_oversamples, q, seed, progress)
     else:
         raise ScatlasInputError(f"method must be 'auto', 'randomized' or 'gram', got {method!r}")
     U, Vt = svd_flip_rows(U, Vt)

@@ -49,7 +49,7 @@ import numpy as np
 from .. import backend
 from .._progress import bar
 from .._validate import ScatlasInputError, check_matrix, check_positive_int, check_same_features
-from .nnls import _bpp_rows, _cpu_threads, _executor, _hals_rows
+from .nnls import bpp_rows, cpu_threads, executor, hals_rows
 
 __all__ = [
     "INMFResult",
@@ -155,7 +155,7 @@ class _Data:
         # on the GPU a CSR copy of X^T makes X^T H a plain CSR x dense product
         self.Xt = X.T.tocsr() if (self.sparse and backend.is_gpu_array(X)) else None
         self.blocks: list[tuple[int, int, Any]] = []
-        n_threads = _cpu_threads()
+        n_threads = cpu_threads()
         if self.sparse and self.xp is np and n_threads > 1 and X.nnz >= _PAR_NNZ:
             bounds = np.linspace(0, X.shape[0], n_threads + 1).astype(int)
             self.blocks = [
@@ -167,7 +167,7 @@ class _Data:
     def times(self, L: Any) -> Any:
         """``X @ L``: (cells, k) from ``L`` (features, k)."""
         if self.blocks:
-            parts = _executor(len(self.blocks)).map(lambda blk: blk[2] @ L, self.blocks)
+            parts = executor(len(self.blocks)).map(lambda blk: blk[2] @ L, self.blocks)
             return np.concatenate(list(parts), axis=0)
         return self.xp.ascontiguousarray(self.X @ L)
 
@@ -175,7 +175,7 @@ class _Data:
         """``X^T @ H``: (features, k) from ``H`` (cells, k)."""
         xp = self.xp
         if self.blocks:
-            parts = _executor(len(self.blocks)).map(
+            parts = executor(len(self.blocks)).map(
                 lambda blk: blk[2].T @ H[blk[0] : blk[1]], self.blocks
             )
             return functools.reduce(np.add, parts)
@@ -317,8 +317,8 @@ class _State:
 def _solve(solver: Solver, G: Any, R: Any, X0: Any, sweeps: int) -> Any:
     """Row-oriented NNLS block: ``R`` (r, k), Gram ``G`` (k, k), current value ``X0`` (r, k)."""
     if solver == "bpp":
-        return _bpp_rows(G, R, X0)
-    return _hals_rows(G, R, X0, sweeps, floor=_HALS_FLOOR)
+        return bpp_rows(G, R, X0)
+    return hals_rows(G, R, X0, sweeps, floor=_HALS_FLOOR)
 
 
 def _fro_dot(A: Any, B: Any) -> float:
@@ -388,33 +388,22 @@ def _objective_from_stats(
     return total
 
 
-def _run(
-    data: list[_Data],
-    udata: list[_Data | None],
-    st: _State,
-    lams: list[float],
-    *,
-    n_iter: int,
-    tol: float | None,
-    solver: Solver,
-    sweeps: int,
-    pbar: Any,
-) -> tuple[_State, list[float], bool]:
-    """Iterate until ``n_iter`` or the relative-change test ``|o0 - o| / mean(o0, o) < tol``."""
+def _iterate(
+    step: Any, state: Any, *, n_iter: int, tol: float | None, pbar: Any,
+) -> tuple[Any, list[float], bool]:
+    """``state, obj = step(state, first)`` until ``n_iter`` or the relative-change test
+    ``|o0 - o| / mean(o0, o) < tol``; returns the state, the objective history and whether the
+    test stopped it."""
     history: list[float] = []
-    converged = False
     for it in range(n_iter):
-        obj = _bcd_iteration(data, udata, st, lams, solver, sweeps, first=it == 0)
+        state, obj = step(state, it == 0)
         pbar.update(1)
-        if history and tol is not None:
-            prev = history[-1]
-            history.append(obj)
+        history.append(obj)
+        if len(history) > 1 and tol is not None:
+            prev = history[-2]
             if abs(prev - obj) / max((abs(prev) + abs(obj)) / 2.0, 1e-300) < tol:
-                converged = True
-                break
-        else:
-            history.append(obj)
-    return st, history, converged
+                return state, history, True
+    return state, history, False
 
 
 def _uniform(rng: np.random.Generator, shape: tuple[int, int], xp: Any, dtype: np.dtype) -> Any:
@@ -483,35 +472,40 @@ def _finish(
 
 
 def _restarts(
-    data: list[_Data],
-    udata: list[_Data | None],
-    lams: list[float],
     make_state: Any,
+    step: Any,
     *,
     n_restarts: int,
     seed: int,
     n_iter: int,
     tol: float | None,
-    solver: Solver,
-    sweeps: int,
     progress: bool | None,
     desc: str,
-) -> tuple[_State, list[float], int, bool, list[float]]:
-    """Run ``n_restarts`` fits from fresh inits (seeds ``seed + r``); keep the lowest objective."""
-    best: tuple[_State, list[float], int, bool] | None = None
+) -> tuple[Any, list[float], int, bool, list[float]]:
+    """Run ``n_restarts`` fits from fresh inits (``make_state(r, rng)``, seeds ``seed + r``)
+    with :func:`_iterate`; keep the lowest final objective. Returns ``(state, history, seed,
+    converged, final objective of every restart)``."""
+    best: tuple[Any, list[float], int, bool] | None = None
     finals: list[float] = []
     with bar(desc=desc, total=n_restarts * n_iter, progress=progress) as pbar:
         for r in range(n_restarts):
-            st = make_state(r, np.random.default_rng(seed + r))
-            st, hist, conv = _run(
-                data, udata, st, lams, n_iter=n_iter, tol=tol, solver=solver, sweeps=sweeps,
-                pbar=pbar,
-            )
+            state = make_state(r, np.random.default_rng(seed + r))
+            state, hist, conv = _iterate(step, state, n_iter=n_iter, tol=tol, pbar=pbar)
             finals.append(hist[-1])
             if best is None or hist[-1] < best[1][-1]:
-                best = (st, hist, seed + r, conv)
+                best = (state, hist, seed + r, conv)
     assert best is not None
     return best[0], best[1], best[2], best[3], finals
+
+
+def _bcd_step(data: list[_Data], udata: list[_Data | None], lams: list[float], solver: Solver,
+              sweeps: int) -> Any:
+    """The iNMF / UINMF step for :func:`_restarts` (updates the state in place)."""
+
+    def step(st: _State, first: bool) -> tuple[_State, float]:
+        return st, _bcd_iteration(data, udata, st, lams, solver, sweeps, first=first)
+
+    return step
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,8 +617,8 @@ def inmf(
         return _State(W=W, V=list(V), H=list(H), U=[None] * len(data))
 
     st, hist, best_seed, conv, finals = _restarts(
-        data, [None] * len(data), lams, make_state, n_restarts=n_restarts, seed=seed,
-        n_iter=n_iter, tol=tol, solver=solver, sweeps=hals_sweeps, progress=progress, desc="iNMF",
+        make_state, _bcd_step(data, [None] * len(data), lams, solver, hals_sweeps),
+        n_restarts=n_restarts, seed=seed, n_iter=n_iter, tol=tol, progress=progress, desc="iNMF",
     )
     return _finish(st, restore, hist, best_seed, conv, finals, lams, uinmf=False)
 
@@ -731,8 +725,8 @@ def uinmf(
         return _State(W=W, V=list(V), H=list(H), U=list(U))
 
     st, hist, best_seed, conv, finals = _restarts(
-        data, udata, lams, make_state, n_restarts=n_restarts, seed=seed, n_iter=n_iter, tol=tol,
-        solver=solver, sweeps=hals_sweeps, progress=progress, desc="UINMF",
+        make_state, _bcd_step(data, udata, lams, solver, hals_sweeps), n_restarts=n_restarts,
+        seed=seed, n_iter=n_iter, tol=tol, progress=progress, desc="UINMF",
     )
     return _finish(st, restore, hist, best_seed, conv, finals, lams, uinmf=True)
 
@@ -857,30 +851,19 @@ def jnmf(
     dt = backend.resolve_dtype(dtype)
     data = [_Data(X, dt) for X in Xs]
     xp = data[0].xp
-    best = None
-    finals: list[float] = []
-    with bar(desc="jNMF", total=n_restarts * n_iter, progress=progress) as pbar:
-        for r in range(n_restarts):
-            rng = np.random.default_rng(seed + r)
-            Ws = [_uniform(rng, (D.shape[1], k), xp, dt) for D in data]
-            H = _uniform(rng, (n, k), xp, dt)
-            hist: list[float] = []
-            conv = False
-            for _ in range(n_iter):
-                H, Ws, obj = _jnmf_iteration(data, H, Ws, solver, hals_sweeps, first=not hist)
-                pbar.update(1)
-                if hist and tol is not None and abs(hist[-1] - obj) / max(
-                    (abs(hist[-1]) + abs(obj)) / 2.0, 1e-300
-                ) < tol:
-                    hist.append(obj)
-                    conv = True
-                    break
-                hist.append(obj)
-            finals.append(hist[-1])
-            if best is None or hist[-1] < best[2][-1]:
-                best = (H, Ws, hist, seed + r, conv)
-    assert best is not None
-    H, Ws, hist, best_seed, conv = best
+
+    def make_state(r: int, rng: np.random.Generator) -> tuple[Any, list[Any]]:
+        Ws = [_uniform(rng, (D.shape[1], k), xp, dt) for D in data]
+        return _uniform(rng, (n, k), xp, dt), Ws
+
+    def step(state: tuple[Any, list[Any]], first: bool) -> tuple[tuple[Any, list[Any]], float]:
+        H, Ws, obj = _jnmf_iteration(data, *state, solver, hals_sweeps, first=first)
+        return (H, Ws), obj
+
+    (H, Ws), hist, best_seed, conv, finals = _restarts(
+        make_state, step, n_restarts=n_restarts, seed=seed, n_iter=n_iter, tol=tol,
+        progress=progress, desc="jNMF",
+    )
     return JNMFResult(
         H=restore(H),
         W=[restore(W) for W in Ws],

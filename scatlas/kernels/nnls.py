@@ -56,7 +56,7 @@ _PAR_MIN = 1024
 _GROUP_MIN = 256
 
 
-def _cpu_threads() -> int:
+def cpu_threads() -> int:
     """Threads for CPU row-parallel solves: the CPU thread budget (:func:`backend.cpu_threads`:
     ``$SCATLAS_NUM_THREADS``, else the BLAS thread limit, capped by the usable cores)."""
     return backend.cpu_threads()
@@ -75,7 +75,7 @@ class _SerialBlasPool:
 
 
 @functools.lru_cache(maxsize=4)
-def _executor(n: int) -> _SerialBlasPool:
+def executor(n: int) -> _SerialBlasPool:
     return _SerialBlasPool(n)
 
 
@@ -210,7 +210,7 @@ def _infeasible(xp: Any, X: Any, Y: Any, F: Any, tol_x: Any, tol_y: Any) -> Any:
     return xp.where(F, X < -tol_x, Y < -tol_y)
 
 
-def _bpp_rows(C: Any, D: Any, X0: Any = None, max_iter: int | None = None, p_bar: int = 3) -> Any:
+def bpp_rows(C: Any, D: Any, X0: Any = None, max_iter: int | None = None, p_bar: int = 3) -> Any:
     """Block principal pivoting on row-oriented data: ``D`` (r, k), returns ``X`` (r, k).
 
     The workhorse of :func:`nnls_bpp` (which takes and returns the (k, r) orientation); iNMF
@@ -219,7 +219,7 @@ def _bpp_rows(C: Any, D: Any, X0: Any = None, max_iter: int | None = None, p_bar
     release the GIL), one per available core.
     """
     xp = backend.array_module(D)
-    n_threads = _cpu_threads() if xp is np else 1
+    n_threads = cpu_threads() if xp is np else 1
     if n_threads > 1 and D.shape[0] >= 2 * _PAR_MIN:
         bounds = np.linspace(0, D.shape[0], min(n_threads, D.shape[0] // _PAR_MIN) + 1)
         bounds = bounds.astype(int)
@@ -227,7 +227,7 @@ def _bpp_rows(C: Any, D: Any, X0: Any = None, max_iter: int | None = None, p_bar
             (D[a:b], None if X0 is None else X0[a:b])
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ]
-        outs = _executor(n_threads).map(
+        outs = executor(n_threads).map(
             lambda p: _bpp_block(C, p[0], p[1], max_iter, p_bar), parts
         )
         return np.concatenate(outs, axis=0)
@@ -235,7 +235,7 @@ def _bpp_rows(C: Any, D: Any, X0: Any = None, max_iter: int | None = None, p_bar
 
 
 def _bpp_block(C: Any, D: Any, X0: Any, max_iter: int | None, p_bar: int) -> Any:
-    """:func:`_bpp_rows` on one block of rows, in the calling thread (float64 inside)."""
+    """:func:`bpp_rows` on one block of rows, in the calling thread (float64 inside)."""
     xp = backend.array_module(D)
     r, k = D.shape
     out_dtype = D.dtype
@@ -362,7 +362,7 @@ def nnls_bpp(
     """
     xp, C, D = _check_system(AtA, AtB)
     X0r = None if X0 is None else xp.ascontiguousarray(xp.asarray(X0).T)
-    X = _bpp_rows(C, xp.ascontiguousarray(D.T), X0r, max_iter=max_iter, p_bar=p_bar)
+    X = bpp_rows(C, xp.ascontiguousarray(D.T), X0r, max_iter=max_iter, p_bar=p_bar)
     return xp.ascontiguousarray(X.T)
 
 
@@ -421,7 +421,7 @@ def _hals_inplace(C: Any, D: Any, X: Any, n_iter: int, floor: float) -> Any:
     return X
 
 
-def _hals_rows(C: Any, D: Any, X0: Any, n_iter: int = 1, floor: float = 0.0) -> Any:
+def hals_rows(C: Any, D: Any, X0: Any, n_iter: int = 1, floor: float = 0.0) -> Any:
     """HALS on row-oriented data: ``D``, ``X0`` (r, k) -> ``X`` (r, k) (see :func:`nnls_hals`)."""
     xp = backend.array_module(D)
     Xt = xp.maximum(xp.ascontiguousarray(X0.T), floor)

@@ -55,7 +55,7 @@ import numpy as np
 from .. import backend
 from .._progress import bar
 from .._validate import ScatlasInputError, check_matrix, check_positive_int
-from .nnls import _bpp_rows
+from .nnls import bpp_rows
 
 __all__ = ["OnlineINMFResult", "online_inmf", "project_inmf"]
 
@@ -360,7 +360,7 @@ def _solve_all(
     Hs, XtH = [], xp.zeros_like(W)
     sq = 0.0
     for _, _, Xb in src.blocks(_SOLVE_BLOCK):
-        H = _bpp_rows(G, xp.ascontiguousarray(Xb @ L))
+        H = bpp_rows(G, xp.ascontiguousarray(Xb @ L))
         Hs.append(H)
         if need_objective:
             XtH += Xb.T @ H
@@ -493,7 +493,7 @@ def online_inmf(
             for i, s in enumerate(srcs):
                 X = s.rows(idx[i])
                 L = W + Vs[i]
-                H = _bpp_rows(L.T @ L + lam * (Vs[i].T @ Vs[i]), xp.ascontiguousarray(X @ L))
+                H = bpp_rows(L.T @ L + lam * (Vs[i].T @ Vs[i]), xp.ascontiguousarray(X @ L))
                 sc = _scale_param(t, sizes[i])
                 if sampler.epoch[0] > 0 and sampler.epoch_next:
                     As[i] -= A_old[i]
@@ -636,6 +636,6 @@ def project_inmf(
     G = Wd.T @ Wd
     out = []
     for s in srcs:
-        Hs = [_bpp_rows(G, xp.ascontiguousarray(Xb @ Wd)) for _, _, Xb in s.blocks(chunk_size)]
+        Hs = [bpp_rows(G, xp.ascontiguousarray(Xb @ Wd)) for _, _, Xb in s.blocks(chunk_size)]
         out.append(restore(xp.concatenate(Hs, axis=0)))
     return out

@@ -10,7 +10,7 @@ walked in gene chunks of ``GENES_PER_CHUNK`` (256 W rows = the 1 MiB L2) inside 
 its non-zeros of the chunk, four W rows a pass (10,000 cells at 10 % non-zero: 0.96 s vs
 1.44 s for the previous row-blocked gene-major axpy, which loaded and stored an output row from
 L2 per non-zero). That gene-major kernel (``_csr_matmul``) stays for the training step's custom
-call, whose dropped-out inputs are explicit zeros it skips (:mod:`.xla_ffi`).
+call, whose dropped-out inputs are explicit zeros it skips (:mod:`scatlas.models.xla_ffi`).
 
 ``X.T @ D`` (the first layer's weight gradient in the sparse training step) is
 computed gene-major: the non-zeros are regrouped by gene (a counting sort that drops explicit

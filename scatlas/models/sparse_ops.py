@@ -4,7 +4,7 @@ A batch of expression profiles is ~90 % zeros, yet a dense training step multipl
 twice in the first layer: ``X @ W1`` and the weight gradient ``X.T @ dH``, each
 (B, n_genes) x (n_genes, hidden). Keeping the batch in CSR form, :func:`csr_matmul` is ``X @ B``
 over the non-zeros, with ``dB = X.T @ dY`` as its gradient (both
-:mod:`scatlas.kernels.xla_ffi` custom calls); inputs get no gradient. :func:`dropout` drops
+:mod:`scatlas.models.xla_ffi` custom calls); inputs get no gradient. :func:`dropout` drops
 stored entries. The reconstruction loss stays dense: its target is the batch written out by a
 custom call (``xla_ffi.csr_to_dense``).
 
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..kernels import xla_ffi
+from . import xla_ffi
 
 
 class CSR(NamedTuple):

@@ -40,7 +40,7 @@ the smaller id; missing hits are padded with ``(+inf, -1)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -735,6 +735,3 @@ def _append_meta(old: pd.DataFrame, metas: list[pd.DataFrame | None], counts: li
 def _to_caller(x: Any, gpu: bool) -> Any:
     return backend.to_device(x, "gpu") if gpu else backend.to_host(x)
 
-
-# re-exported for engines that need a progress-aware callable type
-PreparedChunks = Callable[[bool], Any]

@@ -57,7 +57,6 @@ and :mod:`scatlas.kernels.fastmnn`.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Literal
 
 import anndata as ad
@@ -315,8 +314,6 @@ def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_inmf(adata: ad.AnnData, batch_key: str, key: str, **kwargs: Any) -> None:
-    if importlib.util.find_spec("scatlas.tl._inmf") is None:
-        raise ScatlasInputError("method='inmf' needs scatlas.tl._inmf, which is not available")
-    from ._inmf import inmf  # noqa: PLC0415
+    from ._inmf import inmf
 
     inmf(adata, batch_key, key_added=key, **kwargs)

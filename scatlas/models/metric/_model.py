@@ -272,11 +272,11 @@ def use_sparse_step(
     if config.bf16:
         blockers.append("it computes in float32 (bf16=True given)")
     if not blockers:
-        from ...kernels import xla_ffi
+        from .. import xla_ffi
 
         if not xla_ffi.available():
             blockers.append("its XLA custom calls are unavailable here (see "
-                            "scatlas.kernels.xla_ffi)")
+                            "scatlas.models.xla_ffi)")
     if requested is True:
         if blockers:
             raise ScatlasInputError("sparse_step=True is not possible: " + "; ".join(blockers))

@@ -137,8 +137,7 @@ class MetricTask:
                 x = (x - self._proj_mean) @ self._proj_components
             (z, recon), new_state = self._apply(variables, x, train, rng)
             return z, jnp.mean((recon - x) ** 2), new_state
-        from ...kernels import xla_ffi
-        from .. import sparse_ops
+        from .. import sparse_ops, xla_ffi
 
         X = sparse_ops.CSR(batch["x_indptr"], batch["x_indices"], batch["x_data"])
         input_rng, rng = jax.random.split(rng)

@@ -1,4 +1,5 @@
-"""Sparse batch kernels of :mod:`.spmm` as XLA custom calls on the CPU (zero-copy, in a jit).
+"""Sparse batch kernels of :mod:`scatlas.kernels.spmm` as XLA custom calls on the CPU
+(zero-copy, in a jit; moved here from ``kernels``: it is JAX FFI, not array-in/array-out).
 
 A training step that keeps its expression batch sparse needs, inside the jitted step, ``X @ B``
 and ``X.T @ D`` for a CSR batch X (the first layer and its weight gradient) and X written out
@@ -90,7 +91,7 @@ def _compile_handlers() -> dict[str, Any]:
     from numba import types
     from numba.core.extending import intrinsic
 
-    from . import spmm
+    from ..kernels import spmm
 
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
     lock, unlock, init = libc.pthread_mutex_lock, libc.pthread_mutex_unlock, libc.pthread_mutex_init
@@ -198,7 +199,7 @@ def _register() -> None:
 def _require() -> None:
     if not available():
         raise RuntimeError("scatlas's sparse XLA custom calls are unavailable in this process "
-                           "(see scatlas.kernels.xla_ffi.available)")
+                           "(see scatlas.models.xla_ffi.available)")
 
 
 def csr_matmul(indptr: Any, indices: Any, data: Any, B: Any) -> Any:
