@@ -22,8 +22,8 @@ def cmd_atlas_build(args: argparse.Namespace) -> int:
                    n_workers=args.n_workers, chunk_rows=args.chunk_rows,
                    batch_size=args.batch_size, min_overlap=args.min_overlap, metric=args.metric,
                    engine=args.engine, nlist=args.nlist, nprobe=args.nprobe,
-                   n_queries=args.n_queries, seed=args.seed, restart=args.restart,
-                   progress=args.progress)
+                   n_queries=args.n_queries, recall_target=args.recall_target,
+                   seed=args.seed, restart=args.restart, progress=args.progress)
     rec = report.get("recall") or {}
     print(f"scatlas atlas build: {report['n_cells']:,} cells -> {args.out} in "
           f"{report['total_seconds']:.1f} s; recall@{rec.get('k', 10)} "
@@ -54,6 +54,9 @@ def register(subparsers, *, common, io_args) -> None:  # noqa: ARG001 - shared s
     b.add_argument("--nprobe", type=int, default=None, help="default lists probed per query")
     b.add_argument("--n-queries", type=int, default=1000,
                    help="stored cells searched for the report's recall@10 (default 1000)")
+    b.add_argument("--recall-target", type=float, default=0.95,
+                   help="raise an IVF index's nprobe (unless --nprobe) until recall@10 reaches "
+                        "this (default 0.95)")
     b.add_argument("--restart", action="store_true", help="discard an earlier build in --out")
     b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -34,15 +34,15 @@ def exact_neighbours(arr: Any, queries: np.ndarray, k: int, metric: str,
                      step: int = 25_000) -> np.ndarray:
     """Ids (m, k) of the exact k nearest stored rows of ``arr`` (zarr / NumPy, (n, d)) to each
     query (``metric`` as :class:`~scatlas.search.CellIndex`'s), by a blocked brute force over
-    ``step`` rows at a time: float64 scores, the top k of each block kept and merged (ties to
-    the smaller id)."""
-    Q = queries.astype(np.float64)
+    ``step`` rows at a time: float32 scores (as faiss's flat index), the top k of each block
+    kept and merged (ties to the smaller id)."""
+    Q = queries.astype(np.float32)
     if metric == "cosine":
         Q = Q / np.maximum(np.linalg.norm(Q, axis=1, keepdims=True), 1e-30)
     best_s = np.full((Q.shape[0], 0), -np.inf)
     best_i = np.zeros((Q.shape[0], 0), np.int64)
     for lo in range(0, arr.shape[0], step):
-        X = np.asarray(arr[lo:lo + step], dtype=np.float64)
+        X = np.asarray(arr[lo:lo + step], dtype=np.float32)
         if metric == "cosine":
             X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-30)
         S = _scores(Q, X, metric)
@@ -60,27 +60,45 @@ def exact_neighbours(arr: Any, queries: np.ndarray, k: int, metric: str,
     return best_i
 
 
-def recall_at_k(index: Any, arr: Any, *, k: int = 10, n_queries: int = 1000,
-                seed: int = 0) -> dict[str, Any]:
-    """recall@k of ``index`` against exact search over the stored embeddings ``arr``, for
-    ``n_queries`` stored cells drawn at random; each query's own id is left out of both lists
-    (searching k + 1), so a query never counts itself."""
+def _query_rows(arr: Any, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     n = arr.shape[0]
-    m = min(n_queries, n)
-    rows = np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n_queries, n), replace=False))
     Q = np.asarray(arr.get_orthogonal_selection((rows, slice(None))) if hasattr(
         arr, "get_orthogonal_selection") else arr[rows], dtype=np.float32)
-    kk = min(k + 1, n)
-    _, got = index.search(Q, kk)
-    truth = exact_neighbours(arr, Q, kk, index.metric)
+    return rows, Q
+
+
+def _recall(got: np.ndarray, truth: np.ndarray, rows: np.ndarray, k: int) -> float:
     hits = 0
     for r, g, t in zip(rows, np.asarray(got), truth, strict=True):
-        g = [i for i in g if i != r][:k]
-        t = [i for i in t if i != r][:k]
-        hits += len(set(g) & set(t))
-    denom = m * min(k, n - 1)
-    return {"k": k, "n_queries": int(m), "recall": hits / denom if denom else 1.0,
-            "nprobe": index.nprobe, "engine": index.engine}
+        hits += len(set([i for i in g if i != r][:k]) & set([i for i in t if i != r][:k]))
+    denom = rows.size * min(k, truth.shape[1] - 1)
+    return hits / denom if denom else 1.0
+
+
+def recall_at_k(index: Any, arr: Any, *, k: int = 10, n_queries: int = 1000, seed: int = 0,
+                target: float | None = None) -> dict[str, Any]:
+    """recall@k of ``index`` against exact search over the stored embeddings ``arr``, for
+    ``n_queries`` stored cells drawn at random; each query's own id is left out of both lists
+    (searching k + 1), so a query never counts itself.
+
+    With ``target`` (an IVF index): ``index.nprobe`` is raised (doubling, up to ``nlist``)
+    until the recall reaches ``target``, and left at the first value that does (or ``nlist``);
+    every value tried is reported in ``tried`` as ``[nprobe, recall]``.
+    """
+    rows, Q = _query_rows(arr, n_queries, seed)
+    kk = min(k + 1, arr.shape[0])
+    truth = exact_neighbours(arr, Q, kk, index.metric)
+    tried = []
+    while True:
+        recall = _recall(index.search(Q, kk)[1], truth, rows, k)
+        tried.append([index.nprobe, recall])
+        if target is None or index.nprobe is None or recall >= target \
+                or index.nprobe >= index.nlist:
+            break
+        index.nprobe = min(index.nlist, 2 * index.nprobe)
+    return {"k": k, "n_queries": int(rows.size), "recall": recall, "nprobe": index.nprobe,
+            "engine": index.engine, "target": target, "tried": tried}
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -105,6 +123,9 @@ def _markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Index recall@{rec['k']} against exact search over the stored embeddings "
                   f"({rec['n_queries']} stored cells as queries, each leaving itself out; "
                   f"engine {rec['engine']}, nprobe {rec['nprobe']}): **{rec['recall']:.4f}**."]
+        if rec.get("target") is not None and len(rec.get("tried") or []) > 1:
+            lines += ["", f"nprobe was raised to reach recall {rec['target']}: tried "
+                      + ", ".join(f"{p}: {r:.4f}" for p, r in rec["tried"]) + "."]
     lines += ["", "Peak RSS is each process's lifetime peak (getrusage) when the stage ended; "
               "the workers' are those of the embed stage's Dask workers.", ""]
     return "\n".join(lines)
