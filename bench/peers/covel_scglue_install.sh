@@ -14,7 +14,7 @@ echo "== scglue -> $venv"
 # shellcheck source=torch_venv.sh
 source "$here/peers/torch_venv.sh"
 torch_venv "$venv"
-"${pip[@]}" install --quiet "scglue==0.4.1"
+"${pip[@]}" install --quiet "scglue==0.4.1" scikit-misc  # scikit-misc: seurat_v3 HVGs (tutorial)
 
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
