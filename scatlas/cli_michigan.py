@@ -123,12 +123,12 @@ def register_train(models: argparse._SubParsersAction) -> None:
                    help="train on the N most variable genes (0: every gene; default 2000)")
     p.add_argument("--batch-size", type=int, default=128, help="cells per step (default 128)")
     p.add_argument("--vae-steps", type=int, default=None,
-                   help="VAE steps (default ~100 passes over the cells, 500..20,000)")
+                   help="VAE steps (default ~200 passes over the cells, 500..20,000)")
     p.add_argument("--gan-steps", type=int, default=None,
-                   help="GAN steps (default ~300 passes, 1,000..50,000; the generator steps "
+                   help="GAN steps (default ~600 passes, 1,000..50,000; the generator steps "
                    "once per --n-critic)")
     p.add_argument("--lr", type=float, default=1e-3, help="VAE peak learning rate (1e-3)")
-    p.add_argument("--gan-lr", type=float, default=2e-4, help="GAN learning rate (2e-4)")
+    p.add_argument("--gan-lr", type=float, default=5e-4, help="GAN learning rate (5e-4)")
     p.add_argument("--latent-dim", type=int, default=None, help="latent size (default 10)")
     p.add_argument("--beta", type=float, default=None,
                    help="weight of the total correlation (default 2; 1: a plain VAE)")

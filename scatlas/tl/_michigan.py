@@ -43,7 +43,7 @@ def train_michigan(
     gan_steps: int | None = None,
     validation_fraction: float | None = None,
     learning_rate: float = 1e-3,
-    gan_learning_rate: float = 2e-4,
+    gan_learning_rate: float = 5e-4,
     patience: int | None = None,
     eval_every: int = 100,
     checkpoint_dir: str | Path | None = None,
@@ -70,14 +70,17 @@ def train_michigan(
     batch_size
         Cells per step of both stages (default 128, capped at the training cells).
     vae_steps, gan_steps
-        Steps of each stage (default: about 100 passes over the training cells, 500..20,000,
-        for the VAE; 300 passes, 1,000..50,000, for the GAN, whose generator takes one step in
-        ``n_critic``).
+        Steps of each stage (default: about 200 passes over the training cells, 500..20,000,
+        for the VAE; 600 passes, 1,000..50,000, for the GAN, whose generator takes one step in
+        ``n_critic``; 1,221 and 3,661 for 781 cells at batch 128, close to the 1,500 and 4,000
+        of the CellBench benchmark, docs/generative.md).
     validation_fraction
         Cells held out for the VAE's validation loss (its best weights are kept; with
         ``patience`` training stops early). Default: none below 1,000 cells, else 0.1.
     learning_rate, gan_learning_rate
-        VAE: AdamW with a cosine schedule; GAN: Adam (``adam_b1``, ``adam_b2``), constant.
+        VAE: AdamW with a cosine schedule (1e-3); GAN: Adam (``adam_b1``, ``adam_b2``) at a
+        constant rate (5e-4, as the benchmark; WGAN-GP's own examples use 1e-4 to 2e-4 over
+        many more steps).
     checkpoint_dir, log_path
         ``checkpoint_dir/vae`` and ``checkpoint_dir/gan`` hold each stage's orbax checkpoints
         (a rerun resumes); logs go to ``STEM.vae.jsonl`` and ``STEM.gan.jsonl`` beside
@@ -109,8 +112,8 @@ def train_michigan(
     train_rows, val_rows = _holdout(adata.n_obs, validation_fraction, seed)
     genes = _select_genes(X, train_rows, n_top_genes, input)
     batch_size, _ = _batch_size(batch_size, train_rows.size, data_parallel)
-    vae_steps = _steps(vae_steps, 100, train_rows.size, batch_size, 500, 20_000, "vae_steps")
-    gan_steps = _steps(gan_steps, 300, train_rows.size, batch_size, 1000, 50_000, "gan_steps")
+    vae_steps = _steps(vae_steps, 200, train_rows.size, batch_size, 500, 20_000, "vae_steps")
+    gan_steps = _steps(gan_steps, 600, train_rows.size, batch_size, 1000, 50_000, "gan_steps")
     names = adata.var_names if genes is None else adata.var_names[genes]
     config = MichiGANConfig(n_genes=len(names), **model_kw)
 
