@@ -320,7 +320,7 @@ def run_raw_faiss(X, Q, gt, ours_idx, args) -> dict[str, Any]:
         res["build_load_1m"] = load1()
         res["rss_growth_mb"] = rss_mb() - r0
     else:
-        index = ours_idx._engine.index  # the same faiss object our index wraps
+        index = ours_idx.engine_object.index  # the same faiss object our index wraps
         res["note"] = "search timed on the faiss index built by CellIndex (build not re-measured)"
     index.nprobe = nprobe
     bq, (_, I) = batch_qps(lambda q: index.search(q, K), Q)

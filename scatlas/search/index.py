@@ -51,6 +51,7 @@ from .. import _progress, backend
 from .._validate import ScatlasInputError, check_positive_int
 from . import engines as _engines
 from ._source import Source, _check_chunk, _check_finite
+from .engines import faiss_gpu_available
 
 __all__ = ["CellIndex", "default_nlist", "default_nprobe", "default_train_size"]
 
@@ -90,16 +91,6 @@ def _metric_kind(metric: str) -> str:
     return "l2" if metric == "euclidean" else "ip"
 
 
-def faiss_gpu_available() -> bool:
-    """True when faiss imports with GPU support and sees a GPU."""
-    try:
-        import faiss  # noqa: PLC0415
-    except ImportError:
-        return False
-    return (hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "index_cpu_to_gpu")
-            and faiss.get_num_gpus() > 0)
-
-
 def _faiss_available() -> bool:
     try:
         import faiss  # noqa: PLC0415, F401
@@ -111,10 +102,12 @@ def _faiss_available() -> bool:
 def choose_engine(engine: str, n: int, device: str, nlist: int | None = None) -> str:
     """Resolve ``engine="auto"`` (see the module docstring) and check an explicit choice."""
     if engine != "auto":
-        if engine not in _engines.ENGINES:
-            raise ScatlasInputError(f"engine must be 'auto' or one of {_engines.ENGINES}, "
-                                    f"got {engine!r}")
-        if engine.startswith("faiss") and not _faiss_available():
+        spec = _engines.REGISTRY.get(engine)
+        if spec is None:
+            raise ScatlasInputError(f"engine must be 'auto' or one of "
+                                    f"{tuple(_engines.REGISTRY)}, got {engine!r}",
+                                    param="engine")
+        if spec.needs_faiss and not _faiss_available():
             raise ScatlasInputError(f"engine={engine!r} needs faiss (pip install faiss-cpu)")
         if engine == "faiss-gpu" and not faiss_gpu_available():
             raise ScatlasInputError("engine='faiss-gpu' needs a faiss build with GPU support "
@@ -136,7 +129,7 @@ def resolve_shards(n_shards: int | None, engine: str, device: str) -> int:
             return max(gpu_count(), 1)
         return 1
     n_shards = check_positive_int(n_shards, "n_shards")
-    if n_shards > 1 and engine != "native-ivf":
+    if n_shards > 1 and _engines.REGISTRY[engine].sharded is None:
         raise ScatlasInputError(f"n_shards={n_shards} applies to engine='native-ivf' only, "
                                 f"not {engine!r} (faiss-gpu shards over all GPUs by itself)")
     return n_shards
@@ -217,24 +210,16 @@ class CellIndex:
             name = "native-ivf"  # asking for shards picks the shardable IVF
         shards = 1 if name == "exact" and engine == "auto" else resolve_shards(n_shards, name,
                                                                                 dev)
-        if name == "exact":
-            eng = _engines.get_engine_class(name)(src.d, kind, dev)
-            if src.n is not None:
-                eng.reserve(src.n)
-            nlist_used = None
-        else:
+        nlist_used = None
+        if _engines.REGISTRY[name].ivf:
             nlist_used = nlist or default_nlist(n_known)
             if nlist_used > n_known:
                 raise ScatlasInputError(f"nlist={nlist_used} exceeds the number of cells "
-                                        f"({n_known})")
-            if shards > 1:
-                from .engines.ivf_sharded import ShardedNativeIVF  # noqa: PLC0415
-
-                eng = ShardedNativeIVF.create(src.d, kind, nlist_used, device=dev, seed=seed,
-                                              n_shards=shards)
-            else:
-                eng = _engines.get_engine_class(name).create(
-                    src.d, kind, nlist_used, device=dev, variant=name, seed=seed)
+                                        f"({n_known})", param="nlist")
+        eng = _engines.create_engine(name, src.d, kind, nlist_used, device=dev, seed=seed,
+                                     n_shards=shards)
+        if src.n is not None:
+            eng.reserve(src.n)
         self = cls(eng, metric=metric, device=dev, nprobe=None)
         if nprobe is not None:
             self.nprobe = nprobe
@@ -248,8 +233,7 @@ class CellIndex:
                                         f"{nlist_used}; need at least one point per list")
             eng.train(sample)
         self._add_source(src, progress, desc=f"build {name}")
-        if hasattr(eng, "finish"):
-            eng.finish()
+        eng.finish()
         pick = np.random.default_rng(seed).permutation(sample.shape[0])[:_OOD_SAMPLE]
         ood_rows = sample[backend.array_module(sample).asarray(pick)]
         self._update_ood_stats(ood_rows)
@@ -292,11 +276,7 @@ class CellIndex:
                     yield Xp, np.arange(nid, nid + m, dtype=np.int64)
                     nid += m
 
-            if hasattr(eng, "bulk_add"):
-                eng.bulk_add(prepared, reiterable=src.reiterable)
-            else:
-                for Xp, ids in prepared(True):
-                    eng.add(Xp, ids)
+            eng.bulk_add(prepared, reiterable=src.reiterable)
         n_new = sum(counts)
         self._next_id = start + n_new
         self._alive = np.concatenate([self._alive, np.ones(n_new, bool)])
@@ -363,6 +343,28 @@ class CellIndex:
     def n_shards(self) -> int:
         """Devices (or NumPy shards) the index is split over; 1 when unsharded."""
         return int(getattr(self._engine, "n_shards", 1))
+
+    @property
+    def engine_object(self) -> _engines.Engine:
+        """The engine behind the index (an :class:`~scatlas.search.engines.Engine`)."""
+        return self._engine
+
+    @property
+    def alive(self) -> np.ndarray:
+        """(next_id,) bool, True for live ids (removed cells are False); a read-only view."""
+        view = self._alive.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def all_metadata(self) -> pd.DataFrame:
+        """The metadata of every id ever given (removed cells included), indexed by id; see
+        :attr:`metadata` for the live cells only."""
+        return self._meta
+
+    def bytes_per_cell(self) -> float:
+        """Index memory per stored cell in bytes (the engine's; metadata not included)."""
+        return float(self._engine.bytes_per_cell())
 
     @property
     def next_id(self) -> int:
@@ -678,10 +680,8 @@ class CellIndex:
         shards = resolve_shards(n_shards, saved, dev) if saved is not None else 1
         if shards <= 1:
             return load_index(directory, device=device, verify=verify)
-        from .engines.ivf_sharded import ShardedNativeIVF  # noqa: PLC0415
-
         idx = load_index(directory, device="cpu", verify=verify)  # host first, then shard
-        idx._engine = ShardedNativeIVF.from_native(idx._engine, shards, dev)
+        idx._engine = _engines.shard_engine(idx._engine, shards, dev)
         idx._device = dev
         return idx
 

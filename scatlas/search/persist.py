@@ -105,11 +105,11 @@ def save_index(idx: Any, directory: str | Path) -> Path:
         raise ScatlasInputError(f"{str(target)!r} exists and is not a folder")
     tmp = _new_folder(parent, target.name)
     try:
-        eng = idx._engine
+        eng = idx.engine_object
         files = list(eng.save(tmp))
-        np.save(tmp / "alive.npy", idx._alive)
+        np.save(tmp / "alive.npy", idx.alive)
         files.append("alive.npy")
-        _write_metadata(idx._meta, tmp / "metadata.parquet")
+        _write_metadata(idx.all_metadata, tmp / "metadata.parquet")
         files.append("metadata.parquet")
         manifest = {
             "format": FORMAT,
@@ -170,7 +170,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     for key in ("engine", "metric", "dim", "ntotal", "next_id", "files"):
         if key not in manifest:
             raise ScatlasInputError(f"{str(path)!r} lacks the field {key!r}")
-    if manifest["engine"] not in _engines.ENGINES:
+    if manifest["engine"] not in _engines.REGISTRY:
         raise ScatlasInputError(f"{str(path)!r} names an unknown engine {manifest['engine']!r}")
     return manifest
 
@@ -203,15 +203,10 @@ def load_index(directory: str | Path, device: str | None = None, verify: bool = 
     manifest = read_manifest(folder)
     verify_files(folder, manifest, checksums=verify)
     dev = backend.resolve_device(device)
-    name = manifest["engine"]
-    if name == "faiss-gpu" and dev == "cpu":
-        name_cls = "faiss-ivf"
-    else:
-        name_cls = name
     meta = dict(manifest)
     meta.setdefault("kind", "l2" if manifest["metric"] == "euclidean" else "ip")
     try:
-        eng = _engines.get_engine_class(name_cls).load(folder, meta, dev)
+        eng = _engines.get_engine_class(manifest["engine"]).load(folder, meta, dev)
         alive = np.load(folder / "alive.npy")
         metadata = pd.read_parquet(folder / "metadata.parquet", engine="pyarrow")
     except ScatlasInputError:

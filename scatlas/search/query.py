@@ -35,14 +35,14 @@ _VOTE_ROWS = 4096
 
 def _label_codes(idx: Any, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     """Per id: the label code (-1 for missing labels / removed cells) and the label names."""
-    meta = idx._meta
+    meta = idx.all_metadata
     if label_key not in meta.columns:
         raise ScatlasInputError(f"label_key {label_key!r} is not a metadata column "
                                 f"(columns {list(meta.columns)})")
     cat = pd.Categorical(meta[label_key])
     codes = np.full(idx.next_id, -1, dtype=np.int64)
     codes[meta.index.to_numpy()] = cat.codes
-    codes[~idx._alive] = -1
+    codes[~idx.alive] = -1
     return codes, np.asarray(cat.categories, dtype=object)
 
 

@@ -9,14 +9,13 @@ key, smaller is better:
 :class:`CellIndex` turns keys into the reported distances (``1 + key`` for cosine, ``sqrt`` for
 euclidean). An engine stores stable int64 ids beside the vectors and returns them.
 
-Engine interface (duck-typed):
-
-``name``, ``kind``, ``d``, ``ntotal``, ``nlist`` (None for exact), ``is_trained``,
-``train(sample)``, ``add(X, ids)``, ``search(Q, k, nprobe, allowed) -> (keys, ids)`` sorted by
-(key, id) with (+inf, -1) padding, ``range_search(Q, max_key, nprobe, allowed) -> list[(keys,
-ids)]``, ``remove(ids) -> int``, ``save(folder) -> list[str]`` (file names written),
-``load(folder, meta, device) -> engine`` (classmethod), ``meta() -> dict`` (JSON facts for the
-manifest). ``allowed`` is None or a boolean mask over the id space (host numpy).
+The engine contract is :class:`Engine` (a ``typing.Protocol``, in :mod:`._contract`); engines
+subclass :class:`EngineBase` for the no-op defaults of the optional steps (``reserve``,
+``bulk_add``, ``finish``, ``train``, ``meta``, ``scan_counts``). Engines are found by name in
+:data:`REGISTRY` (``name -> EngineSpec``: module, class, whether it needs faiss, its sharded form);
+:func:`register_engine` adds one (the slot for cuVS / faiss-GPU-cuVS engines), :func:`create_engine`
+makes one, :func:`get_engine_class` returns the class that loads a saved one. ``allowed`` is None or
+a boolean mask over the id space (host numpy).
 """
 
 from __future__ import annotations
@@ -27,8 +26,30 @@ import numpy as np
 
 from ... import backend
 from ...kernels.neighbors import lexsort_rows
+from ._contract import Engine, EngineBase, EngineSpec
 
-ENGINES = ("exact", "faiss-ivf", "faiss-ivfpq", "native-ivf", "faiss-gpu")
+__all__ = ["ENGINES", "REGISTRY", "Engine", "EngineBase", "EngineSpec", "create_engine",
+           "faiss_gpu_available", "get_engine_class", "register_engine", "shard_engine"]
+
+REGISTRY: dict[str, EngineSpec] = {}
+
+
+def register_engine(spec: EngineSpec) -> None:
+    """Make an engine known by ``spec.name`` (replacing one of that name)."""
+    REGISTRY[spec.name] = spec
+
+
+for _spec in (
+    EngineSpec("exact", ".exact", "ExactEngine", ivf=False),
+    EngineSpec("faiss-ivf", ".faiss_ivf", "FaissIVF", needs_faiss=True),
+    EngineSpec("faiss-ivfpq", ".faiss_ivf", "FaissIVF", needs_faiss=True),
+    EngineSpec("native-ivf", ".ivf_native", "NativeIVF",
+               sharded=(".ivf_sharded", "ShardedNativeIVF")),
+    EngineSpec("faiss-gpu", ".faiss_ivf", "FaissIVF", needs_faiss=True, gpu_only=True),
+):
+    register_engine(_spec)
+
+ENGINES = tuple(REGISTRY)  # the built-in names (REGISTRY holds any registered later too)
 
 
 def smallest_k(keys: Any, ids: Any, k: int) -> tuple[Any, Any]:
@@ -111,16 +132,43 @@ def mismatch(folder: Any, what: str, got: Any, want: Any) -> Exception:
                              f"the files != {want} in the manifest")
 
 
-def get_engine_class(name: str):
-    """The engine class for a name in :data:`ENGINES`."""
-    if name == "exact":
-        from .exact import ExactEngine  # noqa: PLC0415
+def faiss_gpu_available() -> bool:
+    """True when faiss imports with GPU support and sees a GPU."""
+    try:
+        import faiss  # noqa: PLC0415
+    except ImportError:
+        return False
+    return (hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "index_cpu_to_gpu")
+            and faiss.get_num_gpus() > 0)
 
-        return ExactEngine
-    if name == "native-ivf":
-        from .ivf_native import NativeIVF  # noqa: PLC0415
 
-        return NativeIVF
-    from .faiss_ivf import FaissIVF  # noqa: PLC0415
+def _spec(name: str) -> EngineSpec:
+    spec = REGISTRY.get(name)
+    if spec is None:
+        from ...exceptions import ScatlasInputError  # noqa: PLC0415
 
-    return FaissIVF
+        raise ScatlasInputError(f"engine must be one of {tuple(REGISTRY)}, got {name!r}",
+                                param="engine")
+    return spec
+
+
+def get_engine_class(name: str) -> type:
+    """The engine class registered as ``name`` (the one whose ``load`` reads it back)."""
+    return _spec(name).engine_class()
+
+
+def create_engine(name: str, d: int, kind: str, nlist: int | None, *, device: str = "cpu",
+                  seed: int = 0, n_shards: int = 1, **options: Any) -> Engine:
+    """A new, untrained engine ``name`` for ``d``-dimensional vectors ranked by ``kind``;
+    ``n_shards > 1`` makes its sharded form (only engines registered with one). ``options``
+    go to the class's ``create`` (e.g. ``list_dtype`` of the native IVF)."""
+    spec = _spec(name)
+    cls = spec.engine_class() if n_shards <= 1 else spec.sharded_class()
+    extra = {"n_shards": n_shards} if n_shards > 1 else {}
+    return cls.create(d, kind, nlist, device=device, variant=name, seed=seed, **extra,
+                      **options)
+
+
+def shard_engine(eng: Engine, n_shards: int, device: str) -> Engine:
+    """``eng`` (loaded unsharded, on the host) re-sharded over ``n_shards`` devices."""
+    return _spec(eng.name).sharded_class().from_native(eng, n_shards, device)

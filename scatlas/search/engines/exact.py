@@ -23,6 +23,7 @@ import numpy as np
 
 from ... import backend
 from . import hits_per_query, pair_keys, smallest_k
+from ._contract import EngineBase
 
 SLACK = 8
 _BLOCK_SCORES = 32 * 2**20  # scores per block in range search on the CPU
@@ -126,7 +127,7 @@ def _merge_block(S: Any, rs: int, best_k: Any, best_r: Any, qs: int, qe: int, kk
     best_k[qs:qe], best_r[qs:qe] = smallest_k(keys, rows, kk)
 
 
-class ExactEngine:
+class ExactEngine(EngineBase):
     """Brute-force engine over one contiguous (n, d) float32 array.
 
     Peak device memory: the index, n (4 d + 12) bytes (vectors, int64 ids, float32 squared
@@ -151,12 +152,18 @@ class ExactEngine:
         self.ids = xp.empty(0, dtype=np.int64)
         self.sqnorms = xp.empty(0, dtype=np.float32)
 
+    @classmethod
+    def create(cls, d: int, kind: str, nlist: int | None = None, *, device: str = "cpu",
+               variant: str = "exact", seed: int = 0) -> ExactEngine:
+        return cls(d, kind, device)
+
     @property
     def ntotal(self) -> int:
         return int(self.X.shape[0])
 
-    def train(self, sample: Any) -> None:  # nothing to train
-        return None
+    def bytes_per_cell(self) -> float:
+        """4 d (float32 vector) + 8 (int64 id) + 4 (float32 squared norm)."""
+        return 4.0 * self.d + 12.0
 
     def reserve(self, n: int) -> None:
         """Pre-allocate for a build of known size (one copy of the data, filled in place)."""
@@ -234,9 +241,6 @@ class ExactEngine:
             keep = ~drop
             self.X, self.ids, self.sqnorms = self.X[keep], self.ids[keep], self.sqnorms[keep]
         return n
-
-    def meta(self) -> dict[str, Any]:
-        return {}
 
     def save(self, folder: Path) -> list[str]:
         self.finish()

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from ... import backend
-from . import faiss_module, mismatch, smallest_k
+from . import faiss_gpu_available, faiss_module, mismatch, smallest_k
+from ._contract import EngineBase
 
 GPU_MAX_K = 2048  # classic GPU faiss: k and nprobe <= 2048
 
@@ -41,7 +42,7 @@ def _pq_m(d: int) -> int:
     return m
 
 
-class FaissIVF:
+class FaissIVF(EngineBase):
     """faiss IVF-Flat / IVF-PQ (CPU) or GPU IVF-Flat behind the engine interface.
 
     Peak device memory (faiss-gpu only; on the CPU the figures are host memory): the lists, n
@@ -187,6 +188,12 @@ class FaissIVF:
             self._to_gpu()
         return n
 
+    def bytes_per_cell(self) -> float:
+        """IVF-Flat: 4 d + 8 (float32 vector, int64 id); IVF-PQ: m + 8 (m one-byte codes)."""
+        if self.name == "faiss-ivfpq":
+            return float(_pq_m(self.d)) + 8.0
+        return 4.0 * self.d + 8.0
+
     def meta(self) -> dict[str, Any]:
         return {"faiss_class": type(self._cpu_index_for_meta()).__name__}
 
@@ -206,8 +213,6 @@ class FaissIVF:
         if index.d != int(meta["dim"]):
             raise mismatch(folder, "dimension", index.d, meta["dim"])
         variant = meta["engine"]
-        from ..index import faiss_gpu_available  # noqa: PLC0415
-
         on_gpu = device == "gpu" and faiss_gpu_available()
         if variant == "faiss-gpu" and not on_gpu:
             variant = "faiss-ivf"

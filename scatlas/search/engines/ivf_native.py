@@ -74,6 +74,7 @@ import numpy as np
 from ... import backend
 from ...exceptions import ScatlasInputError
 from . import hits_per_query, mismatch, pair_keys, smallest_k
+from ._contract import EngineBase
 from ._kmeans import assign, kmeans
 
 _SCORES_CPU = 2**25  # (query, row) scores held per query batch (the flat score buffer)
@@ -230,7 +231,7 @@ def replayable(make_chunks, reiterable: bool):
     return lambda record: iter(held)  # noqa: ARG005
 
 
-class NativeIVF:
+class NativeIVF(EngineBase):
     """IVF-Flat on one contiguous list-sorted array; see the module docstring.
 
     Peak device memory: the index, n (4 d + 13) bytes with float32 lists (float16: n (2 d +
@@ -274,6 +275,11 @@ class NativeIVF:
     def list_dtype(self) -> np.dtype:
         """dtype of the stored list vectors (float32, or float16 to halve memory)."""
         return np.dtype(self._segs[0].vectors.dtype)
+
+    def bytes_per_cell(self) -> float:
+        """The stored vector (``d`` x its itemsize), int64 id, dead flag, float32 squared norm
+        (cached by the scan): 4 d + 13 in float32, 2 d + 13 in float16."""
+        return float(self.d * self.list_dtype.itemsize + 13)
 
     # -- training and adding --------------------------------------------------------------------
     @property

@@ -35,6 +35,7 @@ import numpy as np
 from ... import backend
 from ...exceptions import ScatlasInputError
 from . import hits_per_query, smallest_k
+from ._contract import EngineBase
 from .ivf_native import NativeIVF, replayable
 
 __all__ = ["ShardedNativeIVF", "gpu_count"]
@@ -47,7 +48,7 @@ def gpu_count() -> int:
     return int(backend.gpu_module().cuda.runtime.getDeviceCount())
 
 
-class ShardedNativeIVF:
+class ShardedNativeIVF(EngineBase):
     """IVF-Flat over ``n_shards`` :class:`NativeIVF` shards; see the module docstring.
 
     Same engine interface as :class:`NativeIVF` (``name`` is ``"native-ivf"``: the saved form is
@@ -89,6 +90,10 @@ class ShardedNativeIVF:
     def list_dtype(self) -> np.dtype:
         """dtype of the stored list vectors (every shard's)."""
         return self.shards[0].list_dtype
+
+    def bytes_per_cell(self) -> float:
+        """A shard's figure (every shard stores its rows the same way)."""
+        return self.shards[0].bytes_per_cell()
 
     # -- devices --------------------------------------------------------------------------------
     def _on(self, j: int):
