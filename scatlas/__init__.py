@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import PackageNotFoundError, version
 
-from .backend import gpu_available, resolve_device
-
 try:
     __version__ = version("scatlas")
 except PackageNotFoundError:  # running from a source tree without installation
@@ -27,7 +25,14 @@ _SUBMODULES = (
 __all__ = [*_SUBMODULES, "gpu_available", "resolve_device", "__version__"]
 
 
+#: names of :mod:`scatlas.backend` offered at the top (backend imports NumPy and SciPy, so it
+#: too loads on first use: ``import scatlas`` stays well under 0.5 s)
+_FROM_BACKEND = ("gpu_available", "resolve_device")
+
+
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _FROM_BACKEND:
+        return getattr(importlib.import_module(".backend", __name__), name)
     raise AttributeError(f"module 'scatlas' has no attribute {name!r}")

@@ -230,3 +230,22 @@ def config_overrides(
                 f"{param}[{name!r}]: pass {name}= as its own argument instead", param=param)
         out[name] = value
     return out
+
+
+def check_rank(k: int, n_cells: Sequence[tuple[str, int]], n_genes: int, *,
+               cells: str = "cells", name: str = "k") -> int:
+    """The data's rule for a factorisation rank: ``k`` (already a positive integer by its
+    declared rule, :mod:`scatlas._params`) below the cells of every dataset (``(name, n)``
+    pairs) and below the genes; shared by iNMF, UINMF, jNMF and online iNMF."""
+    k = int(k)
+    for dataset, n in n_cells:
+        if k >= n:
+            raise ScatlasInputError(
+                f"{name}={k} is too large: dataset {dataset!r} has only {n} {cells}; {name} must "
+                f"be smaller than the number of {cells} of every dataset", param=name)
+    if k >= n_genes:
+        raise ScatlasInputError(
+            f"{name}={k} is too large: only {n_genes} genes are used; {name} must be smaller "
+            "than the number of genes",
+            param=name)
+    return k

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import _progress, backend
+from .._params import NONNEGATIVE_INT, POSITIVE_INT, SEED, Options, validate_params
 from .._validate import ScatlasInputError, check_matrix, check_positive_int
 from ._operator import ColumnShifted, ShiftedOperator, _chunk_rows
 
@@ -354,6 +355,13 @@ def _check_k(k: Any, shape: tuple[int, int], name: str = "k") -> int:
 # ----------------------------------------------------------------------------------------------
 # public kernels
 # ----------------------------------------------------------------------------------------------
+#: the rules :func:`rsvd` and :func:`pca` share (``k`` at most min(n, p): checked on the data)
+SVD_RULES = {"seed": SEED, "n_oversamples": NONNEGATIVE_INT,
+             "n_iter": (NONNEGATIVE_INT, Options(("auto",))),
+             "method": Options(("auto", "randomized", "gram"))}
+
+
+@validate_params(k=POSITIVE_INT, **SVD_RULES)
 def rsvd(
     X: Any,
     k: int,
@@ -441,6 +449,7 @@ class PCAResult:
     method: str
 
 
+@validate_params(n_components=POSITIVE_INT, **SVD_RULES)
 def pca(
     X: Any,
     n_components: int = 50,

@@ -55,6 +55,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import _progress, backend
+from .._params import POSITIVE_INT, Options, validate_params
 from .._validate import ScatlasInputError, check_positive_int, check_same_features
 from .linalg import as_compute_matrix
 
@@ -87,6 +88,12 @@ _RERANK_BYTES = 64 * 2**20
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
+#: the rules :func:`knn` and :func:`mnn_pairs` share (``k`` within the reference: on the data)
+KNN_RULES = {"k": POSITIVE_INT, "metric": Options(_METRICS), "engine": Options(_ENGINES),
+             "block_size": (None, POSITIVE_INT)}
+
+
+@validate_params(exclude_self=Options((False, True)), **KNN_RULES)
 def knn(
     query: Any,
     ref: Any = None,
@@ -176,6 +183,7 @@ def knn(
     return restore(D), restore(idx)
 
 
+@validate_params(k2=(None, POSITIVE_INT), **KNN_RULES)
 def mnn_pairs(
     a: Any,
     b: Any,

@@ -39,7 +39,6 @@ request (``dtype=``).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -47,8 +46,14 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import backend
+from .._params import NONNEGATIVE, POSITIVE_INT, SEED, Each, Options, validate_params
 from .._progress import bar
-from .._validate import ScatlasInputError, check_matrix, check_positive_int, check_same_features
+from .._validate import (
+    ScatlasInputError,
+    check_matrix,
+    check_rank,
+    check_same_features,
+)
 from .nnls import bpp_rows, cpu_threads, executor, hals_rows
 
 __all__ = [
@@ -256,47 +261,30 @@ def _validate_datasets(Xs: list[Any], name: str, *, shared: bool = True) -> None
 
 
 def _check_k(k: Any, Xs: list[Any], name: str) -> int:
-    k = check_positive_int(k, "k")
-    n_min = min(X.shape[0] for X in Xs)
-    if k >= n_min:
-        i = int(np.argmin([X.shape[0] for X in Xs]))
-        raise ScatlasInputError(
-            f"k={k} must be smaller than the number of cells of every dataset; {name}[{i}] has "
-            f"{n_min} cells"
-        )
-    for i, X in enumerate(Xs):
-        if k >= X.shape[1]:
-            raise ScatlasInputError(
-                f"k={k} must be smaller than the number of genes ({name}[{i}] has {X.shape[1]})"
-            )
+    """:func:`scatlas._validate.check_rank` on the datasets ``Xs`` (cells x shared genes; a
+    jNMF's modalities each count their own features)."""
+    k = check_rank(k, [(f"{name}[{i}]", X.shape[0]) for i, X in enumerate(Xs)],
+                   min(X.shape[1] for X in Xs))
     return k
 
 
 def _check_lam(lam: Any, n: int) -> list[float]:
+    """``lam`` (one number, or one per dataset: its values are checked by the declared rule)
+    as ``n`` floats."""
     vals = [lam] * n if np.ndim(lam) == 0 else list(np.asarray(lam, dtype=float).ravel())
     if len(vals) != n:
-        raise ScatlasInputError(f"lam must be a number or one value per dataset ({n}), got {lam!r}")
-    out = []
-    for v in vals:
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            raise ScatlasInputError(f"lam must be a number >= 0, got {v!r}") from None
-        if not math.isfinite(v) or v < 0:
-            raise ScatlasInputError(f"lam must be finite and >= 0, got {v}")
-        out.append(v)
-    return out
+        raise ScatlasInputError(f"lam must be a number or one value per dataset ({n}), got "
+                                f"{lam!r}", param="lam")
+    return [float(v) for v in vals]
 
 
-def _check_common(n_iter: Any, tol: Any, solver: Any, n_restarts: Any, seed: Any) -> None:
-    check_positive_int(n_iter, "n_iter")
-    check_positive_int(n_restarts, "n_restarts")
-    if solver not in ("bpp", "hals"):
-        raise ScatlasInputError(f"solver must be 'bpp' or 'hals', got {solver!r}")
-    if tol is not None and (not isinstance(tol, int | float) or not tol >= 0):
-        raise ScatlasInputError(f"tol must be None or a number >= 0, got {tol!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise ScatlasInputError(f"seed must be an integer, got {seed!r}")
+#: the rules :func:`inmf`, :func:`uinmf` and :func:`jnmf` share (``k`` below the cells and
+#: genes is checked against the data by :func:`_check_k`)
+FIT_RULES = {
+    "k": POSITIVE_INT, "n_iter": POSITIVE_INT, "tol": (None, NONNEGATIVE),
+    "solver": Options(("bpp", "hals")), "n_restarts": POSITIVE_INT, "seed": SEED,
+    "hals_sweeps": POSITIVE_INT,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,6 +501,7 @@ def _bcd_step(data: list[_Data], udata: list[_Data | None], lams: list[float], s
 # --------------------------------------------------------------------------------------------
 
 
+@validate_params(lam=Each(NONNEGATIVE), **FIT_RULES)
 def inmf(
     Xs: Sequence[Any],
     k: int = 20,
@@ -593,8 +582,7 @@ def inmf(
     bit for bit.
     """
     Xs = _check_list(Xs, "Xs")
-    _check_common(n_iter, tol, solver, n_restarts, seed)
-    hals_sweeps = check_positive_int(hals_sweeps, "hals_sweeps")
+    hals_sweeps = int(hals_sweeps)
     Xs, restore = _move(Xs, device, backend.resolve_dtype(dtype))
     _validate_datasets(Xs, "Xs")
     k = _check_k(k, Xs, "Xs")
@@ -623,6 +611,7 @@ def inmf(
     return _finish(st, restore, hist, best_seed, conv, finals, lams, uinmf=False)
 
 
+@validate_params(lam=Each(NONNEGATIVE), **FIT_RULES)
 def uinmf(
     Xs: Sequence[Any],
     Us: Sequence[Any | None],
@@ -681,8 +670,7 @@ def uinmf(
         raise ScatlasInputError(
             f"Us must be a list with one entry (matrix or None) per dataset ({len(Xs)})"
         )
-    _check_common(n_iter, tol, solver, n_restarts, seed)
-    hals_sweeps = check_positive_int(hals_sweeps, "hals_sweeps")
+    hals_sweeps = int(hals_sweeps)
     Xs, restore = _move(Xs, device, backend.resolve_dtype(dtype))
     Us = [None if P is None else _move([P], device, backend.resolve_dtype(dtype))[0][0]
           for P in Us]
@@ -738,6 +726,7 @@ def _rows(X: Any, idx: np.ndarray, xp: Any, dt: np.dtype) -> Any:
     return xp.ascontiguousarray(xp.asarray(sel, dtype=dt).T)
 
 
+@validate_params(lam=Each(NONNEGATIVE))
 def inmf_objective(
     Xs: Sequence[Any],
     W: Any,
@@ -780,6 +769,7 @@ def inmf_objective(
 # --------------------------------------------------------------------------------------------
 
 
+@validate_params(**FIT_RULES)
 def jnmf(
     Xs_modalities: Sequence[Any],
     k: int = 20,
@@ -826,8 +816,7 @@ def jnmf(
     rliger function.
     """
     Xs = _check_list(Xs_modalities, "Xs_modalities")
-    _check_common(n_iter, tol, solver, n_restarts, seed)
-    hals_sweeps = check_positive_int(hals_sweeps, "hals_sweeps")
+    hals_sweeps = int(hals_sweeps)
     Xs, restore = _move(Xs, device, backend.resolve_dtype(dtype))
     for i, X in enumerate(Xs):
         check_matrix(X, f"Xs_modalities[{i}]", nonnegative=True)

@@ -53,8 +53,9 @@ from typing import Any
 import numpy as np
 
 from .. import backend
+from .._params import NONNEGATIVE, POSITIVE_INT, SEED, validate_params
 from .._progress import bar
-from .._validate import ScatlasInputError, check_matrix, check_positive_int
+from .._validate import ScatlasInputError, check_matrix, check_positive_int, check_rank
 from .nnls import bpp_rows
 
 __all__ = ["OnlineINMFResult", "online_inmf", "project_inmf"]
@@ -377,6 +378,9 @@ def _solve_all(
     return H, obj
 
 
+@validate_params(k=(None, POSITIVE_INT), lam=NONNEGATIVE, max_epochs=POSITIVE_INT,
+                 minibatch_size=POSITIVE_INT, hals_iter=POSITIVE_INT, chunk_size=POSITIVE_INT,
+                 seed=SEED)
 def online_inmf(
     Xs: Sequence[Any],
     k: int | None = None,
@@ -436,13 +440,7 @@ def online_inmf(
     16,384 cells. Memory does not grow with the number of cells otherwise.
     """
     dt = backend.resolve_dtype(dtype)
-    check_positive_int(max_epochs, "max_epochs")
-    check_positive_int(minibatch_size, "minibatch_size")
-    check_positive_int(hals_iter, "hals_iter")
-    check_positive_int(chunk_size, "chunk_size")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise ScatlasInputError(f"seed must be an integer, got {seed!r}")
-    lam = _check_lam(lam)
+    lam = float(lam)
     srcs, restore = _sources(Xs, "Xs", dt, chunk_size, device)
     xp, m = srcs[0].xp, srcs[0].m
     ref = _reference_state(reference, xp, dt, m) if reference is not None else None
@@ -450,22 +448,8 @@ def online_inmf(
         if k is not None and k != ref["k"]:
             raise ScatlasInputError(f"k={k} differs from the reference's k={ref['k']}")
         k = ref["k"]
-    k = check_positive_int(20 if k is None else k, "k")
-    for s in srcs:
-        if k >= s.n or k >= m:
-            raise ScatlasInputError(
-                f"k={k} must be smaller than the cells ({s.n}) of {s.name} and the genes ({m})"
-            )
-    n_new = [s.n for s in srcs]
-    sizes = [int(round(n / sum(n_new) * minibatch_size)) for n in n_new]
-    for s, b in zip(srcs, sizes, strict=True):
-        if b < 1:
-            raise ScatlasInputError(f"minibatch_size={minibatch_size} is too small for {s.name}")
-        if b > s.n:
-            raise ScatlasInputError(
-                f"minibatch_size={minibatch_size} gives {b} cells per mini-batch of {s.name}, "
-                f"which has only {s.n}; set a smaller minibatch_size"
-            )
+    k = check_rank(20 if k is None else k, [(s.name, s.n) for s in srcs], m)
+    sizes = minibatch_sizes(minibatch_size, [(s.name, s.n) for s in srcs])
 
     rng = np.random.default_rng(seed)
     if ref is None:
@@ -485,7 +469,7 @@ def online_inmf(
     old_B = ref["B"] if ref else []
 
     sampler = _Sampler(srcs, sizes, max_epochs, rng)
-    total = sum(n_new) * max_epochs // minibatch_size
+    total = sum(s.n for s in srcs) * max_epochs // minibatch_size
     n_iter = 0
     with bar(desc="online iNMF", total=total, progress=progress) as pbar:
         while (idx := sampler.next()) is not None:
@@ -552,14 +536,20 @@ def online_inmf(
     )
 
 
-def _check_lam(lam: Any) -> float:
-    try:
-        lam = float(lam)
-    except (TypeError, ValueError):
-        raise ScatlasInputError(f"lam must be a number >= 0, got {lam!r}") from None
-    if not np.isfinite(lam) or lam < 0:
-        raise ScatlasInputError(f"lam must be finite and >= 0, got {lam}")
-    return lam
+def minibatch_sizes(minibatch_size: int, datasets: Sequence[tuple[str, int]]) -> list[int]:
+    """Cells per mini-batch of each new dataset, ``b_i = round(n_i / sum(n) * minibatch_size)``
+    (libplanc's split; ``datasets``: ``(name, n_cells)`` pairs); every ``b_i`` must be between
+    1 and ``n_i``, else a :class:`ScatlasInputError` names ``minibatch_size``."""
+    total = sum(n for _, n in datasets)
+    sizes = [int(round(n / total * minibatch_size)) for _, n in datasets]
+    for (name, n), b in zip(datasets, sizes, strict=True):
+        if b < 1 or b > n:
+            raise ScatlasInputError(
+                f"minibatch_size={minibatch_size} gives {b} cells per mini-batch of dataset "
+                f"{name!r}, which has {n} cells; minibatch_size must be at most the total "
+                f"number of cells ({total}) and large enough for every dataset: set a "
+                f"{'smaller' if b > n else 'larger'} minibatch_size", param="minibatch_size")
+    return sizes
 
 
 def _dense(M: Any, xp: Any, dt: np.dtype) -> Any:

@@ -49,8 +49,16 @@ import numpy as np
 import pandas as pd
 
 from .. import backend
+from .._params import (
+    NONNEGATIVE,
+    POSITIVE_INT,
+    SEED,
+    Each,
+    Options,
+    validate_params,
+)
 from .._progress import bar
-from .._validate import ScatlasInputError, check_matrix, check_positive_int
+from .._validate import ScatlasInputError, check_matrix, check_positive_int, check_rank
 from ..kernels import liger_prep as _prep
 from ..kernels import nmf as _nmf
 from ..kernels import online_nmf as _online
@@ -157,17 +165,7 @@ def _gene_positions(var_names: pd.Index, genes: Any, var: pd.DataFrame | None = 
 
 def _check_k_sizes(k: Any, n_cells: Sequence[int], names: Sequence[str], n_genes: int) -> int:
     k = check_positive_int(k, "k")
-    for n, name in zip(n_cells, names, strict=True):
-        if k >= n:
-            raise ScatlasInputError(
-                f"k={k} is too large: dataset {name!r} has only {n} usable cells; k must be "
-                "smaller than the cells of every dataset"
-            )
-    if k >= n_genes:
-        raise ScatlasInputError(
-            f"k={k} is too large: only {n_genes} genes are used; k must be smaller"
-        )
-    return k
+    return check_rank(k, list(zip(names, n_cells, strict=True)), n_genes, cells="usable cells")
 
 
 def _quantile_opts(quantile: bool | Mapping[str, Any], seed: int) -> dict[str, Any] | None:
@@ -281,6 +279,13 @@ def _params(**kw: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+#: the streaming rules :func:`online_inmf`, :func:`online_inmf_add` and :func:`project_inmf`
+#: share
+_STREAM_RULES = {"seed": SEED, "chunk_size": POSITIVE_INT}
+
+
+@validate_params(k=POSITIVE_INT, lam=Each(NONNEGATIVE), seed=SEED, n_iter=POSITIVE_INT,
+                 solver=Options(("bpp", "hals")), n_restarts=POSITIVE_INT)
 def inmf(
     adata: Any,
     batch_key: str = "batch",
@@ -727,6 +732,8 @@ def _select_streamed(
     return genes_all[pos]
 
 
+@validate_params(k=POSITIVE_INT, lam=NONNEGATIVE, max_epochs=POSITIVE_INT,
+                 minibatch_size=POSITIVE_INT, **_STREAM_RULES)
 def online_inmf(
     data: Any,
     batch_key: str | None = None,
@@ -840,15 +847,7 @@ def online_inmf(
 def _check_minibatch(minibatch_size: Any, datasets: list[_Dataset]) -> None:
     """Each dataset's share of a mini-batch must fit in it (rliger's check), with names."""
     size = check_positive_int(minibatch_size, "minibatch_size")
-    total = sum(d.n for d in datasets)
-    for d in datasets:
-        b = int(round(d.n / total * size))
-        if b > d.n or b < 1:
-            raise ScatlasInputError(
-                f"minibatch_size={size} gives {b} cells per mini-batch of dataset {d.name!r}, "
-                f"which has {d.n} cells; minibatch_size must be at most the total number of "
-                f"cells ({total}) and large enough for every dataset"
-            )
+    _online.minibatch_sizes(size, [(d.name, d.n) for d in datasets])
 
 
 def _target(data: Any, datasets: list[_Dataset], genes_all: pd.Index, var: pd.DataFrame,
@@ -921,6 +920,7 @@ def _read_reference(ref: Any, keys: _Keys) -> _Reference:
     )
 
 
+@validate_params(max_epochs=POSITIVE_INT, minibatch_size=POSITIVE_INT, **_STREAM_RULES)
 def online_inmf_add(
     reference: Any,
     data: Any,
@@ -1050,6 +1050,7 @@ def _combined_adata(ref: _Reference, datasets: list[_Dataset]) -> tuple[Any, lis
     return ad.AnnData(obs=obs, var=var.loc[ref.genes]), rows
 
 
+@validate_params(**_STREAM_RULES)
 def project_inmf(
     reference: Any,
     data: Any,

@@ -7,12 +7,16 @@ from typing import Any
 import numpy as np
 
 from .. import backend
+from .._params import NONNEGATIVE_INT, POSITIVE_INT, SEED, Options, validate_params
 from .._validate import ScatlasInputError, check_obs_key
 from ..kernels import cca as _cca_kernel
 from ..kernels import pca as _pca_kernel
 from ._common import get_matrix, on_device_of, var_mask
 
 
+@validate_params(n_comps=POSITIVE_INT, seed=SEED,
+                 n_iter=(NONNEGATIVE_INT, Options(("auto",))),
+                 method=Options(("auto", "randomized", "gram")))
 def pca(
     adata,
     n_comps: int = 50,
@@ -71,6 +75,7 @@ def pca(
     return adata if copy else None
 
 
+@validate_params(k=POSITIVE_INT, seed=SEED)
 def cca(
     adata,
     batch_key: str = "batch",
