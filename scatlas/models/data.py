@@ -119,9 +119,13 @@ def lognorm(X: Any, target_sum: float = 1e4, *, dense: bool = True) -> Any:
         X = sp.csr_matrix(X, dtype=np.float32)
         totals = np.asarray(X.sum(axis=1)).ravel()
         scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        X = sp.diags(scale.astype(np.float32)) @ X
-        X.data = np.log1p(X.data)
-        return X.toarray() if dense else X
+        counts = np.diff(X.indptr)
+        values = np.log1p(X.data * np.repeat(scale.astype(np.float32), counts))
+        if not dense:
+            return sp.csr_matrix((values, X.indices, X.indptr), shape=X.shape)
+        out = np.zeros(X.shape, dtype=np.float32)  # scattered directly: no CSR copy
+        out[np.repeat(np.arange(X.shape[0]), counts), X.indices] = values
+        return out
     X = np.asarray(X, dtype=np.float32)
     totals = X.sum(axis=1, keepdims=True)
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
@@ -474,6 +478,169 @@ class CellBatches:
         rows = np.asarray(rows, dtype=np.int64)
         for i in range(0, rows.size, batch_size):
             yield self.take(rows[i : i + batch_size])
+
+
+class _CsrStore:
+    """Row ranges of an on-disk CSR matrix (anndata sparse dataset over zarr or h5py):
+    ``indptr`` held in memory (8 bytes per cell), ``data`` / ``indices`` sliced per range, the
+    ranges of one read fetched by 4 threads (zarr decompresses them concurrently)."""
+
+    def __init__(self, X: Any):
+        group = X.group
+        self.shape = tuple(int(s) for s in X.shape)
+        self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+        self.data, self.indices = group["data"], group["indices"]
+        self._threads: Any = None
+
+    def _span(self, span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        a, b = int(self.indptr[span[0]]), int(self.indptr[span[1]])
+        return self.data[a:b], self.indices[a:b]
+
+    def read(self, spans: list[tuple[int, int]]) -> sp.csr_matrix:
+        if self._threads is None:
+            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+            self._threads = ThreadPoolExecutor(max_workers=4)
+        parts = list(self._threads.map(self._span, spans))
+        counts = np.concatenate([np.diff(self.indptr[lo:hi + 1]) for lo, hi in spans])
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        return sp.csr_matrix((np.concatenate([d for d, _ in parts]),
+                              np.concatenate([i for _, i in parts]), indptr),
+                             shape=(counts.size, self.shape[1]))
+
+
+def _read_spans(source: MatrixSource, spans: list[tuple[int, int]], csr: Any = None) -> Any:
+    """Rows of the row ranges ``spans`` (sorted, disjoint) as one CSR / dense block, each range
+    read contiguously (through ``csr``, a :class:`_CsrStore`, for an on-disk CSR matrix)."""
+    if csr is not None:
+        block = csr.read(spans)
+    else:
+        parts = [source.matrix[lo:hi] for lo, hi in spans]
+        block = sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.vstack(parts)
+    return block if source.columns is None else block[:, source.columns]
+
+
+class StoreBatches(CellBatches):
+    """Shuffled mini-batches read from a store in large contiguous slabs (block shuffling, as
+    annbatch's ``Loader`` and scDataset do): the cells are cut into blocks of ``block_rows``
+    consecutive rows; epoch ``e`` permutes the blocks (``default_rng([seed, e])``), takes them
+    ``fetch_blocks`` at a time as a pool read block by block (each a contiguous slice: one pass
+    over a few compressed chunks), permutes the pool's cells (``default_rng([seed, e, p])``)
+    and deals them out in consecutive batches. Every cell (of ``rows``) is seen once per epoch;
+    batch ``t`` is still a pure function of ``(seed, t)`` (resumable: a batch recomputes its
+    pools), the next pool is read in a background thread while this one's batches are made,
+    and the batches are row slices of the permuted pool (no per-batch gather).
+
+    ``X``: as :class:`CellBatches` (a backed sparse dataset of a zarr / h5ad store, a zarr or
+    h5py dense array, an in-memory matrix). ``balance`` must be None (uniform sampling); other
+    parameters as :class:`CellBatches`. Memory: three pools of ``block_rows x fetch_blocks``
+    cells (default 512 x 32 = 16,384, annbatch's ``chunk_size`` and ``preload_nchunks``).
+    """
+
+    def __init__(self, X: Any, *, block_rows: int = 512, fetch_blocks: int = 32,
+                 **kwargs: Any):
+        if kwargs.pop("balance", None) is not None:
+            raise ScatlasInputError("StoreBatches samples uniformly; balance must be None",
+                                    param="balance")
+        super().__init__(X, balance=None, **kwargs)
+        if not isinstance(self.source, MatrixSource):
+            raise ScatlasInputError("StoreBatches reads a matrix or a store, not a generator",
+                                    param="X")
+        self.block_rows = check_positive_int(block_rows, "block_rows")
+        self.fetch_blocks = check_positive_int(fetch_blocks, "fetch_blocks")
+        self._allowed = np.zeros(self.source.n_obs, dtype=bool)
+        self._allowed[self.rows] = True
+        self._n_blocks = -(-self.source.n_obs // self.block_rows)
+        self._per_epoch = max(1, self.rows.size // self.batch_size)
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray, list] | None = None
+        self._pools: dict[tuple[int, int], Any] = {}
+        self._reader: Any = None
+        self._lock = threading.Lock()
+        X = self.source.matrix
+        self._csr = _CsrStore(X) if getattr(X, "format", None) == "csr" and hasattr(
+            X, "group") else None
+
+    def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray, list]:
+        """(cell order of epoch e, start of each pool in it, each pool's row ranges)."""
+        with self._lock:
+            if self._epoch_cache is None or self._epoch_cache[0] != e:
+                R, n = self.block_rows, self.source.n_obs
+                perm = np.random.default_rng([self.seed, e]).permutation(self._n_blocks)
+                order, offsets, spans, at = [], [], [], 0
+                for p, lo in enumerate(range(0, self._n_blocks, self.fetch_blocks)):
+                    span = [(int(b) * R, min(n, (int(b) + 1) * R))
+                            for b in np.sort(perm[lo:lo + self.fetch_blocks])]
+                    cells = np.concatenate([np.arange(a, b) for a, b in span])
+                    cells = cells[self._allowed[cells]]
+                    order.append(cells[np.random.default_rng([self.seed, e, p])
+                                       .permutation(cells.size)])
+                    offsets.append(at)
+                    spans.append(span)
+                    at += cells.size
+                offsets.append(at)
+                self._epoch_cache = (e, np.concatenate(order), np.asarray(offsets), spans)
+            return self._epoch_cache[1:]
+
+    def _read_pool(self, e: int, p: int) -> Any:
+        """Pool p of epoch e, its cells in their shuffled order."""
+        order, offsets, spans = self._epoch(e)
+        cells = order[offsets[p]:offsets[p + 1]]
+        rows = np.concatenate([np.arange(a, b) for a, b in spans[p]])
+        return _read_spans(self.source, spans[p], self._csr)[np.searchsorted(rows, cells)]
+
+    def _pool(self, e: int, p: int, *, ahead: bool = False) -> Any:
+        key = (e, p)
+        if key not in self._pools:
+            if ahead:
+                if self._reader is None:
+                    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+                    self._reader = ThreadPoolExecutor(max_workers=1)
+                self._pools[key] = self._reader.submit(self._read_pool, e, p)
+            else:
+                self._pools[key] = self._read_pool(e, p)
+            while len(self._pools) > 3:
+                self._pools.pop(next(iter(self._pools)))
+        pool = self._pools[key]
+        if not ahead and hasattr(pool, "result"):
+            pool = self._pools[key] = pool.result()
+        return pool
+
+    def indices(self, t: int) -> np.ndarray:
+        e, j = divmod(int(t), self._per_epoch)
+        return self._epoch(e)[0][j * self.batch_size:(j + 1) * self.batch_size]
+
+    def batch(self, t: int) -> Batch:
+        e, j = divmod(int(t), self._per_epoch)
+        order, offsets, _ = self._epoch(e)
+        lo, hi = j * self.batch_size, (j + 1) * self.batch_size
+        first = int(np.searchsorted(offsets, lo, side="right")) - 1
+        last = int(np.searchsorted(offsets, hi - 1, side="right")) - 1
+        parts = [self._pool(e, p)[max(lo, offsets[p]) - offsets[p]:min(hi, offsets[p + 1])
+                                  - offsets[p]] for p in range(first, last + 1)]
+        if last + 1 < len(offsets) - 1:  # read the next pool while this one's batches are made
+            self._pool(e, last + 1, ahead=True)
+        block = parts[0] if len(parts) == 1 else (
+            sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.vstack(parts))
+        index = order[lo:hi]
+        if self.check_input:
+            check_rows(block, index, counts=self.nonnegative)
+        meta = {"label": self.labels[index], "study": self.studies[index], "index": index}
+        if self.sparse:
+            rows = (self.transform(block, dense=False) if self.transform in _TRANSFORMS.values()
+                    else self.transform(block))
+            return {**csr_arrays(sp.csr_matrix(rows, dtype=np.float32)), **meta}
+        return {"x": np.asarray(self.transform(block), dtype=np.float32), **meta}
+
+    def take(self, index: np.ndarray) -> Batch:
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and not self._allowed[index].all():
+            raise ScatlasInputError("index holds cells outside rows", param="index")
+        return super().take(index)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "loader": "store", "block_rows": self.block_rows,
+                "fetch_blocks": self.fetch_blocks}
 
 
 def _identity(x: Any) -> Any:

@@ -1,0 +1,79 @@
+"""StoreBatches: block-shuffled mini-batches from a store on disk, against exact references
+(every cell once per epoch; values equal lognorm of the same rows read in memory; batch t a pure
+function of (seed, t))."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import scatlas
+from scatlas.exceptions import ScatlasInputError
+from scatlas.models.data import StoreBatches, lognorm
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, write_zarr):
+    adata = scatlas.datasets.synthetic(2300, 60, progress=False, seed=5)
+    root = tmp_path_factory.mktemp("loader")
+    write_zarr(adata, root / "a.zarr")
+    adata.write_h5ad(root / "a.h5ad")
+    return adata, root
+
+
+def _backed(root, kind):
+    if kind == "zarr":
+        return scatlas.io.read_zarr(root / "a.zarr", backed=True)
+    return ad.read_h5ad(root / "a.h5ad", backed="r")
+
+
+@pytest.mark.parametrize("kind", ["zarr", "h5ad"])
+def test_epoch_covers_every_cell_once_with_exact_values(stores, kind):
+    adata, root = stores
+    X = _backed(root, kind).X
+    sb = StoreBatches(X, labels=adata.obs["cell_type"], batch_size=100, block_rows=64,
+                      fetch_blocks=4, seed=3)
+    per_epoch = adata.n_obs // 100
+    seen = []
+    for _, b in zip(range(per_epoch), sb.iterate(prefetch=2), strict=False):
+        np.testing.assert_array_equal(b["x"], lognorm(adata.X[b["index"]]))
+        np.testing.assert_array_equal(b["label"], sb.labels[b["index"]])
+        seen.append(b["index"])
+        assert b["x"].shape == (100, adata.n_vars) and b["x"].dtype == np.float32
+    seen = np.concatenate(seen)
+    assert np.unique(seen).size == seen.size == per_epoch * 100
+    # shuffled: far from the store's order, and blocks mixed within a batch
+    assert np.abs(np.diff(seen[:100])).mean() > 64
+
+
+def test_resumable_and_sparse(stores):
+    adata, root = stores
+    X = _backed(root, "zarr").X
+    a = StoreBatches(X, batch_size=128, block_rows=50, fetch_blocks=5, seed=1)
+    b = StoreBatches(X, batch_size=128, block_rows=50, fetch_blocks=5, seed=1)
+    for t in (30, 2, 17, 2 + adata.n_obs // 128):  # any order, across epochs
+        np.testing.assert_array_equal(a.batch(t)["x"], b.batch(t)["x"])
+        np.testing.assert_array_equal(a.batch(t)["index"], b.indices(t))
+    first, second = a.indices(0), a.indices(adata.n_obs // 128)
+    assert not np.array_equal(first, second)  # a new epoch, a new order
+    s = StoreBatches(X, batch_size=128, block_rows=50, fetch_blocks=5, seed=1, sparse=True)
+    got = s.batch(3)
+    n = got["x_indptr"].size - 1
+    rebuilt = sp.csr_matrix((got["x_data"], got["x_indices"], got["x_indptr"]),
+                            shape=(n, adata.n_vars))[:128]
+    np.testing.assert_allclose(rebuilt.toarray(), lognorm(adata.X[got["index"]]), rtol=1e-6)
+
+
+def test_rows_restriction_and_errors(stores):
+    adata, root = stores
+    X = _backed(root, "zarr").X
+    rows = np.arange(0, adata.n_obs, 3)
+    sb = StoreBatches(X, batch_size=50, block_rows=40, fetch_blocks=3, rows=rows, seed=0)
+    got = np.concatenate([sb.batch(t)["index"] for t in range(rows.size // 50)])
+    assert np.isin(got, rows).all() and np.unique(got).size == got.size
+    with pytest.raises(ScatlasInputError, match="balance"):
+        StoreBatches(X, balance="label")
+    with pytest.raises(ScatlasInputError, match="rows"):
+        sb.take(np.array([1]))
