@@ -75,5 +75,24 @@ def test_rows_restriction_and_errors(stores):
     assert np.isin(got, rows).all() and np.unique(got).size == got.size
     with pytest.raises(ScatlasInputError, match="balance"):
         StoreBatches(X, balance="label")
-    with pytest.raises(ScatlasInputError, match="rows"):
-        sb.take(np.array([1]))
+
+
+def test_encoder_trains_from_a_store_without_loading_it(stores, monkeypatch):
+    """tl.train_metric on a backed zarr AnnData with uniform sampling reads StoreBatches."""
+    adata, root = stores
+    calls = []
+    batch = StoreBatches.batch
+
+    def counted(self, t):
+        calls.append(t)
+        return batch(self, t)
+
+    monkeypatch.setattr(StoreBatches, "batch", counted)
+    backed = _backed(root, "zarr")
+    assert not isinstance(backed.X, np.ndarray | sp.spmatrix)
+    model = scatlas.tl.train_metric(backed, "cell_type", balance=None, max_steps=5,
+                                    batch_size=64, validation_fraction=0.1, progress=False,
+                                    n_top_genes=None)
+    assert len(calls) >= 5
+    z = model.embed(adata[:50], progress=False)
+    assert z.shape == (50, model.latent_dim) and np.isfinite(z).all()

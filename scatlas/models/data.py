@@ -586,7 +586,11 @@ class StoreBatches(CellBatches):
         order, offsets, spans = self._epoch(e)
         cells = order[offsets[p]:offsets[p + 1]]
         rows = np.concatenate([np.arange(a, b) for a, b in spans[p]])
-        return _read_spans(self.source, spans[p], self._csr)[np.searchsorted(rows, cells)]
+        block = _read_spans(self.source, spans[p], self._csr)[np.searchsorted(rows, cells)]
+        if self.check_input:
+            check_rows(block, cells, counts=self.nonnegative)
+        # lognorm is per cell: done once per pool here, in the reader thread, as CSR
+        return lognorm(block, dense=False) if self.transform is lognorm else block
 
     def _pool(self, e: int, p: int, *, ahead: bool = False) -> Any:
         key = (e, p)
@@ -623,20 +627,13 @@ class StoreBatches(CellBatches):
         block = parts[0] if len(parts) == 1 else (
             sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.vstack(parts))
         index = order[lo:hi]
-        if self.check_input:
-            check_rows(block, index, counts=self.nonnegative)
         meta = {"label": self.labels[index], "study": self.studies[index], "index": index}
+        transform = densify if self.transform is lognorm else self.transform  # done per pool
         if self.sparse:
-            rows = (self.transform(block, dense=False) if self.transform in _TRANSFORMS.values()
-                    else self.transform(block))
+            rows = (transform(block, dense=False) if transform in _TRANSFORMS.values()
+                    else transform(block))
             return {**csr_arrays(sp.csr_matrix(rows, dtype=np.float32)), **meta}
-        return {"x": np.asarray(self.transform(block), dtype=np.float32), **meta}
-
-    def take(self, index: np.ndarray) -> Batch:
-        index = np.asarray(index, dtype=np.int64)
-        if index.size and not self._allowed[index].all():
-            raise ScatlasInputError("index holds cells outside rows", param="index")
-        return super().take(index)
+        return {"x": np.asarray(transform(block), dtype=np.float32), **meta}
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "loader": "store", "block_rows": self.block_rows,

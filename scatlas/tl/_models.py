@@ -229,7 +229,7 @@ def train_metric(
     -------
     :class:`~scatlas.models.MetricEncoder`, with the training summary in ``model.info``.
     """
-    from ..models.data import CellBatches, MatrixSource, validation_batches
+    from ..models.data import CellBatches, MatrixSource, StoreBatches, validation_batches
     from ..models.inputs import InputSpec
     from ..models.metric import (
         INPUT_PCA,
@@ -274,7 +274,9 @@ def train_metric(
     if max_steps is None:
         max_steps = int(min(50_000, max(200, math.ceil(20 * train_rows.size / batch_size))))
     source = MatrixSource(X, columns=genes)
-    batches = CellBatches(
+    # uniform sampling from a store on disk: block-shuffled slabs, not one random read per cell
+    loader = StoreBatches if balance is None and not _in_memory(X) else CellBatches
+    batches = loader(
         source, labels=labels.to_numpy(), studies=None if studies is None else studies.to_numpy(),
         batch_size=batch_size, balance=balance, transform="lognorm" if input == "counts" else None,
         rows=train_rows, seed=seed, check_input=not _in_memory(X), nonnegative=True,
