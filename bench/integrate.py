@@ -12,7 +12,7 @@ Workloads (``--param data=...``):
 Methods (group ``integrate``), each returning a cell embedding:
 
 * ``scatlas.mnn`` - :func:`scatlas.kernels.fastmnn.fastmnn` (k 20, d 50), the corrected PCs;
-* ``scatlas.cca`` - :func:`scatlas.kernels.anchors.seurat_integrate` (Seurat v3 defaults),
+* ``scatlas.cca`` - :func:`scatlas.kernels.seurat.seurat_integrate` (Seurat v3 defaults),
   then ``ScaleData`` + 30 PCs of the corrected expression (Seurat's downstream workflow);
 * ``uncorrected`` - 30 PCs of the gene-scaled data (the input of harmonypy, and the
   "before" row of the metrics);
@@ -222,11 +222,8 @@ def _mnn(w: Workload) -> Any:
 
 def _cca(w: Workload) -> Any:
     from scatlas.kernels import pca  # noqa: PLC0415
-    from scatlas.kernels.anchors import (  # noqa: PLC0415
-        SmallBatchWarning,
-        scale_data,
-        seurat_integrate,
-    )
+    from scatlas.kernels.anchors import SmallBatchWarning, scale_data  # noqa: PLC0415
+    from scatlas.kernels.seurat import seurat_integrate  # noqa: PLC0415
 
     with warnings.catch_warnings():  # small batches: Seurat skips the filter, with a warning
         warnings.filterwarnings("ignore", category=SmallBatchWarning)

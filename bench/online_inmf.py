@@ -199,9 +199,8 @@ class RssSampler:
 
 def _worker(args: argparse.Namespace) -> int:
     from scatlas import tl  # noqa: PLC0415
-    from scatlas.tl import _inmf  # noqa: PLC0415
 
-    fn = getattr(tl, "online_inmf", None) or _inmf.online_inmf
+    fn = tl.online_inmf
     with RssSampler() as rss:
         start = time.perf_counter()
         res = fn([args.path], "batch", k=args.k, lam=args.lam, max_epochs=args.max_epochs,

@@ -92,7 +92,7 @@ def _online_args(g: argparse._ArgumentGroup) -> None:
 
 def _run_inmf(args: argparse.Namespace) -> int:
     from . import io
-    from .tl._inmf import inmf
+    from .tl import inmf
 
     adata = io.read_h5ad(args.inputs[0])
     inmf(adata, args.batch_key, k=args.k, lam=args.lam, layer=args.layer, seed=args.seed,
@@ -106,7 +106,7 @@ def _run_inmf(args: argparse.Namespace) -> int:
 
 def _run_online(args: argparse.Namespace) -> int:
     from . import io
-    from .tl import _inmf as tl_inmf
+    from . import tl as tl_inmf
 
     if args.add_to and args.project_onto:
         raise ScatlasInputError("give --add-to or --project-onto, not both")

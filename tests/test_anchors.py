@@ -11,18 +11,15 @@ import scipy.sparse as sp
 
 from scatlas import backend, metrics
 from scatlas._validate import ScatlasInputError
-from scatlas.kernels.anchors import (
-    SmallBatchWarning,
+from scatlas.kernels.anchors import SmallBatchWarning, find_anchors, scale_data, top_dim_features
+from scatlas.kernels.linalg import pca
+from scatlas.kernels.seurat import (
     anchor_weights,
     count_anchors,
-    find_anchors,
     integrate_pair,
     sample_tree,
-    scale_data,
     seurat_integrate,
-    top_dim_features,
 )
-from scatlas.kernels.linalg import pca
 
 # ----------------------------------------------------------------------------------------------
 # plain-NumPy reference, written from the Seurat sources (one step per function)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scatlas import cli, datasets
-from scatlas.tl._inmf import inmf
+from scatlas.tl import inmf
 
 
 @pytest.fixture

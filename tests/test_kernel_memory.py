@@ -18,10 +18,11 @@ import scipy.sparse as sp
 
 from scatlas.kernels import _operator, neighbors
 from scatlas.kernels._operator import ColumnShifted, ShiftedOperator
-from scatlas.kernels.anchors import scale_data, seurat_integrate
+from scatlas.kernels.anchors import scale_data
 from scatlas.kernels.cca import cca
 from scatlas.kernels.fastmnn import cosine_normalize, fastmnn, multi_batch_pca
 from scatlas.kernels.linalg import pca
+from scatlas.kernels.seurat import seurat_integrate
 
 CHUNK = 2**20  # Gram chunk bytes in these tests (default 256 MiB)
 

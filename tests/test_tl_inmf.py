@@ -1,4 +1,5 @@
-"""tl.inmf / tl.online_inmf / online_inmf_add / project_inmf on AnnData (scatlas.tl._inmf)."""
+"""tl.inmf / tl.online_inmf / online_inmf_add / project_inmf on AnnData (scatlas.tl._inmf,
+_inmf_online, _inmf_reference)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from scatlas._validate import ScatlasInputError
 from scatlas.kernels import liger_prep
 from scatlas.kernels.nmf import inmf as inmf_kernel
 from scatlas.kernels.online_nmf import project_inmf as project_kernel
-from scatlas.tl._inmf import inmf, online_inmf, online_inmf_add, project_inmf
+from scatlas.tl import inmf, online_inmf, online_inmf_add, project_inmf
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ preprocessing, h5ad round trip, bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import anndata as ad
@@ -14,8 +13,9 @@ import scipy.sparse as sp
 
 from scatlas import metrics
 from scatlas._validate import ScatlasInputError
-from scatlas.kernels.anchors import SmallBatchWarning, seurat_integrate
+from scatlas.kernels.anchors import SmallBatchWarning
 from scatlas.kernels.fastmnn import fastmnn, multi_batch_norm
+from scatlas.kernels.seurat import seurat_integrate
 from scatlas.tl._integrate import integrate
 
 
@@ -125,8 +125,6 @@ def test_gene_list_and_layer(counts):
     assert list(adata.uns["mnn"]["genes"]) == genes
 
 
-@pytest.mark.skipif(importlib.util.find_spec("scatlas.tl._inmf") is None,
-                    reason="scatlas.tl._inmf not available")
 def test_inmf_is_delegated(counts):
     adata = counts.copy()
     integrate(adata, "batch", method="inmf", k=5, n_iter=5)

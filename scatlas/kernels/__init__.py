@@ -3,14 +3,7 @@
 Arrays are cells x features. Each kernel returns the caller's array kind.
 """
 
-from .anchors import (
-    Anchors,
-    SeuratIntegration,
-    find_anchors,
-    integrate_pair,
-    scale_data,
-    seurat_integrate,
-)
+from .anchors import Anchors, find_anchors, scale_data
 from .cca import cca, pls, ridge_cca
 from .fastmnn import FastMNNResult, fastmnn
 from .liger_prep import (
@@ -28,6 +21,7 @@ from .nmf import INMFResult, JNMFResult, inmf, inmf_objective, jnmf, uinmf
 from .nnls import nnls_bpp, nnls_hals
 from .online_nmf import OnlineINMFResult, online_inmf, project_inmf
 from .quantile import QuantileNormResult, quantile_norm
+from .seurat import SeuratIntegration, integrate_pair, seurat_integrate
 from .snf import SpectralClusters, affinity, snf, spectral_clusters
 
 __all__ = [

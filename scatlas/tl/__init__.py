@@ -7,7 +7,9 @@ One module per tool family; this package re-exports them.
 """
 
 from ._covel import train_covel
-from ._inmf import inmf, online_inmf, online_inmf_add, project_inmf
+from ._inmf import inmf
+from ._inmf_online import online_inmf
+from ._inmf_reference import online_inmf_add, project_inmf
 from ._integrate import integrate
 from ._linalg import cca, pca
 from ._michigan import train_michigan

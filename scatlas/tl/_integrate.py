@@ -6,7 +6,7 @@ copy of the counts (the caller's ``.X`` is not modified):
 * ``"cca"`` - Seurat v3/v4 (``NormalizeData`` -> features -> ``FindIntegrationAnchors`` ->
   ``IntegrateData`` -> ``ScaleData`` -> ``RunPCA``): log-normalisation (1e4, log1p), 2000
   batch-aware highly variable genes, per-batch gene scaling for the CCA
-  (:func:`scatlas.kernels.anchors.seurat_integrate`), then the PCA (``n_pcs`` = 30) of the
+  (:func:`scatlas.kernels.seurat.seurat_integrate`), then the PCA (``n_pcs`` = 30) of the
   gene-scaled corrected expression. ``flavor="v5"`` runs Seurat v5's ``CCAIntegration``
   instead: one joint ``ScaleData``, a joint PCA (``n_pcs``), CCA anchors without filtering,
   and the anchor correction applied to the PCA itself.
@@ -15,7 +15,7 @@ copy of the counts (the caller's ``.X`` is not modified):
   the HVGs of batchelor's ``multiBatchNorm`` log2 expression
   (:func:`scatlas.kernels.fastmnn.multi_batch_norm`: every batch scaled to the coverage of the
   shallowest one, as batchelor's workflow does before ``fastMNN``).
-* ``"inmf"`` - LIGER: delegated to :func:`scatlas.tl._inmf.inmf` (its own normalisation, gene
+* ``"inmf"`` - LIGER: delegated to :func:`scatlas.tl.inmf` (its own normalisation, gene
   selection and scaling); see that function for its keys.
 
 Written (``key = key_added or f"X_{method}"``; ``name = key`` without a leading ``"X_"``):
@@ -44,7 +44,7 @@ cca on small batches (e.g. Baron pancreas donors of 23-102 cells, where Seurat 4
 ``dims = 30``): each pair of batches uses the ``dims``, ``k_anchor``, ``k_score`` its smaller
 batch allows (cells - 1), anchor filtering is skipped below ``k_filter`` cells and ``k_weight``
 is lowered to the anchor cells available (as Seurat), with one warning naming the batches; see
-:func:`scatlas.kernels.anchors.seurat_integrate`. A batch of fewer than 2 cells is an error.
+:func:`scatlas.kernels.seurat.seurat_integrate`. A batch of fewer than 2 cells is an error.
 
 Features: cca's default is Seurat's own selection, vst on the counts of each batch and
 ``SelectIntegrationFeatures``: :func:`scatlas.pp.highly_variable_genes` with
@@ -64,8 +64,8 @@ import numpy as np
 
 from .. import backend, pp
 from .._validate import ScatlasInputError, check_obs_key, check_positive_int
-from ..kernels.anchors import check_batch_sizes, seurat_integrate
 from ..kernels.fastmnn import fastmnn, multi_batch_norm
+from ..kernels.seurat import check_batch_sizes, seurat_integrate
 from ._common import get_matrix, on_device_of, scaled_pca
 
 Method = Literal["cca", "mnn", "inmf", "harmony"]
@@ -128,7 +128,7 @@ def integrate(
     seed, dtype, device, progress
         PCA seed, compute dtype, device override, progress bars.
     kwargs
-        Passed to :func:`scatlas.kernels.anchors.seurat_integrate` (``dims``, ``k_anchor``,
+        Passed to :func:`scatlas.kernels.seurat.seurat_integrate` (``dims``, ``k_anchor``,
         ``k_filter``, ``k_score``, ``k_weight`` ...), :func:`scatlas.kernels.fastmnn.fastmnn`
         (``k``, ``d``, ``ndist``, ``merge_order`` ...) or ``tl.inmf`` (``k``, ``lam`` ...).
 
