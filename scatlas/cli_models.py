@@ -158,6 +158,7 @@ def cmd_train_mvae(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir, log_path=log_path,
         progress=args.progress, hidden=args.hidden, n_layers=args.n_layers,
         **({} if args.latent_dim is None else {"latent_dim": args.latent_dim}),
+        train=_train_settings(args),
     )
     return _finish_training("mvae", model, args, log_path, t0, extra=("observed",))
 
@@ -240,6 +241,7 @@ def cmd_train_metric(args: argparse.Namespace) -> int:
         log_path=log_path, progress=args.progress, preset=args.preset,
         n_top_genes="auto" if args.n_top_genes is None else (args.n_top_genes or None),
         sparse_step={"auto": None, "on": True, "off": False}[args.sparse_step],
+        train=_train_settings(args),
         **_given(args, hidden=tuple, latent_dim=int, dropout=float, objective=str,
                  mining=str, margin=float, metric_weight=float, temperature=float, l1=float,
                  negatives=str),
@@ -345,6 +347,40 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--process-id", type=int, default=None)
 
 
+def _schedule_args(p: argparse.ArgumentParser) -> None:
+    """Learning-rate schedule, clipping and checkpoint spacing: ``train=`` of tl.train_metric /
+    train_mvae (:class:`scatlas.models.train.TrainConfig`); unset options keep its defaults."""
+    g = p.add_argument_group("optimisation", "TrainConfig settings (default: the library's)")
+    g.add_argument("--schedule", choices=("cosine", "constant"), default=None,
+                   help="learning rate after the warm-up (default cosine decay)")
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of linear warm-up from 0 (default 0)")
+    g.add_argument("--clip-norm", default=None, metavar="X",
+                   help="clip the global gradient norm at X; 'none': no clipping (default 1.0)")
+    g.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints with --checkpoint-dir (default 500)")
+
+
+def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``train=`` mapping of the options of :func:`_schedule_args` that were given."""
+    from .exceptions import ScatlasInputError
+
+    out: dict[str, Any] = {}
+    for name in ("schedule", "warmup_steps", "checkpoint_every"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    if args.clip_norm is not None:
+        if args.clip_norm.lower() == "none":
+            out["clip_norm"] = None
+        else:
+            try:
+                out["clip_norm"] = float(args.clip_norm)
+            except ValueError:
+                raise ScatlasInputError(f"--clip-norm must be a number or 'none', got "
+                                        f"{args.clip_norm!r}", param="clip_norm") from None
+    return out
+
+
 def _join_job(args: argparse.Namespace) -> None:
     """``--distributed``: :func:`scatlas.models.train.initialize_distributed` before any JAX
     work, with the options given (the rest detected from the cluster environment)."""
@@ -413,6 +449,7 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
                    help="train on CSR batches (CPU; the first layer over the non-zeros). "
                    "auto: from 1,000 genes at <=30%% non-zero")
     _loop_args(p)
+    _schedule_args(p)
     p.add_argument("--backed", action="store_true",
                    help="leave X on disk and stream mini-batches from it (large .h5ad / zarr)")
     p.add_argument("--seed", type=int, default=0)
@@ -479,6 +516,7 @@ def _register_mvae(models: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=128, help="hidden units (default 128)")
     p.add_argument("--n-layers", type=int, default=1, help="encoder hidden layers (default 1)")
     _loop_args(p)
+    _schedule_args(p)
     p.add_argument("--seed", type=int, default=0)
     _progress_arg(p)
     p.set_defaults(func=cmd_train_mvae)

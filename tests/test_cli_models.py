@@ -316,3 +316,24 @@ def test_loss_plot_has_a_panel_per_term(tmp_path):
     assert panels["triplet"].val == [(r["step"], r["val_triplet"]) for r in log
                                      if "val_triplet" in r] and panels["triplet"].val
     assert panels["l1"].val == []  # left out of the validation loss: 0 there
+
+
+def test_train_schedule_options_reach_the_run(tmp_path, capsys):
+    """--schedule/--warmup-steps/--clip-norm/--checkpoint-every become tl's ``train=``: the
+    saved run records them and the logged learning rate follows the constant schedule."""
+    data = tmp_path / "atlas.h5ad"
+    datasets.write_synthetic_h5ad(data, 200, 30, n_batches=2, seed=0)
+    model_dir, ck = tmp_path / "model", tmp_path / "ck"
+    rc = cli.main(["train", "metric", str(data), "--out", str(model_dir), "--label-key",
+                   "cell_type", "--max-steps", "8", "--batch-size", "50", "--hidden", "16",
+                   "--latent-dim", "4", "--lr", "0.001", "--schedule", "constant",
+                   "--warmup-steps", "2", "--clip-norm", "none", "--checkpoint-every", "4",
+                   "--checkpoint-dir", str(ck)])
+    assert rc == 0
+    train = load(model_dir).info["train"]
+    assert (train["schedule"], train["warmup_steps"], train["clip_norm"],
+            train["checkpoint_every"]) == ("constant", 2, None, 4)
+    assert {4, 8} <= {int(p.name) for p in ck.iterdir() if p.name.isdigit()}
+    rc = cli.main(["train", "metric", str(data), "--out", str(tmp_path / "m2"), "--label-key",
+                   "cell_type", "--max-steps", "2", "--clip-norm", "big"])
+    assert rc == 2 and "--clip-norm" in capsys.readouterr().err
