@@ -44,6 +44,10 @@ Two stages per query block:
 Ties: among equal keys the smaller reference index comes first (squared distance for
 euclidean, ``-cos`` for cosine). Two keys one ulp apart can round to one reported distance; they
 keep their key order.
+
+Size (about 760 lines): exact k-NN and MNN pairs share the blocked brute-force scan, its
+streaming top-k merge and the faiss route; the merge helpers (``append_reference``,
+``lexsort_rows``) are the scan's inner loop.
 """
 
 from __future__ import annotations

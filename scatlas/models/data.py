@@ -16,6 +16,10 @@ Each batch is a dict of numpy arrays: ``x`` float32 (B, n_genes) (log-normalised
 ``transform="lognorm"``: counts scaled to 1e4 per cell, then ``log1p``, as SCimilarity and
 scanpy's ``normalize_total`` + ``log1p``), ``label`` int32 (B,) codes (-1: none), ``study``
 int32 (B,) codes (-1: none), ``index`` int64 (B,) source rows.
+
+Size (about 750 lines): the sources, the sampler, the batch assembly and the prefetcher are the
+one streaming path every trainer uses; the batch-size helpers at the end are shared by the
+``tl.train_*`` functions.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ is indexable by step (:class:`~scatlas.models.data.CellBatches` or anything with
   last checkpoint and reproduces the uninterrupted run;
 - early stopping on a validation split; a progress bar with loss and cells/s; a JSON-lines log
   (:func:`read_log`) and a loss-curve plot (:func:`plot_history`).
+
+Size (about 710 lines): the training loop, its checkpoints, its log and its plot are one
+contract every model relies on (resume must reproduce the uninterrupted run).
 """
 
 from __future__ import annotations
