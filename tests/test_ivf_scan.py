@@ -197,7 +197,7 @@ def test_float16_lists_recall_and_exact_over_stored_values(data, tmp_path):
     for a, b in zip(back.search(Q, 10, 3), e16.search(Q, 10, 3), strict=True):
         np.testing.assert_array_equal(backend.to_host(a), backend.to_host(b))
     with pytest.raises(ValueError, match="list_dtype"):
-        NativeIVF(D, "ip", NLIST, list_dtype="int8")
+        NativeIVF(D, "ip", NLIST, list_dtype="int32")
 
 
 @pytest.mark.parametrize("kind", ["ip", "l2"])

@@ -164,7 +164,8 @@ class CellIndex:
               engine: str = "auto", nlist: int | None = None, nprobe: int | None = None,
               train_size: int | None = None, chunk_size: int = 100_000,
               device: str | None = None, seed: int = 0, progress: bool | None = None,
-              obsm_key: str = "X_scatlas", n_shards: int | None = None) -> CellIndex:
+              obsm_key: str = "X_scatlas", n_shards: int | None = None,
+              list_dtype: str | None = None, rerank: int | None = None) -> CellIndex:
         """Build an index over ``embeddings``.
 
         Parameters
@@ -188,6 +189,12 @@ class CellIndex:
         n_shards
             Shards of the native IVF (None: one per GPU when there are several; see the module
             docstring, "Sharding").
+        list_dtype, rerank
+            Storage of the native IVF's lists (``engine="native-ivf"`` only; None: float32):
+            ``"float32"``, ``"float16"`` (half the bytes) or ``"int8"`` (scalar-quantised codes,
+            a quarter, with ``rerank`` x k shortlisted candidates per query re-ranked on exact
+            float16 rows kept in host memory; ``rerank=0``: no re-ranking, scores of the decoded
+            codes). See :mod:`scatlas.search.engines.ivf_native` and docs/search.md.
         """
         kind = _metric_kind(metric)
         chunk_size = check_positive_int(chunk_size, "chunk_size")
@@ -208,6 +215,8 @@ class CellIndex:
         name = choose_engine(engine, n_known, dev, nlist)
         if engine == "auto" and n_shards is not None and n_shards != 1 and name != "exact":
             name = "native-ivf"  # asking for shards picks the shardable IVF
+        if engine == "auto" and (list_dtype is not None or rerank is not None):
+            name = "native-ivf"  # asking for a list storage picks the IVF that has it
         shards = 1 if name == "exact" and engine == "auto" else resolve_shards(n_shards, name,
                                                                                 dev)
         nlist_used = None
@@ -216,8 +225,14 @@ class CellIndex:
             if nlist_used > n_known:
                 raise ScatlasInputError(f"nlist={nlist_used} exceeds the number of cells "
                                         f"({n_known})", param="nlist")
+        options = {key: v for key, v in (("list_dtype", list_dtype), ("rerank", rerank))
+                   if v is not None}
+        if options and name != "native-ivf":
+            raise ScatlasInputError(f"{' and '.join(options)} apply to engine='native-ivf' only "
+                                    f"(the engine here is {name!r}); pass engine='native-ivf'",
+                                    param=next(iter(options)))
         eng = _engines.create_engine(name, src.d, kind, nlist_used, device=dev, seed=seed,
-                                     n_shards=shards)
+                                     n_shards=shards, **options)
         if src.n is not None:
             eng.reserve(src.n)
         self = cls(eng, metric=metric, device=dev, nprobe=None)
@@ -516,8 +531,10 @@ class CellIndex:
     def _to_distance(self, keys: Any) -> Any:
         xp = backend.array_module(keys)
         if self._metric == "cosine":
-            D = xp.clip(1.0 + keys, 0.0, 2.0)
-            return xp.where(xp.isfinite(keys), D, xp.inf).astype(np.float32)
+            D = xp.add(keys, np.float32(1.0), dtype=np.float32)
+            xp.clip(D, 0.0, 2.0, out=D)
+            D[~xp.isfinite(keys)] = xp.inf
+            return D
         if self._metric == "euclidean":
             return xp.sqrt(xp.maximum(keys, 0.0)).astype(np.float32)
         return keys.astype(np.float32)
@@ -552,13 +569,14 @@ class CellIndex:
         list}`` of values to keep, with ``{"exclude": {column: values}}`` to drop.
         """
         queries = self._check_queries(queries)
-        k = check_positive_int(k, "k")
+        if type(k) is not int or k < 1:  # a plain positive int passes without the full check
+            k = check_positive_int(k, "k")
         if batch_size is not None:
             batch_size = check_positive_int(batch_size, "batch_size")
         caller_gpu = backend.is_gpu_array(queries)
         Q = self._prepare(queries, "queries")
         allowed = self.filter_mask(filter)
-        D, ids = self._search_prepared(Q, k, self._nprobe_for(nprobe), allowed, batch_size)
+        D, ids = self._search_prepared(Q, k, nprobe, allowed, batch_size)
         return _to_caller(D, caller_gpu), _to_caller(ids, caller_gpu)
 
     def range_search(self, queries: Any, radius: float, *, nprobe: int | None = None,

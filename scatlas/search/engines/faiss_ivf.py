@@ -141,7 +141,10 @@ class FaissIVF(EngineBase):
         sel, bits = self._selector(allowed) if allowed is not None else (None, None)
         D, ids = self.index.search(q, int(k), params=self._params(nprobe, sel))
         del bits
-        return smallest_k(self._keys(D, ids), ids.astype(np.int64), k)
+        keys, ids = self._keys(D, ids), ids.astype(np.int64, copy=False)
+        if not (keys[:, 1:] == keys[:, :-1]).any():  # faiss sorts by key: no ties, in order
+            return keys, ids
+        return smallest_k(keys, ids, k)  # ties: ordered by the smaller id
 
     def _search_gpu(self, q: np.ndarray, k: int, nprobe: int, allowed: Any) -> tuple[Any, Any]:
         faiss = faiss_module()

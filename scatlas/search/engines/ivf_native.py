@@ -25,6 +25,18 @@ buffered instead (then the data are held twice while building).
 Lists may be stored in float16 (``list_dtype="float16"``: half the memory; every score is
 accumulated in float32 from the float16 values, which are the stored vectors from then on).
 
+Or in int8 (``list_dtype="int8"``: a quarter of the float32 bytes), as faiss
+``IndexIVFScalarQuantizer`` with ``QT_8bit`` (uniform per-dimension quantiser): per dimension
+``offset = (min + max) / 2`` and ``scale = (max - min) / 254`` of the training sample, codes
+``clip(round((x - offset) / scale), -127, 127)``, decoded ``x^ = offset + scale * code``. The
+scan scores the codes with the queries pre-scaled (``(-q * scale) . code + (-q . offset)``:
+float32 accumulation, one GEMM as above), so its scores are those of the decoded vectors. With
+``rerank = r > 0`` (default 4) every query keeps a shortlist of its ``r k`` best decoded scores
+and re-ranks it with the exact vectors, stored beside the codes in ``refine_dtype`` (float16 by
+default, or float32) in HOST memory (NumPy, also on the GPU: the candidates' rows are gathered
+on the host, one more device->host read per batch); with ``rerank=0`` nothing else is stored
+and the results are the exact search over the decoded vectors (faiss IVFSQ's behaviour).
+
 Search: a LIST-MAJOR scan (as cuVS/RAFT IVF-Flat: each probed list is read once per batch, not
 once per query that probes it). Per batch of queries:
 
@@ -96,7 +108,9 @@ _U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
 # bytes each score moves, unfused: GEMM write 4 (queries pre-scaled: -q or -2q), + penalty
 # 4 + 4, partition read + copy 8, band compare 4 + 1, nonzero 1 (l2: one more pass, 8)
 _SCORE_BYTES = 26
-_LIST_DTYPES = ("float32", "float16")
+_LIST_DTYPES = ("float32", "float16", "int8")
+_REFINE_DTYPES = ("float16", "float32")
+_Q8 = 127  # int8 codes in [-127, 127] (symmetric)
 _COMPACT_FRACTION = 0.25
 _NITER = 10
 _MAX_TAIL = 8  # appended segments kept apart before they are merged into one
@@ -107,11 +121,33 @@ class _Segment:
     """One list-sorted block of the inverted lists (see the module docstring)."""
 
     FIELDS = ("vectors", "ids", "offsets", "dead")
-    __slots__ = ("_vectors", "ids", "_offsets", "dead", "_sqnorm", "_xmax", "_hoff")
+    __slots__ = ("_vectors", "ids", "_offsets", "dead", "_sqnorm", "_xmax", "_hoff", "sq",
+                 "refine")
 
-    def __init__(self, vectors: Any, ids: Any, offsets: Any, dead: Any):
+    def __init__(self, vectors: Any, ids: Any, offsets: Any, dead: Any, sq: Any = None,
+                 refine: np.ndarray | None = None):
         self._vectors, self.ids, self._offsets, self.dead = vectors, ids, offsets, dead
         self._sqnorm = self._xmax = self._hoff = None
+        self.sq = sq  # int8 lists: (2, d) float32 [scale; offset] on the device, else None
+        self.refine = refine  # int8 with re-ranking: (m, d) exact rows on the HOST, else None
+
+    def decoded(self, rows: Any) -> Any:
+        """The stored vectors at ``rows`` (an index array or a slice) as float32: decoded
+        (``offset + scale * code``) for int8 lists."""
+        v = self._vectors[rows].astype(np.float32)
+        if self.sq is not None:
+            v *= self.sq[0]
+            v += self.sq[1]
+        return v
+
+    def exact(self, rows: Any) -> Any:
+        """The rows' vectors for the exact re-scoring, float32 on the device: the refine copy
+        when there is one (read on the host), else :meth:`decoded`."""
+        if self.refine is None:
+            return self.decoded(rows)
+        xp = backend.array_module(self._offsets)
+        host = self.refine[backend.to_host(rows)].astype(np.float32)
+        return host if xp is np else xp.asarray(host)
 
     # setting the vectors or the offsets drops what the scan derived from them
     def _set_vectors(self, v: Any) -> None:
@@ -139,7 +175,7 @@ class _Segment:
             xp = backend.array_module(self._offsets)
             out = xp.empty(self.rows, dtype=np.float32)
             for s in range(0, self.rows, _MERGE_ROWS):
-                v = self._vectors[s : s + _MERGE_ROWS].astype(np.float32)
+                v = self.decoded(slice(s, s + _MERGE_ROWS))
                 out[s : s + _MERGE_ROWS] = (v * v).sum(axis=1)
             self._sqnorm, self._xmax = out, None
         return self._sqnorm
@@ -169,8 +205,10 @@ def _merge_segments(segs: list[_Segment], nlist: int, d: int, drop_dead: bool) -
     offsets = xp.zeros(nlist + 1, dtype=np.int64)
     offsets[1:] = xp.cumsum(total)
     n = int(offsets[-1])
+    ref = segs[0].refine
     out = _Segment(xp.empty((n, d), dtype=segs[0].vectors.dtype), xp.empty(n, dtype=np.int64),
-                   offsets, xp.zeros(n, dtype=bool))
+                   offsets, xp.zeros(n, dtype=bool), segs[0].sq,
+                   None if ref is None else np.empty((n, d), dtype=ref.dtype))
     before = offsets[:-1].copy()  # where the next segment's rows of each list go
     for seg, keep, cnt in zip(segs, keeps, counts, strict=True):
         src = xp.arange(seg.rows) if keep is None else xp.flatnonzero(keep)
@@ -182,6 +220,8 @@ def _merge_segments(segs: list[_Segment], nlist: int, d: int, drop_dead: bool) -
             out.vectors[dst[sl]] = seg.vectors[src[sl]]
             out.ids[dst[sl]] = seg.ids[src[sl]]
             out.dead[dst[sl]] = seg.dead[src[sl]]
+            if out.refine is not None:
+                out.refine[backend.to_host(dst[sl])] = seg.refine[backend.to_host(src[sl])]
         before = before + cnt
     return out
 
@@ -252,34 +292,97 @@ class NativeIVF(EngineBase):
     name = "native-ivf"
 
     def __init__(self, d: int, kind: str, nlist: int, device: str = "cpu", seed: int = 0,
-                 list_dtype: Any = "float32"):
+                 list_dtype: Any = "float32", rerank: int = 4, refine_dtype: Any = "float16"):
         self.d, self.kind, self.nlist, self.device, self.seed = d, kind, nlist, device, seed
-        if np.dtype(list_dtype).name not in _LIST_DTYPES:
-            raise ScatlasInputError(f"list_dtype must be one of {_LIST_DTYPES}, got {list_dtype!r}")
+        try:
+            dt = np.dtype(list_dtype).name
+        except TypeError:
+            dt = repr(list_dtype)
+        if dt not in _LIST_DTYPES:
+            raise ScatlasInputError(f"list_dtype must be one of {_LIST_DTYPES}, got {list_dtype!r}",
+                                    param="list_dtype")
+        if isinstance(rerank, bool) or not isinstance(rerank, int | np.integer) or rerank < 0:
+            raise ScatlasInputError(f"rerank must be an integer >= 0 (the shortlist is rerank x k "
+                                    f"per query; 0: no re-ranking), got {rerank!r}",
+                                    param="rerank")
+        if np.dtype(refine_dtype).name not in _REFINE_DTYPES:
+            raise ScatlasInputError(f"refine_dtype must be one of {_REFINE_DTYPES}, got "
+                                    f"{refine_dtype!r}", param="refine_dtype")
+        self.int8 = dt == "int8"
+        self.rerank = int(rerank) if self.int8 else 0
+        self.refine_dtype = np.dtype(refine_dtype)
         xp = backend.device_module(device)
         self.centroids: Any = None
+        self.sq: Any = None  # int8: (2, d) float32 [scale; offset], fitted with the centroids
         self.spherical = False
-        self._segs = [_Segment(xp.empty((0, d), dtype=np.dtype(list_dtype)),
-                               xp.empty(0, dtype=np.int64), xp.zeros(nlist + 1, dtype=np.int64),
-                               xp.zeros(0, dtype=bool))]
+        self._segs = [self._segment(xp.empty((0, d), dtype=np.dtype(dt)),
+                                    xp.empty(0, dtype=np.int64),
+                                    xp.zeros(nlist + 1, dtype=np.int64), xp.zeros(0, dtype=bool))]
         self.n_dead = 0
         self.last_scan: dict[str, float] = {}  # work of the last search (scan_counts)
 
     @classmethod
     def create(cls, d: int, kind: str, nlist: int, *, device: str = "cpu",
-               variant: str = "native-ivf", seed: int = 0,
-               list_dtype: Any = "float32") -> NativeIVF:
-        return cls(d, kind, nlist, device, seed, list_dtype)
+               variant: str = "native-ivf", seed: int = 0, list_dtype: Any = "float32",
+               rerank: int = 4, refine_dtype: Any = "float16") -> NativeIVF:
+        return cls(d, kind, nlist, device, seed, list_dtype, rerank, refine_dtype)
+
+    def _segment(self, vectors: Any, ids: Any, offsets: Any, dead: Any) -> _Segment:
+        """A segment of this engine's layout (the int8 quantiser and refine rows attached)."""
+        ref = (np.empty((int(ids.shape[0]), self.d), dtype=self.refine_dtype)
+               if self.rerank else None)
+        return _Segment(vectors, ids, offsets, dead, self.sq, ref)
+
+    def set_quantizer(self, sq: Any) -> None:
+        """Use a given int8 quantiser, (2, d) float32 ``[scale; offset]``."""
+        xp = backend.device_module(self.device)
+        sq = xp.asarray(sq, dtype=np.float32)
+        if sq.shape != (2, self.d):
+            raise ScatlasInputError(f"the quantiser must have shape (2, {self.d}), got "
+                                    f"{sq.shape}")
+        self.sq = sq
+        for seg in self._segs:
+            seg.sq = sq
+            seg._sqnorm = None
+
+    def fit_quantizer(self, X: Any) -> None:
+        """Fit the per-dimension int8 quantiser on rows ``X`` (n, d): ``offset`` the middle of
+        each dimension's range, ``scale`` its half-width / 127 (1 where the range is empty)."""
+        xp = backend.array_module(X)
+        lo, hi = X.min(axis=0), X.max(axis=0)
+        scale = (hi - lo) / np.float32(2 * _Q8)
+        scale = xp.where(scale > 0, scale, np.float32(1.0))
+        self.set_quantizer(xp.stack([scale, (hi + lo) / np.float32(2.0)]).astype(np.float32))
+
+    def _encode(self, X: Any) -> Any:
+        """Rows as stored: int8 codes (fitting the quantiser on ``X`` first when there is none)
+        or the float list dtype."""
+        xp = backend.array_module(X)
+        if not self.int8:
+            return X.astype(self.list_dtype, copy=False)
+        if self.sq is None:
+            self.fit_quantizer(X)
+        c = xp.rint((X - self.sq[1]) / self.sq[0])
+        return xp.clip(c, -_Q8, _Q8).astype(np.int8)
+
+    def _store(self, seg: _Segment, pos: Any, X: Any, ids: Any) -> None:
+        """Write rows ``X`` (float32, device) with ``ids`` at rows ``pos`` of ``seg``."""
+        seg.vectors[pos] = self._encode(X)
+        seg.ids[pos] = ids
+        if seg.refine is not None:
+            seg.refine[backend.to_host(pos)] = backend.to_host(X)
 
     @property
     def list_dtype(self) -> np.dtype:
-        """dtype of the stored list vectors (float32, or float16 to halve memory)."""
+        """dtype of the stored list vectors (float32; float16 halves memory; int8 codes)."""
         return np.dtype(self._segs[0].vectors.dtype)
 
     def bytes_per_cell(self) -> float:
         """The stored vector (``d`` x its itemsize), int64 id, dead flag, float32 squared norm
-        (cached by the scan): 4 d + 13 in float32, 2 d + 13 in float16."""
-        return float(self.d * self.list_dtype.itemsize + 13)
+        (cached by the scan): 4 d + 13 in float32, 2 d + 13 in float16, d + 13 in int8 (device
+        memory) plus, with re-ranking, the host copy: 2 d (float16) or 4 d (float32)."""
+        host = self.d * self.refine_dtype.itemsize if self.rerank else 0
+        return float(self.d * self.list_dtype.itemsize + 13 + host)
 
     # -- training and adding --------------------------------------------------------------------
     @property
@@ -344,6 +447,8 @@ class NativeIVF(EngineBase):
         self.spherical = bool(self.kind == "ip" and float(xp.abs(norms - 1).max()) < 1e-3)
         self.set_centroids(kmeans(X, self.nlist, kind=self.kind, niter=_NITER, seed=self.seed,
                                   spherical=self.spherical))
+        if self.int8:
+            self.fit_quantizer(X)
 
     def _assign(self, X: Any) -> Any:
         labels, _ = assign(X, self.centroids, self.kind, Cnorm=self._cnorm)
@@ -365,16 +470,17 @@ class NativeIVF(EngineBase):
         n = int(counts.sum())
         offsets = np.zeros(self.nlist + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        self.vectors = xp.empty((n, self.d), dtype=self.list_dtype)
-        self.ids = xp.empty(n, dtype=np.int64)
-        self.dead = xp.zeros(n, dtype=bool)
-        self.offsets = xp.asarray(offsets)
+        if self.int8 and self.sq is None:  # centroids given, not trained: fit on the data
+            self.fit_quantizer(xp.asarray(next(iter(make_chunks(False)))[0], dtype=np.float32))
+        seg = self._segment(xp.empty((n, self.d), dtype=self.list_dtype),
+                            xp.empty(n, dtype=np.int64), xp.asarray(offsets),
+                            xp.zeros(n, dtype=bool))
+        self._segs = [seg]
         fill = xp.asarray(offsets[:-1].copy())
         for (X, ids), lab in zip(make_chunks(False), labels_all, strict=True):
             lab = lab.astype(np.int64)
             pos = self._slots(lab, fill)
-            self.vectors[pos] = xp.asarray(X, dtype=np.float32)
-            self.ids[pos] = xp.asarray(ids)
+            self._store(seg, pos, xp.asarray(X, dtype=np.float32), xp.asarray(ids))
             fill += xp.bincount(lab, minlength=self.nlist)
 
     @staticmethod
@@ -402,10 +508,9 @@ class NativeIVF(EngineBase):
         offsets = xp.zeros(self.nlist + 1, dtype=np.int64)
         offsets[1:] = xp.cumsum(xp.bincount(lab, minlength=self.nlist))
         n = X.shape[0]
-        seg = _Segment(xp.empty((n, self.d), dtype=self.list_dtype),
-                       xp.empty(n, dtype=np.int64), offsets, xp.zeros(n, dtype=bool))
-        pos = self._slots(lab, offsets[:-1])
-        seg.vectors[pos], seg.ids[pos] = X, ids
+        seg = self._segment(xp.empty((n, self.d), dtype=self.list_dtype),
+                            xp.empty(n, dtype=np.int64), offsets, xp.zeros(n, dtype=bool))
+        self._store(seg, self._slots(lab, offsets[:-1]), X, ids)
         if self._segs[0].rows == 0 and len(self._segs) == 1:
             self._segs = [seg]
             return
@@ -567,8 +672,14 @@ class NativeIVF(EngineBase):
         dest = xp.concatenate([order, xp.full(1, T, dtype=order.dtype)])  # its row in tops
         qsq = (Qb * Qb).sum(axis=1)
         Qs = Qb * np.float32(-2.0 if self.kind == "l2" else -1.0)  # GEMM gives the key term
+        qadd = qsq if self.kind == "l2" else None  # per-query term added to every score
+        if self.int8:  # scores of the decoded rows: (Qs * scale) . code + Qs . offset
+            qoff = Qs @ self.sq[1]
+            qadd = qoff if qadd is None else qadd + qoff
+            Qs = Qs * self.sq[0]
+        kk = k * self.rerank if self.rerank else k  # the shortlist re-ranked per query
         scores = xp.empty(plan["n_scores"], dtype=np.float32)
-        tops = None if radius is not None else xp.full((len(segs), T + 1, k), xp.inf,
+        tops = None if radius is not None else xp.full((len(segs), T + 1, kk), xp.inf,
                                                          dtype=np.float32)
         span = max([1] + [max(c[1], c[2]) for c in chunks])
         ar = xp.arange(span, dtype=np.int64)
@@ -594,11 +705,12 @@ class NativeIVF(EngineBase):
                 pen = pen + xp.where(allowed[seg.ids[ridx]], zero, inf)
             if self.kind == "l2":
                 S += (seg.sqnorm()[ridx] + pen)[:, None, :]
-                S += qsq[pq[qp]][:, :, None]
             else:
                 S += pen[:, None, :]
-            if tops is not None:  # the pair's k best (a running top-k over its lists)
-                top = xp.partition(S, k - 1, axis=-1)[..., :k] if mm > k else S
+            if qadd is not None:
+                S += qadd[pq[qp]][:, :, None]
+            if tops is not None:  # the pair's kk best (a running top-kk over its lists)
+                top = xp.partition(S, kk - 1, axis=-1)[..., :kk] if mm > kk else S
                 tops[s, dest[qp], : top.shape[-1]] = top
 
         nt = self._threads(plan["n_scores"])
@@ -606,14 +718,20 @@ class NativeIVF(EngineBase):
         self._map(lambda grp: [score(ch) for ch in grp], groups, nt)
         # step 3: each query's threshold, then every score within eps of it
         xmax = max([seg.xmax() for seg in segs] + [0.0])
+        qerr = 0.0  # int8 with re-ranking, range search: |key(x) - key(x^)| of in-range rows
+        if self.int8:  # the GEMM sums scale * code and the offset: bound with both norms
+            onorm = float(xp.sqrt((self.sq[1] * self.sq[1]).sum()))
+            if self.rerank and radius is not None:
+                qerr = 0.5 * float(xp.sqrt((self.sq[0] * self.sq[0]).sum()))
+            xmax = xmax + 2.0 * onorm
         qn = xp.sqrt(qsq)
         if self.kind == "l2":
-            eps = 4.0 * (self.d + 3) * _U32 * (qn + xmax) ** 2
+            eps = 4.0 * (self.d + 3) * _U32 * (qn + xmax) ** 2 + (2 * (qn + xmax) + qerr) * qerr
         else:
-            eps = 4.0 * (self.d + 2) * _U32 * qn * xmax
+            eps = 4.0 * (self.d + 2) * _U32 * qn * xmax + qn * qerr
         if tops is not None:
-            W = tops[:, :T].reshape(len(segs), B, P * k).transpose(1, 0, 2).reshape(B, -1)
-            tau = xp.partition(W, k - 1, axis=-1)[:, k - 1]
+            W = tops[:, :T].reshape(len(segs), B, P * kk).transpose(1, 0, 2).reshape(B, -1)
+            tau = xp.partition(W, kk - 1, axis=-1)[:, kk - 1]
         else:
             tau = xp.full(B, radius, dtype=np.float32)
         big = np.float32(np.finfo(np.float32).max)
@@ -642,7 +760,7 @@ class NativeIVF(EngineBase):
         query = pq[u_qa[u] + i]
         row = u_r0[u] + j
         if len(segs) == 1:
-            X, ids = segs[0].vectors[row].astype(np.float32, copy=False), segs[0].ids[row]
+            X, ids = segs[0].exact(row), segs[0].ids[row]
         else:
             cs = c_s[c]
             X = xp.zeros((f.shape[0], self.d), dtype=np.float32)
@@ -650,7 +768,7 @@ class NativeIVF(EngineBase):
             for s, seg in enumerate(segs):
                 mine = cs == s
                 r = xp.where(mine, row, 0)
-                X = xp.where(mine[:, None], seg.vectors[r].astype(np.float32), X)
+                X = xp.where(mine[:, None], seg.exact(r), X)
                 ids = xp.where(mine, seg.ids[r], ids)
         keys = pair_keys(Qb, X, query, xp.arange(f.shape[0]), self.kind)
         self._count(B, T, plan, int(f.shape[0]), segs)
@@ -672,9 +790,13 @@ class NativeIVF(EngineBase):
                "gather_bytes": float(plan["rows"]) * d * 4 * 2,
                "score_bytes": float(plan["n_scores"]) * (_SCORE_BYTES + 8 * (self.kind == "l2")),
                "other_bytes": float(self.nlist * d * 4 + 2 * B * d * 4
-                                    + n_cand * (d * (4 + item) + 32))}
+                                    + n_cand * (d * (4 + self._exact_item()) + 32))}
         for key, v in add.items():
             c[key] = c.get(key, 0.0) + float(v)
+
+    def _exact_item(self) -> int:
+        """Bytes per dimension of the rows the exact re-scoring reads."""
+        return self.refine_dtype.itemsize if self.rerank else self.list_dtype.itemsize
 
     def scan_counts(self) -> dict[str, float]:
         """Work of the last :meth:`search` / :meth:`range_search` call, summed over its batches:
@@ -760,29 +882,43 @@ class NativeIVF(EngineBase):
 
     # -- persistence ----------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
-        return {"spherical": self.spherical, "n_dead": self.n_dead,
-                "list_dtype": self.list_dtype.name}
+        out = {"spherical": self.spherical, "n_dead": self.n_dead,
+               "list_dtype": self.list_dtype.name}
+        if self.int8:
+            out.update(rerank=self.rerank, refine_dtype=self.refine_dtype.name)
+        return out
 
     _FILES = ("centroids", "vectors", "ids", "offsets", "dead")
+
+    def _files(self) -> tuple[str, ...]:
+        """The saved arrays: int8 lists add ``quantizer`` ((2, d) [scale; offset]) and, with
+        re-ranking, ``refine`` ((N, d) exact rows in list order)."""
+        extra = ("quantizer",) * self.int8 + ("refine",) * bool(self.rerank)
+        return self._FILES + extra
 
     def save(self, folder: Path) -> list[str]:
         """The one-array layout; segments are merged on the host (no device copy)."""
         if len(self._segs) > 1:
-            host = [_Segment(*(backend.to_host(getattr(seg, a)) for a in _Segment.FIELDS))
-                    for seg in self._segs]
+            host = [_Segment(*(backend.to_host(getattr(seg, a)) for a in _Segment.FIELDS),
+                             None, seg.refine) for seg in self._segs]
             flat = _merge_segments(host, self.nlist, self.d, drop_dead=False)
         else:
             flat = self._segs[0]
         arrays = {"centroids": self.centroids, "vectors": flat.vectors, "ids": flat.ids,
-                  "offsets": flat.offsets, "dead": flat.dead}
-        for name in self._FILES:
+                  "offsets": flat.offsets, "dead": flat.dead, "quantizer": self.sq,
+                  "refine": flat.refine}
+        for name in self._files():
             np.save(folder / f"{name}.npy", backend.to_host(arrays[name]))
-        return [f"{name}.npy" for name in self._FILES]
+        return [f"{name}.npy" for name in self._files()]
 
     @classmethod
     def load(cls, folder: Path, meta: dict[str, Any], device: str) -> NativeIVF:
         xp = backend.device_module(device)
-        arrays = {name: np.load(folder / f"{name}.npy") for name in cls._FILES}
+        em = meta.get("engine_meta", {})
+        probe = cls(1, meta["kind"], 1, "cpu", list_dtype=em.get("list_dtype", "float32"),
+                    rerank=int(em.get("rerank", 0)),
+                    refine_dtype=em.get("refine_dtype", "float16"))
+        arrays = {name: np.load(folder / f"{name}.npy") for name in probe._files()}
         nlist, d = arrays["centroids"].shape
         if d != int(meta["dim"]):
             raise mismatch(folder, "dimension", d, meta["dim"])
@@ -795,10 +931,20 @@ class NativeIVF(EngineBase):
                            "consistent lists")
         if arrays["vectors"].dtype.name not in _LIST_DTYPES:
             raise mismatch(folder, "vectors dtype", arrays["vectors"].dtype, _LIST_DTYPES)
-        eng = cls(d, meta["kind"], nlist, device, list_dtype=arrays["vectors"].dtype)
+        if arrays["vectors"].dtype != probe.list_dtype:
+            raise mismatch(folder, "vectors dtype", arrays["vectors"].dtype, probe.list_dtype)
+        ref = arrays.get("refine")
+        if ref is not None and (ref.shape != (n, d) or ref.dtype != probe.refine_dtype):
+            raise mismatch(folder, "refine rows", (ref.shape, ref.dtype),
+                           ((n, d), probe.refine_dtype))
+        eng = cls(d, meta["kind"], nlist, device, list_dtype=arrays["vectors"].dtype,
+                  rerank=probe.rerank, refine_dtype=probe.refine_dtype)
         eng.set_centroids(arrays["centroids"])
-        eng.vectors, eng.ids = xp.asarray(arrays["vectors"]), xp.asarray(arrays["ids"])
-        eng.offsets, eng.dead = xp.asarray(arrays["offsets"]), xp.asarray(arrays["dead"])
+        if eng.int8:
+            eng.set_quantizer(arrays["quantizer"])
+        eng._segs = [_Segment(xp.asarray(arrays["vectors"]), xp.asarray(arrays["ids"]),
+                              xp.asarray(arrays["offsets"]), xp.asarray(arrays["dead"]), eng.sq,
+                              ref)]
         eng.n_dead = int(arrays["dead"].sum())
         eng.spherical = bool(meta.get("engine_meta", {}).get("spherical", False))
         return eng

@@ -66,6 +66,9 @@ class ShardedNativeIVF(EngineBase):
                  n_shards: int = 2, parallel: bool | None = None, list_dtype: Any = "float32"):
         if n_shards < 1:
             raise ScatlasInputError(f"n_shards must be >= 1, got {n_shards}")
+        if np.dtype(list_dtype).name == "int8":
+            raise ScatlasInputError("list_dtype='int8' is not sharded yet; use n_shards=1 or "
+                                    "list_dtype='float16'", param="list_dtype")
         self.d, self.kind, self.nlist, self.device, self.seed = d, kind, nlist, device, seed
         self.n_shards = int(n_shards)
         if device == "gpu":
