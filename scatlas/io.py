@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import anndata as ad
 import h5py
@@ -37,8 +37,8 @@ import scipy.sparse as sp
 from . import backend
 from ._validate import ScatlasInputError, check_positive_int
 
-__all__ = ["align_genes", "atomic_write", "iter_chunks", "read_dask", "read_h5ad", "read_zarr",
-           "write_h5ad"]
+__all__ = ["ArrayRows", "RowSource", "align_genes", "as_row_source", "atomic_write",
+           "iter_chunks", "read_dask", "read_h5ad", "read_zarr", "write_h5ad"]
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,102 @@ def read_dask(path: PathLike, *, chunk_rows: int = 10_000, layer: str | None = N
     obs_df = read_elem(root["obs"]) if obs else pd.DataFrame(index=pd.RangeIndex(X.shape[0])
                                                              .astype(str))
     return ad.AnnData(X=X, obs=obs_df, var=var)
+
+
+# --------------------------------------------------------------------------------------------
+# RowSource: the one out-of-core abstraction
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """Cells x genes rows, read by index or in blocks: what streaming consumers take.
+
+    ``shape``: ``(n_cells, n_genes)``. ``rows(idx)``: the rows ``idx`` (int64, sorted, unique)
+    in that order, as a host block (``scipy.sparse`` CSR or ``numpy``). ``blocks(chunk_rows)``:
+    ``(start, stop, X[start:stop])`` in row order. :func:`as_row_source` makes one of any
+    matrix, store or list of chunks; ``scatlas.models.data.MatrixSource`` is one too.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def rows(self, idx: np.ndarray) -> Any: ...
+
+    def blocks(self, chunk_rows: int) -> Iterator[tuple[int, int, Any]]: ...
+
+
+def _compute(block: Any) -> Any:
+    block = block.compute() if hasattr(block, "compute") else block
+    return block if sp.issparse(block) else np.asarray(block)
+
+
+class ArrayRows:
+    """:class:`RowSource` over an (n, p) matrix: NumPy, ``scipy.sparse``, an anndata backed
+    sparse dataset (h5ad or zarr), an h5py / zarr array, a ``dask.array.Array`` (rows are
+    computed on the active scheduler), or a list of such chunks stacked by rows. Indexing
+    (``src[idx]``, ``src[lo:hi]``) reads rows too, so it stands in for the matrix."""
+
+    def __init__(self, X: Any):
+        if isinstance(X, list | tuple):
+            if not X:
+                raise ScatlasInputError("an empty list of chunks has no rows", param="X")
+            self._chunks = [ArrayRows(c) for c in X]
+            widths = {c.shape[1] for c in self._chunks}
+            if len(widths) != 1:
+                raise ScatlasInputError(f"chunks have different numbers of columns {widths}",
+                                        param="X")
+            self._starts = np.cumsum([0] + [c.shape[0] for c in self._chunks])
+            self._shape = (int(self._starts[-1]), widths.pop())
+            self.X = None
+            return
+        if len(getattr(X, "shape", ())) != 2:
+            raise ScatlasInputError(f"expected a 2-D cells x genes matrix, got {type(X)}",
+                                    param="X")
+        if sp.issparse(X) and X.format != "csr":
+            X = sp.csr_matrix(X)
+        self.X, self._chunks = X, None
+        self._shape = (int(X.shape[0]), int(X.shape[1]))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    def rows(self, idx: np.ndarray) -> Any:
+        idx = np.asarray(idx, dtype=np.int64)
+        if self._chunks is None:
+            return _compute(self.X[idx])
+        which = np.searchsorted(self._starts, idx, side="right") - 1
+        parts = [self._chunks[c].rows(idx[which == c] - self._starts[c])
+                 for c in np.unique(which)]
+        return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.vstack(parts)
+
+    def blocks(self, chunk_rows: int) -> Iterator[tuple[int, int, Any]]:
+        chunk_rows = check_positive_int(chunk_rows, "chunk_rows")
+        for start in range(0, self._shape[0], chunk_rows):
+            stop = min(start + chunk_rows, self._shape[0])
+            yield start, stop, self[start:stop]
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(self._shape[0])
+            if self._chunks is None and step == 1:
+                return _compute(self.X[lo:hi])
+            return self.rows(np.arange(lo, hi, step))
+        return self.rows(key)
+
+
+def as_row_source(X: Any) -> RowSource:
+    """A :class:`RowSource` of ``X``: one as it is; a path to a zarr store or ``.h5ad`` (its
+    ``X``, read lazily: a backed sparse dataset / on-disk array); else :class:`ArrayRows`."""
+    if isinstance(X, RowSource):
+        return X
+    if isinstance(X, str | os.PathLike):
+        path = Path(X)
+        backed = read_zarr(path, backed=True) if path.is_dir() else read_h5ad(path,
+                                                                              backed="r")
+        return ArrayRows(backed.X)
+    return ArrayRows(X)
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,6 +65,17 @@ class MatrixSource:
         block = self.matrix[idx]
         return block if self.columns is None else block[:, self.columns]
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_obs, n_vars): with :meth:`rows` and :meth:`blocks`, a ``scatlas.io.RowSource``."""
+        return self.n_obs, self.n_vars
+
+    def blocks(self, chunk_rows: int) -> Iterator[tuple[int, int, Any]]:
+        """``(start, stop, rows)`` in row order, ``chunk_rows`` at a time."""
+        for lo in range(0, self.n_obs, chunk_rows):
+            hi = min(self.n_obs, lo + chunk_rows)
+            yield lo, hi, self.rows(np.arange(lo, hi))
+
 
 class SyntheticSource:
     """An endless synthetic atlas (:func:`scatlas.datasets.synthetic`'s model), by 512-cell blocks.
@@ -105,10 +116,28 @@ class SyntheticSource:
 
 
 def as_source(X: Any) -> MatrixSource | SyntheticSource:
-    """Wrap a matrix (or pass a source through)."""
+    """Wrap a matrix (or pass a source through); a Dask array, a list of chunks or another
+    ``scatlas.io.RowSource`` is read through ``scatlas.io.ArrayRows`` / its own ``rows``."""
     if isinstance(X, MatrixSource | SyntheticSource):
         return X
+    from ..io import ArrayRows, RowSource  # noqa: PLC0415
+
+    if isinstance(X, list | tuple) or hasattr(X, "dask") or (
+            isinstance(X, RowSource) and not hasattr(X, "__getitem__")):
+        X = ArrayRows(X) if not isinstance(X, RowSource) else _Indexed(X)
     return MatrixSource(X)
+
+
+class _Indexed:
+    """A RowSource without indexing, indexable (``src[idx]``, ``src[lo:hi]``) by its rows."""
+
+    def __init__(self, source: Any):
+        self.source, self.shape = source, tuple(source.shape)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            key = np.arange(*key.indices(self.shape[0]))
+        return self.source.rows(np.asarray(key, dtype=np.int64))
 
 
 # --------------------------------------------------------------------------------- transforms
