@@ -175,3 +175,15 @@ def test_synthetic_zarr_equals_in_memory(client, tmp_path):
     assert got.obs.equals(ref.obs) and list(got.var_names) == list(ref.var_names)
     assert rec["n_cells"] == 2500 and rec["disk_bytes"] > 0
     assert not list(tmp_path.glob(".*"))
+
+
+def test_cli_synthetic_zarr(client, tmp_path):
+    from scatlas import cli
+
+    out = tmp_path / "s.zarr"
+    rc = cli.main(["synthetic", str(out), "--n-cells", "600", "--n-genes", "50",
+                   "--scheduler", client.scheduler.address, "--no-progress"])
+    assert rc == 0
+    got = scatlas.io.read_zarr(out)
+    ref = scatlas.datasets.synthetic(600, 50, progress=False)
+    assert got.shape == (600, 50) and (got.X != ref.X).nnz == 0
