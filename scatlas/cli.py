@@ -158,29 +158,15 @@ def cmd_cca(args: argparse.Namespace) -> int:
     adata = _read(args.input)
     _preprocess(adata, args, batch_key=args.batch_key)
     if args.scale:
-        _scale_per_batch(adata, args.batch_key)
+        from . import pp
+
+        pp.scale(adata, batch_key=args.batch_key)
     tl.cca(adata, args.batch_key, groups=tuple(args.groups) if args.groups else None, k=args.k,
            layer=args.layer, key_added=args.key_added, method=args.method, seed=args.seed,
            device=args.device, progress=args.progress)
     _write(adata, args.output)
     _done("cca", args.output, t0)
     return 0
-
-
-def _scale_per_batch(adata, batch_key: str) -> None:
-    """Seurat's ScaleData per dataset (:func:`scatlas.kernels.scale_data`; densifies)."""
-    import numpy as np
-
-    from ._validate import check_obs_key
-    from .kernels import scale_data
-
-    check_obs_key(adata, batch_key, "batch_key")
-    batches = adata.obs[batch_key].to_numpy()
-    X = np.empty(adata.shape, dtype=np.float32)
-    for b in np.unique(batches):
-        rows = np.flatnonzero(batches == b)
-        X[rows] = scale_data(adata.X[rows])
-    adata.X = X
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:

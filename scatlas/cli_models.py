@@ -187,8 +187,7 @@ def _finish_training(what: str, model, args: argparse.Namespace, log_path: str, 
 
 @_in_cli_terms("impute")
 def cmd_impute(args: argparse.Namespace) -> int:
-    import pandas as pd
-
+    from . import tl
     from ._validate import ScatlasInputError
     from .models.io import load
 
@@ -205,16 +204,11 @@ def cmd_impute(args: argparse.Namespace) -> int:
             raise ScatlasInputError(
                 f"--library must be 'predicted', 'observed' or a number, got {library!r}"
             ) from None
-    values = model.impute(data, args.source, args.target, library=library, batch=args.batch,
-                          n_samples=args.n_samples, scale=args.scale, seed=args.seed,
-                          batch_size=args.batch_size, min_overlap=args.min_overlap,
-                          progress=args.progress)
+    tl.impute(data, model, args.target, args.source, key_added=args.key_added, library=library,
+              batch=args.batch, n_samples=args.n_samples, scale=args.scale, seed=args.seed,
+              batch_size=args.batch_size, min_overlap=args.min_overlap, progress=args.progress)
     key = args.key_added or f"{args.target}_imputed"
-    data.obsm[key] = pd.DataFrame(values, index=pd.Index(data.obs_names),
-                                  columns=model.features[args.target])
-    data.uns[key] = {"model": repr(model), "source": list(args.source or []),
-                     "target": args.target, "library": str(library), "scale": args.scale,
-                     "n_samples": args.n_samples}
+    values = data.obsm[key]
     _write(data, args.output)
     print(f"scatlas impute: {args.target} ({values.shape[1]} features) for {values.shape[0]} "
           f"cells -> obsm[{key!r}] in {args.output} ({time.perf_counter() - t0:.1f} s)")

@@ -30,7 +30,7 @@ from . import backend
 from ._validate import ScatlasInputError, check_counts, check_obs_key, check_positive_int
 
 __all__ = ["COUNT_FLAVORS", "HVG_FLAVORS", "highly_variable_genes", "loess_direct",
-           "normalize_log1p", "vst_standardized_variance"]
+           "normalize_log1p", "scale", "vst_standardized_variance"]
 
 log = logging.getLogger(__name__)
 
@@ -404,3 +404,51 @@ def _check_flavor_input(X: Any, flavor: str) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def scale(
+    adata: ad.AnnData,
+    *,
+    batch_key: str | None = None,
+    layer: str | None = None,
+    clip: float | None = 10.0,
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Seurat's ``ScaleData``: every gene centred and divided by its sd (n - 1), values above
+    ``clip`` set to it (Seurat's ``scale.max = 10``; upper side only; None: no clip), per batch
+    of ``obs[batch_key]`` (Seurat scales each object before ``FindIntegrationAnchors``) or over
+    all cells (``batch_key=None``).
+
+    ``adata.X`` (or ``layers[layer]``), (n_obs, n_vars), dense or sparse, NumPy or CuPy, is
+    replaced by the dense scaled float32 matrix of the same array kind
+    (:func:`scatlas.kernels.scale_data` per batch). Zero-variance genes give 0 (Seurat: NaN).
+    Every batch needs at least 2 cells. Modifies ``adata`` in place and returns None, or returns
+    a modified copy with ``copy=True``.
+    """
+    from .kernels import scale_data
+
+    _check_adata(adata, layer, "scale")
+    if clip is not None and not (np.isfinite(clip) and clip > 0):
+        raise ScatlasInputError(f"clip must be a positive number or None, got {clip!r}",
+                                param="clip")
+    if copy:
+        adata = adata.copy()
+    X = _get_matrix(adata, layer)
+    xp = backend.array_module(X)
+    if batch_key is None:
+        groups = [np.arange(adata.n_obs)]
+    else:
+        check_obs_key(adata, batch_key, "batch_key")
+        codes = pd.Categorical(adata.obs[batch_key]).codes
+        groups = [np.flatnonzero(codes == c) for c in np.unique(codes)]
+        small = [str(adata.obs[batch_key].iloc[g[0]]) for g in groups if g.size < 2]
+        if small:
+            raise ScatlasInputError(
+                f"scale needs at least 2 cells per batch (sd with n - 1); batch(es) {small} of "
+                f"obs[{batch_key!r}] have one", param="batch_key")
+    out = xp.empty(X.shape, dtype=np.float32)
+    for rows in groups:
+        idx = rows if xp is np else xp.asarray(rows)
+        out[idx] = scale_data(X[idx], clip=clip, dtype=np.float32)
+    _set_matrix(adata, layer, out)
+    return adata if copy else None

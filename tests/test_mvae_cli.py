@@ -55,6 +55,12 @@ def test_train_embed_impute_cli(tmp_path, capsys):
         adata.obsm["protein_counts"].columns)
     np.testing.assert_allclose(imp.to_numpy(), model.impute(adata, ["rna"], "protein"),
                                rtol=1e-4)
+    from scatlas import tl
+
+    direct = rna_only.copy()  # tl.impute, what the command runs, on the same cells
+    assert tl.impute(direct, model_dir, "protein", ["rna"], key_added="p") is None
+    np.testing.assert_allclose(direct.obsm["p"].to_numpy(), imp.to_numpy(), rtol=1e-6)
+    assert direct.uns["p"]["target"] == "protein" and direct.uns["p"]["source"] == ["rna"]
     assert cli.main(["impute", "--model", str(model_dir), str(q), str(out2), "--target",
                      "protein", "--source", "rna", "--scale", "log1p", "--n-samples", "3"]) == 0
     expect = model.impute(adata, ["rna"], "protein", scale="log1p", n_samples=3)

@@ -299,3 +299,41 @@ def test_seurat_integration_on_small_batches(shared_data):
     with pytest.warns(UserWarning, match="human4 .23 cells"):
         pp.highly_variable_genes(a, 1000, batch_key="donor", flavor="seurat_integration")
     assert a.var["highly_variable"].sum() == 1000
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_scale_per_batch_equals_seurat_scaledata_by_hand(sparse):
+    """pp.scale(batch_key=) = per batch: (x - mean) / sd (n - 1), clipped above at 10, zero-sd
+    genes 0 — computed here in float64 NumPy, independently of kernels.scale_data."""
+    rng = np.random.default_rng(0)
+    X = rng.poisson(0.7, (190, 12)).astype(np.float64)
+    X[:, 3] = 2.0  # constant gene
+    X[5, 4] = 300.0  # an outlier that clips (z up to (n - 1) / sqrt(n) = 12.2 in batch a)
+    batch = np.array(["a"] * 150 + ["b"] * 40)
+    adata = ad.AnnData(sp.csr_matrix(X) if sparse else X.copy(),
+                       obs=pd.DataFrame({"batch": batch}, index=[f"c{i}" for i in range(190)]))
+    pp.scale(adata, batch_key="batch")
+    want = np.empty_like(X)
+    for b in ("a", "b"):
+        rows = batch == b
+        mean, sd = X[rows].mean(0), X[rows].std(0, ddof=1)
+        z = np.divide(X[rows] - mean, sd, out=np.zeros_like(X[rows]), where=sd > 0)
+        want[rows] = np.minimum(z, 10.0)
+    assert adata.X.dtype == np.float32 and not sp.issparse(adata.X)
+    np.testing.assert_allclose(adata.X, want, rtol=1e-5, atol=1e-5)
+    assert adata.X[5, 4] == pytest.approx(10.0)
+    whole = pp.scale(ad.AnnData(X.copy()), clip=None, copy=True)
+    np.testing.assert_allclose(whole.X, (X - X.mean(0)) / np.where(X.std(0, ddof=1) > 0,
+                               X.std(0, ddof=1), 1) * (X.std(0, ddof=1) > 0), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_scale_errors_name_the_problem():
+    adata = ad.AnnData(np.ones((3, 2)), obs=pd.DataFrame({"b": ["x", "x", "y"]},
+                                                         index=["a", "b", "c"]))
+    with pytest.raises(ScatlasInputError, match="at least 2 cells per batch.*'y'"):
+        pp.scale(adata, batch_key="b")
+    with pytest.raises(ScatlasInputError, match="nope"):
+        pp.scale(adata, batch_key="nope")
+    with pytest.raises(ScatlasInputError, match="clip"):
+        pp.scale(adata, clip=-1)

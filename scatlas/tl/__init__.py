@@ -14,11 +14,11 @@ from ._integrate import integrate
 from ._linalg import cca, pca
 from ._michigan import train_michigan
 from ._models import embed, train_metric
-from ._mvae import train_mvae
+from ._mvae import impute, train_mvae
 from ._snf import snf
 from ._tsne import tsne
 
 __all__ = [
-    "cca", "embed", "inmf", "integrate", "online_inmf", "online_inmf_add", "pca", "project_inmf",
-    "snf", "train_covel", "train_metric", "train_michigan", "train_mvae", "tsne",
+    "cca", "embed", "impute", "inmf", "integrate", "online_inmf", "online_inmf_add", "pca",
+    "project_inmf", "snf", "train_covel", "train_metric", "train_michigan", "train_mvae", "tsne",
 ]

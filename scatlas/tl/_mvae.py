@@ -266,3 +266,46 @@ def train_mvae(
     )
     vae.history = result.history
     return vae
+
+
+def impute(
+    adata: Any,
+    model: Any,
+    target: str,
+    source: Any = None,
+    *,
+    key_added: str | None = None,
+    library: str | float = "predicted",
+    copy: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Impute a modality of the cells with a trained multimodal VAE, into ``.obsm``.
+
+    ``model``: a :class:`~scatlas.models.mvae.MultimodalVAE` or its saved folder. The expected
+    ``target`` values from the ``source`` modalities (:meth:`MultimodalVAE.impute
+    <scatlas.models.mvae.MultimodalVAE.impute>`, which ``library`` and ``**kwargs`` —
+    ``batch``, ``n_samples``, ``scale``, ``seed``, ``batch_size``, ``min_overlap``,
+    ``progress`` — go to) are written to ``adata.obsm[key_added]`` (default
+    ``f"{target}_imputed"``) as a DataFrame of the cells x the model's target features, with the
+    settings in ``adata.uns[key_added]``. Returns None, or the modified copy with ``copy=True``.
+    """
+    import pandas as pd
+
+    from ..models.io import load
+
+    if isinstance(model, str | Path):
+        model = load(model)
+    if getattr(model, "kind", None) != "mvae":
+        raise ScatlasInputError(
+            "impute needs a multimodal VAE (kind 'mvae'), got a "
+            f"{getattr(model, 'kind', type(model).__name__)!r} model", param="model")
+    if copy:
+        adata = adata.copy()
+    values = model.impute(adata, source, target, library=library, **kwargs)
+    key = key_added or f"{target}_imputed"
+    adata.obsm[key] = pd.DataFrame(values, index=pd.Index(adata.obs_names),
+                                   columns=model.features[target])
+    adata.uns[key] = {"model": repr(model), "source": list(source or []), "target": target,
+                      "library": str(library), "scale": kwargs.get("scale", "counts"),
+                      "n_samples": kwargs.get("n_samples", 0)}
+    return adata if copy else None
