@@ -1,6 +1,7 @@
-"""StoreBatches: block-shuffled mini-batches from a store on disk, against exact references
-(every cell once per epoch; values equal lognorm of the same rows read in memory; batch t a pure
-function of (seed, t))."""
+"""StoreBatches (block-shuffled mini-batches from a store on disk) and scatlas.io.RowSource,
+against exact references: every cell once per epoch; values equal lognorm of the same rows read
+in memory; batch t a pure function of (seed, t); every kind of row source (in-memory, backed h5ad,
+zarr, Dask, a list of chunks, a path) reads the same rows and blocks as the in-memory matrix."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import scipy.sparse as sp
 
 import scatlas
 from scatlas.exceptions import ScatlasInputError
-from scatlas.models.data import StoreBatches, lognorm
+from scatlas.io import ArrayRows, RowSource, as_row_source
+from scatlas.models.data import MatrixSource, StoreBatches, lognorm
+
+da = pytest.importorskip("dask.array")
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +100,56 @@ def test_encoder_trains_from_a_store_without_loading_it(stores, monkeypatch):
     assert len(calls) >= 5
     z = model.embed(adata[:50], progress=False)
     assert z.shape == (50, model.latent_dim) and np.isfinite(z).all()
+
+
+def _kinds(adata, root):
+    X = adata.X
+    return {
+        "csr": X, "dense": X.toarray(),
+        "zarr_path": root / "a.zarr", "h5ad_path": root / "a.h5ad",
+        "zarr_backed": scatlas.io.read_zarr(root / "a.zarr", backed=True).X,
+        "h5ad_backed": ad.read_h5ad(root / "a.h5ad", backed="r").X,
+        "dask": da.from_array(X, chunks=(250, 40), asarray=False),
+        "chunks": [X[:300], X[300:310], X[310:]],
+    }
+
+
+def _dense(block):
+    return block.toarray() if sp.issparse(block) else np.asarray(block)
+
+
+def test_every_kind_reads_the_same_rows_and_blocks(stores):
+    adata, root = stores
+    ref = adata.X.toarray()
+    idx = np.array([0, 5, 299, 300, 309, 310, adata.n_obs - 1])
+    for name, X in _kinds(adata, root).items():
+        src = as_row_source(X)
+        assert isinstance(src, RowSource), name
+        assert src.shape == ref.shape, name
+        np.testing.assert_array_equal(_dense(src.rows(idx)), ref[idx], err_msg=name)
+        blocks = list(src.blocks(256))
+        n = ref.shape[0]
+        assert [(a, b) for a, b, _ in blocks] == [(a, min(n, a + 256)) for a in range(0, n, 256)]
+        np.testing.assert_array_equal(np.vstack([_dense(b) for _, _, b in blocks]), ref,
+                                      err_msg=name)
+    assert isinstance(MatrixSource(adata.X), RowSource)
+    assert as_row_source(src) is src
+
+
+def test_store_batches_read_any_row_source(stores):
+    adata, root = stores
+    for name in ("dask", "chunks"):
+        X = _kinds(adata, root)[name]
+        sb = StoreBatches(X, batch_size=64, block_rows=50, fetch_blocks=3, seed=2)
+        for t in (0, 7, 20):
+            b = sb.batch(t)
+            np.testing.assert_array_equal(b["x"], lognorm(adata.X[b["index"]]), err_msg=name)
+
+
+def test_row_source_errors():
+    with pytest.raises(ScatlasInputError):
+        ArrayRows([])
+    with pytest.raises(ScatlasInputError, match="columns"):
+        ArrayRows([np.ones((2, 3)), np.ones((2, 4))])
+    with pytest.raises(ScatlasInputError):
+        ArrayRows(np.ones(3))
