@@ -15,7 +15,13 @@ product on unit rows), k = 10, one call with the whole query batch:
 - ``native-ivf fp16`` : the same with ``list_dtype="float16"`` (lists at half the bytes);
 - ``faiss IndexIVFFlat`` : faiss-cpu with THE SAME coarse centroids (an ``IndexFlatIP``
   quantiser holding our k-means centroids), so both probe the same lists and see the same
-  candidates; its OpenMP threads at their default (the machine's cores).
+  candidates; its OpenMP threads at their default (the machine's cores);
+- ``native-ivf int8`` : ``list_dtype="int8"`` (per-dimension scale/offset fitted on the first
+  ``SQ_TRAIN`` rows), a shortlist of 4 k per query re-ranked on float16 refine rows;
+- ``faiss IVFSQ8`` : ``IndexIVFScalarQuantizer`` with ``QT_8bit`` (per-dimension min/max,
+  fitted on the same rows; not on residuals, as ours), same centroids, no re-ranking;
+- ``faiss IVFSQ8+RefineFlat`` : the same wrapped in ``IndexRefineFlat`` (``k_factor`` 4,
+  float32 copies), the re-ranking twin of ours (``--no-int8`` skips these three).
 
 Both engines are timed in the same process, interleaved (ours, fp16, faiss, ours, ...) for
 ``--repeats`` rounds after one warm-up each; reported: median seconds per batch, queries/s, the
@@ -62,6 +68,7 @@ CACHE = REPO_ROOT / "bench" / ".cache"
 RESULTS = REPO_ROOT / "bench" / "results"
 D, K, SEED, N_CLUSTERS = 128, 10, 0, 300
 H100_BW, H100_FP32 = 3.35e12, 67e12  # bytes/s, flop/s (vendor figures; projection only)
+SQ_TRAIN = 100_000  # rows the int8 quantisers (ours, faiss IVFSQ8) are fitted on
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +227,8 @@ def build_ours(X: np.ndarray, C: np.ndarray, nlist: int, list_dtype: str) -> Nat
     eng = NativeIVF(D, "ip", nlist, list_dtype=list_dtype, seed=SEED)
     eng.set_centroids(C)
     eng.spherical = True
+    if list_dtype == "int8":  # the quantiser from the same training sample as faiss's
+        eng.fit_quantizer(np.ascontiguousarray(X[:SQ_TRAIN]))
     n = X.shape[0]
     eng.bulk_add(lambda record: ((np.ascontiguousarray(X[s : s + 200_000]),
                                   np.arange(s, min(n, s + 200_000)))
@@ -238,6 +247,28 @@ def build_faiss(X: np.ndarray, C: np.ndarray, nlist: int, nprobe: int):
         index.add(np.ascontiguousarray(X[s : s + 200_000]))
     index.nprobe = nprobe
     return index
+
+
+def build_faiss_sq(X: np.ndarray, C: np.ndarray, nlist: int, nprobe: int, refine: int):
+    """faiss ``IndexIVFScalarQuantizer`` (``QT_8bit``: per-dimension min/max, as ours; not on
+    residuals, as ours) over the same centroids; ``refine > 0`` wraps it in
+    ``IndexRefineFlat`` (float32 copies, ``k_factor = refine``: ours re-ranks rerank x k)."""
+    import faiss  # noqa: PLC0415
+
+    quant = faiss.IndexFlatIP(D)
+    quant.add(C)
+    index = faiss.IndexIVFScalarQuantizer(quant, D, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                          faiss.METRIC_INNER_PRODUCT, False)
+    index.train(np.ascontiguousarray(X[:SQ_TRAIN]))  # the coarse quantiser is kept (trained)
+    index.nprobe = nprobe
+    top = index
+    if refine:
+        top = faiss.IndexRefineFlat(index)
+        top.k_factor = float(refine)
+    for s in range(0, X.shape[0], 200_000):
+        top.add(np.ascontiguousarray(X[s : s + 200_000]))
+    top._keep = (quant, index)  # the SWIG objects must outlive the wrapper
+    return top
 
 
 def bench_size(n: int, args) -> dict[str, Any]:
@@ -260,6 +291,15 @@ def bench_size(n: int, args) -> dict[str, Any]:
     if half is not None:
         methods["native-ivf fp16"] = lambda q: half.search(q, K, nprobe)
     methods["faiss IndexIVFFlat"] = lambda q: fidx.search(q, K)
+    engines = {"native-ivf": ours, "native-ivf fp16": half}
+    if args.int8:
+        i8 = build_ours(X, C, nlist, "int8")
+        engines["native-ivf int8"] = i8
+        sq = build_faiss_sq(X, C, nlist, nprobe, 0)
+        sqr = build_faiss_sq(X, C, nlist, nprobe, i8.rerank)
+        methods["native-ivf int8"] = lambda q: i8.search(q, K, nprobe)
+        methods["faiss IVFSQ8"] = lambda q: sq.search(q, K)
+        methods["faiss IVFSQ8+RefineFlat"] = lambda q: sqr.search(q, K)
     times: dict[str, list[float]] = {m: [] for m in methods}
     ids: dict[str, np.ndarray] = {}
     counts: dict[str, dict[str, float]] = {}
@@ -273,7 +313,7 @@ def bench_size(n: int, args) -> dict[str, Any]:
             if r == 0:
                 ids[name] = backend.to_host(I)
                 if name.startswith("native"):
-                    counts[name] = (ours if name == "native-ivf" else half).scan_counts()
+                    counts[name] = engines[name].scan_counts()
         log(f"  round {r + 1}: " + ", ".join(f"{m} {len(Q) / times[m][-1]:.0f} q/s"
                                             for m in methods))
     single: dict[str, list[float]] = {m: [] for m in methods}
@@ -293,7 +333,12 @@ def bench_size(n: int, args) -> dict[str, Any]:
                "single_p50_ms": 1e3 * float(np.median(single[name])) if args.single else None,
                "single_p99_ms": (1e3 * float(np.percentile(single[name], 99))
                                  if args.single else None)}
-        if name != f:
+        if name in engines:
+            row["bytes_per_cell"] = engines[name].bytes_per_cell()
+        if name.startswith("faiss IVFSQ8"):
+            ref = "native-ivf int8"
+            row["ratio_ours_int8_vs_this"] = t / float(np.median(times[ref]))
+        elif name != f:
             row["ratio_vs_faiss"] = float(np.median(times[f])) / t
             row["ratio_vs_faiss_paired_median"] = float(np.median(
                 np.array(times[f]) / np.array(times[name])))
@@ -337,7 +382,7 @@ def markdown(rec: dict[str, Any]) -> str:
     env = rec["environment"]
     pk = rec["peaks"]
     lines = [
-        "# IVF list-major scan (CPU): native IVF (NumPy twin) vs faiss IndexIVFFlat",
+        "# IVF list-major scan (CPU): native IVF (NumPy twin) vs faiss IndexIVFFlat / IVFSQ8",
         "",
         f"`{rec['command']}`. {env.get('cpu_model')}, {env.get('cpu_cores_available')} cores "
         f"(shared with other work: load average {rec['load_1m_start']} at the start, "
@@ -350,20 +395,28 @@ def markdown(rec: dict[str, Any]) -> str:
         f"({rec['repeats']} rounds after a warm-up), medians.",
         "",
         "| N | nlist | nprobe | method | batch s (median) | queries/s | vs faiss (medians) | "
-        "vs faiss (paired) | recall@10 | ids = faiss | single p50 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "vs faiss (paired) | recall@10 | ids = faiss | single p50 ms | bytes/cell |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in rec["sizes"]:
         for m in s["methods"]:
             r = m.get("ratio_vs_faiss")
             rp = m.get("ratio_vs_faiss_paired_median")
+            bpc = m.get("bytes_per_cell")
             p50 = m.get("single_p50_ms")
             lines.append(
                 f"| {s['n']:,} | {s['nlist']} | {s['nprobe']} | {m['method']} | "
                 f"{m['batch_s_median']:.3f} | {m['qps']:,.0f} | "
                 f"{'-' if r is None else f'{r:.2f}x'} | {'-' if rp is None else f'{rp:.2f}x'} "
                 f"| {m['recall@10']:.4f} | {m['same_ids_as_faiss']:.4f} | "
-                f"{'-' if p50 is None else f'{p50:.2f}'} |")
+                f"{'-' if p50 is None else f'{p50:.2f}'} | {'-' if bpc is None else f'{bpc:.0f}'} "
+                "|")
+    for s in rec["sizes"]:
+        for m in s["methods"]:
+            if "ratio_ours_int8_vs_this" in m:
+                lines.append(f"\nN = {s['n']:,}: native-ivf int8 is "
+                             f"{m['ratio_ours_int8_vs_this']:.2f}x the queries/s of "
+                             f"{m['method']} (medians).")
     lines += [
         "",
         "## Roofline (measured on this machine)",
@@ -379,7 +432,9 @@ def markdown(rec: dict[str, Any]) -> str:
     ]
     for s in rec["sizes"]:
         for m in s["methods"]:
-            rf = m["roofline"]
+            rf = m.get("roofline")
+            if rf is None:  # faiss IVFSQ8 rows: no counts
+                continue
             if "bytes_touched" in rf:
                 lines.append(
                     f"| {s['n']:,} | {m['method']} | {rf['flops'] / 1e9:.2f} | "
@@ -442,6 +497,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--single", type=int, default=100, help="single-query calls per method")
     p.add_argument("--no-fp16", dest="fp16", action="store_false")
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="skip native-ivf int8 and faiss IVFSQ8 (+RefineFlat)")
     p.add_argument("--out", default=str(RESULTS / "ivf_scan_cpu.json"))
     args = p.parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]

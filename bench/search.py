@@ -25,6 +25,11 @@ shared):
   built separately up to ``--raw-build-max`` cells, else its search is timed on our own faiss
   index object (build not re-measured).
 - ``scatlas native-ivf`` (the NumPy twin of the CuPy engine) up to ``--native-max`` cells.
+- Roofline (issue 19 item 4), per CellIndex batch search: bytes read and flops of the call
+  (the native IVF counts its own, :meth:`NativeIVF.scan_counts`; faiss and exact from a model of
+  the engine, marked "estimated"), achieved GB/s and GFLOP/s beside this machine's measured
+  peaks (a STREAM-like copy and an sgemm, :func:`bench.ivf_scan.machine_peaks`), and an H100
+  PROJECTION from the same counts (3.35 TB/s, 67 TFLOPS FP32), labelled as such.
 - ``hnswlib`` with SCimilarity's settings (cosine, M=80, ef_construction=1000, ef=100, k=50,
   recall@10 from the first 10 of the 50), in a peer venv ``bench/.peers/hnswlib``
   (``python -m bench.search --install-hnswlib``). Its build at M=80/efC=1000 takes about an
@@ -244,6 +249,52 @@ def batch_qps(fn, Q: np.ndarray) -> dict[str, float]:
     return {"batch_s": el, "qps": len(Q) / el, "batch_queries": len(Q), "load_1m": load1()}, out
 
 
+# ----------------------------------------------------------------------------------------------
+# roofline (issue 19 item 4)
+# ----------------------------------------------------------------------------------------------
+def work_counts(idx: CellIndex, m: int) -> dict[str, Any]:
+    """Bytes and flops of the last ``m``-query search on ``idx``: the engine's own count
+    (``scan_counts``: the native IVF counts every batch) when it keeps one, else a model of the
+    engine (``source: "estimated"``): faiss IVF reads each probed list once PER QUERY (uniform
+    list sizes assumed) and does 2 d flops per candidate plus the coarse GEMM; exact reads the
+    base once per 1,024-query block and does 2 m n d flops."""
+    counts = idx.engine_object.scan_counts()
+    if counts:
+        flops = counts["coarse_flops"] + counts["scan_flops"] + counts["exact_flops"]
+        compulsory = counts["list_bytes"] + counts["other_bytes"]
+        touched = compulsory + counts["gather_bytes"] + counts["score_bytes"]
+        return {"source": "counted", "flops": flops, "bytes": compulsory,
+                "bytes_touched": touched}
+    n, d = idx.ntotal, idx.dim
+    per_cell = idx.bytes_per_cell()
+    if idx.nlist:
+        cand = m * idx.nprobe * n / idx.nlist
+        flops = 2.0 * d * (m * idx.nlist + cand)
+        nbytes = cand * per_cell + idx.nlist * d * 4 + 2 * m * d * 4
+    else:
+        flops = 2.0 * m * n * d
+        nbytes = -(-m // 1024) * n * per_cell + 2 * m * d * 4
+    return {"source": "estimated", "flops": flops, "bytes": nbytes, "bytes_touched": nbytes}
+
+
+def roofline_row(counts: dict[str, Any], seconds: float,
+                 peaks: dict[str, float] | None) -> dict[str, Any]:
+    """Achieved GB/s and GFLOP/s of one call, beside the machine's measured peaks, and the
+    H100 PROJECTION from the same counts (max of bytes / 3.35 TB/s and flops / 67 TFLOPS
+    FP32; touched bytes; not a measurement)."""
+    from .ivf_scan import H100_BW, H100_FP32  # noqa: PLC0415
+
+    row = {**counts, "seconds": seconds, "gflops_s": counts["flops"] / seconds / 1e9,
+           "gbs": counts["bytes"] / seconds / 1e9,
+           "gbs_touched": counts["bytes_touched"] / seconds / 1e9,
+           "h100_projection_ms": 1e3 * max(counts["bytes_touched"] / H100_BW,
+                                           counts["flops"] / H100_FP32)}
+    if peaks:
+        row["pct_sgemm_peak"] = 100 * row["gflops_s"] / peaks["sgemm_gflops"]
+        row["pct_copy_peak"] = 100 * row["gbs_touched"] / peaks["copy_gbs"]
+    return row
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -275,6 +326,8 @@ def run_ours(X, Q, gt, args, engine=None, label="scatlas.CellIndex",
             res["index_bytes"] = dir_bytes(Path(tmp) / "ix")
     bq, (Dq, I) = batch_qps(lambda q: idx.search(q, K), Q)
     res.update(bq)
+    res["roofline"] = roofline_row(work_counts(idx, len(Q)), bq["batch_s"],
+                                   getattr(args, "peaks", None))
     res["recall@10"] = recall_at(I[: len(gt)], gt)
     res["recall_queries"] = len(gt)
     if checkpoint is not None:
@@ -565,6 +618,25 @@ def to_markdown(results: dict[str, Any]) -> str:
                           "|---|---|---|---|---|"]
                 lines += [f"| {s['nprobe']} | {s['recall@10']:.4f} | {s['qps']:.0f} | "
                           f"{s['p50_ms']:.3g} | {s['p99_ms']:.3g} |" for s in m["nprobe_sweep"]]
+        roof = [m for m in r["methods"] if m.get("roofline")]
+        pk = results.get("peaks")
+        if roof:
+            lines += ["", "Roofline of the batch search (bytes read and flops per call; "
+                      "`counted`: the engine's own count, `estimated`: a model of the engine)"
+                      + (f". Peaks measured here: copy {pk['copy_gbs']:.1f} GB/s, sgemm "
+                         f"{pk['sgemm_gflops']:.0f} GFLOP/s ({pk['threads']} threads)"
+                         if pk else "") + ". The H100 column is a PROJECTION from the same "
+                      "counts (max of touched bytes / 3.35 TB/s and flops / 67 TFLOPS FP32), "
+                      "not a measurement.", "",
+                      "| method | counts | GFLOP | GB | GFLOP/s | % sgemm | GB/s (touched) | "
+                      "% copy | H100 projection ms |", "|---|---|---|---|---|---|---|---|---|"]
+            for m in roof:
+                rf = m["roofline"]
+                lines.append(
+                    f"| {m['method']} | {rf['source']} | {rf['flops'] / 1e9:.2f} | "
+                    f"{rf['bytes'] / 1e9:.3f} | {rf['gflops_s']:.1f} | "
+                    f"{fmt(rf.get('pct_sgemm_peak'), '.0f')} | {rf['gbs_touched']:.1f} | "
+                    f"{fmt(rf.get('pct_copy_peak'), '.0f')} | {rf['h100_projection_ms']:.3f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -618,6 +690,10 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
     results["environment"] = environment()
     results["device"] = args.device
+    if args.device == "cpu":  # the roofline's peaks (a STREAM-like copy, an sgemm)
+        from .ivf_scan import machine_peaks  # noqa: PLC0415
+
+        results["peaks"] = args.peaks = machine_peaks()
     results["command"] = "OMP_NUM_THREADS=" + str(os.environ.get("OMP_NUM_THREADS")) + \
         " python -m bench.search " + " ".join(argv if argv is not None else sys.argv[1:])
     def checkpoint(n: int, partial: dict[str, Any]) -> None:
