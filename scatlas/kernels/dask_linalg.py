@@ -16,9 +16,9 @@ Routes
   ``M2 = M2_a + M2_b + (n_a n_b / n) d d^T``, ``d = m_b - m_a``. Centring per block, rather than
   subtracting ``n m m^T`` from the raw Gram at the end, keeps the float64 result exact to
   round-off for count data with large means. Then the top-k ``eigh`` of the (p, p) matrix
-  (:func:`scatlas.kernels.linalg._top_eigh`).
+  (:func:`scatlas.kernels.linalg.top_eigh`).
 - ``'randomized'``: Halko, Martinsson & Tropp (2011) Alg. 4.4, as
-  :func:`scatlas.kernels.linalg._svd_randomized`, with every product blockwise: ``A Omega`` by
+  :func:`scatlas.kernels.linalg.svd_randomized`, with every product blockwise: ``A Omega`` by
   ``map_blocks``, ``A^T Q`` as a tree sum of per-block ``X_b^T Q_b``, and the tall-skinny
   orthonormalisation by CholeskyQR2 whose Gram ``Q^T Q`` is again a tree sum (centring implicit,
   ``A = X - 1 m^T``).
@@ -41,7 +41,14 @@ import scipy.sparse as sp
 
 from .. import backend
 from .._validate import ScatlasInputError, check_positive_int
-from .linalg import PCAResult, _top_eigh, orthonormalize, resolve_n_iter, svd_flip_rows
+from .linalg import (
+    GRAM_MAX_FEATURES,
+    PCAResult,
+    orthonormalize,
+    resolve_n_iter,
+    svd_flip_rows,
+    top_eigh,
+)
 
 __all__ = ["is_dask_array", "pca"]
 
@@ -49,7 +56,6 @@ __all__ = ["is_dask_array", "pca"]
 SUB_BLOCK_BYTES = 64 * 2**20
 #: blocks merged per node of the tree reductions
 SPLIT_EVERY = 8
-_GRAM_MAX_FEATURES = 8192
 
 
 def is_dask_array(X: Any) -> bool:
@@ -265,13 +271,13 @@ def pca(
         raise ScatlasInputError(
             f"method must be 'auto', 'randomized' or 'gram', got {method!r}", param="method")
     dt = backend.resolve_dtype(dtype)
-    chosen = method if method != "auto" else ("gram" if p <= _GRAM_MAX_FEATURES
+    chosen = method if method != "auto" else ("gram" if p <= GRAM_MAX_FEATURES
                                               else "randomized")
     if chosen == "gram":
         _, mean, M2 = _moments(X, full=True)
         G = M2 if center else M2 + n * np.outer(mean, mean)
         total = float(np.trace(G))
-        evals, V = _top_eigh(G, k)
+        evals, V = top_eigh(G, k)
         S = np.sqrt(evals)
         Vt = V.T
     else:
