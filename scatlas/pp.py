@@ -30,7 +30,7 @@ from . import backend
 from ._validate import ScatlasInputError, check_counts, check_obs_key, check_positive_int
 
 __all__ = ["COUNT_FLAVORS", "HVG_FLAVORS", "highly_variable_genes", "loess_direct",
-           "normalize_log1p", "scale", "vst_standardized_variance"]
+           "log_normalized_hvg", "normalize_log1p", "scale", "vst_standardized_variance"]
 
 log = logging.getLogger(__name__)
 
@@ -452,3 +452,62 @@ def scale(
         out[idx] = scale_data(X[idx], clip=clip, dtype=np.float32)
     _set_matrix(adata, layer, out)
     return adata if copy else None
+
+
+def log_normalized_hvg(
+    adata: ad.AnnData, batch_key: str, layer: str | None = None, n_top_genes: int = 2000,
+    genes: Any = None, hvg_flavor: str = "seurat", device: str | None = None,
+) -> tuple[ad.AnnData, np.ndarray]:
+    """The input of :func:`scatlas.tl.integrate` and of the integration report: a new AnnData
+    of the log-normalised counts (:func:`normalize_log1p`) on the selected genes, and their
+    positions (int64, in ``adata.var_names``).
+
+    Genes: ``genes`` (names or a boolean mask over ``var_names``) or the ``n_top_genes``
+    batch-aware highly variable genes of ``hvg_flavor`` (:func:`highly_variable_genes` with
+    ``batch_key``; count flavors rank the counts, the others the log-normalised values). Counts
+    are ``adata.X`` or ``layers[layer]``; ``adata`` is not modified. Needs at least two batches.
+    """
+    counts = _get_matrix(adata, layer)
+    work = ad.AnnData(X=counts.copy(), obs=adata.obs[[batch_key]].copy(),
+                      var=adata.var.iloc[:, :0].copy())
+    n_batches = work.obs[batch_key].nunique(dropna=True)
+    if n_batches < 2:
+        raise ScatlasInputError(
+            f"obs[{batch_key!r}] has {n_batches} batch(es); integration needs at least 2"
+        )
+    on_counts = genes is None and hvg_flavor in COUNT_FLAVORS
+    # at most every gene: a data set with fewer genes than the default 2000 uses all of them
+    # (no warning: nothing was asked that could not be done)
+    n_top_genes = min(check_positive_int(n_top_genes, "n_top_genes"), adata.n_vars)
+    if on_counts:  # vst-type flavors model the counts themselves (Seurat's FindVariableFeatures)
+        highly_variable_genes(work, check_positive_int(n_top_genes, "n_top_genes"),
+                                 batch_key=batch_key, flavor=hvg_flavor, device=device)
+    normalize_log1p(work, device=device)
+    if genes is not None:
+        pos = _gene_positions(adata, genes)
+    else:
+        if not on_counts:  # dispersion flavors expect log-normalised data
+            highly_variable_genes(work, check_positive_int(n_top_genes, "n_top_genes"),
+                                     batch_key=batch_key, flavor=hvg_flavor, device=device)
+        pos = np.flatnonzero(work.var["highly_variable"].to_numpy())
+    cols = backend.to_device(np.asarray(pos), backend.device_of(work.X))
+    work = ad.AnnData(X=work.X[:, cols], obs=work.obs)
+    return work, pos
+
+
+def _gene_positions(adata: ad.AnnData, genes: Any) -> np.ndarray:
+    arr = np.asarray(genes)
+    if arr.dtype == bool:
+        if arr.shape != (adata.n_vars,):
+            raise ScatlasInputError(f"genes mask must have shape ({adata.n_vars},)")
+        pos = np.flatnonzero(arr)
+    else:
+        idx = adata.var_names.get_indexer(arr.astype(str))
+        missing = arr[idx < 0]
+        if missing.size:
+            raise ScatlasInputError(f"{missing.size} gene(s) not in var_names: "
+                                    f"{list(missing[:5])}")
+        pos = idx
+    if pos.size < 2:
+        raise ScatlasInputError("genes selects fewer than 2 genes")
+    return pos

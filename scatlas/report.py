@@ -38,11 +38,11 @@ def _uncorrected_pca(adata, batch_key: str) -> np.ndarray | None:
     The same normalisation and gene selection as :func:`scatlas.tl.integrate` uses.
     """
     from .kernels import pca
-    from .tl._integrate import _log_hvg
+    from .pp import log_normalized_hvg
 
     if adata.X is None:
         return None
-    work, genes = _log_hvg(adata, batch_key, None, min(2000, adata.n_vars), None, "seurat", None)
+    work, genes = log_normalized_hvg(adata, batch_key, n_top_genes=min(2000, adata.n_vars))
     return np.asarray(pca(work.X, min(_N_PCS, work.n_obs - 1, genes.size)).scores)
 
 

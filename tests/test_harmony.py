@@ -11,10 +11,10 @@ import pytest
 
 from scatlas import datasets, metrics, tl
 from scatlas._validate import ScatlasInputError
+from scatlas.pp import log_normalized_hvg as _log_hvg
 from scatlas.tl import _harmony
 from scatlas.tl._common import scaled_pca
 from scatlas.tl._harmony import run_harmony
-from scatlas.tl._integrate import _log_hvg
 
 needs_harmonypy = pytest.mark.skipif(importlib.util.find_spec("harmonypy") is None,
                                      reason="harmonypy not installed (scatlas[harmony])")

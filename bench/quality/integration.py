@@ -80,8 +80,8 @@ def _metrics(E: Any, labels: np.ndarray, batch: np.ndarray) -> dict[str, float]:
 
 def _shared_inputs(adata: Any) -> dict[str, Any]:
     """The log-normalised HVG matrix of tl.integrate and the uncorrected PCA on it."""
+    from scatlas.pp import log_normalized_hvg as _log_hvg
     from scatlas.tl._common import scaled_pca
-    from scatlas.tl._integrate import _log_hvg
 
     work, genes = _log_hvg(adata, "batch", None, N_HVG, None, "seurat", None)
     return {"X": work.X, "genes": genes, "pca": scaled_pca(work.X, N_PCS, seed=0)}

@@ -7,9 +7,10 @@ build that needs only NumPy; install with ``pip install 'scatlas[harmony]'``), o
 ../shared/reference/cca_mnn_rsvd.md section 4); keyword arguments are passed through.
 
 Its input is the Seurat / scanpy workflow that Harmony is run after
-(``NormalizeData`` -> features -> ``ScaleData`` -> ``RunPCA`` -> ``RunHarmony``): the private
-log-normalised copy and batch-aware HVGs of ``tl.integrate`` (``_log_hvg``), each gene
-centred and scaled to unit variance and clipped at 10 (:func:`scatlas.kernels.anchors.scale_data`,
+(``NormalizeData`` -> features -> ``ScaleData`` -> ``RunPCA`` -> ``RunHarmony``): the
+log-normalised copy and batch-aware HVGs of ``tl.integrate``
+(:func:`scatlas.pp.log_normalized_hvg`), each gene centred and scaled to unit variance and
+clipped at 10 (:func:`scatlas.kernels.anchors.scale_data`,
 Seurat's ``ScaleData``), then the top ``n_pcs`` principal components
 (:func:`scatlas.kernels.linalg.pca`, no further centring, as ``_run_cca`` does for Seurat's
 ``RunPCA``). ``n_pcs`` is ``tl.integrate``'s (default 30, the dims Seurat's integration

@@ -151,8 +151,8 @@ def integrate(
                           f"{str(counts.index[i])!r}")
     if hvg_flavor is None:
         hvg_flavor = "seurat_integration" if method == "cca" else "seurat"
-    work, genes_used = _log_hvg(adata, batch_key, layer, n_top_genes, genes, hvg_flavor,
-                                device)
+    work, genes_used = pp.log_normalized_hvg(adata, batch_key, layer, n_top_genes, genes,
+                                             hvg_flavor, device)
     X = work.X
     batch = work.obs[batch_key].astype(str).to_numpy()
     common = dict(dtype=dtype, device=device, progress=progress)
@@ -171,54 +171,6 @@ def integrate(
     adata.uns[name] = {"method": method, "genes": np.asarray(adata.var_names[genes_used]),
                        **uns}
     return adata if copy else None
-
-
-def _log_hvg(adata: ad.AnnData, batch_key: str, layer: str | None, n_top_genes: int,
-             genes: Any, hvg_flavor: str, device: str | None) -> tuple[ad.AnnData, np.ndarray]:
-    """A private AnnData of log-normalised counts on the selected genes, and their positions."""
-    counts = get_matrix(adata, layer)
-    work = ad.AnnData(X=counts.copy(), obs=adata.obs[[batch_key]].copy(),
-                      var=adata.var.iloc[:, :0].copy())
-    n_batches = work.obs[batch_key].nunique(dropna=True)
-    if n_batches < 2:
-        raise ScatlasInputError(
-            f"obs[{batch_key!r}] has {n_batches} batch(es); integration needs at least 2"
-        )
-    on_counts = genes is None and hvg_flavor in pp.COUNT_FLAVORS
-    # at most every gene: a data set with fewer genes than the default 2000 uses all of them
-    # (no warning: nothing was asked that could not be done)
-    n_top_genes = min(check_positive_int(n_top_genes, "n_top_genes"), adata.n_vars)
-    if on_counts:  # vst-type flavors model the counts themselves (Seurat's FindVariableFeatures)
-        pp.highly_variable_genes(work, check_positive_int(n_top_genes, "n_top_genes"),
-                                 batch_key=batch_key, flavor=hvg_flavor, device=device)
-    pp.normalize_log1p(work, device=device)
-    if genes is not None:
-        pos = _gene_positions(adata, genes)
-    else:
-        if not on_counts:  # dispersion flavors expect log-normalised data
-            pp.highly_variable_genes(work, check_positive_int(n_top_genes, "n_top_genes"),
-                                     batch_key=batch_key, flavor=hvg_flavor, device=device)
-        pos = np.flatnonzero(work.var["highly_variable"].to_numpy())
-    work = ad.AnnData(X=work.X[:, on_device_of(work.X, pos)], obs=work.obs)
-    return work, pos
-
-
-def _gene_positions(adata: ad.AnnData, genes: Any) -> np.ndarray:
-    arr = np.asarray(genes)
-    if arr.dtype == bool:
-        if arr.shape != (adata.n_vars,):
-            raise ScatlasInputError(f"genes mask must have shape ({adata.n_vars},)")
-        pos = np.flatnonzero(arr)
-    else:
-        idx = adata.var_names.get_indexer(arr.astype(str))
-        missing = arr[idx < 0]
-        if missing.size:
-            raise ScatlasInputError(f"{missing.size} gene(s) not in var_names: "
-                                    f"{list(missing[:5])}")
-        pos = idx
-    if pos.size < 2:
-        raise ScatlasInputError("genes selects fewer than 2 genes")
-    return pos
 
 
 def _run_mnn(adata: ad.AnnData, key: str, X: Any, batch: np.ndarray, genes: np.ndarray,
