@@ -243,7 +243,8 @@ def _guard(rows: list, section: str, dataset: str, split: str, method: str, fn: 
     print(json.dumps(rows[-1]), flush=True)
 
 
-def run(section: str, seeds: list[int], datasets: tuple[str, ...] = ("cite", "synthetic")
+def run(section: str, seeds: list[int], datasets: tuple[str, ...] = ("cite", "synthetic"),
+        configs: tuple[str, ...] = tuple(ABLATION), max_steps: int | None = None
         ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if section in ("unpaired", "scglue", "ablation"):
@@ -274,7 +275,8 @@ def run(section: str, seeds: list[int], datasets: tuple[str, ...] = ("cite", "sy
                    synthetic_run, seed)
         elif section == "ablation":
             r, p, ir, ip = hide_pairing(rna, prot, seed)
-            for name, kw in ABLATION.items():
+            for name in configs:
+                kw = {**ABLATION[name], **({"max_steps": max_steps} if max_steps else {})}
                 if "cite" in datasets:
                     _guard(rows, section, "cite", f"seed{seed}", name,
                            ours_unpaired, r, p, ir, ip, seed, **kw)
@@ -291,10 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--datasets", nargs="+", default=["cite", "synthetic"],
                     help="ablation: which data (cite, synthetic)")
+    ap.add_argument("--configs", nargs="+", default=list(ABLATION), choices=list(ABLATION),
+                    help="ablation: which settings")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="ablation: training steps of every setting (default: the library's)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/covel_<section>"
                     ".json)")
     args = ap.parse_args(argv)
-    rows = run(args.section, args.seeds, tuple(args.datasets))
+    rows = run(args.section, args.seeds, tuple(args.datasets), tuple(args.configs),
+               args.max_steps)
     record = {"section": args.section, "seeds": args.seeds, "rows": rows,
               "command": "python -m bench.covel " + " ".join(sys.argv[1:] if argv is None
                                                               else argv)}
