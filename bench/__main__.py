@@ -78,13 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "list":
-        from . import REGISTRY  # noqa: PLC0415
+        from . import REGISTRY
 
         for name, desc in list_benchmarks().items():
             print(f"{name:8s} {desc}  [{REGISTRY[name][0]}]")
         return 0
     if args.command == "run":
-        from .runner import result_path, run_benchmark  # noqa: PLC0415
+        from .runner import result_path, run_benchmark
 
         record = run_benchmark(
             args.name, args.sizes, repeats=args.repeats, warmup=args.warmup,
@@ -93,14 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             budget_s=args.budget, report=not args.no_report, **parse_params(args.param),
         )
         print(result_path(args.out, record["benchmark"], record["device"]))
-        from .runner import failed_methods  # noqa: PLC0415
+        from .runner import failed_methods
 
         failed = failed_methods(record)
         if failed:
             print(f"failed: {', '.join(map(str, failed))}", file=sys.stderr)
         return 1 if failed else 0
         return 0
-    from .report import write_report  # noqa: PLC0415
+    from .report import write_report
 
     write_report(args.results, None if args.no_readme else args.readme)
     print(Path(args.results) / "REPORT.md")

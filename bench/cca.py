@@ -82,13 +82,13 @@ def explicit_cca(X1: Any, X2: Any, k: int, solver: str = "svds") -> tuple[np.nda
     """Seurat's ``RunCCA`` with the dense cross-product ``M = X1s X2s^T`` (n1 x n2, float64)."""
     M = standardize_rows(X1) @ standardize_rows(X2).T
     if solver == "svds":
-        from scipy.sparse.linalg import svds  # noqa: PLC0415
+        from scipy.sparse.linalg import svds
 
         U, D, Vt = svds(M, k=k, tol=SVDS_TOL, random_state=0)
         order = np.argsort(D)[::-1]
         U, Vt = U[:, order], Vt[order]
     elif solver == "randomized_svd":
-        from sklearn.utils.extmath import randomized_svd  # noqa: PLC0415
+        from sklearn.utils.extmath import randomized_svd
 
         U, _, Vt = randomized_svd(M, k, random_state=0)
     else:
@@ -177,7 +177,7 @@ def explicit_gib(n: int) -> float:
 
 def _ours(k: int, **kw: Any):
     def call(w: Workload):
-        from scatlas import kernels  # noqa: PLC0415
+        from scatlas import kernels
 
         return kernels.cca(w.data[0], w.data[1], k=k, **kw)
     return call

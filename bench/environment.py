@@ -106,7 +106,7 @@ def package_version(dist: str) -> str | None:
 def blas_info() -> str | None:
     """The BLAS NumPy links against (name and version), if NumPy reports it."""
     try:
-        import numpy as np  # noqa: PLC0415
+        import numpy as np
 
         config = np.show_config(mode="dicts")
         blas = config["Build Dependencies"]["blas"]

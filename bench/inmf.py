@@ -93,8 +93,8 @@ def _preprocessed(size: int, params: Mapping[str, Any]) -> tuple[list[sp.csr_mat
            f"{workloads.generator_fingerprint()}")
 
     def build() -> dict[str, np.ndarray]:
-        from scatlas import datasets  # noqa: PLC0415
-        from scatlas.kernels import liger_prep  # noqa: PLC0415
+        from scatlas import datasets
+        from scatlas.kernels import liger_prep
 
         log(f"[workload] synthetic({size:,}, {n_genes}, n_batches={n_batches}) + LIGER prep")
         adata = datasets.synthetic(size, n_genes, n_batches=n_batches, seed=seed)
@@ -172,7 +172,7 @@ def _close(peers: dict[str, Any], tmp: tempfile.TemporaryDirectory) -> None:
 
 def _ours(solver: str, dtype: Any):
     def call(w: Workload) -> dict[str, Any]:
-        from scatlas import kernels  # noqa: PLC0415
+        from scatlas import kernels
 
         p, be = w.extra["params"], get_backend()
         Xs = w.data if dtype == np.float32 else [be.to_device(X, w.extra["device"])
@@ -275,7 +275,7 @@ def methods(params: Mapping[str, Any]) -> list[Method]:
 
 def accuracy(w: Workload, method: Method, output: Any) -> dict[str, Any]:
     """LIGER's objective of the method's factors by our ``inmf_objective``; solver timings."""
-    from scatlas.kernels import inmf_objective  # noqa: PLC0415
+    from scatlas.kernels import inmf_objective
 
     be = get_backend()
     W = np.asarray(be.to_host(output["W"]), dtype=np.float64)

@@ -136,7 +136,7 @@ def _synthetic(size: int, params: Mapping[str, Any]) -> tuple[sp.csr_matrix, dic
     key = f"integrate_n{size}_g{n_genes}_b{n_batches}_s{seed}_{workloads.generator_fingerprint()}"
 
     def build() -> dict[str, np.ndarray]:
-        from scatlas import datasets  # noqa: PLC0415
+        from scatlas import datasets
 
         log(f"[workload] synthetic({size:,}, {n_genes}, n_batches={n_batches}) ...")
         adata = datasets.synthetic(size, n_genes, n_batches=n_batches, seed=seed)
@@ -153,9 +153,9 @@ def _synthetic(size: int, params: Mapping[str, Any]) -> tuple[sp.csr_matrix, dic
 
 
 def _cellbench() -> tuple[sp.csr_matrix, dict[str, Any]]:
-    import anndata as ad  # noqa: PLC0415
+    import anndata as ad
 
-    from scatlas import pp  # noqa: PLC0415
+    from scatlas import pp
 
     if not CELLBENCH.is_file():
         raise FileNotFoundError(f"CellBench data not found at {CELLBENCH}")
@@ -171,8 +171,8 @@ def _cellbench() -> tuple[sp.csr_matrix, dict[str, Any]]:
 
 def build(size: int, device: str, params: Mapping[str, Any]) -> Workload:
     """Log-normalised matrix (host and device), labels, the uncorrected PCs, metric cells."""
-    from scatlas.kernels import pca  # noqa: PLC0415
-    from scatlas.kernels.anchors import scale_data  # noqa: PLC0415
+    from scatlas.kernels import pca
+    from scatlas.kernels.anchors import scale_data
 
     if params["data"] == "cellbench":
         X, meta = _cellbench()
@@ -215,15 +215,15 @@ def _timed(fn):
 
 
 def _mnn(w: Workload) -> Any:
-    from scatlas.kernels.fastmnn import fastmnn  # noqa: PLC0415
+    from scatlas.kernels.fastmnn import fastmnn
 
     return fastmnn(w.data, w.extra["batch"], progress=False).corrected
 
 
 def _cca(w: Workload) -> Any:
-    from scatlas.kernels import pca  # noqa: PLC0415
-    from scatlas.kernels.anchors import SmallBatchWarning, scale_data  # noqa: PLC0415
-    from scatlas.kernels.seurat import seurat_integrate  # noqa: PLC0415
+    from scatlas.kernels import pca
+    from scatlas.kernels.anchors import SmallBatchWarning, scale_data
+    from scatlas.kernels.seurat import seurat_integrate
 
     with warnings.catch_warnings():  # small batches: Seurat skips the filter, with a warning
         warnings.filterwarnings("ignore", category=SmallBatchWarning)
@@ -232,7 +232,7 @@ def _cca(w: Workload) -> Any:
 
 
 def _harmony(w: Workload) -> Any:
-    from scatlas.tl._harmony import run_harmony  # noqa: PLC0415
+    from scatlas.tl._harmony import run_harmony
 
     return run_harmony(w.extra["pcs"], w.extra["batch"])[0]
 
@@ -315,7 +315,7 @@ def methods(params: Mapping[str, Any]) -> list[Method]:
 
 def accuracy(w: Workload, method: Method, output: Any) -> dict[str, float]:
     """iLISI, cross-batch label transfer and label ASW on the metric cells."""
-    from scatlas import metrics  # noqa: PLC0415
+    from scatlas import metrics
 
     cells = w.extra["cells"]
     E = np.asarray(get_backend().to_host(output["embedding"]), dtype=np.float32)[cells]

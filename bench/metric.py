@@ -222,7 +222,7 @@ def _ours_callables(w: Workload, step: str = "auto") -> dict[str, Any]:
     key = "ours" if step == "auto" else f"ours_{step}"
     if key not in w.extra:
         try:
-            from bench.metric_units import benchmark_callables  # noqa: PLC0415
+            from bench.metric_units import benchmark_callables
         except ImportError as exc:
             raise RuntimeError(
                 "our side is not available: bench.metric_units.benchmark_callables(n_genes, "
@@ -243,7 +243,7 @@ def _embed_cells(w: Workload) -> np.ndarray:
         X = runner_module().synthetic_batch(
             p["n_embed"], w.extra["n_genes"], density=p["density"], seed=p["seed"] + 1)[0]
         if p["embed_input"] == "csr":
-            import scipy.sparse as sp  # noqa: PLC0415
+            import scipy.sparse as sp
 
             X = sp.csr_matrix(X)
         w.extra["X_embed"] = X
@@ -263,7 +263,7 @@ def _ours_train_dense(w: Workload) -> dict[str, Any]:
 
 
 def _ours_embed(w: Workload, precision: str = "float32") -> dict[str, Any]:
-    from scatlas._host_memory import keep_freed_memory  # noqa: PLC0415
+    from scatlas._host_memory import keep_freed_memory
 
     X = _embed_cells(w)
     embed = _ours_callables(w)["embed"]
@@ -458,7 +458,7 @@ def run_interleaved(
     ``<out>/metric_<device>.json`` (``cpu`` or ``gpu``: JAX's default backend, where our side
     runs) as ``run_benchmark`` would.
     """
-    from . import runner  # noqa: PLC0415
+    from . import runner
 
     global WARMUP_CALLS  # noqa: PLW0603 - read by accuracy() during this run
     WARMUP_CALLS = warmup
@@ -503,7 +503,7 @@ def run_interleaved(
 def _jax_device() -> str:
     """``gpu`` when JAX's default backend is a GPU (our side then runs there), else ``cpu``:
     the device the result file is named after."""
-    import jax  # noqa: PLC0415
+    import jax
 
     return "cpu" if jax.default_backend() == "cpu" else "gpu"
 
@@ -511,7 +511,7 @@ def _jax_device() -> str:
 def _interleave_group(w: Workload, group_methods: Sequence[Method], size: int, repeats: int,
                       warmup: int, device: str) -> dict[str, Any]:
     """``device``: where our methods (``on_device``) run; the peer runs on the CPU."""
-    from . import runner  # noqa: PLC0415
+    from . import runner
 
     def base(m: Method) -> dict[str, Any]:
         return {"role": m.role, "group": m.group, "runs_on": device if m.on_device else "cpu"}
@@ -576,8 +576,8 @@ def _interleave_group(w: Workload, group_methods: Sequence[Method], size: int, r
 def gemm_rates(n_genes: int, repeats: int = 3) -> dict[str, float]:
     """Measured float32 GEMM GFLOPS of this machine at the model's two product shapes (XLA, as
     our dense layers run; numpy's BLAS for comparison): the ceiling of dense float32 work."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
     out: dict[str, float] = {}
@@ -660,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first call starts the peer / compiles ours)")
-    from .__main__ import parse_params  # noqa: PLC0415
+    from .__main__ import parse_params
 
     params = parse_params(args.param)
     methods_ = [m.strip() for m in args.methods.split(",")] if args.methods else None
@@ -679,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     add_throughput(record)
     save_record(record, path)
-    from .report import write_benchmark_report  # noqa: PLC0415
+    from .report import write_benchmark_report
 
     write_benchmark_report(record, path.parent)
     log(f"[metric] wrote {path} and {path.with_suffix('.md')}")

@@ -56,7 +56,7 @@ def _alternate(calls: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, f
 
 
 def _csr(n: int, genes: int, seed: int = 1) -> Any:
-    import scipy.sparse as sp  # noqa: PLC0415
+    import scipy.sparse as sp
 
     X = sp.random(n, genes, density=0.1, format="csr", dtype=np.float32, random_state=seed)
     X.sort_indices()
@@ -64,7 +64,7 @@ def _csr(n: int, genes: int, seed: int = 1) -> Any:
 
 
 def spmm_rows(repeats: int) -> dict[str, Any]:
-    from scatlas.kernels import spmm  # noqa: PLC0415
+    from scatlas.kernels import spmm
 
     out: dict[str, Any] = {}
     rng = np.random.default_rng(0)
@@ -91,8 +91,8 @@ def spmm_rows(repeats: int) -> dict[str, Any]:
 
 
 def callback_rows(repeats: int) -> dict[str, Any]:
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
 
     big = jnp.ones((28231, 1024), jnp.float32)
     small = jnp.ones((1000, 1024), jnp.float32)
@@ -109,10 +109,10 @@ def callback_rows(repeats: int) -> dict[str, Any]:
 
 
 def mining_rows(repeats: int) -> dict[str, Any]:
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
 
-    from scatlas.models import host_mining, metric_losses  # noqa: PLC0415
+    from scatlas.models import host_mining, metric_losses
 
     rng = np.random.default_rng(0)
     B = 1000
@@ -136,10 +136,10 @@ def mining_rows(repeats: int) -> dict[str, Any]:
 def block_rows(repeats: int) -> dict[str, Any]:
     """XLA's (n, 1,024) x (1,024, 1,024) product by rows, and the embedding's dense layers for
     10,000 cells in one call or in blocks (``metric.CPU_BLOCK_ROWS``)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
 
-    from scatlas.models import metric  # noqa: PLC0415
+    from scatlas.models import metric
 
     rng = np.random.default_rng(0)
     B = jnp.asarray(rng.standard_normal((1024, 1024)), jnp.float32)
@@ -150,7 +150,7 @@ def block_rows(repeats: int) -> dict[str, Any]:
                         for n, A in operands.items()}, repeats)
     gflops = {f"{n:,} rows, GFLOPS": round(2 * n * 1024 * 1024 / times[n] / 1e9, 1)
               for n in sizes}
-    from bench.metric_units import benchmark_callables  # noqa: PLC0415
+    from bench.metric_units import benchmark_callables
 
     model = benchmark_callables(2000)["model"]
     H = rng.standard_normal((10_000, 1024)).astype(np.float32)
@@ -170,10 +170,10 @@ def block_rows(repeats: int) -> dict[str, Any]:
 def restore_rows(repeats: int) -> dict[str, Any]:
     """Embedding 10,000 cells at 2,000 genes (CSR and dense input) after a training run, with
     glibc left at its static defaults (mmap from 128 KiB) or as ``_host_memory`` restores it."""
-    import scipy.sparse as sp  # noqa: PLC0415
+    import scipy.sparse as sp
 
-    from bench.metric_units import benchmark_callables  # noqa: PLC0415
-    from scatlas import _host_memory  # noqa: PLC0415
+    from bench.metric_units import benchmark_callables
+    from scatlas import _host_memory
 
     libc = _host_memory._libc()  # noqa: SLF001
     if libc is None:
@@ -207,8 +207,8 @@ def restore_rows(repeats: int) -> dict[str, Any]:
 
 
 def step_rows(genes: Sequence[int], repeats: int) -> dict[str, Any]:
-    from bench.metric_units import benchmark_callables  # noqa: PLC0415
-    from scatlas._host_memory import keep_freed_memory  # noqa: PLC0415
+    from bench.metric_units import benchmark_callables
+    from scatlas._host_memory import keep_freed_memory
 
     out: dict[str, Any] = {}
     for g in genes:
@@ -235,7 +235,7 @@ def step_rows(genes: Sequence[int], repeats: int) -> dict[str, Any]:
 def loader_rows(repeats: int) -> dict[str, Any]:
     """The loader's per-block input check (``CellBatches(check_input=True)``, run on backed and
     lazily read inputs) beside the same block's log-normalisation, 1,000 cells of raw counts."""
-    from scatlas.models.data import check_rows, lognorm  # noqa: PLC0415
+    from scatlas.models.data import check_rows, lognorm
 
     out: dict[str, Any] = {}
     rows = np.arange(1000)
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown parts {unknown}; choose from {[*PARTS, 'steps']}")
     out = Path(args.out)
     previous = out / "metric_parts_cpu.json"
-    from .environment import capture, describe_hardware  # noqa: PLC0415
+    from .environment import capture, describe_hardware
 
     record: dict[str, Any] = {"benchmark": "metric_parts",
                               "machine": describe_hardware(capture("cpu")),

@@ -104,8 +104,8 @@ def _data_path(size: int, p: Mapping[str, Any]) -> Path:
            f"{workloads.generator_fingerprint()}.h5ad")
     path = workloads.cache_dir() / key
     if not path.is_file():
-        from scatlas.datasets import synthetic  # noqa: PLC0415
-        from scatlas.io import write_h5ad  # noqa: PLC0415
+        from scatlas.datasets import synthetic
+        from scatlas.io import write_h5ad
 
         start = time.perf_counter()
         adata = synthetic(size, p["n_genes"], protein=True, n_proteins=p["n_proteins"],
@@ -119,7 +119,7 @@ def _data_path(size: int, p: Mapping[str, Any]) -> Path:
 
 def build(size: int, device: str, params: Mapping[str, Any]) -> Workload:
     """The synthetic cells on disk and in memory; our trainers are built at their first call."""
-    import anndata as ad  # noqa: PLC0415
+    import anndata as ad
 
     p = dict(params)
     path = _data_path(size, p)
@@ -141,11 +141,11 @@ def build(size: int, device: str, params: Mapping[str, Any]) -> Workload:
 
 def _ours(w: Workload, batch_size: int) -> dict[str, Any]:
     if batch_size not in w.extra["ours"]:
-        import jax  # noqa: PLC0415
+        import jax
 
-        from scatlas.models.mvae import MVAEConfig, MVAETask  # noqa: PLC0415
-        from scatlas.models.mvae_data import MultiModalBatches, read_modalities  # noqa: PLC0415
-        from scatlas.models.train import TrainConfig, Trainer  # noqa: PLC0415
+        from scatlas.models.mvae import MVAEConfig, MVAETask
+        from scatlas.models.mvae_data import MultiModalBatches, read_modalities
+        from scatlas.models.train import TrainConfig, Trainer
 
         p = w.extra["params"]
         start = time.perf_counter()
@@ -287,9 +287,9 @@ BENCHMARK = Benchmark(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.mvae``: run the benchmark (registering it if needed), write the table."""
-    from . import REGISTRY  # noqa: PLC0415
-    from .__main__ import parse_params  # noqa: PLC0415
-    from .runner import run_benchmark  # noqa: PLC0415
+    from . import REGISTRY
+    from .__main__ import parse_params
+    from .runner import run_benchmark
 
     parser = argparse.ArgumentParser(prog="python -m bench.mvae",
                                      description=__doc__.split("\n")[0])
@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     peer_times(record)
     path = result_path(args.out, "mvae", record["device"])
     save_record(record, path)
-    from .report import write_benchmark_report  # noqa: PLC0415
+    from .report import write_benchmark_report
 
     write_benchmark_report(record, path.parent)
     log(f"[mvae] wrote {path} and {path.with_suffix('.md')}")

@@ -77,7 +77,7 @@ def h5ad_path(size: int, params: Mapping[str, Any]) -> Path:
            f"{workloads.generator_fingerprint()}")
     path = workloads.cache_dir() / f"{key}.h5ad"
     if not path.is_file():
-        from scatlas import datasets  # noqa: PLC0415
+        from scatlas import datasets
 
         path.parent.mkdir(parents=True, exist_ok=True)
         log(f"[workload] writing synthetic({size:,}, {params['n_genes']}) to {path} ...")
@@ -123,7 +123,7 @@ def methods(params: Mapping[str, Any]) -> list[Method]:
 
 
 def _knn_scores(H: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> tuple[float, float]:
-    from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors  # noqa: PLC0415
+    from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
     Hn = H / np.maximum(np.linalg.norm(H, axis=1, keepdims=True), 1e-12)
     accs = []
@@ -198,7 +198,7 @@ class RssSampler:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from scatlas import tl  # noqa: PLC0415
+    from scatlas import tl
 
     fn = tl.online_inmf
     with RssSampler() as rss:

@@ -175,7 +175,7 @@ def markdown_table(record: Mapping[str, Any], group: str) -> str:
 
 def describe_runs(record: Mapping[str, Any]) -> list[str]:
     """One line per run environment still referenced: date, hardware, commit, versions."""
-    from .environment import describe_hardware  # noqa: PLC0415
+    from .environment import describe_hardware
 
     lines = []
     for run_id, env in record.get("runs", {}).items():
@@ -213,8 +213,8 @@ def render_section(record: Mapping[str, Any], image_link: str | None, level: int
 
 def plot_png(record: Mapping[str, Any]) -> bytes:
     """Log-log wall time vs size, one panel per method group; returns PNG bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     group_list = groups(record)
     fig = Figure(figsize=(5.5 * len(group_list), 4.2), layout="constrained")
@@ -223,7 +223,7 @@ def plot_png(record: Mapping[str, Any]) -> bytes:
     for ax, group in zip(axes, group_list, strict=True):
         _plot_group(ax, record, group)
     env = record.get("runs", {}).get(record.get("latest_run"), {})
-    from .environment import describe_hardware  # noqa: PLC0415
+    from .environment import describe_hardware
 
     hardware = f": {describe_hardware(env)}" if env else ""
     fig.suptitle(f"{record['benchmark']} ({record['device']}{hardware})")
@@ -249,7 +249,7 @@ def _plot_group(ax: Any, record: Mapping[str, Any], group: str) -> None:
             continue
         style = "o-" if meta.get("role") == "ours" else "s--"
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, label=name, capsize=3, markersize=4)
-    from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -108,7 +108,7 @@ def _describe(X: Any, ref: Mapping[str, np.ndarray], k: int) -> dict[str, Any]:
 # --- calls: each returns (singular values, Vt) plus optional solver name -------------------------
 
 def _kernels():
-    from scatlas import kernels  # noqa: PLC0415
+    from scatlas import kernels
 
     return kernels
 
@@ -129,7 +129,7 @@ def _ours_pca(k: int, **kw: Any):
 
 def _sklearn_rsvd(k: int, **kw: Any):
     def call(w: Workload):
-        from sklearn.utils.extmath import randomized_svd  # noqa: PLC0415
+        from sklearn.utils.extmath import randomized_svd
 
         _, S, Vt = randomized_svd(w.host, k, random_state=0, **kw)
         return S, Vt, None
@@ -138,7 +138,7 @@ def _sklearn_rsvd(k: int, **kw: Any):
 
 def _sklearn_pca(k: int, solver: str):
     def call(w: Workload):
-        from sklearn.decomposition import PCA  # noqa: PLC0415
+        from sklearn.decomposition import PCA
 
         est = PCA(k, svd_solver=solver, random_state=0)
         est.fit_transform(w.host)
@@ -148,7 +148,7 @@ def _sklearn_pca(k: int, solver: str):
 
 def _scanpy_pca(k: int):
     def call(w: Workload):
-        import scanpy as sc  # noqa: PLC0415
+        import scanpy as sc
 
         _, components, _, variance = sc.pp.pca(w.host, n_comps=k, random_state=0,
                                                return_info=True)

@@ -285,7 +285,7 @@ def run_benchmark(
         prune_runs(record)
         save_record(record, path)
     if report:
-        from .report import write_benchmark_report  # noqa: PLC0415 - matplotlib is slow to import
+        from .report import write_benchmark_report  # matplotlib is slow to import
 
         write_benchmark_report(record, path.parent)
     failures = failed_methods(record, run_id)
@@ -337,7 +337,7 @@ def check_results(paths: Sequence[str | Path]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.runner check FILE.json [...]``: see :func:`check_results`."""
-    import argparse  # noqa: PLC0415
+    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.runner")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -29,9 +29,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _worker(size: int, n_genes: int, seed: int) -> dict:
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
-    from scatlas import datasets, tl  # noqa: PLC0415
+    from scatlas import datasets, tl
 
     t0 = time.perf_counter()
     adata = datasets.synthetic(3 * size, n_genes, n_batches=2, seed=seed)  # batch sizes vary

@@ -68,7 +68,7 @@ def anchor_agreement(ours: set, theirs: set) -> dict[str, float]:
 
 
 def ours(adata: Any, **kwargs: Any) -> dict[str, Any]:
-    import scatlas as st  # noqa: PLC0415
+    import scatlas as st
 
     work = adata.copy()
     t0 = time.perf_counter()

@@ -85,7 +85,7 @@ def synthetic_lognorm(n_cells: int, n_genes: int = 2000, seed: int = 0) -> tuple
     key = f"synthetic_n{n_cells}_g{n_genes}_s{seed}_{generator_fingerprint()}"
 
     def build() -> sp.csr_matrix:
-        from scatlas import datasets  # noqa: PLC0415
+        from scatlas import datasets
 
         log(f"[workload] generating synthetic({n_cells:,}, {n_genes}, seed={seed}) ...")
         return log_normalize(datasets.synthetic(n_cells, n_genes, seed=seed).X)
@@ -105,7 +105,7 @@ def synthetic_batch_pair(n_cells: int, n_genes: int = 2000, seed: int = 0) -> tu
     key = f"pair_n{n_cells}_g{n_genes}_s{seed}_{generator_fingerprint()}"
 
     def build() -> sp.csr_matrix:
-        from scatlas import datasets  # noqa: PLC0415
+        from scatlas import datasets
 
         probs = datasets.synthetic(1, n_genes, n_batches=2, seed=seed).uns["synthetic"][
             "batch_probs"]

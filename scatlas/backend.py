@@ -81,7 +81,7 @@ _VALID = ("cpu", "gpu", "auto")
 def _cupy():  # tests replace it with a NumPy stand-in (tests/fake_gpu.py)
     """Import CuPy lazily; None when it is missing or sees no device."""
     try:
-        import cupy  # noqa: PLC0415
+        import cupy
 
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return None
@@ -120,7 +120,7 @@ def is_gpu_array(X: Any) -> bool:
 
 def _cupyx_sparse():
     """The ``cupyx.scipy.sparse`` module (imported on first use; tests replace it)."""
-    import cupyx.scipy.sparse as csp  # noqa: PLC0415
+    import cupyx.scipy.sparse as csp
 
     return csp
 
@@ -385,11 +385,11 @@ def _usable_cores() -> int:
 def _blas_controller() -> Any:
     """threadpoolctl's controller of the loaded BLAS libraries, or None without threadpoolctl."""
     try:
-        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+        from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
         return None
     try:
-        from threadpoolctl import get_cached_controller  # noqa: PLC0415  (>= 3.8)
+        from threadpoolctl import get_cached_controller  # (>= 3.8)
 
         return get_cached_controller()
     except ImportError:
@@ -433,7 +433,7 @@ def _force_blas_control() -> None:
     """Let this thread change OpenBLAS's process-wide limit (threadpoolctl >= 3.8 otherwise
     ignores a change made from any thread but the first one that set a limit)."""
     try:
-        from threadpoolctl import OpenBLASController  # noqa: PLC0415
+        from threadpoolctl import OpenBLASController
     except ImportError:  # pragma: no cover
         return
     clear = getattr(OpenBLASController, "clear_controlling_thread", None)

@@ -783,7 +783,7 @@ def write_synthetic_h5ad(
     to the matrices; none by default (fastest). The file appears atomically (temporary file in
     the same folder, then ``os.replace``); on error no partial file is left.
     """
-    from .io import atomic_write  # noqa: PLC0415  (io imports nothing from here)
+    from .io import atomic_write  # (io imports nothing from here)
 
     spec = _make_spec(n_genes, params)
     n_cells = check_positive_int(n_cells, "n_cells")
@@ -806,7 +806,7 @@ def write_synthetic_zarr(path: str | os.PathLike, n_cells: int = 1_000_000, n_ge
                          **kwargs: Any) -> dict[str, Any]:
     """The same atlas written to a zarr store chunk by chunk, generated in parallel on Dask:
     :func:`scatlas.atlas.write_synthetic_zarr` (``kwargs``: its options and the generator's)."""
-    from .atlas import write_synthetic_zarr as write  # noqa: PLC0415
+    from .atlas import write_synthetic_zarr as write
 
     return write(path, n_cells, n_genes, **kwargs)
 
@@ -853,7 +853,7 @@ class _H5adWriter:
     _GROW = {"maxshape": (None,), "chunks": (1 << 16,)}
 
     def __init__(self, f: h5py.File, model: _Model, n_cells: int, compression: str | None):
-        from anndata.io import write_elem  # noqa: PLC0415
+        from anndata.io import write_elem
 
         self.f, self.model, self.n_cells, self.started = f, model, n_cells, False
         self.write_elem = write_elem

@@ -220,8 +220,8 @@ def read_dask(path: PathLike, *, chunk_rows: int = 10_000, layer: str | None = N
     length) and ``var`` are read into memory. This is the input of the Dask routes
     (:func:`scatlas.kernels.pca`, :func:`scatlas.atlas.build`).
     """
-    from anndata.experimental import read_elem_lazy  # noqa: PLC0415
-    from anndata.io import read_elem  # noqa: PLC0415
+    from anndata.experimental import read_elem_lazy
+    from anndata.io import read_elem
 
     chunk_rows = check_positive_int(chunk_rows, "chunk_rows")
     path = Path(path)

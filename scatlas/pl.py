@@ -35,7 +35,7 @@ def draw_order(n: int, seed: int = 0) -> np.ndarray:
 
 def palette(n: int) -> list[Any]:
     """``n`` distinct colours: tab10 / tab20 as scanpy, then evenly spaced hues."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     if n <= 10:
         return list(matplotlib.colormaps["tab10"].colors[:n])
@@ -49,7 +49,7 @@ def scatter(ax: Any, xy: np.ndarray, values: np.ndarray | None, *, title: str = 
     """Draw cells ``xy`` (n, 2) on ``ax`` coloured by ``values`` (n,) (categories, or numbers
     with a colour bar; None: grey), in :func:`draw_order`, legend sorted (up to 30 entries);
     axis labels ``axis + "1"`` / ``axis + "2"``."""
-    from matplotlib.lines import Line2D  # noqa: PLC0415
+    from matplotlib.lines import Line2D
 
     xy = np.asarray(xy, dtype=np.float64)
     order = draw_order(xy.shape[0], seed)
@@ -126,9 +126,9 @@ def embedding(
     The matplotlib ``Figure`` (drawn with whatever backend is active; nothing is shown or
     saved).
     """
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
-    from . import backend  # noqa: PLC0415
+    from . import backend
 
     key = _basis_key(adata, basis)
     coords = np.asarray(backend.to_host(adata.obsm[key]))

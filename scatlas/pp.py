@@ -47,7 +47,7 @@ _COUNT_FLAVORS = COUNT_FLAVORS
 def _rapids():
     """The ``rapids_singlecell`` module, or None when it is not installed / not importable."""
     try:
-        import rapids_singlecell  # noqa: PLC0415
+        import rapids_singlecell
 
         return rapids_singlecell
     except Exception:  # ImportError, or a CUDA / RAPIDS mismatch at import time
@@ -120,7 +120,7 @@ def _engine(target: backend.Device):
         if rsc is not None:
             return rsc.pp, "gpu"
         log.warning("rapids_singlecell is not installed; running scanpy on a host copy")
-    import scanpy as sc  # noqa: PLC0415
+    import scanpy as sc
 
     return sc.pp, "cpu"
 
@@ -327,7 +327,7 @@ def vst_standardized_variance(X: Any, span: float = 0.3) -> np.ndarray:
     values clipped at ``mean + sqrt(n) sd_expected``, variance of the clipped, standardised
     counts (ddof = 1). Genes with zero variance get 0. The fallback of the
     ``"seurat_integration"`` flavor when scikit-misc's loess stops."""
-    import scipy.sparse as sp  # noqa: PLC0415
+    import scipy.sparse as sp
 
     X = sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else np.asarray(X, np.float64)
     n = X.shape[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from scatlas._validate import ScatlasInputError, check_obs_key, check_positive_int, in_caller_terms
-from scatlas.cli_models import FLAGS, VALUES
+from scatlas.cli.models import FLAGS, VALUES
 
 TRAIN = FLAGS["train metric"]
 

@@ -1,4 +1,4 @@
-"""``scatlas integrate`` (scatlas.cli_integrate): round trips on small synthetic .h5ad files."""
+"""``scatlas integrate`` (scatlas.cli.integrate): round trips on small synthetic .h5ad files."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from scatlas.tl import inmf
 
 @pytest.fixture
 def main():
-    """``cli.main`` (the integrate command is discovered from ``scatlas/cli_integrate.py``)."""
-    assert "scatlas.cli_integrate" in cli._command_modules()
+    """``cli.main`` (the integrate command is registered by ``scatlas/cli/integrate.py``, one
+    of the explicit command modules)."""
+    assert "integrate" in cli.COMMAND_MODULES
     return cli.main
 
 

@@ -187,7 +187,7 @@ def test_liger_preprocess_pipeline():
 @pytest.mark.gpu
 def test_gpu_matches_cpu():
     cp = pytest.importorskip("cupy")
-    import cupyx.scipy.sparse as csp  # noqa: PLC0415
+    import cupyx.scipy.sparse as csp
 
     X = sp.csr_matrix(_counts(n=120, m=20, seed=8))
     G = csp.csr_matrix(X)

@@ -428,7 +428,7 @@ def liger_preprocess(adata, batch_key="batch", n_genes=1500, alpha=0.99, thresh=
 
 
 def _cross_batch_knn_accuracy(H, labels, batches, k=15):
-    from sklearn.neighbors import KNeighborsClassifier  # noqa: PLC0415
+    from sklearn.neighbors import KNeighborsClassifier
 
     Hn = H / np.linalg.norm(H, axis=1, keepdims=True)
     accs = []
@@ -472,7 +472,7 @@ def test_cellbench_quantile_norm_improves_mixing_keeps_labels(cellbench_inmf):
     """quantile_norm (LIGER defaults) on the iNMF fit above: measured cross-batch kNN label
     transfer 0.98-1.0 per batch (raw H: 0.99-1.0); the fraction of a cell's 15 nearest
     neighbours (Euclidean) from another batch rises from 0.58 to 0.64 (at most ~0.8 here)."""
-    from sklearn.neighbors import NearestNeighbors  # noqa: PLC0415
+    from sklearn.neighbors import NearestNeighbors
 
     _, res, labels, batches = cellbench_inmf
     q = quantile_norm(res.H)
@@ -495,7 +495,7 @@ def test_cellbench_quantile_norm_improves_mixing_keeps_labels(cellbench_inmf):
 @pytest.mark.gpu
 def test_gpu_inmf_uinmf_jnmf_match_cpu():
     cp = pytest.importorskip("cupy")
-    import cupyx.scipy.sparse as csp  # noqa: PLC0415
+    import cupyx.scipy.sparse as csp
 
     Xs, _, _, Hs = planted_inmf(noise=0.2, seed=30)
     cpu = inmf(Xs, k=5, n_iter=10, dtype=np.float64)

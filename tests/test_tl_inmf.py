@@ -139,8 +139,8 @@ def test_inmf_cellbench_label_transfer_and_mixing(cellbench):
     (k=15, cosine) 0.945-1.0 per batch on the quantile-normalised embedding; fraction of a
     cell's 15 nearest neighbours from another batch 0.63 (raw H 0.60, uncorrected PCA of
     log-normalised HVGs 0.29)."""
-    import scanpy as sc  # noqa: PLC0415
-    from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors  # noqa: PLC0415
+    import scanpy as sc
+    from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
     a = cellbench.copy()
     inmf(a, "batch", n_genes=500)

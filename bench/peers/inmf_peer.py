@@ -44,7 +44,7 @@ class Pyplanc:
     """libplanc's BPP iNMF (``pyplanc.bppinmf``), inputs genes x cells CSC float64."""
 
     def __init__(self) -> None:
-        import pyplanc  # noqa: PLC0415
+        import pyplanc
 
         self.lib = pyplanc
 
@@ -92,7 +92,7 @@ class Pyliger:
     """pyliger's ``optimize_ALS`` (NumPy BPP on dense data), orientation k x genes."""
 
     def __init__(self) -> None:
-        from pyliger.factorization._iNMF_ANLS import optimize_ALS  # noqa: PLC0415
+        from pyliger.factorization._iNMF_ANLS import optimize_ALS
 
         self.fn = optimize_ALS
 
@@ -122,7 +122,7 @@ PEERS = {"pyplanc": Pyplanc, "pyliger": Pyliger}
 
 def _version(name: str) -> str | None:
     try:
-        from importlib.metadata import version  # noqa: PLC0415
+        from importlib.metadata import version
 
         return version(name)
     except Exception:  # noqa: BLE001

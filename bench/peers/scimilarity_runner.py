@@ -138,7 +138,7 @@ def synthetic_ontology(n_labels: int = 20, *, n_terms: int = 3000, n_related: in
     quarters plus a parent of ``n_related`` of them (default ``n_labels // 5``), so some labels
     are ancestors of others.
     """
-    import networkx as nx  # noqa: PLC0415
+    import networkx as nx
 
     n_related = n_labels // 5 if n_related is None else n_related
     if not 0 <= n_related <= n_labels // 2:
@@ -186,9 +186,9 @@ def import_scimilarity() -> dict[str, Any]:
         pkg.__file__ = spec.origin
         pkg.__spec__ = spec
         sys.modules["scimilarity"] = pkg
-    import scimilarity.nn_models as nn_models  # noqa: PLC0415
-    import scimilarity.ontologies as ontologies  # noqa: PLC0415
-    import scimilarity.triplet_selector as triplet_selector  # noqa: PLC0415
+    import scimilarity.nn_models as nn_models
+    import scimilarity.ontologies as ontologies
+    import scimilarity.triplet_selector as triplet_selector
 
     return {"nn_models": nn_models, "ontologies": ontologies,
             "triplet_selector": triplet_selector}
@@ -196,7 +196,7 @@ def import_scimilarity() -> dict[str, Any]:
 
 def provenance() -> dict[str, Any]:
     """Versions of torch, SCimilarity, NumPy and hashes of the SCimilarity files used."""
-    import torch  # noqa: PLC0415
+    import torch
 
     mods = import_scimilarity()
     hashes = {}
@@ -228,8 +228,8 @@ class ScimilarityTrainer:
     def __init__(self, n_genes: int, cells: np.ndarray, labels: np.ndarray,
                  studies: np.ndarray, int2label: dict[int, str], onto: Any,
                  params: dict[str, Any]) -> None:
-        import torch  # noqa: PLC0415
-        from torch import nn  # noqa: PLC0415
+        import torch
+        from torch import nn
 
         mods = import_scimilarity()
         ts = mods["triplet_selector"]
@@ -283,8 +283,8 @@ class ScimilarityTrainer:
 
     def training_step(self) -> dict[str, Any]:
         """``MetricLearning.training_step`` + Lightning's ``zero_grad``/``backward``/``step``."""
-        import torch  # noqa: PLC0415
-        from torch import nn  # noqa: PLC0415
+        import torch
+        from torch import nn
 
         self.encoder.train()
         self.decoder.train()
@@ -325,7 +325,7 @@ class ScimilarityTrainer:
 
         ``bf16``: the same under ``torch.autocast("cpu", bfloat16)`` (not SCimilarity's own
         setting; the equal-precision counterpart of our bfloat16 embedding)."""
-        import torch  # noqa: PLC0415
+        import torch
 
         self.encoder.eval()
         start = time.perf_counter()
@@ -345,7 +345,7 @@ class Session:
     """One gene count: the trainer, the training batch and the cells to embed."""
 
     def __init__(self, n_genes: int, params: dict[str, Any]) -> None:
-        import torch  # noqa: PLC0415
+        import torch
 
         p = {**DEFAULTS, **params}
         torch.set_num_threads(int(p["threads"]))
@@ -359,7 +359,7 @@ class Session:
         self.X_embed = (synthetic_batch(p["n_embed"], n_genes, density=p["density"],
                                         seed=p["seed"] + 1)[0] if p["n_embed"] else None)
         if self.X_embed is not None and p["embed_input"] == "csr":
-            import scipy.sparse as sp  # noqa: PLC0415
+            import scipy.sparse as sp
 
             self.X_embed = sp.csr_matrix(self.X_embed)
         elif p["embed_input"] not in ("dense", "csr"):
@@ -437,7 +437,7 @@ def worker(proto: Any) -> int:
             if cmd == "setup":
                 session = None
                 session = Session(int(msg["n_genes"]), dict(msg.get("params", {})))
-                import torch  # noqa: PLC0415
+                import torch
 
                 reply = {"setup_s": session.setup_s, "torch_threads": torch.get_num_threads(),
                          "l1_layer_shape": session.trainer.l1_shape}
@@ -464,7 +464,7 @@ def selftest(params: dict[str, Any]) -> dict[str, Any]:
     SCimilarity's triplets, hard/viable counts and per-triplet losses, and a short training run
     on a tiny network (losses per step, whether the parameters moved).
     """
-    import torch  # noqa: PLC0415
+    import torch
 
     p = {**DEFAULTS, **params}
     torch.set_num_threads(1)

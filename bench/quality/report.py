@@ -158,8 +158,8 @@ def render(record: Mapping[str, Any], image_link: str | None = None, level: int 
 def plot_png(record: Mapping[str, Any]) -> bytes:
     """One panel per section: the first metric, grouped bars per dataset, one bar per method
     (mean with the sd as an error bar)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     sections = [(n, s) for n, s in record.get("sections", {}).items() if s.get("rows")]
     fig = Figure(figsize=(6.0 * max(len(sections), 1), 4.4), layout="constrained")

@@ -111,9 +111,9 @@ def _done(out: Path, state: dict[str, Any], stage: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 def _lognorm_blocks(path: Path, genes: pd.Index, chunk_rows: int, min_overlap: float) -> Any:
     """The store's counts as a lazy Dask array aligned to ``genes`` and log-normalised."""
-    import anndata as ad  # noqa: PLC0415
-    import scanpy as sc  # noqa: PLC0415
-    import scipy.sparse as sp  # noqa: PLC0415
+    import anndata as ad
+    import scanpy as sc
+    import scipy.sparse as sp
 
     lazy = read_dask(path, chunk_rows=chunk_rows, obs=False)
     positions, _ = gene_positions(lazy.var_names, genes, min_overlap=min_overlap)
@@ -131,9 +131,9 @@ def _lognorm_blocks(path: Path, genes: pd.Index, chunk_rows: int, min_overlap: f
 def _stage_embed(out: Path, sources: list[Path], model: Any, model_ref: Any, client: Any,
                  chunk_rows: int, batch_size: int, min_overlap: float,
                  progress: bool | None) -> dict[str, Any]:
-    import zarr  # noqa: PLC0415
-    from dask import delayed  # noqa: PLC0415
-    from distributed import as_completed  # noqa: PLC0415
+    import zarr
+    from dask import delayed
+    from distributed import as_completed
 
     blocks: list[tuple[int, int, Any]] = []
     n = 0
@@ -185,13 +185,13 @@ def _stage_embed(out: Path, sources: list[Path], model: Any, model_ref: Any, cli
 
 def _read_obs(path: Path) -> pd.DataFrame:
     """``obs`` of a zarr store or an ``.h5ad``, without reading ``X``."""
-    from anndata.io import read_elem  # noqa: PLC0415
+    from anndata.io import read_elem
 
     if path.is_dir():
-        import zarr  # noqa: PLC0415
+        import zarr
 
         return read_elem(zarr.open_group(str(path), mode="r")["obs"])
-    import h5py  # noqa: PLC0415
+    import h5py
 
     with h5py.File(path, "r") as f:
         return read_elem(f["obs"])
@@ -220,9 +220,9 @@ def _stage_index(out: Path, index_options: dict[str, Any], chunk_rows: int, n_qu
                  recall_target: float | None, progress: bool | None) -> dict[str, Any]:
     """Build the index over the stored embeddings, measure its recall@10 against exact search
     (raising ``nprobe`` of an IVF index, unless given, until ``recall_target``), save it."""
-    import zarr  # noqa: PLC0415
+    import zarr
 
-    from ..search import CellIndex  # noqa: PLC0415
+    from ..search import CellIndex
 
     arr = zarr.open_array(str(out / "embeddings.zarr"), mode="r")
     meta = pd.read_parquet(out / "metadata.parquet")
@@ -253,7 +253,7 @@ def _stage_report(out: Path, state: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 def _model_ref(model: Any, out: Path) -> tuple[Any, Any]:
     """(the loaded model, what the workers load it from: its folder, or the object)."""
-    from ..search.pipeline import load_model  # noqa: PLC0415
+    from ..search.pipeline import load_model
 
     if isinstance(model, str | Path):
         path = Path(model)

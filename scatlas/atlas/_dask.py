@@ -40,7 +40,7 @@ def cluster(client: Any = None, scheduler: str | None = None,
     """A ``distributed.Client``: ``client`` as given, one connected to ``scheduler`` (an
     address), else a new ``LocalCluster`` of ``n_workers`` single-threaded worker processes
     (default: the usable cores, at most 4), closed on exit."""
-    import distributed  # noqa: PLC0415
+    import distributed
 
     if client is not None:
         yield client
@@ -67,7 +67,7 @@ def _model(model: Any) -> Any:
         return model
     key = str(Path(model).resolve())
     if key not in _MODELS:
-        from ..models import load  # noqa: PLC0415
+        from ..models import load
 
         _MODELS[key] = load(key)
     return _MODELS[key]
@@ -76,7 +76,7 @@ def _model(model: Any) -> Any:
 def embed_block(x: Any, model: Any, batch_size: int) -> np.ndarray:
     """(rows, latent_dim) float32 embedding of a block of log-normalised cells whose columns
     are the model's genes (``model.embed(x, input="lognorm")``), BLAS on one thread."""
-    import warnings  # noqa: PLC0415
+    import warnings
 
     with backend.serial_blas(), warnings.catch_warnings():
         # a counts model warns about lognorm input; x is its own normalisation (log1p of

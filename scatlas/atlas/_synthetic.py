@@ -30,8 +30,8 @@ def synthetic_chunk(model: Any, start: int, stop: int) -> tuple[sp.csr_matrix, n
                                                                   np.ndarray]:
     """Cells ``[start, stop)`` of the atlas of ``model``: (CSR float32 counts, type codes,
     batch codes)."""
-    from .. import backend  # noqa: PLC0415
-    from ..datasets import BLOCK_SIZE, _generate_block, _slice_block, _stack_blocks  # noqa: PLC0415
+    from .. import backend
+    from ..datasets import BLOCK_SIZE, _generate_block, _slice_block, _stack_blocks
 
     b0, b1 = start // BLOCK_SIZE, (stop - 1) // BLOCK_SIZE + 1
     with backend.serial_blas():
@@ -54,12 +54,12 @@ def write_synthetic_zarr(path: str | os.PathLike, n_cells: int = 1_000_000, n_ge
     written. Returns ``{"path", "n_cells", "seconds", "cells_per_s", "driver_peak_rss",
     "worker_peak_rss", "disk_bytes"}``.
     """
-    import pandas as pd  # noqa: PLC0415
-    import zarr  # noqa: PLC0415
-    from anndata.io import sparse_dataset, write_elem  # noqa: PLC0415
+    import pandas as pd
+    import zarr
+    from anndata.io import sparse_dataset, write_elem
 
-    from ..datasets import _Block, _build_model, _make_spec, _names, _obs, _uns  # noqa: PLC0415
-    from ._report import disk_bytes  # noqa: PLC0415
+    from ..datasets import _Block, _build_model, _make_spec, _names, _obs, _uns
+    from ._report import disk_bytes
 
     n_cells = check_positive_int(n_cells, "n_cells")
     chunk_size = check_positive_int(chunk_size, "chunk_size")

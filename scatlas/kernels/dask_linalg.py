@@ -62,7 +62,7 @@ def is_dask_array(X: Any) -> bool:
     """True for a ``dask.array.Array`` (without importing Dask when it was never loaded)."""
     if "dask.array" not in sys.modules:
         return False
-    import dask.array as da  # noqa: PLC0415
+    import dask.array as da
 
     return isinstance(X, da.Array)
 
@@ -158,7 +158,7 @@ def _sum(parts: Sequence[np.ndarray]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 def _tree(parts: list[Any], combine: Callable[[Sequence[Any]], Any]) -> Any:
     """A Dask tree reduction of delayed ``parts`` with ``combine`` on ``SPLIT_EVERY`` at a time."""
-    from dask import delayed  # noqa: PLC0415
+    from dask import delayed
 
     while len(parts) > 1:
         parts = [delayed(combine, pure=True)(parts[i:i + SPLIT_EVERY])
@@ -171,13 +171,13 @@ def _row_blocks(X: Any) -> list[Any]:
 
 
 def _compute(*objs: Any) -> tuple[Any, ...]:
-    import dask  # noqa: PLC0415
+    import dask
 
     return dask.compute(*objs)
 
 
 def _moments(X: Any, full: bool) -> Moments:
-    from dask import delayed  # noqa: PLC0415
+    from dask import delayed
 
     task = delayed(_block_moments, pure=True)
     return _compute(_tree([task(b, full) for b in _row_blocks(X)], _merge))[0]
@@ -192,7 +192,7 @@ def _project(X: Any, V: np.ndarray, shift: np.ndarray | None) -> Any:
 
 def _rproject(X: Any, Q: Any, shift: np.ndarray | None) -> np.ndarray:
     """(X - 1 shift^T)^T Q (p, l) float64 on the driver, Q a Dask array chunked as X's rows."""
-    from dask import delayed  # noqa: PLC0415
+    from dask import delayed
 
     task = delayed(_block_rproject, pure=True)
     parts = [task(x, q, shift) for x, q in
@@ -204,8 +204,8 @@ def _orthonormalize(Y: Any) -> Any:
     """CholeskyQR2 of a tall Dask array (n, l): Q = Y R^-1 twice, R from the tree-summed Gram;
     the factor is checked as :func:`scatlas.kernels.linalg.orthonormalize` checks it, and a
     failed pass falls back to Dask's TSQR."""
-    import dask.array as da  # noqa: PLC0415
-    from dask import delayed  # noqa: PLC0415
+    import dask.array as da
+    from dask import delayed
 
     task = delayed(_block_gram, pure=True)
     for _ in range(2):

@@ -205,7 +205,7 @@ def top_eigh(G, k: int):
     xp = backend.array_module(G)
     m = G.shape[0]
     if xp is np and k < m // 2:
-        import scipy.linalg  # noqa: PLC0415
+        import scipy.linalg
 
         with backend.serial_blas():
             evals, evecs = scipy.linalg.eigh(G, subset_by_index=[m - k, m - 1], driver="evr")
@@ -478,10 +478,10 @@ def pca(
     A ``dask.array.Array`` is computed blockwise on the active Dask scheduler, exactly
     (:func:`scatlas.kernels.dask_linalg.pca`; ``scores`` then stays a lazy Dask array).
     """
-    from .dask_linalg import is_dask_array  # noqa: PLC0415
+    from .dask_linalg import is_dask_array
 
     if is_dask_array(X):
-        from .dask_linalg import pca as dask_pca  # noqa: PLC0415
+        from .dask_linalg import pca as dask_pca
 
         return dask_pca(X, n_components, center=center, seed=seed, n_oversamples=n_oversamples,
                         n_iter=n_iter, method=method, dtype=dtype, progress=progress)

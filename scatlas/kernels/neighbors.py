@@ -724,7 +724,7 @@ def _knn_faiss(Q: Any, R: Any, k: int, metric: str, exclude_self: bool) -> tuple
     breaks ties at the k-th boundary by its own rule.
     """
     try:
-        import faiss  # noqa: PLC0415
+        import faiss
     except ImportError as err:
         raise ScatlasInputError(
             "engine='faiss' needs the faiss package (pip install faiss-cpu); use engine='brute'"

@@ -86,10 +86,10 @@ def _knn_indices(H: Any, n_neighbors: int) -> Any:
     n = H.shape[0]
     nn = min(n_neighbors, n)
     if xp is np:
-        from sklearn.neighbors import NearestNeighbors  # noqa: PLC0415
+        from sklearn.neighbors import NearestNeighbors
 
         return NearestNeighbors(n_neighbors=nn).fit(H).kneighbors(H, return_distance=False)
-    from .neighbors import knn  # noqa: PLC0415
+    from .neighbors import knn
 
     self_idx = xp.arange(n, dtype=xp.int64)[:, None]
     if nn == 1:

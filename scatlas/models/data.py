@@ -120,7 +120,7 @@ def as_source(X: Any) -> MatrixSource | SyntheticSource:
     ``scatlas.io.RowSource`` is read through ``scatlas.io.ArrayRows`` / its own ``rows``."""
     if isinstance(X, MatrixSource | SyntheticSource):
         return X
-    from ..io import ArrayRows, RowSource  # noqa: PLC0415
+    from ..io import ArrayRows, RowSource
 
     if isinstance(X, list | tuple) or hasattr(X, "dask") or (
             isinstance(X, RowSource) and not hasattr(X, "__getitem__")):
@@ -531,7 +531,7 @@ class _CsrStore:
 
     def read(self, spans: list[tuple[int, int]]) -> sp.csr_matrix:
         if self._threads is None:
-            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+            from concurrent.futures import ThreadPoolExecutor
 
             self._threads = ThreadPoolExecutor(max_workers=4)
         parts = list(self._threads.map(self._span, spans))
@@ -630,7 +630,7 @@ class StoreBatches(CellBatches):
         if key not in self._pools:
             if ahead:
                 if self._reader is None:
-                    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+                    from concurrent.futures import ThreadPoolExecutor
 
                     self._reader = ThreadPoolExecutor(max_workers=1)
                 self._pools[key] = self._reader.submit(self._read_pool, e, p)

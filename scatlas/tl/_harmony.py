@@ -39,7 +39,7 @@ INSTALL_HINT = "pip install 'scatlas[harmony]'  (or: pip install 'harmonypy>=2.0
 def _harmonypy() -> Any:
     if importlib.util.find_spec("harmonypy") is None:
         raise ScatlasInputError(f"method='harmony' on the CPU needs harmonypy: {INSTALL_HINT}")
-    import harmonypy  # noqa: PLC0415
+    import harmonypy
 
     major = int(str(getattr(harmonypy, "__version__", "0")).split(".")[0] or 0)
     if major < 2:
@@ -75,7 +75,7 @@ def run_harmony(Z: Any, batch: Any, *, seed: int = 0, **kwargs: Any) -> tuple[An
     if backend.is_gpu_array(Z):
         return _run_rapids(Z, b, seed, kwargs)
     hp = _harmonypy()
-    import pandas as pd  # noqa: PLC0415
+    import pandas as pd
 
     opts = {"verbose": False, "random_state": seed, **kwargs}
     Zt = np.ascontiguousarray(np.asarray(Z, dtype=np.float64).T)
@@ -93,8 +93,8 @@ def _run_rapids(Z: Any, b: np.ndarray, seed: int, kwargs: dict) -> tuple[Any, di
         raise ScatlasInputError(
             "method='harmony' on GPU data needs rapids-singlecell (pip install "
             "'scatlas[gpu]'), or move the data to the host (device='cpu') for harmonypy")
-    import anndata as ad  # noqa: PLC0415
-    import pandas as pd  # noqa: PLC0415
+    import anndata as ad
+    import pandas as pd
 
     rsc = importlib.import_module("rapids_singlecell")
     work = ad.AnnData(obs=pd.DataFrame({"batch": pd.Categorical(b)},

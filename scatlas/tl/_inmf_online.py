@@ -71,7 +71,7 @@ class _H5Rows:
         self.shape = tuple(int(s) for s in elem.attrs["shape"])
 
     def __getitem__(self, key: slice) -> Any:
-        import scipy.sparse as sp  # noqa: PLC0415
+        import scipy.sparse as sp
 
         a, b, _ = key.indices(self.shape[0])
         if self.dense:
@@ -134,9 +134,9 @@ def _read_rows(ds: _Dataset, a: int, b: int) -> Any:
 
 def _open_sources(data: Any, names: Sequence[str] | None, stack: ExitStack) -> list[_Source]:
     """AnnData objects (in memory or backed) and .h5ad paths, as sources."""
-    import anndata as ad  # noqa: PLC0415
+    import anndata as ad
 
-    from .. import io as _io  # noqa: PLC0415
+    from .. import io as _io
 
     if isinstance(data, ad.AnnData | str | os.PathLike):
         data = [data]
@@ -148,7 +148,7 @@ def _open_sources(data: Any, names: Sequence[str] | None, stack: ExitStack) -> l
     for i, item in enumerate(data):
         label = names[i] if names is not None else None
         if isinstance(item, str | os.PathLike):
-            import h5py  # noqa: PLC0415
+            import h5py
 
             meta = _io.read_h5ad(item, backed="r")
             obs, var = meta.obs.copy(), meta.var.copy()
@@ -159,7 +159,7 @@ def _open_sources(data: Any, names: Sequence[str] | None, stack: ExitStack) -> l
         elif isinstance(item, ad.AnnData):
             obs, var = item.obs, item.var
             if item.isbacked:
-                import h5py  # noqa: PLC0415
+                import h5py
 
                 f = stack.enter_context(h5py.File(item.filename, "r"))
                 store = _H5Rows(f)
@@ -254,7 +254,7 @@ def _views(datasets: list[_Dataset], genes: pd.Index, dtype: Any) -> list[_Liger
 def _result_adata(datasets: list[_Dataset], genes_all: pd.Index, var: pd.DataFrame) -> tuple[
         Any, list[np.ndarray]]:
     """A new AnnData (no X) of every input's cells in input order, and each dataset's rows."""
-    import anndata as ad  # noqa: PLC0415
+    import anndata as ad
 
     frames, offsets, labels, start = [], {}, [], 0
     for d in datasets:
@@ -280,7 +280,7 @@ def _stream_inputs(
     progress: bool | None,
 ) -> tuple[list[_Dataset], pd.Index, pd.DataFrame, bool]:
     """Open the inputs, split them into datasets, compute their moments."""
-    import anndata as ad  # noqa: PLC0415
+    import anndata as ad
 
     in_place = isinstance(data, ad.AnnData) and not data.isbacked
     sources = _open_sources(data, names, stack)

@@ -63,7 +63,7 @@ class _Reference:
 
 
 def _read_reference(ref: Any, keys: _Keys) -> _Reference:
-    import anndata as ad  # noqa: PLC0415
+    import anndata as ad
 
     if not isinstance(ref, ad.AnnData):
         raise ScatlasInputError(f"reference must be an AnnData with an iNMF result, got "
@@ -204,7 +204,7 @@ def _rename_clashes(datasets: list[_Dataset], taken: Sequence[str]) -> None:
 
 def _combined_adata(ref: _Reference, datasets: list[_Dataset]) -> tuple[Any, list[np.ndarray]]:
     """A new AnnData of the reference's cells then the new datasets' cells (genes: ref's)."""
-    import anndata as ad  # noqa: PLC0415
+    import anndata as ad
 
     frames = [*ref.obs, *(d.source.obs if d.rows is None else d.source.obs.iloc[d.rows]
                           for d in datasets)]

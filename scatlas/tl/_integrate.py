@@ -158,7 +158,7 @@ def integrate(
     common = dict(dtype=dtype, device=device, progress=progress)
     name = key[2:] if key.startswith("X_") else key
     if method == "harmony":
-        from ._harmony import run_integrate_harmony  # noqa: PLC0415
+        from ._harmony import run_integrate_harmony
 
         uns = run_integrate_harmony(adata, key, X, batch, n_pcs, seed, common, kwargs)
     elif method == "mnn":

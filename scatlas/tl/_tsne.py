@@ -26,7 +26,7 @@ from .._validate import ScatlasInputError, check_matrix
 
 def _opentsne(X: np.ndarray, perplexity: float, seed: int, n_jobs: int) -> np.ndarray:
     try:
-        from openTSNE import TSNE  # noqa: PLC0415
+        from openTSNE import TSNE
     except ImportError:
         raise ScatlasInputError(
             "t-SNE on the CPU needs openTSNE: pip install 'scatlas[tsne]' (or openTSNE)"
@@ -39,7 +39,7 @@ def _opentsne(X: np.ndarray, perplexity: float, seed: int, n_jobs: int) -> np.nd
 def _cuml(X: Any, perplexity: float, seed: int) -> Any | None:
     """cuML's t-SNE of device data; None when cuML is not importable."""
     try:
-        from cuml.manifold import TSNE  # noqa: PLC0415
+        from cuml.manifold import TSNE
     except ImportError:
         return None
     xp = backend.array_module(X)

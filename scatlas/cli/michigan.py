@@ -5,7 +5,7 @@ Examples::
     scatlas train michigan cells.h5ad --out michigan/ --plot michigan.png
     scatlas generate --model michigan/ cells.h5ad generated.h5ad --n-per-cell 5
 
-``train michigan`` is added to ``scatlas train`` (owned by :mod:`scatlas.cli_models`) through
+``train michigan`` is added to ``scatlas train`` (owned by :mod:`scatlas.cli.models`) through
 :func:`register_train`; ``generate`` writes an AnnData of generated log-normalised profiles,
 ``n_per_cell`` per input cell (``obs["source_cell"]``, ``obs["sample"]``, and the input's
 ``obs`` columns repeated).
@@ -18,27 +18,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import cli_models
-from .cli_models import (
+from .models import (
+    FLAGS,
+    VALUES,
     _finish_training,
-    _in_cli_terms,
     _input_args,
     _join_job,
     _loop_args,
     _read,
 )
 
-cli_models.FLAGS["train michigan"] = {
-    **cli_models.FLAGS["train mvae"], "vae_steps": "--vae-steps", "gan_steps": "--gan-steps",
-    "gan_learning_rate": "--gan-lr", "beta": "--beta", "n_critic": "--n-critic",
-    "gp_weight": "--gp-weight", "noise_dim": "--noise-dim"}
-cli_models.FLAGS["generate"] = {
-    **cli_models.FLAGS["embed"], "n_per_cell": "--n-per-cell", "z": "--latent-key"}
+#: library parameter -> flag where the flag is not the parameter's own name
+TRAIN_FLAGS = {**FLAGS["train mvae"], "gan_learning_rate": "--gan-lr"}
+GENERATE_FLAGS = {**FLAGS["embed"], "z": "--latent-key"}
 
 
-@_in_cli_terms("train michigan")
 def cmd_train_michigan(args: argparse.Namespace) -> int:
-    from . import tl
+    from .. import tl
 
     t0 = time.perf_counter()
     _join_job(args)
@@ -67,15 +63,14 @@ def cmd_train_michigan(args: argparse.Namespace) -> int:
     return code
 
 
-@_in_cli_terms("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
     import anndata as ad
     import numpy as np
     import pandas as pd
 
-    from ._validate import ScatlasInputError
-    from .io import write_h5ad
-    from .models.io import load
+    from .._validate import ScatlasInputError
+    from ..io import write_h5ad
+    from ..models.io import load
 
     t0 = time.perf_counter()
     model = load(args.model)
@@ -111,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def register_train(models: argparse._SubParsersAction) -> None:
-    """Add ``michigan`` to ``scatlas train`` (called by :func:`scatlas.cli_models.register`)."""
+    """Add ``michigan`` to ``scatlas train`` (called by :func:`scatlas.cli.models.register`)."""
     p = models.add_parser(
         "michigan", help="MichiGAN: beta-TCVAE + latent-conditioned WGAN-GP (generative)",
         description="Train MichiGAN (Yu & Welch 2021): a beta-TCVAE on log-normalised "
@@ -141,7 +136,7 @@ def register_train(models: argparse._SubParsersAction) -> None:
     _loop_args(p)
     p.add_argument("--seed", type=int, default=0)
     _input_args(p, train=True)
-    p.set_defaults(func=cmd_train_michigan)
+    p.set_defaults(func=cmd_train_michigan, param_flags=TRAIN_FLAGS, param_values=VALUES)
 
 
 def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Callable) -> None:
@@ -160,4 +155,4 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--min-overlap", type=float, default=0.5,
                    help="minimum fraction of the model's genes present (default 0.5)")
     _input_args(p, train=False)
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, param_flags=GENERATE_FLAGS, param_values=VALUES)

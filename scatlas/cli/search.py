@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import signal
 import sys
 import time
@@ -40,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import ScatlasInputError
+from .._validate import ScatlasInputError
 
 
 def _log(message: str) -> None:
@@ -89,8 +88,8 @@ def _embeddings(path: str, obsm_key: str, model: Any = None):
         return _load_npy(p), None, None
     if p.suffix != ".h5ad":
         raise ScatlasInputError(f"expected an .h5ad or .npy file, got {path!r}")
-    from . import io
-    from .search.pipeline import query_embeddings
+    from .. import io
+    from ..search.pipeline import query_embeddings
 
     adata = io.read_h5ad(p)
     emb = query_embeddings(adata, model, obsm_key=obsm_key, store=False)
@@ -107,7 +106,7 @@ def _parse_filter(text: str | None) -> Any:
 
 
 def _write_table(table, out: str | None) -> None:
-    from .io import atomic_write
+    from ..io import atomic_write
 
     if out is None:
         table.to_csv(sys.stdout, index=False)
@@ -128,7 +127,7 @@ def _write_table(table, out: str | None) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from .search import CellIndex
+    from ..search import CellIndex
 
     t0 = time.perf_counter()
     emb, obs, _ = _embeddings(args.input, args.obsm_key)
@@ -159,7 +158,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 def _make_map(index_dir: str, emb: Any, method: str, metric: str, seed: int) -> None:
     """Compute the 2-D map of ``emb`` and store it (with the embeddings) in the index folder."""
-    from .search.atlas_map import compute_map, save_map
+    from ..search.atlas_map import compute_map, save_map
 
     t0 = time.perf_counter()
     emb = np.asarray(emb, dtype=np.float32)
@@ -170,7 +169,7 @@ def _make_map(index_dir: str, emb: Any, method: str, metric: str, seed: int) -> 
 
 
 def cmd_index_map(args: argparse.Namespace) -> int:
-    from .search import CellIndex
+    from ..search import CellIndex
 
     index = CellIndex.load(args.index, device="cpu")
     emb, _, _ = _embeddings(args.embeddings, args.obsm_key)
@@ -183,7 +182,7 @@ def cmd_index_map(args: argparse.Namespace) -> int:
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    from .search import CellIndex
+    from ..search import CellIndex
 
     index = CellIndex.load(args.index)
     meta = index.metadata
@@ -199,8 +198,8 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 def _index_and_cells(args: argparse.Namespace, path: str, what: str) -> tuple[Any, Any, Any]:
     """The index (``--index``, ``--device``) and the embeddings of the cells in ``path``
     (``--obsm-key``, or embedded with ``--model``) and their obs; their dimensions must agree."""
-    from .search import CellIndex
-    from .search.pipeline import load_model
+    from ..search import CellIndex
+    from ..search.pipeline import load_model
 
     index = CellIndex.load(args.index, device=args.device)
     emb, obs, _ = _embeddings(path, args.obsm_key, load_model(args.model))
@@ -223,10 +222,7 @@ def cmd_index_calibrate(args: argparse.Namespace) -> int:
             raise ScatlasInputError(f"--label-key {args.label_key!r} is not a metadata column "
                                     f"of the index ({list(index.metadata.columns)[:20]})")
         labels = obs[args.label_key]
-    try:
-        record = index.calibrate_ood(emb, labels=labels, label_key=args.label_key)
-    except ScatlasInputError as err:
-        raise ScatlasInputError(_flag_names(str(err))) from err
+    record = index.calibrate_ood(emb, labels=labels, label_key=args.label_key)
     index.save(args.index)
     q = record["quantiles"]
     _log(f"index calibrate: {record['n_cells']} held-out cells (of {record['n_given']}); "
@@ -279,9 +275,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from . import io
-    from .search import CellIndex
-    from .search.pipeline import annotate_adata, load_model
+    from .. import io
+    from ..search import CellIndex
+    from ..search.pipeline import annotate_adata, load_model
 
     t0 = time.perf_counter()
     if args.report is not None and args.truth_key is None:
@@ -294,13 +290,11 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if args.truth_key is not None and args.truth_key not in adata.obs.columns:
         raise ScatlasInputError(f"--truth-key {args.truth_key!r} is not an obs column of "
                                 f"{args.input!r} (columns: {list(adata.obs.columns)[:20]})")
-    try:
-        table = annotate_adata(adata, index, load_model(args.model), label_key=args.label_key,
-                               k=args.k, weighting=args.weighting,
-                               ood_distance=args.ood_distance, ood_quantile=args.ood_quantile,
-                               obsm_key=args.obsm_key, key_added=args.key_added)
-    except ScatlasInputError as err:  # name the flags, not the Python parameters
-        raise ScatlasInputError(_flag_names(str(err))) from err
+    # errors name the Python parameters; scatlas.cli.main rewrites them as the flags
+    table = annotate_adata(adata, index, load_model(args.model), label_key=args.label_key,
+                           k=args.k, weighting=args.weighting,
+                           ood_distance=args.ood_distance, ood_quantile=args.ood_quantile,
+                           obsm_key=args.obsm_key, key_added=args.key_added)
     if args.out:
         io.write_h5ad(adata, args.out)
     else:
@@ -318,18 +312,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
-_FLAG_RE = re.compile(r"\b(label_key|ood_distance|ood_quantile|obsm_key|key_added)\b"
-                      r"|^(k|weighting)(?= must)")
-
-
-def _flag_names(message: str) -> str:
-    """``label_key`` -> ``--label-key`` etc. in an error message of the Python API."""
-    return _FLAG_RE.sub(lambda m: "--" + m.group(0).replace("_", "-"), message)
-
-
 def _score_annotation(args: argparse.Namespace, adata: Any, index: Any, table: Any) -> None:
     """Accuracy / ECE against ``obs[--truth-key]`` on stderr; ``--report DIR`` files."""
-    from .search.calibration import calibration, write_report
+    from ..search.calibration import calibration, write_report
 
     truth = adata.obs[args.truth_key].to_numpy()
     known = (index.metadata[args.label_key].dropna().unique()
@@ -392,7 +377,7 @@ def _raise_stop(signum: int, frame: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .search.service import create_app
+    from ..search.service import create_app
 
     t0 = time.perf_counter()
     if args.index_threads is not None:

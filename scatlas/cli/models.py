@@ -21,10 +21,9 @@ the other commands.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,38 +59,13 @@ VALUES: dict[str, dict[str, str]] = {
 }
 
 
-def _in_cli_terms(command: str) -> Callable[[Callable[[argparse.Namespace], int]],
-                                            Callable[[argparse.Namespace], int]]:
-    """Decorate a command: its input errors (:class:`~scatlas._validate.ScatlasInputError`,
-    :class:`~scatlas._validate.TrainingDivergedError`) are re-raised with the parameters they
-    name rewritten as the command's flags (:data:`FLAGS`,
-    :func:`scatlas._validate.in_caller_terms`)."""
-    from ._validate import ScatlasInputError, TrainingDivergedError, in_caller_terms
-
-    names: Mapping[str, str] = FLAGS[command]
-
-    def wrap(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        @functools.wraps(cmd)
-        def run(args: argparse.Namespace) -> int:
-            try:
-                return cmd(args)
-            except ScatlasInputError as err:
-                raise ScatlasInputError(in_caller_terms(err, names, values=VALUES),
-                                        param=err.param) from err
-            except TrainingDivergedError as err:
-                raise TrainingDivergedError(in_caller_terms(err, names, values=VALUES)) from err
-        return run
-
-    return wrap
-
-
 def _read(path: str, backed: bool = False):
     """An ``.h5ad`` file, an AnnData zarr store (a folder or a ``.zarr`` path) or an ``.h5mu``.
 
     ``backed``: an h5ad is opened read-only with ``X`` on disk; a zarr store keeps ``X`` and the
     layers on disk, read lazily (:func:`scatlas.io.read_zarr`).
     """
-    from .io import read_h5ad, read_zarr
+    from ..io import read_h5ad, read_zarr
 
     if str(path).endswith(".h5mu"):
         return _read_h5mu(path)
@@ -101,7 +75,7 @@ def _read(path: str, backed: bool = False):
 
 
 def _read_h5mu(path: str):
-    from ._validate import ScatlasInputError
+    from .._validate import ScatlasInputError
 
     try:
         import mudata
@@ -113,7 +87,7 @@ def _read_h5mu(path: str):
 
 
 def _write(data, path: str) -> None:
-    from .io import atomic_write, write_h5ad
+    from ..io import atomic_write, write_h5ad
 
     if hasattr(data, "mod"):  # MuData
         with atomic_write(Path(path)) as tmp:
@@ -124,7 +98,7 @@ def _write(data, path: str) -> None:
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
     """``["name=value", ...]`` -> dict (order kept)."""
-    from ._validate import ScatlasInputError
+    from .._validate import ScatlasInputError
 
     out: dict[str, str] = {}
     for item in items or []:
@@ -135,9 +109,8 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
-@_in_cli_terms("train mvae")
 def cmd_train_mvae(args: argparse.Namespace) -> int:
-    from . import tl
+    from .. import tl
 
     t0 = time.perf_counter()
     _join_job(args)
@@ -170,7 +143,7 @@ def _finish_training(what: str, model, args: argparse.Namespace, log_path: str, 
     of a multi-host job; the others only say they are done)."""
     import jax
 
-    from .models.train import plot_history
+    from ..models.train import plot_history
 
     if jax.process_index() != 0:
         print(f"scatlas train {what}: process {jax.process_index()} of {jax.process_count()} "
@@ -185,11 +158,10 @@ def _finish_training(what: str, model, args: argparse.Namespace, log_path: str, 
           f"{json.dumps(summary)}; log {log_path}")
     return 0
 
-@_in_cli_terms("impute")
 def cmd_impute(args: argparse.Namespace) -> int:
-    from . import tl
-    from ._validate import ScatlasInputError
-    from .models.io import load
+    from .. import tl
+    from .._validate import ScatlasInputError
+    from ..models.io import load
 
     t0 = time.perf_counter()
     model = load(args.model)
@@ -215,9 +187,8 @@ def cmd_impute(args: argparse.Namespace) -> int:
     return 0
 
 
-@_in_cli_terms("train metric")
 def cmd_train_metric(args: argparse.Namespace) -> int:
-    from . import tl
+    from .. import tl
 
     t0 = time.perf_counter()
     _join_job(args)
@@ -251,12 +222,11 @@ def _given(args: argparse.Namespace, **fields: Callable) -> dict[str, Any]:
             if getattr(args, k) is not None}
 
 
-@_in_cli_terms("embed")
 def cmd_embed(args: argparse.Namespace) -> int:
-    from . import tl
-    from ._validate import ScatlasInputError
-    from .io import write_h5ad
-    from .models.io import load
+    from .. import tl
+    from .._validate import ScatlasInputError
+    from ..io import write_h5ad
+    from ..models.io import load
 
     t0 = time.perf_counter()
     model = load(args.model)
@@ -357,7 +327,7 @@ def _schedule_args(p: argparse.ArgumentParser) -> None:
 
 def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ``train=`` mapping of the options of :func:`_schedule_args` that were given."""
-    from .exceptions import ScatlasInputError
+    from ..exceptions import ScatlasInputError
 
     out: dict[str, Any] = {}
     for name in ("schedule", "warmup_steps", "checkpoint_every"):
@@ -380,7 +350,7 @@ def _join_job(args: argparse.Namespace) -> None:
     work, with the options given (the rest detected from the cluster environment)."""
     if not args.distributed:
         return
-    from .models.train import initialize_distributed
+    from ..models.train import initialize_distributed
 
     given = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
              "process_id": args.process_id}
@@ -448,7 +418,7 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
                    help="leave X on disk and stream mini-batches from it (large .h5ad / zarr)")
     p.add_argument("--seed", type=int, default=0)
     _input_args(p, train=True)
-    p.set_defaults(func=cmd_train_metric)
+    p.set_defaults(func=cmd_train_metric, param_flags=FLAGS["train metric"], param_values=VALUES)
 
     p = sub.add_parser("embed", help="embed cells with a trained model (obsm['X_scatlas'])")
     p.add_argument("--model", required=True, help="model folder")
@@ -465,19 +435,15 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
                    help="metric models: precision of the dense layers (default: the model's)")
     _input_args(p, train=False)
-    p.set_defaults(func=cmd_embed)
+    p.set_defaults(func=cmd_embed, param_flags=FLAGS["embed"], param_values=VALUES)
 
     _register_mvae(models)
     _register_impute(sub)
-    # other cli_*.py modules add their models to `scatlas train` (cli_michigan)
-    import importlib
+    # the other models' commands add themselves to `scatlas train`
+    from . import covel, michigan
 
-    from .cli import _command_modules
-
-    for name in _command_modules():
-        add = getattr(importlib.import_module(name), "register_train", None)
-        if add is not None:
-            add(models)
+    for module in (michigan, covel):
+        module.register_train(models)
 
 
 def _register_mvae(models: argparse._SubParsersAction) -> None:
@@ -513,7 +479,7 @@ def _register_mvae(models: argparse._SubParsersAction) -> None:
     _schedule_args(p)
     p.add_argument("--seed", type=int, default=0)
     _progress_arg(p)
-    p.set_defaults(func=cmd_train_mvae)
+    p.set_defaults(func=cmd_train_mvae, param_flags=FLAGS["train mvae"], param_values=VALUES)
 
 
 def _register_impute(sub: argparse._SubParsersAction) -> None:
@@ -540,4 +506,4 @@ def _register_impute(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-overlap", type=float, default=0.5,
                    help="minimum fraction of the model's features present (default 0.5)")
     _progress_arg(p)
-    p.set_defaults(func=cmd_impute)
+    p.set_defaults(func=cmd_impute, param_flags=FLAGS["impute"], param_values=VALUES)

@@ -16,7 +16,7 @@ import sys
 
 
 def cmd_atlas_build(args: argparse.Namespace) -> int:
-    from .atlas import build
+    from ..atlas import build
 
     report = build(args.raw, args.model, args.out, scheduler=args.scheduler,
                    n_workers=args.n_workers, chunk_rows=args.chunk_rows,

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._validate import ScatlasInputError
+from .._validate import ScatlasInputError
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ def _online_args(g: argparse._ArgumentGroup) -> None:
 
 
 def _run_inmf(args: argparse.Namespace) -> int:
-    from . import io
-    from .tl import inmf
+    from .. import io
+    from ..tl import inmf
 
     adata = io.read_h5ad(args.inputs[0])
     inmf(adata, args.batch_key, k=args.k, lam=args.lam, layer=args.layer, seed=args.seed,
@@ -105,8 +105,8 @@ def _run_inmf(args: argparse.Namespace) -> int:
 
 
 def _run_online(args: argparse.Namespace) -> int:
-    from . import io
-    from . import tl as tl_inmf
+    from .. import io
+    from .. import tl as tl_inmf
 
     if args.add_to and args.project_onto:
         raise ScatlasInputError("give --add-to or --project-onto, not both")
@@ -178,8 +178,8 @@ def _harmony_args(g: argparse._ArgumentGroup) -> None:
 
 
 def _run_tl_integrate(args: argparse.Namespace) -> int:
-    from . import io
-    from .tl._integrate import integrate
+    from .. import io
+    from ..tl._integrate import integrate
 
     adata = io.read_h5ad(args.inputs[0])
     if args.method == "cca":
@@ -245,7 +245,7 @@ def _resolve_files(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 def _check_report_keys(args: argparse.Namespace) -> None:
     """``--label-key`` must name an obs column of the input (read from its obs only)."""
-    from . import io
+    from .. import io
 
     obs = io.read_h5ad(args.inputs[0], backed="r")
     try:
@@ -267,7 +267,7 @@ def cmd_integrate(args: argparse.Namespace) -> int:
     print(f"integrate ({args.method}): wrote {args.output} in {time.perf_counter() - t0:.2f} s",
           file=sys.stderr)
     if code == 0 and args.report:
-        from .report import integration_report
+        from ..report import integration_report
 
         where = integration_report(args.output, args.report, batch_key=args.batch_key or "batch",
                                    label_key=args.label_key, key=args.key_added,

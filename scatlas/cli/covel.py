@@ -12,21 +12,16 @@ Examples::
 ``--graph`` is a TSV/CSV of links (``source``, ``target``, optional ``weight``, ``sign``,
 ``source_type``, ``target_type``) or ``cite-seq`` (the curated antibody -> gene table between the
 ``rna`` and ``protein`` modalities); ``--gene-annotation`` adds gene <-> peak links by genomic
-window between ``rna`` and ``atac``. :mod:`scatlas.cli_models` builds ``scatlas train`` and
-calls every ``cli_*.register_train``; :func:`register` here adds nothing at the top level.
+window between ``rna`` and ``atac``. :mod:`scatlas.cli.models` builds ``scatlas train`` and
+calls :func:`register_train` here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-
-def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Callable) -> None:
-    """Nothing at the top level: ``covel`` is a ``train`` subcommand (:func:`register_train`)."""
 
 
 def register_train(models: argparse._SubParsersAction) -> None:
@@ -67,7 +62,7 @@ def _read(spec: str) -> tuple[str, Any]:
     import numpy as np
     import pandas as pd
 
-    from .exceptions import ScatlasInputError
+    from ..exceptions import ScatlasInputError
 
     if "=" not in spec:
         raise ScatlasInputError(f"--modality takes NAME=FILE, got {spec!r}")
@@ -88,9 +83,9 @@ def _read(spec: str) -> tuple[str, Any]:
 def cmd_train_covel(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from . import graphs
-    from .exceptions import ScatlasInputError
-    from .tl import train_covel
+    from .. import graphs
+    from ..exceptions import ScatlasInputError
+    from ..tl import train_covel
 
     data = dict(_read(s) for s in args.modality)
     graph = None

@@ -1,0 +1,7 @@
+"""``python -m scatlas.cli``: the ``scatlas`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
