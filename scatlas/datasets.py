@@ -28,6 +28,11 @@ drawing from ``np.random.default_rng([seed, stream, i])``. The result therefore 
 the parameters and ``seed``, never on ``chunk_size`` or ``n_jobs``, and ``synthetic(n)`` is the
 first ``n`` cells of ``synthetic(m)`` for ``m > n`` (same other parameters).
 
+Size (about 900 lines): one generative model, its block-wise sampler and its writers share the
+determinism contract above; the block functions (:func:`build_model`, :func:`generate_block`,
+:func:`slice_block`, :func:`stack_blocks`, :func:`obs_frame`, :func:`uns_record`) are public for
+:mod:`scatlas.atlas`, which writes the same cells to zarr on Dask.
+
 Sampling is vectorised per block: a dense float32 mean matrix, one float32 uniform per entry to
 decide zero / non-zero by the negative binomial's exact zero probability, exact inversion (float64)
 of the NB CDF for the rare non-zero entries of low mean, and gamma-Poisson draws for entries of
@@ -163,7 +168,7 @@ def _check_fraction(value: Any, name: str) -> None:
         raise ScatlasInputError(f"{name} must be a fraction in (0, 1), got {value!r}")
 
 
-def _make_spec(n_genes: int, params: dict[str, Any]) -> SyntheticSpec:
+def make_spec(n_genes: int, params: dict[str, Any]) -> SyntheticSpec:
     known = {f.name for f in fields(SyntheticSpec)} - {"n_genes"}
     unknown = sorted(set(params) - known)
     if unknown:
@@ -177,7 +182,7 @@ def _make_spec(n_genes: int, params: dict[str, Any]) -> SyntheticSpec:
 
 
 @dataclass
-class _Model:
+class SyntheticModel:
     spec: SyntheticSpec
     baseline: np.ndarray  # (G,) float32, relative gene abundance
     programs: np.ndarray  # (K, G) float32, non-negative
@@ -203,7 +208,7 @@ def _normalise_rows(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _build_model(spec: SyntheticSpec) -> _Model:
+def build_model(spec: SyntheticSpec) -> SyntheticModel:
     G, K, T, B = spec.n_genes, spec.k, spec.n_cell_types, spec.n_batches
     baseline = _grng(spec, 0).lognormal(0.0, 1.5, size=G).astype(_F32)
 
@@ -231,7 +236,7 @@ def _build_model(spec: SyntheticSpec) -> _Model:
     rng = _grng(spec, 4)
     gene_theta = np.clip(spec.theta * rng.lognormal(0.0, 0.5, size=G), 0.2, 1e3).astype(_F32)
 
-    model = _Model(
+    model = SyntheticModel(
         spec, baseline, programs, type_weights, batch_probs, composition, batch_scale, ambient,
         shift_fraction, batch_log_library, gene_theta,
     )
@@ -259,7 +264,7 @@ def _build_protein(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     }
 
 
-def _build_atac(spec: SyntheticSpec, model: _Model) -> dict[str, np.ndarray]:
+def _build_atac(spec: SyntheticSpec, model: SyntheticModel) -> dict[str, np.ndarray]:
     rng = _grng(spec, 7)
     Q, K, B = spec.n_peaks, spec.k, spec.n_batches
     base = rng.lognormal(0.0, 1.0, size=Q)
@@ -294,7 +299,7 @@ def _bisect_scale(density_of: Callable[[float], float], target: float) -> float:
     return float(np.exp(0.5 * (lo + hi)))
 
 
-def _calibrate_library(model: _Model) -> float:
+def _calibrate_library(model: SyntheticModel) -> float:
     spec = model.spec
     if spec.density is None:
         return float(spec.library_size)
@@ -320,7 +325,7 @@ class _Cells(NamedTuple):
     log_library: np.ndarray  # (n,) float32, per-cell log depth factor (mean-one on linear scale)
 
 
-class _Block(NamedTuple):
+class Block(NamedTuple):
     X: sp.csr_matrix  # (n, G) float32 counts
     types: np.ndarray  # (n,) int8
     batches: np.ndarray  # (n,) int8
@@ -335,7 +340,7 @@ def _categorical_draw(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray
     return np.minimum((cum <= u).sum(axis=-1), probs.shape[-1] - 1).astype(np.int8)
 
 
-def _cell_state(model: _Model, rng: np.random.Generator, n: int) -> _Cells:
+def _cell_state(model: SyntheticModel, rng: np.random.Generator, n: int) -> _Cells:
     spec = model.spec
     batches = _categorical_draw(rng, np.broadcast_to(model.batch_probs, (n, spec.n_batches)))
     types = _categorical_draw(rng, model.composition[batches])
@@ -347,7 +352,7 @@ def _cell_state(model: _Model, rng: np.random.Generator, n: int) -> _Cells:
     return _Cells(types, batches, weights, log_lib)
 
 
-def _rna_means(model: _Model, cells: _Cells, library: float) -> np.ndarray:
+def _rna_means(model: SyntheticModel, cells: _Cells, library: float) -> np.ndarray:
     """Negative-binomial means, (n, G) float32."""
     mu = cells.weights @ model.programs
     mu *= model.batch_scale[cells.batches]
@@ -445,7 +450,7 @@ def _csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape) -> sp
     return mat
 
 
-def _protein_counts(model: _Model, cells: _Cells, rng: np.random.Generator) -> np.ndarray:
+def _protein_counts(model: SyntheticModel, cells: _Cells, rng: np.random.Generator) -> np.ndarray:
     prot = model.protein
     n = cells.types.shape[0]
     rel = _normalise_rows((cells.weights @ prot["loadings"]) * prot["batch_scale"][cells.batches])
@@ -460,7 +465,7 @@ def _protein_counts(model: _Model, cells: _Cells, rng: np.random.Generator) -> n
     return rng.poisson(lam).astype(np.int32)
 
 
-def _atac_rates(model: _Model, cells: _Cells) -> np.ndarray:
+def _atac_rates(model: SyntheticModel, cells: _Cells) -> np.ndarray:
     atac = model.atac
     rates = (cells.weights @ atac["loadings"]) * atac["batch_scale"][cells.batches]
     rates /= rates.mean(axis=1, keepdims=True)
@@ -468,7 +473,7 @@ def _atac_rates(model: _Model, cells: _Cells) -> np.ndarray:
     return rates
 
 
-def _atac_binary(model: _Model, cells: _Cells, rng: np.random.Generator) -> sp.csr_matrix:
+def _atac_binary(model: SyntheticModel, cells: _Cells, rng: np.random.Generator) -> sp.csr_matrix:
     rates = _atac_rates(model, cells)
     rates *= -model.atac["depth"]
     p_open = -np.expm1(rates)
@@ -477,7 +482,7 @@ def _atac_binary(model: _Model, cells: _Cells, rng: np.random.Generator) -> sp.c
     return _flat_to_csr(n, Q, (idx, np.ones(idx.size, dtype=_F32)))
 
 
-def _generate_block(model: _Model, block: int) -> _Block:
+def generate_block(model: SyntheticModel, block: int) -> Block:
     """Cells ``[block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE)``, always a full block."""
     seed = int(model.spec.seed)
     rng = np.random.default_rng([seed, _CELLS, block])
@@ -490,7 +495,7 @@ def _generate_block(model: _Model, block: int) -> _Block:
         protein = _protein_counts(model, cells, np.random.default_rng([seed, _PROTEIN, block]))
     if model.atac is not None:
         atac = _atac_binary(model, cells, np.random.default_rng([seed, _ATAC, block]))
-    return _Block(X, cells.types, cells.batches, protein, atac)
+    return Block(X, cells.types, cells.batches, protein, atac)
 
 
 def _default_jobs(n_jobs: int | None) -> int:
@@ -499,7 +504,7 @@ def _default_jobs(n_jobs: int | None) -> int:
     return check_positive_int(n_jobs, "n_jobs")
 
 
-def _iter_blocks(model: _Model, n_blocks: int, n_jobs: int) -> Iterator[_Block]:
+def _iter_blocks(model: SyntheticModel, n_blocks: int, n_jobs: int) -> Iterator[Block]:
     """Blocks ``0 .. n_blocks-1`` in order, at most ``2 * n_jobs`` in flight.
 
     BLAS runs on one thread while blocks are generated (:func:`backend.serial_blas`, held by
@@ -509,16 +514,16 @@ def _iter_blocks(model: _Model, n_blocks: int, n_jobs: int) -> Iterator[_Block]:
     with backend.serial_blas():
         if n_jobs == 1:
             for b in range(n_blocks):
-                yield _generate_block(model, b)
+                yield generate_block(model, b)
             return
         yield from _iter_blocks_pooled(model, n_blocks, n_jobs)
 
 
-def _iter_blocks_pooled(model: _Model, n_blocks: int, n_jobs: int) -> Iterator[_Block]:
+def _iter_blocks_pooled(model: SyntheticModel, n_blocks: int, n_jobs: int) -> Iterator[Block]:
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:
         pending = []
         for b in range(n_blocks):
-            pending.append(pool.submit(backend.serial_blas_task(_generate_block), model, b))
+            pending.append(pool.submit(backend.serial_blas_task(generate_block), model, b))
             if len(pending) >= 2 * n_jobs:
                 yield pending.pop(0).result()
         for fut in pending:
@@ -538,17 +543,17 @@ def _stack_csr(mats: list[sp.csr_matrix]) -> sp.csr_matrix:
     return _csr(data, indices, indptr, shape)
 
 
-def _slice_block(block: _Block, start: int, stop: int) -> _Block:
+def slice_block(block: Block, start: int, stop: int) -> Block:
     sl = slice(start, stop)
-    return _Block(
+    return Block(
         block.X[sl], block.types[sl], block.batches[sl],
         None if block.protein is None else block.protein[sl],
         None if block.atac is None else block.atac[sl],
     )
 
 
-def _stack_blocks(blocks: list[_Block]) -> _Block:
-    return _Block(
+def stack_blocks(blocks: list[Block]) -> Block:
+    return Block(
         _stack_csr([b.X for b in blocks]),
         np.concatenate([b.types for b in blocks]),
         np.concatenate([b.batches for b in blocks]),
@@ -558,25 +563,25 @@ def _stack_blocks(blocks: list[_Block]) -> _Block:
 
 
 def _iter_chunk_blocks(
-    model: _Model, n_cells: int, chunk_size: int, n_jobs: int
-) -> Iterator[tuple[int, _Block]]:
+    model: SyntheticModel, n_cells: int, chunk_size: int, n_jobs: int
+) -> Iterator[tuple[int, Block]]:
     """``(start, block)`` with exactly ``chunk_size`` cells each (the last may be shorter)."""
     n_blocks = -(-n_cells // BLOCK_SIZE)
-    buf: list[_Block] = []
+    buf: list[Block] = []
     have = start = 0
     for block in _iter_blocks(model, n_blocks, n_jobs):
         remaining = n_cells - start - have
         if remaining < BLOCK_SIZE:
-            block = _slice_block(block, 0, remaining)
+            block = slice_block(block, 0, remaining)
         buf.append(block)
         have += block.X.shape[0]
         while have >= chunk_size or (have and start + have == n_cells):
             take = min(chunk_size, have)
-            merged = _stack_blocks(buf)
-            yield start, _slice_block(merged, 0, take)
+            merged = stack_blocks(buf)
+            yield start, slice_block(merged, 0, take)
             start += take
             have -= take
-            buf = [_slice_block(merged, take, merged.X.shape[0])] if have else []
+            buf = [slice_block(merged, take, merged.X.shape[0])] if have else []
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,13 +589,13 @@ def _iter_chunk_blocks(
 # --------------------------------------------------------------------------------------------
 
 
-def _names(prefix: str, n: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+def numbered_names(prefix: str, n: int, start: int = 0, stop: int | None = None) -> np.ndarray:
     width = max(4, len(str(max(n - 1, 0))))
     stop = n if stop is None else stop
     return np.array([f"{prefix}{i:0{width}d}" for i in range(start, stop)], dtype=object)
 
 
-def _labels(model: _Model) -> tuple[list[str], list[str]]:
+def _labels(model: SyntheticModel) -> tuple[list[str], list[str]]:
     s = model.spec
     return (
         [f"type{i}" for i in range(s.n_cell_types)],
@@ -598,7 +603,7 @@ def _labels(model: _Model) -> tuple[list[str], list[str]]:
     )
 
 
-def _obs(model: _Model, block: _Block, start: int, n_cells: int) -> pd.DataFrame:
+def obs_frame(model: SyntheticModel, block: Block, start: int, n_cells: int) -> pd.DataFrame:
     type_names, batch_names = _labels(model)
     n = block.types.shape[0]
     return pd.DataFrame(
@@ -606,7 +611,7 @@ def _obs(model: _Model, block: _Block, start: int, n_cells: int) -> pd.DataFrame
             "cell_type": pd.Categorical.from_codes(block.types, categories=type_names),
             "batch": pd.Categorical.from_codes(block.batches, categories=batch_names),
         },
-        index=pd.Index(_names("cell", n_cells, start, start + n)),
+        index=pd.Index(numbered_names("cell", n_cells, start, start + n)),
     )
 
 
@@ -615,7 +620,7 @@ def _protein_names(n: int) -> list[str]:
     return [f"prot{i:0{width}d}" for i in range(n)]
 
 
-def _uns(model: _Model, n_cells: int) -> dict[str, Any]:
+def uns_record(model: SyntheticModel, n_cells: int) -> dict[str, Any]:
     spec = model.spec
     info: dict[str, Any] = {
         k: v for k, v in asdict(spec).items() if v is not None and not isinstance(v, bool)
@@ -645,9 +650,9 @@ def _uns(model: _Model, n_cells: int) -> dict[str, Any]:
     return info
 
 
-def _to_anndata(model: _Model, block: _Block, start: int, n_cells: int) -> ad.AnnData:
-    obs = _obs(model, block, start, n_cells)
-    var = pd.DataFrame(index=pd.Index(_names("gene", model.spec.n_genes)))
+def _to_anndata(model: SyntheticModel, block: Block, start: int, n_cells: int) -> ad.AnnData:
+    obs = obs_frame(model, block, start, n_cells)
+    var = pd.DataFrame(index=pd.Index(numbered_names("gene", model.spec.n_genes)))
     adata = ad.AnnData(X=block.X, obs=obs, var=var)
     if block.protein is not None:
         adata.obsm["protein_counts"] = pd.DataFrame(
@@ -655,7 +660,7 @@ def _to_anndata(model: _Model, block: _Block, start: int, n_cells: int) -> ad.An
         )
     if block.atac is not None:
         adata.obsm["atac"] = block.atac
-    adata.uns["synthetic"] = _uns(model, n_cells)
+    adata.uns["synthetic"] = uns_record(model, n_cells)
     return adata
 
 
@@ -711,7 +716,7 @@ def synthetic(
     ``program_fold``, ``protein_library_size``). Use :func:`write_synthetic_h5ad` beyond a few
     million cells.
     """
-    spec = _make_spec(n_genes, dict(
+    spec = make_spec(n_genes, dict(
         n_cell_types=n_cell_types, n_batches=n_batches, n_programs=n_programs,
         batch_effect=batch_effect, batch_shift=batch_shift, density=density,
         library_size=library_size, library_sd=library_sd, theta=theta,
@@ -720,13 +725,13 @@ def synthetic(
     ))
     n_cells = check_positive_int(n_cells, "n_cells")
     chunk = 100_000 if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
-    model = _build_model(spec)
+    model = build_model(spec)
     blocks = []
     with bar(desc="synthetic", total=n_cells, progress=progress, unit="cells") as pbar:
         for _, block in _iter_chunk_blocks(model, n_cells, chunk, _default_jobs(n_jobs)):
             blocks.append(block)
             pbar.update(block.X.shape[0])
-    adata = _to_anndata(model, _stack_blocks(blocks), 0, n_cells)
+    adata = _to_anndata(model, stack_blocks(blocks), 0, n_cells)
     adata.uns["synthetic"]["achieved_density"] = adata.X.nnz / (n_cells * n_genes)
     return adata
 
@@ -747,14 +752,14 @@ def iter_synthetic(
     ``achieved_density``). Concatenating the chunks' rows gives exactly ``synthetic(...)``.
     Only one chunk (plus a few internal blocks) is held in memory at a time.
     """
-    spec = _make_spec(n_genes, params)  # validate now, not at the first next()
+    spec = make_spec(n_genes, params)  # validate now, not at the first next()
     n_cells = check_positive_int(n_cells, "n_cells")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
-    return _iter_anndata(_build_model(spec), n_cells, chunk_size, progress, _default_jobs(n_jobs))
+    return _iter_anndata(build_model(spec), n_cells, chunk_size, progress, _default_jobs(n_jobs))
 
 
 def _iter_anndata(
-    model: _Model, n_cells: int, chunk_size: int, progress: bool | None, n_jobs: int
+    model: SyntheticModel, n_cells: int, chunk_size: int, progress: bool | None, n_jobs: int
 ) -> Iterator[ad.AnnData]:
     with bar(desc="synthetic", total=n_cells, progress=progress, unit="cells") as pbar:
         for start, block in _iter_chunk_blocks(model, n_cells, chunk_size, n_jobs):
@@ -785,10 +790,10 @@ def write_synthetic_h5ad(
     """
     from .io import atomic_write  # (io imports nothing from here)
 
-    spec = _make_spec(n_genes, params)
+    spec = make_spec(n_genes, params)
     n_cells = check_positive_int(n_cells, "n_cells")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
-    model = _build_model(spec)
+    model = build_model(spec)
     path = Path(path)
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         writer = _H5adWriter(f, model, n_cells, compression)
@@ -852,7 +857,7 @@ class _H5adWriter:
 
     _GROW = {"maxshape": (None,), "chunks": (1 << 16,)}
 
-    def __init__(self, f: h5py.File, model: _Model, n_cells: int, compression: str | None):
+    def __init__(self, f: h5py.File, model: SyntheticModel, n_cells: int, compression: str | None):
         from anndata.io import write_elem
 
         self.f, self.model, self.n_cells, self.started = f, model, n_cells, False
@@ -867,7 +872,7 @@ class _H5adWriter:
                 f["obsm"].create_group("atac"), model.spec.n_peaks, compression
             )
 
-    def append(self, start: int, block: _Block) -> None:
+    def append(self, start: int, block: Block) -> None:
         f = self.f
         self.X.append(block.X)
         if self.atac is not None:
@@ -894,8 +899,8 @@ class _H5adWriter:
         if self.X.rows != self.n_cells:
             raise RuntimeError(f"wrote {self.X.rows} cells, expected {self.n_cells}")
         spec = self.model.spec
-        var = pd.DataFrame(index=pd.Index(_names("gene", spec.n_genes)))
-        uns = {"synthetic": _uns(self.model, self.n_cells)}
+        var = pd.DataFrame(index=pd.Index(numbered_names("gene", spec.n_genes)))
+        uns = {"synthetic": uns_record(self.model, self.n_cells)}
         uns["synthetic"]["achieved_density"] = self.X.nnz / (self.n_cells * spec.n_genes)
         for key, elem in (("var", var), ("uns", uns), ("layers", {}), ("obsp", {}),
                           ("varm", {}), ("varp", {})):

@@ -31,12 +31,12 @@ def synthetic_chunk(model: Any, start: int, stop: int) -> tuple[sp.csr_matrix, n
     """Cells ``[start, stop)`` of the atlas of ``model``: (CSR float32 counts, type codes,
     batch codes)."""
     from .. import backend
-    from ..datasets import BLOCK_SIZE, _generate_block, _slice_block, _stack_blocks
+    from ..datasets import BLOCK_SIZE, generate_block, slice_block, stack_blocks
 
     b0, b1 = start // BLOCK_SIZE, (stop - 1) // BLOCK_SIZE + 1
     with backend.serial_blas():
-        blocks = [_generate_block(model, b) for b in range(b0, b1)]
-    block = _slice_block(_stack_blocks(blocks), start - b0 * BLOCK_SIZE, stop - b0 * BLOCK_SIZE)
+        blocks = [generate_block(model, b) for b in range(b0, b1)]
+    block = slice_block(stack_blocks(blocks), start - b0 * BLOCK_SIZE, stop - b0 * BLOCK_SIZE)
     return sp.csr_matrix(block.X), block.types.astype(np.int16), block.batches.astype(np.int16)
 
 
@@ -58,14 +58,14 @@ def write_synthetic_zarr(path: str | os.PathLike, n_cells: int = 1_000_000, n_ge
     import zarr
     from anndata.io import sparse_dataset, write_elem
 
-    from ..datasets import _Block, _build_model, _make_spec, _names, _obs, _uns
+    from ..datasets import Block, build_model, make_spec, numbered_names, obs_frame, uns_record
     from ._report import disk_bytes
 
     n_cells = check_positive_int(n_cells, "n_cells")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     params.pop("protein", None)
     params.pop("atac", None)
-    model = _build_model(_make_spec(n_genes, params))
+    model = build_model(make_spec(n_genes, params))
     path = Path(path)
     t0 = time.perf_counter()
     starts = list(range(0, n_cells, chunk_size))
@@ -98,11 +98,11 @@ def write_synthetic_zarr(path: str | os.PathLike, n_cells: int = 1_000_000, n_ge
                 types.append(t)
                 batches.append(b)
                 bar.update(counts.shape[0])
-        codes = _Block(None, np.concatenate(types), np.concatenate(batches), None, None)
-        obs = _obs(model, codes, 0, n_cells)
+        codes = Block(None, np.concatenate(types), np.concatenate(batches), None, None)
+        obs = obs_frame(model, codes, 0, n_cells)
         write_elem(root, "obs", obs)
-        write_elem(root, "var", pd.DataFrame(index=pd.Index(_names("gene", n_genes))))
-        uns = _uns(model, n_cells)
+        write_elem(root, "var", pd.DataFrame(index=pd.Index(numbered_names("gene", n_genes))))
+        uns = uns_record(model, n_cells)
         write_elem(root, "uns", {"synthetic": uns})
         for key in ("obsm", "varm", "obsp", "varp", "layers"):
             write_elem(root, key, {})
