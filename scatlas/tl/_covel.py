@@ -82,6 +82,13 @@ def _select(X: Any, keep_linked: np.ndarray, n_top: int | None) -> np.ndarray:
     return mask | keep_linked
 
 
+def _devices(data_parallel: bool) -> int:
+    """Devices the data-parallel step splits each batch over (1 without data parallelism)."""
+    import jax
+
+    return jax.device_count() if data_parallel else 1
+
+
 def train_covel(
     data: Mapping[str, Any] | Any,
     graph: Any,
@@ -146,8 +153,8 @@ def train_covel(
     """
     from ..graphs import as_graph
     from ..models.covel import CoVEL, CoVELConfig
+    from ..models.data import n_devices
     from ..models.train import TrainConfig
-    from ._models import _n_devices
 
     mods, from_mudata = _modalities(data)
     if len(mods) < 2:
@@ -184,7 +191,7 @@ def train_covel(
     n_min = min(M.shape[0] for M in mats.values())
     n_max = max(M.shape[0] for M in mats.values())
     batch_size = min(check_positive_int(batch_size, "batch_size"), n_min)
-    n_dev = _n_devices(data_parallel)
+    n_dev = n_devices(data_parallel)
     batch_size = max(n_dev, batch_size - batch_size % n_dev)
     if max_steps is None:
         max_steps = int(min(20_000, max(500, math.ceil(200 * n_max / batch_size))))
