@@ -674,7 +674,7 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
 
 
@@ -698,7 +698,7 @@ def swap_folder(new: str | Path, path: str | Path) -> None:
     except BaseException:
         os.replace(backup, path)
         raise
-    _remove(backup)
+    remove_path(backup)
 
 
 def folder_backups(path: str | Path) -> list[Path]:
@@ -708,7 +708,9 @@ def folder_backups(path: str | Path) -> list[Path]:
                   reverse=True)
 
 
-def _remove(tmp: Path) -> None:
+def remove_path(tmp: Path) -> None:
+    """Remove a file or a folder (a temporary left by an interrupted write), best effort: a
+    failure is logged, not raised."""
     try:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp)

@@ -422,7 +422,7 @@ def test_input_pcs_projection_is_the_training_cells_pca(tmp_path):
     from scatlas.models import load
     from scatlas.models.mvae import INPUT_PCA
     from scatlas.tl import train_mvae
-    from scatlas.tl._mvae import _holdout
+    from scatlas.tl._training import holdout as _holdout
 
     a = _paired(80, seed=1)
     X = a.X.toarray()

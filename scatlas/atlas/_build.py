@@ -35,7 +35,7 @@ import pandas as pd
 
 from .. import _progress
 from .._validate import ScatlasInputError, check_positive_int
-from ..io import _remove, align_matrix, atomic_write, gene_positions, read_dask
+from ..io import align_matrix, atomic_write, gene_positions, read_dask, remove_path
 from . import _dask
 from ._report import disk_bytes, recall_at_k, write_report
 
@@ -97,7 +97,7 @@ def _jsonable(obj: Any) -> Any:
 def _clean_temporaries(out: Path) -> None:
     """Remove what an interrupted stage left (hidden ``.*.tmp*`` siblings of atomic_write)."""
     for tmp in out.glob(".*.tmp*"):
-        _remove(tmp)
+        remove_path(tmp)
 
 
 def _done(out: Path, state: dict[str, Any], stage: str) -> bool:

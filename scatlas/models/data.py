@@ -88,8 +88,8 @@ class SyntheticSource:
         from .. import datasets
 
         self._datasets = datasets
-        self.spec = datasets._make_spec(n_genes, params)
-        self.model = datasets._build_model(self.spec)
+        self.spec = datasets.make_spec(n_genes, params)
+        self.model = datasets.build_model(self.spec)
         self.n_blocks = check_positive_int(n_blocks, "n_blocks")
         self.n_obs = self.n_blocks * datasets.BLOCK_SIZE
         self.n_vars = n_genes
@@ -106,7 +106,7 @@ class SyntheticSource:
         if b not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
-            self._cache[b] = self._datasets._generate_block(self.model, b)
+            self._cache[b] = self._datasets.generate_block(self.model, b)
         return self._cache[b]
 
     def rows(self, idx: np.ndarray) -> sp.csr_matrix:

@@ -10,15 +10,16 @@ from typing import Any
 import anndata as ad
 
 from .._validate import check_positive_int
-from ._models import (
-    _batch_size,
-    _check_adata,
-    _in_memory,
-    _matrix,
-    _select_genes,
-    _training_data,
+from ..models.data import training_batch_size
+from ._training import (
+    check_adata,
+    default_validation_fraction,
+    holdout,
+    in_memory,
+    select_genes,
+    training_data,
+    training_matrix,
 )
-from ._mvae import _holdout, default_validation_fraction
 
 DEFAULT_N_TOP_GENES = 2000
 
@@ -102,16 +103,16 @@ def train_michigan(
     from ..models.michigan import MichiGAN, MichiGANConfig
     from ..models.train import TrainConfig
 
-    adata = _check_adata(adata)
+    adata = check_adata(adata)
     spec = InputSpec(input, layer, bool(use_raw))
-    adata = _training_data(adata, layer, bool(use_raw))
-    X = _matrix(adata, layer, input, "adata.raw.X" if use_raw else
+    adata = training_data(adata, layer, bool(use_raw))
+    X = training_matrix(adata, layer, input, "adata.raw.X" if use_raw else
                 "X" if layer is None else f"layers[{layer!r}]")
     if validation_fraction is None:
         validation_fraction = default_validation_fraction(adata.n_obs)
-    train_rows, val_rows = _holdout(adata.n_obs, validation_fraction, seed)
-    genes = _select_genes(X, train_rows, n_top_genes, input)
-    batch_size, _ = _batch_size(batch_size, train_rows.size, data_parallel)
+    train_rows, val_rows = holdout(adata.n_obs, validation_fraction, seed)
+    genes = select_genes(X, train_rows, n_top_genes, input)
+    batch_size, _ = training_batch_size(batch_size, train_rows.size, data_parallel)
     vae_steps = _steps(vae_steps, 200, train_rows.size, batch_size, 500, 20_000, "vae_steps")
     gan_steps = _steps(gan_steps, 600, train_rows.size, batch_size, 1000, 50_000, "gan_steps")
     names = adata.var_names if genes is None else adata.var_names[genes]
@@ -134,4 +135,4 @@ def train_michigan(
                         weight_decay=0.0, clip_norm=None),
         rows=train_rows, val_rows=val_rows, batch_size=batch_size,
         transform="lognorm" if input == "counts" else "none", input_spec=spec,
-        check_input=not _in_memory(X), info=info)
+        check_input=not in_memory(X), info=info)

@@ -14,24 +14,24 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .. import backend
 from .._validate import (
     ScatlasInputError,
     check_obs_key,
-    check_positive_int,
     config_overrides,
 )
-from ..models.data import DEFAULT_BATCH_SIZE, n_devices, training_batch_size
+from ..models.data import DEFAULT_BATCH_SIZE, training_batch_size
+from ._training import (
+    GENE_SELECTION_CELLS,
+    OWN_TRAIN_ARGS,
+    check_adata,
+    in_memory,
+    merged_model_settings,
+    select_genes,
+    training_data,
+    training_matrix,
+)
 
 log = logging.getLogger(__name__)
-
-
-def _check_adata(adata: Any) -> ad.AnnData:
-    if not isinstance(adata, ad.AnnData):
-        raise ScatlasInputError(f"expected an AnnData, got {type(adata).__name__}")
-    if adata.n_obs < 2 or adata.n_vars < 1:
-        raise ScatlasInputError(f"adata has shape {adata.shape}; need cells and genes")
-    return adata
 
 
 def _labels(adata: ad.AnnData, key: str, what: str) -> pd.Series:
@@ -82,40 +82,6 @@ def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, 
     n_val = np.minimum(np.round(fraction * size), np.maximum(size - 2, 0))
     held = rank < n_val
     return np.sort(perm[~held]), np.sort(perm[held])
-
-
-def _matrix(adata: ad.AnnData, layer: str | None, input: str, where: str) -> Any:
-    """The training matrix, its values checked against ``input`` when it is in memory
-    (:func:`scatlas.models.inputs.check_input_values`: finite and non-negative; integers for
-    raw counts; not raw counts for log-normalised input); backed or lazily read matrices (h5ad
-    backed, zarr) are checked block by block as the loader reads them (``CellBatches.take``:
-    finite, non-negative)."""
-    from ..models.inputs import INPUTS, check_input_values, matrix_of
-
-    if input not in INPUTS:
-        raise ScatlasInputError(f"input must be one of {INPUTS}, got {input!r}", param="input")
-    X = backend.to_host(matrix_of(adata, layer))  # GPU AnnData: the loader reads host rows
-    if _in_memory(X):
-        check_input_values(X, input, where)
-    return X
-
-
-def _training_data(adata: ad.AnnData, layer: str | None, use_raw: bool) -> ad.AnnData:
-    """``adata``, or with ``use_raw`` its ``.raw`` as an AnnData (raw ``X`` and genes, the
-    cells' ``obs``)."""
-    if not use_raw:
-        return adata
-    if layer is not None:
-        raise ScatlasInputError("pass layer= or use_raw=True, not both (adata.raw has no "
-                                "layers)", param="use_raw")
-    if adata.raw is None:
-        raise ScatlasInputError("use_raw=True but adata.raw is empty; train on X or a layer "
-                                "(use_raw=False, layer=)", param="use_raw")
-    return adata.raw.to_adata()
-
-
-def _in_memory(X: Any) -> bool:
-    return isinstance(X, np.ndarray) or sp.issparse(X)
 
 
 def train_metric(
@@ -242,15 +208,15 @@ def train_metric(
     )
     from ..models.train import TrainConfig, fit
 
-    adata = _check_adata(adata)
+    adata = check_adata(adata)
     model_kw = merged_model_settings(MetricConfig, model, model_kw)
     train_kw = config_overrides(TrainConfig, train, "train", own_args=OWN_TRAIN_ARGS)
     spec = InputSpec(input, layer, bool(use_raw))
     labels = _labels(adata, label_key, "label_key")
     rare = _check_label_sizes(labels, label_key)
     studies = _labels(adata, study_key, "study_key") if study_key is not None else None
-    adata = _training_data(adata, layer, bool(use_raw))
-    X = _matrix(adata, layer, input, "adata.raw.X" if use_raw else
+    adata = training_data(adata, layer, bool(use_raw))
+    X = training_matrix(adata, layer, input, "adata.raw.X" if use_raw else
                 "X" if layer is None else f"layers[{layer!r}]")
     train_rows, val_rows = _split(labels.to_numpy(), validation_fraction, seed)
     chosen = preset_settings(preset, train_rows.size)
@@ -258,7 +224,7 @@ def train_metric(
         n_top_genes = chosen["n_top_genes"]
     if patience == "auto":
         patience = chosen["patience"]
-    genes = _select_genes(X, train_rows, n_top_genes, input)
+    genes = select_genes(X, train_rows, n_top_genes, input)
     preset_model = dict(chosen["model"])
     if sparse_step and "input_pcs" not in model_kw:
         preset_model.pop("input_pcs", None)  # an explicit sparse step trains on the genes
@@ -275,11 +241,11 @@ def train_metric(
         max_steps = int(min(50_000, max(200, math.ceil(20 * train_rows.size / batch_size))))
     source = MatrixSource(X, columns=genes)
     # uniform sampling from a store on disk: block-shuffled slabs, not one random read per cell
-    loader = StoreBatches if balance is None and not _in_memory(X) else CellBatches
+    loader = StoreBatches if balance is None and not in_memory(X) else CellBatches
     batches = loader(
         source, labels=labels.to_numpy(), studies=None if studies is None else studies.to_numpy(),
         batch_size=batch_size, balance=balance, transform="lognorm" if input == "counts" else None,
-        rows=train_rows, seed=seed, check_input=not _in_memory(X), nonnegative=True,
+        rows=train_rows, seed=seed, check_input=not in_memory(X), nonnegative=True,
     )
     density = batches.density() if sparse_step is None else None
     batches.sparse = use_sparse_step(sparse_step, config, n_dev, density)
@@ -315,32 +281,6 @@ def train_metric(
     return encoder
 
 
-#: TrainConfig fields the tl trainers take as their own arguments (refused in ``train=``)
-OWN_TRAIN_ARGS = ("max_steps", "learning_rate", "weight_decay", "seed", "eval_every",
-                   "patience", "checkpoint_dir", "log_path", "progress", "data_parallel")
-
-
-def merged_model_settings(cls: type, model: Any, model_kw: dict[str, Any],
-                           own_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``model=`` (a config or a mapping) and the ``**model_kw`` keywords as one dict of config
-    fields; a field given both ways is refused."""
-    given = config_overrides(cls, model, "model", own_args=own_args,
-                             exclude=_DATA_FIELDS.get(cls.__name__, ()))
-    twice = sorted(set(given) & set(model_kw))
-    if twice:
-        raise ScatlasInputError(f"{twice} given both in model= and as keywords; give each "
-                                "once", param="model")
-    return {**given, **model_kw}
-
-
-#: config fields the trainers fill in from the data (never taken from ``model=``)
-_DATA_FIELDS = {
-    "MetricConfig": ("n_genes",),
-    "MVAEConfig": ("modalities", "likelihoods", "n_features", "log_lib_mean", "log_lib_sd",
-                   "n_batches"),
-}
-
-
 PRESETS = ("auto", "scimilarity")
 
 
@@ -374,38 +314,13 @@ AUTO_N_TOP_GENES: int | None = 2000
 AUTO_PATIENCE: int | None = None
 
 
-#: cells (evenly spaced training cells) on which the genes are chosen
-GENE_SELECTION_CELLS = 20_000
-
-
-def _select_genes(X: Any, train_rows: np.ndarray, n_top: int | None,
-                  input: str) -> np.ndarray | None:
-    """Sorted indices of the ``n_top`` most variable genes of the training cells (scanpy's
-    ``flavor="seurat"`` on counts per 1e4, :func:`scatlas.models.mvae_data.highly_variable`),
-    judged on at most :data:`GENE_SELECTION_CELLS` of them; None: every gene."""
-    if n_top is None:
-        return None
-    n_top = check_positive_int(n_top, "n_top_genes")
-    if n_top >= X.shape[1]:
-        return None
-    from ..models.mvae_data import highly_variable
-
-    step = max(1, -(-train_rows.size // GENE_SELECTION_CELLS))
-    rows = np.sort(train_rows)[::step]
-    block = X[rows]
-    if input != "counts":  # log-normalised: back to counts per 1e4 (renormalising is a no-op)
-        block = block.expm1() if sp.issparse(block) else np.expm1(np.asarray(block, np.float64))
-    if not sp.issparse(block):
-        block = np.asarray(block)
-    return highly_variable(block, np.arange(rows.size), n_top)
-
-
 def _input_pca(X: Any, train_rows: np.ndarray, genes: np.ndarray | None, input: str,
                n_components: int, seed: int) -> dict[str, np.ndarray]:
     """:func:`scatlas.models.metric.fit_input_pca` on at most :data:`GENE_SELECTION_CELLS`
     evenly spaced training cells, log-normalised over the model's genes as the training batches
     are (``input="counts"``) or as given."""
     from ..models.data import lognorm
+    from ..models.inputs import check_input_values
     from ..models.metric import fit_input_pca
 
     step = max(1, -(-train_rows.size // GENE_SELECTION_CELLS))
@@ -414,6 +329,8 @@ def _input_pca(X: Any, train_rows: np.ndarray, genes: np.ndarray | None, input: 
         block = block[:, genes]
     if not sp.issparse(block):
         block = np.asarray(block, np.float32)
+    # the cells read from a backed file are checked here, before the loader sees any
+    check_input_values(block, input, "the cells read for the input PCA")
     if input == "counts":
         block = lognorm(block)
     return fit_input_pca(block, n_components, seed)
@@ -458,8 +375,3 @@ def embed(
                             "latent_dim": int(Z.shape[1])}
     return Z
 
-
-# TEMPORARY (this session): tl._michigan and tl._covel, written alongside, still import these
-# names; they go once those modules import models.data's public names
-_batch_size = training_batch_size
-_n_devices = n_devices

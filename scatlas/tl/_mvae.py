@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 
 from .._validate import ScatlasInputError, check_positive_int, config_overrides
-from ._models import OWN_TRAIN_ARGS, merged_model_settings
+from ._training import (
+    OWN_TRAIN_ARGS,
+    default_validation_fraction,
+    holdout,
+    merged_model_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +28,6 @@ DEFAULT_MODEL = {"dropout": 0.3, "alignment_weight": 0.1, "library_weight": 5.0,
 #: experts of modalities with more features than this read that many principal components
 #: (``train_mvae(input_pcs=...)``; chosen by nested cross-validation, docs/mvae.md)
 DEFAULT_INPUT_PCS = 50
-#: below this many cells no validation split is held out by default
-SMALL_N = 1000
-
-
-def default_validation_fraction(n_cells: int) -> float:
-    """0 below ``SMALL_N`` cells (every cell trains; a best-of-validation pick from a few dozen
-    cells chose under-trained weights), else 0.1."""
-    return 0.0 if n_cells < SMALL_N else 0.1
 
 
 def _select_features(mods: list, train_rows: np.ndarray, n_top: int | None) -> None:
@@ -76,15 +73,6 @@ def _input_pcs(mods: list, input_pcs: Any) -> list[int]:
         return [0] * len(mods)
     k = check_positive_int(input_pcs, "input_pcs")
     return [k if m.n_features > k else 0 for m in mods]
-
-
-def _holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(train_rows, val_rows)``, sorted: ``round(fraction * n)`` random cells held out."""
-    if not 0 <= fraction < 1:
-        raise ScatlasInputError(f"validation_fraction must be in [0, 1), got {fraction!r}")
-    perm = np.random.default_rng([seed, 7]).permutation(n)
-    n_val = int(round(fraction * n))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def _library_stats(mods: list, rows: np.ndarray) -> tuple[list[float], list[float]]:
@@ -217,7 +205,7 @@ def train_mvae(
     mods = read_modalities(adata, modalities, liks, masks=masks)
     if validation_fraction is None:
         validation_fraction = default_validation_fraction(adata.n_obs)
-    train_rows, val_rows = _holdout(adata.n_obs, validation_fraction, seed)
+    train_rows, val_rows = holdout(adata.n_obs, validation_fraction, seed)
     _select_features(mods, train_rows, n_top_genes)
     cov, batch_names = batch_codes(adata, batch_key)
     lib_mean, lib_sd = _library_stats(mods, train_rows)
