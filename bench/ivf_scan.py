@@ -79,7 +79,7 @@ _KEEP: list[Any] = []  # faiss objects referenced only from C++ (kept alive for 
 def dataset(n: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
     """(n, 128) base (memmap) and (n_queries, 128) queries: bench.search's cached rows (same
     D, seed and clusters)."""
-    from .search import dataset as search_dataset  # noqa: PLC0415
+    from .search import dataset as search_dataset
 
     return search_dataset(n, n_queries)
 
@@ -239,7 +239,7 @@ def build_ours(X: np.ndarray, C: np.ndarray, nlist: int, list_dtype: str) -> Nat
 
 
 def build_faiss(X: np.ndarray, C: np.ndarray, nlist: int, nprobe: int):
-    import faiss  # noqa: PLC0415
+    import faiss
 
     quant = faiss.IndexFlatIP(D)
     quant.add(C)
@@ -255,7 +255,7 @@ def build_faiss_sq(X: np.ndarray, C: np.ndarray, nlist: int, nprobe: int, refine
     """faiss ``IndexIVFScalarQuantizer`` (``QT_8bit``: per-dimension min/max, as ours; not on
     residuals, as ours) over the same centroids; ``refine > 0`` wraps it in
     ``IndexRefineFlat`` (float32 copies, ``k_factor = refine``: ours re-ranks rerank x k)."""
-    import faiss  # noqa: PLC0415
+    import faiss
 
     quant = faiss.IndexFlatIP(D)
     quant.add(C)
@@ -274,7 +274,7 @@ def build_faiss_sq(X: np.ndarray, C: np.ndarray, nlist: int, nprobe: int, refine
 
 
 def bench_size(n: int, args) -> dict[str, Any]:
-    import faiss  # noqa: PLC0415
+    import faiss
 
     X, Q = dataset(n, args.queries)
     gt = ground_truth(X, Q, n)
@@ -485,7 +485,7 @@ def markdown(rec: dict[str, Any]) -> str:
 
 def _faiss_version() -> str | None:
     try:
-        import faiss  # noqa: PLC0415
+        import faiss
     except ImportError:
         return None
     return getattr(faiss, "__version__", None)

@@ -282,7 +282,7 @@ def roofline_row(counts: dict[str, Any], seconds: float,
     """Achieved GB/s and GFLOP/s of one call, beside the machine's measured peaks, and the
     H100 PROJECTION from the same counts (max of bytes / 3.35 TB/s and flops / 67 TFLOPS
     FP32; touched bytes; not a measurement)."""
-    from .ivf_scan import H100_BW, H100_FP32  # noqa: PLC0415
+    from .ivf_scan import H100_BW, H100_FP32
 
     row = {**counts, "seconds": seconds, "gflops_s": counts["flops"] / seconds / 1e9,
            "gbs": counts["bytes"] / seconds / 1e9,
@@ -691,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     results["environment"] = environment()
     results["device"] = args.device
     if args.device == "cpu":  # the roofline's peaks (a STREAM-like copy, an sgemm)
-        from .ivf_scan import machine_peaks  # noqa: PLC0415
+        from .ivf_scan import machine_peaks
 
         results["peaks"] = args.peaks = machine_peaks()
     results["command"] = "OMP_NUM_THREADS=" + str(os.environ.get("OMP_NUM_THREADS")) + \

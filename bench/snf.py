@@ -53,10 +53,10 @@ N_GROUPS = 8
 # ----------------------------------------------------------------------------------------------
 def _rna_views(adata: Any, n_modules: int = 50, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(PCA of the top 2,000 variable genes, module scores of the genes ranked 2,001-4,000)."""
-    import scanpy as sc  # noqa: PLC0415
-    from sklearn.cluster import KMeans  # noqa: PLC0415
+    import scanpy as sc
+    from sklearn.cluster import KMeans
 
-    from scatlas.kernels import pca  # noqa: PLC0415
+    from scatlas.kernels import pca
 
     a = adata.copy()
     a.X = a.X.astype(np.float32)
@@ -82,7 +82,7 @@ def _clr(counts: np.ndarray) -> np.ndarray:
 
 def _gate(prot: Any) -> np.ndarray:
     """Protein-defined groups (see the module docstring); "" where no gate applies."""
-    from sklearn.cluster import KMeans  # noqa: PLC0415
+    from sklearn.cluster import KMeans
 
     clr = _clr(prot.to_numpy(dtype=np.float64))
     names = list(prot.columns)
@@ -103,9 +103,9 @@ def _gate(prot: Any) -> np.ndarray:
 
 def _score(views: dict[str, np.ndarray], labels: np.ndarray, keep: np.ndarray,
            seed: int) -> dict[str, Any]:
-    from sklearn.metrics import adjusted_rand_score  # noqa: PLC0415
+    from sklearn.metrics import adjusted_rand_score
 
-    from scatlas.kernels import affinity, snf, spectral_clusters  # noqa: PLC0415
+    from scatlas.kernels import affinity, snf, spectral_clusters
 
     n_true = int(np.unique(labels[keep]).size)
     nets = {name: affinity(X) for name, X in views.items()}
@@ -127,7 +127,7 @@ def _score(views: dict[str, np.ndarray], labels: np.ndarray, keep: np.ndarray,
 
 
 def quality(seed: int) -> dict[str, Any]:
-    import anndata as ad  # noqa: PLC0415
+    import anndata as ad
 
     record: dict[str, Any] = {}
     cb = ad.read_h5ad(DATA / "cellbench_lung_celllines_5batch.h5ad")
@@ -158,9 +158,9 @@ def synthetic_views(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _scatlas_worker(args: argparse.Namespace) -> dict[str, Any]:
-    from sklearn.metrics import adjusted_rand_score  # noqa: PLC0415
+    from sklearn.metrics import adjusted_rand_score
 
-    from scatlas.kernels import snf, spectral_clusters  # noqa: PLC0415
+    from scatlas.kernels import snf, spectral_clusters
 
     x1, x2, groups = synthetic_views(args.n, args.seed)
     kwargs: dict[str, Any] = {"t": args.t}
@@ -224,7 +224,7 @@ def _scatlas(n: int, seed: int, t: int, route: str) -> dict[str, Any]:
 
 def speed(sizes: list[int], seed: int, repeats: int, dense_max: int,
           snfpy_max: int, dense_t20: bool, repeats_large: int) -> dict[str, Any]:
-    from scatlas.kernels.snf import MAX_DENSE_BYTES  # noqa: PLC0415
+    from scatlas.kernels.snf import MAX_DENSE_BYTES
 
     out: dict[str, Any] = {"t": 20, "K": 20, "mu": 0.5, "repeats": repeats,
                            "repeats_above_1e4": repeats_large,
@@ -315,7 +315,7 @@ def _measured_peer(row: dict[str, Any], peer: dict[str, Any]) -> None:
 
 
 def _write(name: str, record: dict[str, Any]) -> Path:
-    from bench.environment import capture  # noqa: PLC0415
+    from bench.environment import capture
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}_cpu.json"

@@ -620,7 +620,7 @@ class SpectralClusters:
 def _normalised_adjacency(F: Any) -> Any:
     """``D^-1/2 G D^-1/2`` with ``G = (F + F^T) / 2`` and a zero diagonal, on the host
     (float64, dense or CSR: the eigen-solve runs there; the n x c result is small)."""
-    import scipy.sparse as sp  # noqa: PLC0415
+    import scipy.sparse as sp
 
     F = backend.to_host(F)
     if sp.issparse(F):
@@ -643,8 +643,8 @@ def _normalised_adjacency(F: Any) -> Any:
 
 def _top_eigenpairs(A: Any, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest eigenpairs of the symmetric host matrix ``A``, descending."""
-    import scipy.linalg  # noqa: PLC0415
-    import scipy.sparse.linalg as spla  # noqa: PLC0415
+    import scipy.linalg
+    import scipy.sparse.linalg as spla
 
     n = A.shape[0]
     if n <= 2000 and not hasattr(A, "tocsr"):
@@ -709,8 +709,8 @@ def spectral_clusters(
     lam = 1 - vals
     best = estimate_n_clusters(lam, n_range)
     c = n_clusters or best[0]
-    from sklearn.cluster import KMeans  # noqa: PLC0415
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     emb = vecs[:, :c]
     norms = np.linalg.norm(emb, axis=1, keepdims=True)

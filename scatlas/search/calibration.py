@@ -217,8 +217,8 @@ def reliability_figure(cal: Calibration, title: str | None = None) -> Any:
     """The reliability diagram of ``cal`` as a matplotlib ``Figure`` (Agg canvas, no pyplot):
     accuracy per confidence bin against the diagonal (perfect calibration), with the cells per
     bin below."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     t = cal.table
     fig = Figure(figsize=(4.6, 5.4))
@@ -249,7 +249,7 @@ def reliability_figure(cal: Calibration, title: str | None = None) -> Any:
 
 def plot_reliability(cal: Calibration, path: str | Path, title: str | None = None) -> Path:
     """Write the reliability diagram of ``cal`` to ``path`` (PNG, written atomically)."""
-    from ..io import atomic_write  # noqa: PLC0415
+    from ..io import atomic_write
 
     path = Path(path)
     fig = reliability_figure(cal, title)
@@ -263,7 +263,7 @@ def write_report(cal: Calibration, out_dir: str | Path, *, title: str | None = N
     """Write ``calibration.json`` (:meth:`Calibration.to_dict` plus ``settings``),
     ``reliability.csv`` (the table) and ``reliability.png`` into ``out_dir`` (created when
     missing; each file written atomically). Returns ``out_dir``."""
-    from ..io import atomic_write  # noqa: PLC0415
+    from ..io import atomic_write
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -93,7 +93,7 @@ def _metric_kind(metric: str) -> str:
 
 def _faiss_available() -> bool:
     try:
-        import faiss  # noqa: PLC0415, F401
+        import faiss  # noqa: F401
     except ImportError:
         return False
     return True
@@ -124,7 +124,7 @@ def resolve_shards(n_shards: int | None, engine: str, device: str) -> int:
     """Shards for ``engine`` on ``device``: see "Sharding" in the module docstring."""
     if n_shards is None:
         if engine == "native-ivf" and device == "gpu":
-            from .engines.ivf_sharded import gpu_count  # noqa: PLC0415
+            from .engines.ivf_sharded import gpu_count
 
             return max(gpu_count(), 1)
         return 1
@@ -680,7 +680,7 @@ class CellIndex:
     # ------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write the index to ``directory`` atomically (see :mod:`scatlas.search.persist`)."""
-        from .persist import save_index  # noqa: PLC0415
+        from .persist import save_index
 
         return save_index(self, directory)
 
@@ -691,7 +691,7 @@ class CellIndex:
         onto the GPU when ``device`` resolves to it (native IVF, faiss GPU, exact). A native IVF
         is re-sharded over ``n_shards`` devices (None: every GPU when there are several; see
         the module docstring, "Sharding"), whatever the shard count it was saved from."""
-        from .persist import load_index  # noqa: PLC0415
+        from .persist import load_index
 
         dev = backend.resolve_device(device)
         saved = _saved_engine(directory)
@@ -706,7 +706,7 @@ class CellIndex:
 
 def _saved_engine(directory: str | Path) -> str | None:
     """The engine named by a saved index's manifest (None when unreadable: loading reports it)."""
-    from .persist import _backup_of, read_manifest  # noqa: PLC0415
+    from .persist import _backup_of, read_manifest
 
     folder = Path(directory)
     if not folder.exists():

@@ -62,7 +62,7 @@ def sha256_file(path: Path, bufsize: int = 8 * 2**20) -> str:
 
 def _faiss_version() -> str | None:
     try:
-        import faiss  # noqa: PLC0415
+        import faiss
     except ImportError:
         return None
     return getattr(faiss, "__version__", "unknown")
@@ -135,7 +135,7 @@ def save_index(idx: Any, directory: str | Path) -> Path:
             json.dump(manifest, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        from .atlas_map import carry_map  # noqa: PLC0415 - the stored 2-D map, when still valid
+        from .atlas_map import carry_map  # the stored 2-D map, when still valid
 
         carry_map(target, tmp, manifest["files"])
         swap_folder(tmp, target)
@@ -192,7 +192,7 @@ def verify_files(folder: Path, manifest: dict[str, Any], checksums: bool = True)
 
 def load_index(directory: str | Path, device: str | None = None, verify: bool = True) -> Any:
     """Load a saved index; see the module docstring for the checks."""
-    from .index import CellIndex  # noqa: PLC0415
+    from .index import CellIndex
 
     folder = Path(directory)
     if not folder.exists():

@@ -114,9 +114,9 @@ def pair_keys(Q: Any, X: Any, qrows: Any, xrows: Any, kind: str) -> Any:
 def faiss_module():
     """``import faiss`` with a clear error when it is missing."""
     try:
-        import faiss  # noqa: PLC0415
+        import faiss
     except ImportError as err:
-        from ..._validate import ScatlasInputError  # noqa: PLC0415
+        from ..._validate import ScatlasInputError
 
         raise ScatlasInputError("this engine needs faiss (pip install faiss-cpu, or faiss-gpu "
                                 "for GPUs); engines 'exact' and 'native-ivf' work without "
@@ -126,7 +126,7 @@ def faiss_module():
 
 def mismatch(folder: Any, what: str, got: Any, want: Any) -> Exception:
     """The error for a saved index whose files disagree with its manifest."""
-    from ..._validate import ScatlasInputError  # noqa: PLC0415
+    from ..._validate import ScatlasInputError
 
     return ScatlasInputError(f"saved index {str(folder)!r} is inconsistent: {what} {got} in "
                              f"the files != {want} in the manifest")
@@ -135,7 +135,7 @@ def mismatch(folder: Any, what: str, got: Any, want: Any) -> Exception:
 def faiss_gpu_available() -> bool:
     """True when faiss imports with GPU support and sees a GPU."""
     try:
-        import faiss  # noqa: PLC0415
+        import faiss
     except ImportError:
         return False
     return (hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "index_cpu_to_gpu")
@@ -145,7 +145,7 @@ def faiss_gpu_available() -> bool:
 def _spec(name: str) -> EngineSpec:
     spec = REGISTRY.get(name)
     if spec is None:
-        from ...exceptions import ScatlasInputError  # noqa: PLC0415
+        from ...exceptions import ScatlasInputError
 
         raise ScatlasInputError(f"engine must be one of {tuple(REGISTRY)}, got {name!r}",
                                 param="engine")

@@ -146,7 +146,7 @@ class EngineSpec:
 
     def sharded_class(self) -> type:
         if self.sharded is None:
-            from ...exceptions import ScatlasInputError  # noqa: PLC0415
+            from ...exceptions import ScatlasInputError
 
             raise ScatlasInputError(f"engine {self.name!r} has no sharded form",
                                     param="n_shards")

@@ -37,7 +37,7 @@ _FEW_QUERIES = 32  # up to this many query rows the CPU GEMM runs on one BLAS th
 @functools.lru_cache(maxsize=1)
 def _blas_controller():
     try:
-        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+        from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         return None
     return ThreadpoolController()
