@@ -12,8 +12,8 @@
   ``os.replace`` it into place, so a reader never sees a half-written file and an interrupted
   write leaves any previous file untouched.
 
-Size (about 640 lines): reading, chunked iteration, gene alignment and atomic writing are the
-I/O boundary every layer shares.
+Size (about 740 lines): reading, row sources, chunked iteration, gene alignment and atomic
+writing are the I/O boundary every layer shares.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from .nnls import nnls_bpp, nnls_hals
 from .online_nmf import OnlineINMFResult, online_inmf, project_inmf
 from .quantile import QuantileNormResult, quantile_norm
 from .seurat import SeuratIntegration, integrate_pair, seurat_integrate
-from .snf import SpectralClusters, affinity, snf, spectral_clusters
+from .snf import affinity, snf
+from .spectral import SpectralClusters, spectral_clusters
 
 __all__ = [
     "Anchors", "FastMNNResult", "SeuratIntegration", "fastmnn", "find_anchors",

@@ -17,7 +17,7 @@ Each batch is a dict of numpy arrays: ``x`` float32 (B, n_genes) (log-normalised
 scanpy's ``normalize_total`` + ``log1p``), ``label`` int32 (B,) codes (-1: none), ``study``
 int32 (B,) codes (-1: none), ``index`` int64 (B,) source rows.
 
-Size (about 750 lines): the sources, the sampler, the batch assembly and the prefetcher are the
+Size (about 780 lines): the sources, the sampler, the batch assembly and the prefetcher are the
 one streaming path every trainer uses; the batch-size helpers at the end are shared by the
 ``tl.train_*`` functions.
 """

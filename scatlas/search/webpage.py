@@ -39,15 +39,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from .service import (
-    INPUT_KINDS,
-    MIN_GENE_OVERLAP,
-    _bad,
-    _endpoint,
-    _HTTPError,
-    _read_json,
-    _stream_body,
-)
+from ._requests import INPUT_KINDS, MIN_GENE_OVERLAP, _bad, _HTTPError, _read_json, _stream_body
+from .service import _endpoint
 
 if TYPE_CHECKING:
     from .atlas_map import AtlasMap

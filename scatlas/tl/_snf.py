@@ -16,8 +16,9 @@ import pandas as pd
 
 from .. import backend
 from .._validate import ScatlasInputError
-from ..kernels.snf import MAX_DENSE_BYTES, spectral_clusters
+from ..kernels.snf import MAX_DENSE_BYTES
 from ..kernels.snf import snf as _snf_kernel
+from ..kernels.spectral import spectral_clusters
 
 
 def _is_mudata(data: Any) -> bool:

@@ -71,6 +71,9 @@ the radius. Batches are sized so the batch's scores stay within ``_SCORES_CPU`` 
 the GPU: a share of the free memory, at most ``_SCORES_GPU``). CuPy's BLAS must run in float32
 (not ``CUPY_TF32=1``): the error bound assumes it. On the CPU the steps run on a thread pool
 (:func:`backend.cpu_threads`) with one BLAS thread each, from ``_POOL_MIN`` scores on.
+
+Size (about 950 lines): one engine, whose segments, list-major scan, int8 codes and re-ranking
+share the segment layout above; its k-means lives in :mod:`._kmeans`.
 """
 
 from __future__ import annotations
