@@ -78,7 +78,7 @@ _VALID = ("cpu", "gpu", "auto")
 
 
 @functools.lru_cache(maxsize=1)
-def _cupy():  # tests replace it with a NumPy stand-in (tests/fake_gpu.py)
+def _cupy():  # tests replace it with a NumPy stand-in (tests/helpers/fake_gpu.py)
     """Import CuPy lazily; None when it is missing or sees no device."""
     try:
         import cupy

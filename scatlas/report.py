@@ -58,7 +58,10 @@ def _metrics(X: np.ndarray, batch: np.ndarray, labels: np.ndarray | None) -> dic
 
 def _umap(X: np.ndarray, seed: int) -> np.ndarray:
     """2-D UMAP (umap-learn, scanpy's dependency) on our exact 15-nearest-neighbour graph."""
-    import umap
+    with warnings.catch_warnings():  # its import announces an optional TensorFlow it lacks
+        warnings.filterwarnings("ignore", message="Tensorflow not installed",
+                                category=ImportWarning)
+        import umap
 
     from .kernels import knn
 
@@ -81,7 +84,7 @@ def _umap(X: np.ndarray, seed: int) -> np.ndarray:
 def _tsne(X: np.ndarray, seed: int) -> np.ndarray | None:
     """2-D t-SNE (openTSNE, :func:`scatlas.tl.tsne_coordinates`); None, with a warning, when
     openTSNE is not installed (the report then shows UMAPs only)."""
-    from .tl._tsne import tsne_coordinates
+    from .tl import tsne_coordinates
 
     try:
         return tsne_coordinates(np.nan_to_num(np.asarray(X, dtype=np.float32)), seed=seed)

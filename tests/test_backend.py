@@ -6,12 +6,12 @@ import pathlib
 import re
 import types
 
-import fake_gpu
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 from scatlas import backend
+from tests.helpers import fake_gpu
 
 
 def test_env_variable_selects_cpu(monkeypatch):

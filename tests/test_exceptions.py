@@ -50,8 +50,8 @@ def test_former_bare_value_errors_are_input_errors(monkeypatch):
 
 
 def test_no_bare_value_error_is_raised_by_scatlas():
-    """Every check raises a scatlas.exceptions class (the service's JSON hook is the one place
-    where a ValueError is the stdlib json module's contract)."""
+    """Every check raises a scatlas.exceptions class (the service's JSON hook, in its request
+    checks, is the one place where a ValueError is the stdlib json module's contract)."""
     import re
     from pathlib import Path
 
@@ -59,4 +59,4 @@ def test_no_bare_value_error_is_raised_by_scatlas():
     bare = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1)
             if re.search(r"raise ValueError\(", line)]
-    assert len(bare) <= 1 and all(b.startswith("search/service.py:") for b in bare), bare
+    assert len(bare) <= 1 and all(b.startswith("search/_requests.py:") for b in bare), bare

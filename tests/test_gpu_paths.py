@@ -1,6 +1,6 @@
 """The CuPy branches of the kernels and search engines, run on the CPU with NumPy stand-ins.
 
-``tests/fake_gpu.py`` makes scatlas's backend take NumPy arrays for CuPy ones, so every
+``tests/helpers/fake_gpu.py`` makes scatlas's backend take NumPy arrays for CuPy ones, so every
 ``xp is np`` test takes its GPU branch, the CUDA append kernel of the kNN search runs as its
 CPU twin, and CuPy's habits (no exception from a failed Cholesky or solve, stable sorts) are
 imitated. The arithmetic is NumPy's on both sides, so results must agree exactly (integer data)
@@ -9,7 +9,6 @@ or to float rounding. The ``gpu``-marked tests run the same comparisons on a rea
 
 from __future__ import annotations
 
-import fake_gpu
 import numpy as np
 import pytest
 
@@ -19,6 +18,7 @@ from scatlas.kernels import nnls as nnls_mod
 from scatlas.kernels.linalg import pca
 from scatlas.kernels.neighbors import knn, lexsort_rows, lexsort_rows_stable, mnn_pairs
 from scatlas.search.engines import _kmeans
+from tests.helpers import fake_gpu
 
 
 @pytest.fixture

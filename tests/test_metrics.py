@@ -389,7 +389,7 @@ def test_metrics_agree_with_scib_metrics(tmp_path):
     knn_dist = np.concatenate([np.zeros((n, 1)), dist], axis=1).astype(np.float32)
     src, dst = tmp_path / "in.npz", tmp_path / "out.json"
     np.savez(src, X=X, labels=labels, batch=batch, knn_idx=knn_idx, knn_dist=knn_dist)
-    peer = Path(__file__).with_name("scib_metrics_peer.py")
+    peer = Path(__file__).parent / "helpers" / "scib_metrics_peer.py"
     run = subprocess.run([python, str(peer), str(src), str(dst)], capture_output=True, text=True,
                          timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -11,6 +11,7 @@ import pytest
 from scatlas import cli, datasets
 
 
+@pytest.mark.slow  # 13-30 s: opt in with -m slow (default suite under 10 min)
 def test_integrate_mnn_and_cca_with_report(tmp_path):
     src = tmp_path / "in.h5ad"
     datasets.synthetic(1500, 500, n_batches=2, n_cell_types=4, seed=3,

@@ -5,7 +5,7 @@
 # scatlas is imported from the working tree (PYTHONPATH), not installed.
 #
 #   bash bench/gpu/newest_deps.sh                      # the whole suite (7+ min on 2 cores)
-#   bash bench/gpu/newest_deps.sh tests/test_sparse_step.py tests/test_gpu_paths.py
+#   bash bench/gpu/newest_deps.sh tests/models/test_sparse_step.py tests/test_gpu_paths.py
 #
 # Environment: PYTHON (default: the first of python3.12, python3.13, python3 that runs; the
 # newest numpy and JAX need Python >= 3.12, and the GPU image runs 3.12), VENV (default

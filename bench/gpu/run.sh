@@ -179,7 +179,8 @@ bench_check() {  # the runner's own check: a method that raised fails the step, 
 run_tests() {  # $1: seconds allowed for the whole step
   local files=() f name rc status res sec deadline=$((SECONDS + $1)) failed=0 allow pids=()
   mkdir -p "$work/tests"
-  for f in tests/test_*.py; do grep -q 'mark\.gpu' "$f" && files+=("$f"); done
+  while IFS= read -r f; do grep -q 'mark\.gpu' "$f" && files+=("$f"); done \
+    < <(find tests -name 'test_*.py' | sort)
   say "tests: ${#files[@]} files with gpu tests, $PARALLEL_TESTS at a time, ${FILE_TIMEOUT_S} s each"
   for f in "${files[@]}"; do
     name=${f##*/}; name=${name%.py}

@@ -179,7 +179,7 @@ def _harmony_args(g: argparse._ArgumentGroup) -> None:
 
 def _run_tl_integrate(args: argparse.Namespace) -> int:
     from .. import io
-    from ..tl._integrate import integrate
+    from ..tl import integrate
 
     adata = io.read_h5ad(args.inputs[0])
     if args.method == "cca":

@@ -22,7 +22,7 @@ in float64 whatever the compute dtype and treats only singular values below
 ``10 sqrt(n eps64) sigma_1`` as rank deficiency: real cross-products decay fast (sigma_30 /
 sigma_1 ~ 6e-4 between CellBench batches) but are full rank, and every pair of batches in
 ../shared/data gives k = 20 and 30 vectors whose singular values equal a dense float64 SVD to
-1.6e-14 (float64) / 5.6e-8 (float32) relative (``tests/test_cca.py``).
+1.6e-14 (float64) / 5.6e-8 (float32) relative (``tests/kernels/test_cca.py``).
 With SVDs ``A_i = U_i S_i W_i^T`` from the p x p Gram matrices (exact route),
 ``M = U1 (S1 W1^T W2 S2) U2^T``, so one SVD of a small p x p core gives the answer, and
 ``U1 = A1 W1 S1^-1`` costs one pass over each dataset. For p > 8192 genes (or

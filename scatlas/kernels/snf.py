@@ -362,7 +362,7 @@ def snf(
     """Fuse the cell-cell networks of several views by cross-diffusion (Wang et al. 2014).
 
     Equals ``snf.snf(*snf.make_affinity(*views, K=K, mu=mu, metric=metric), K=K, t=t,
-    alpha=alpha)`` of snfpy 0.2.2 on the dense route (tests/test_snf.py: to 1e-6).
+    alpha=alpha)`` of snfpy 0.2.2 on the dense route (tests/kernels/test_snf.py: to 1e-6).
 
     Parameters
     ----------

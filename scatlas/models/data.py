@@ -496,14 +496,14 @@ class CellBatches:
         yields only the ``i``-th of ``n`` equal slices of each batch (process ``i`` of a
         multi-host job); ``batch_size`` must be divisible by ``n``.
         """
-        put = put or _identity
+        put = put or identity
         if part is None:
-            return _Prefetcher(lambda t: put(self.batch(t)), start, prefetch)
+            return Prefetcher(lambda t: put(self.batch(t)), start, prefetch)
         i, n = part
         if self.batch_size % n:
             raise ScatlasInputError(f"batch_size={self.batch_size} does not split over {n} parts")
         m = self.batch_size // n
-        return _Prefetcher(lambda t: put(self.take(self.indices(t)[i * m : (i + 1) * m])),
+        return Prefetcher(lambda t: put(self.take(self.indices(t)[i * m : (i + 1) * m])),
                            start, prefetch)
 
     def sequential(self, rows: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[Batch]:
@@ -673,11 +673,12 @@ class StoreBatches(CellBatches):
                 "fetch_blocks": self.fetch_blocks}
 
 
-def _identity(x: Any) -> Any:
+def identity(x: Any) -> Any:
+    """``x`` unchanged: the default ``put`` of the batch streams (no device transfer)."""
     return x
 
 
-class _Prefetcher:
+class Prefetcher:
     """Iterator over ``make(t)`` for t = start, start+1, ... computed ahead in a daemon thread."""
 
     def __init__(self, make: Callable[[int], Any], start: int, depth: int):
@@ -702,7 +703,7 @@ class _Prefetcher:
                 return
             t += 1
 
-    def __iter__(self) -> _Prefetcher:
+    def __iter__(self) -> Prefetcher:
         return self
 
     def __next__(self) -> Any:

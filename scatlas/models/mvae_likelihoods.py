@@ -1,7 +1,7 @@
 """Likelihoods, KL divergence and the product-of-experts posterior of the multimodal VAE.
 
 Pure :mod:`jax.numpy` functions (jittable, broadcasting, float32), each checked in
-``tests/test_mvae_likelihoods.py`` against scipy / numpy closed forms.
+``tests/models/test_mvae_likelihoods.py`` against scipy / numpy closed forms.
 
 - :func:`log_nb`: negative binomial with mean ``mu`` and inverse dispersion ``theta``
   (scvi-tools ``log_nb_positive``; parameterised by ``log mu`` and ``log theta`` for stability).

@@ -23,7 +23,7 @@ checked against (:data:`TESTED_JAX`, exact ``(jax, jaxlib)`` versions), through
 - unset or ``auto``: on a tested JAX only; elsewhere :func:`available` is False (the dense step
   runs) and nothing is compiled, registered or called;
 - ``1`` / ``force``: on any JAX (to check a new release: ``SCATLAS_XLA_FFI=1 python -m pytest
-  tests/test_sparse_step.py``, then add it to :data:`TESTED_JAX`);
+  tests/models/test_sparse_step.py``, then add it to :data:`TESTED_JAX`);
 - ``0`` / ``off``: never.
 A process-wide mutex serialises them, because numba's default threading layer refuses
 concurrent parallel launches and XLA may run independent custom calls at once.
@@ -53,7 +53,7 @@ _TARGETS = {"matmul": "scatlas_csr_matmul", "t_matmul": "scatlas_csr_t_matmul",
 _state: dict[str, Any] = {"ok": None}
 
 #: (jax, jaxlib) versions whose XLA FFI structs these handlers were checked against (the
-#: layout in ``jaxlib/include/xla/ffi/api/c_api.h`` and tests/test_sparse_step.py passing).
+#: layout in ``jaxlib/include/xla/ffi/api/c_api.h`` and tests/models/test_sparse_step.py passing).
 TESTED_JAX: frozenset[tuple[str, str]] = frozenset({("0.10.2", "0.10.2")})
 ENV = "SCATLAS_XLA_FFI"
 #: ``XLA_FFI_Api_Version_STRUCT_SIZE``: size_t struct_size, a pointer, int major, int minor.

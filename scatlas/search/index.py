@@ -83,7 +83,7 @@ def default_nprobe(nlist: int) -> int:
     128-d, unit rows, held-out queries) with ``nlist = 4 sqrt(N)``: recall@10 vs exact 0.986 at
     nprobe 8 for 1e5 cells (nlist 1,265); at 1e6 cells (nlist 4,000) 0.975 / 0.998 / 1.000 at
     nprobe 16 / 32 / 64 (bench/results/search_cpu.md), so nlist / 128 (32 there) keeps a margin
-    over 0.95 at half the latency of nlist / 64. tests/test_search_index.py checks >= 0.95 at
+    over 0.95 at half the latency of nlist / 64. tests/search/test_search_index.py checks >= 0.95 at
     3e4 cells. Tune it on your own data against exact search on a sample of queries.
     """
     return int(min(nlist, max(8, math.ceil(nlist / 128))))

@@ -16,9 +16,10 @@ from ._michigan import train_michigan
 from ._models import embed, train_metric
 from ._mvae import impute, train_mvae
 from ._snf import snf
-from ._tsne import tsne
+from ._tsne import tsne, tsne_coordinates
 
 __all__ = [
     "cca", "embed", "impute", "inmf", "integrate", "online_inmf", "online_inmf_add", "pca",
     "project_inmf", "snf", "train_covel", "train_metric", "train_michigan", "train_mvae", "tsne",
+    "tsne_coordinates",
 ]

@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 from jax.scipy.special import gammaln
 
-from ..data import _identity, _Prefetcher, digest
+from ..data import Prefetcher, digest, identity
 from ._module import CoVELConfig, CoVELNet, decoder_logits
 
 Batch = dict[str, Any]
@@ -283,10 +283,10 @@ class CoVELBatches:
     def iterate(self, start: int = 0, *, prefetch: int = 2,
                 put: Callable[[Batch], Any] | None = None,
                 part: tuple[int, int] | None = None) -> Iterator[Any]:
-        put = put or _identity
+        put = put or identity
         if part is None:
-            return _Prefetcher(lambda t: put(self.batch(t)), start, prefetch)
+            return Prefetcher(lambda t: put(self.batch(t)), start, prefetch)
         i, n = part
         m = self.batch_size // n
-        return _Prefetcher(lambda t: put(self.take([x[i * m:(i + 1) * m]
+        return Prefetcher(lambda t: put(self.take([x[i * m:(i + 1) * m]
                                                     for x in self.indices(t)])), start, prefetch)

@@ -136,9 +136,9 @@ class ExactEngine(EngineBase):
     (:func:`blocked_topk`) holds the (m, k + 8) running lists and one block of float32 scores
     of at most 1,024 x 8,192 (GPU: 8,192 x 65,536 = 2 GiB); the block where a row's threshold
     is still open (the first one) is merged whole, with its keys and int64 ids concatenated and
-    partitioned: about 27 bytes per score (measured on the CPU, tests/test_kernel_memory.py),
-    230 MB on the CPU, up to ~14.5 GB on the GPU for 8,192 or more queries at once (~0.18 GB
-    per 100 queries).
+    partitioned: about 27 bytes per score (measured on the CPU,
+    tests/kernels/test_kernel_memory.py), 230 MB on the CPU, up to ~14.5 GB on the GPU for
+    8,192 or more queries at once (~0.18 GB per 100 queries).
     """
 
     name = "exact"
