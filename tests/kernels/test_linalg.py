@@ -122,6 +122,7 @@ def test_pca_without_centring_is_truncated_svd():
     assert not res.mean.any()
 
 
+@pytest.mark.slow  # 10-15 s: opt in with -m slow (default suite under 10 min)
 def test_pca_on_real_cellbench(cellbench):
     """Real single-cell data (log-normalised CellBench counts, all 11,533 genes)."""
     X = cellbench.X.astype(np.float32)

@@ -94,7 +94,8 @@ def _flat(variables):
     return np.concatenate([np.ravel(x) for x in _leaves(variables)])
 
 
-@pytest.mark.parametrize("with_validation", [False, True])
+@pytest.mark.parametrize("with_validation",
+                         [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_resume_from_checkpoint_reproduces_uninterrupted_run(small, tmp_path, with_validation):
     """Interrupted at step 12, resumed from the step-10 checkpoint: the same weights (with a
     validation split: the same best weights and best step), history and log as one run."""

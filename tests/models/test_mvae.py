@@ -149,7 +149,7 @@ def _tiny_batch(rng, B, feats, liks):
     return batch
 
 
-@pytest.mark.parametrize("cross", [True, False])
+@pytest.mark.parametrize("cross", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_negative_elbo_matches_numpy_reference(cross):
     rng = np.random.default_rng(0)
     liks, feats = ("nb", "nb_mixture", "bernoulli"), (11, 6, 9)
