@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._validate import check_counts, check_positive_int
+from .._validate import check_counts, check_positive_int, config_overrides
 from ..exceptions import ScatlasInputError
+from ._training import OWN_TRAIN_ARGS, merged_model_settings
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ def train_covel(
     log_path: str | Path | None = None,
     progress: bool | None = None,
     data_parallel: bool = True,
+    train: Any = None,
+    model: Any = None,
     **model_kw: Any,
 ):
     """Train CoVEL (Tang et al., AAAI 2024) on two or more modalities.
@@ -133,8 +136,13 @@ def train_covel(
         (default about 200 passes over the largest modality, 500..20,000).
     learning_rate, weight_decay
         AdamW with a cosine schedule (GLUE: 2e-3).
-    **model_kw
-        :class:`scatlas.models.covel.CoVELConfig` fields: views ``graph_view``, ``fine_grained``,
+    train
+        Further :class:`~scatlas.models.train.TrainConfig` settings (a ``TrainConfig`` or a
+        mapping: ``schedule``, ``warmup_steps``, ``clip_norm``, ``checkpoint_every``, ...), as
+        :func:`scatlas.tl.train_metric`'s; a setting this function takes itself is refused.
+    model, **model_kw
+        :class:`scatlas.models.covel.CoVELConfig` fields (a config, a mapping or keywords; not
+        the same field twice): views ``graph_view``, ``fine_grained``,
         ``contrastive``, ``align`` (True; ``fine_grained`` False: it costs about 4x the CPU time
         of a step), sizes and loss weights.
 
@@ -198,6 +206,8 @@ def train_covel(
     max_steps = check_positive_int(max_steps, "max_steps")
     lib = [float(np.log(np.maximum(np.asarray(M.sum(1)).ravel(), 1.0)).mean())
            for M in mats.values()]
+    model_kw = merged_model_settings(CoVELConfig, model, model_kw)
+    train_kw = config_overrides(TrainConfig, train, "train", own_args=OWN_TRAIN_ARGS)
     config = CoVELConfig(modalities=tuple(mods), likelihoods=tuple(liks[m] for m in mods),
                          n_features=tuple(len(feats[m]) for m in mods), log_lib_mean=tuple(lib),
                          paired=bool(paired), **model_kw)
@@ -205,7 +215,7 @@ def train_covel(
         max_steps=max_steps, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
         checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
         log_path=None if log_path is None else str(log_path), progress=progress,
-        data_parallel=data_parallel,
+        data_parallel=data_parallel, **train_kw,
     )
     info = {"n_cells": {m: int(M.shape[0]) for m, M in mats.items()},
             "n_features": {m: len(f) for m, f in feats.items()},

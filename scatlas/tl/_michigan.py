@@ -9,13 +9,15 @@ from typing import Any
 
 import anndata as ad
 
-from .._validate import check_positive_int
+from .._validate import check_positive_int, config_overrides
 from ..models.data import training_batch_size
 from ._training import (
+    OWN_TRAIN_ARGS,
     check_adata,
     default_validation_fraction,
     holdout,
     in_memory,
+    merged_model_settings,
     select_genes,
     training_data,
     training_matrix,
@@ -51,6 +53,9 @@ def train_michigan(
     log_path: str | Path | None = None,
     progress: bool | None = None,
     data_parallel: bool = True,
+    train: Any = None,
+    gan_train: Any = None,
+    model: Any = None,
     **model_kw: Any,
 ):
     """Train MichiGAN (Yu & Welch 2021) on cells: a beta-TCVAE, then a conditional WGAN-GP.
@@ -86,8 +91,14 @@ def train_michigan(
         ``checkpoint_dir/vae`` and ``checkpoint_dir/gan`` hold each stage's orbax checkpoints
         (a rerun resumes); logs go to ``STEM.vae.jsonl`` and ``STEM.gan.jsonl`` beside
         ``log_path``.
-    **model_kw
-        :class:`~scatlas.models.michigan.MichiGANConfig` fields: ``latent_dim`` (10),
+    train, gan_train
+        Further :class:`~scatlas.models.train.TrainConfig` settings of the VAE stage and of the
+        GAN stage (a ``TrainConfig`` or a mapping: ``schedule``, ``warmup_steps``,
+        ``clip_norm``, ``checkpoint_every``, ...); a setting this function takes itself is
+        refused.
+    model, **model_kw
+        :class:`~scatlas.models.michigan.MichiGANConfig` fields (a config, a mapping or keywords;
+        not the same field twice): ``latent_dim`` (10),
         ``hidden`` (256), ``n_layers`` (2), ``beta`` (2; 1: a plain VAE; docs/generative.md),
         ``alpha``, ``gamma`` (1), ``noise_dim`` (10), ``gen_hidden``, ``critic_hidden``
         (256), ``gen_layers``, ``critic_layers`` (2), ``gp_weight`` (10), ``n_critic`` (5),
@@ -116,6 +127,11 @@ def train_michigan(
     vae_steps = _steps(vae_steps, 200, train_rows.size, batch_size, 500, 20_000, "vae_steps")
     gan_steps = _steps(gan_steps, 600, train_rows.size, batch_size, 1000, 50_000, "gan_steps")
     names = adata.var_names if genes is None else adata.var_names[genes]
+    model_kw = merged_model_settings(MichiGANConfig, model, model_kw)
+    own = (*OWN_TRAIN_ARGS, "max_steps")
+    vae_kw = config_overrides(TrainConfig, train, "train", own_args=own)
+    gan_kw = {"schedule": "constant", "weight_decay": 0.0, "clip_norm": None,
+              **config_overrides(TrainConfig, gan_train, "gan_train", own_args=own)}
     config = MichiGANConfig(n_genes=len(names), **model_kw)
 
     def stage(name: str, steps: int, lr: float, **kw: Any) -> TrainConfig:
@@ -130,9 +146,8 @@ def train_michigan(
             "input": spec.to_dict()}
     return MichiGAN.fit(
         MatrixSource(X, columns=genes), names, config,
-        vae_train=stage("vae", vae_steps, learning_rate, patience=patience),
-        gan_train=stage("gan", gan_steps, gan_learning_rate, schedule="constant",
-                        weight_decay=0.0, clip_norm=None),
+        vae_train=stage("vae", vae_steps, learning_rate, patience=patience, **vae_kw),
+        gan_train=stage("gan", gan_steps, gan_learning_rate, **gan_kw),
         rows=train_rows, val_rows=val_rows, batch_size=batch_size,
         transform="lognorm" if input == "counts" else "none", input_spec=spec,
         check_input=not in_memory(X), info=info)

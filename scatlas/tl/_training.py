@@ -83,6 +83,8 @@ DATA_FIELDS = {
     "MetricConfig": ("n_genes",),
     "MVAEConfig": ("modalities", "likelihoods", "n_features", "log_lib_mean", "log_lib_sd",
                    "n_batches"),
+    "CoVELConfig": ("modalities", "likelihoods", "n_features", "log_lib_mean", "paired"),
+    "MichiGANConfig": ("n_genes",),
 }
 
 

@@ -78,3 +78,36 @@ def test_mvae_takes_train_and_model(cells):
     assert vae.config.latent_dim == 3
     with pytest.raises(ScatlasInputError, match="kl_warmup_steps="):
         scatlas.tl.train_mvae(a, max_steps=3, progress=False, model={"kl_warmup_steps": 1})
+
+
+def test_covel_and_michigan_take_train_and_model(cells, monkeypatch):
+    """The same train=/model= reach CoVEL's and MichiGAN's configs (their fit is replaced by a
+    recorder here: the wiring, not the training, is under test; both train in their own
+    tests)."""
+    from scatlas import graphs
+    from scatlas.models.covel import CoVEL
+    from scatlas.models.michigan import MichiGAN
+
+    seen = {}
+    monkeypatch.setattr(CoVEL, "fit", classmethod(
+        lambda cls, config, feats, mats, graph, tcfg, **kw: seen.update(covel=(config, tcfg))))
+    monkeypatch.setattr(MichiGAN, "fit", classmethod(
+        lambda cls, source, names, config, **kw: seen.update(michigan=(config, kw))))
+    s = graphs.synthetic_multiome(60, 20, peaks_per_gene=2, seed=0)
+    g = graphs.gene_peak_graph(s.genes, list(s.atac.var_names))
+    scatlas.tl.train_covel({"rna": s.rna, "atac": s.atac}, g, max_steps=4, progress=False,
+                           train={"schedule": "constant", "warmup_steps": 2},
+                           model={"latent_dim": 5})
+    config, tcfg = seen["covel"]
+    assert (tcfg.schedule, tcfg.warmup_steps, config.latent_dim) == ("constant", 2, 5)
+    with pytest.raises(ScatlasInputError, match="max_steps="):
+        scatlas.tl.train_covel({"rna": s.rna, "atac": s.atac}, g, train={"max_steps": 3})
+
+    scatlas.tl.train_michigan(cells, vae_steps=3, gan_steps=3, progress=False,
+                              train={"warmup_steps": 1}, gan_train={"clip_norm": 5.0},
+                              model={"beta": 1.0})
+    config, kw = seen["michigan"]
+    assert config.beta == 1.0 and kw["vae_train"].warmup_steps == 1
+    assert kw["gan_train"].clip_norm == 5.0 and kw["gan_train"].schedule == "constant"
+    with pytest.raises(ScatlasInputError, match="learning_rate="):
+        scatlas.tl.train_michigan(cells, gan_train={"learning_rate": 1e-3})
