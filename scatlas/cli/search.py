@@ -140,10 +140,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"metric": args.metric, "engine": args.engine}
     if args.nlist is not None:
         kwargs["nlist"] = args.nlist
-    if args.nprobe is not None:
-        kwargs["nprobe"] = args.nprobe
-    if args.device is not None:
-        kwargs["device"] = args.device
+    for name in ("nprobe", "device", "list_dtype", "rerank"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
     index = CellIndex.build(emb, metadata, **kwargs)
     index.save(args.out)
     _log(f"index build: {index.ntotal} vectors of dimension {index.dim} ({index.engine}, "
@@ -437,6 +436,12 @@ def register(subparsers, *, common, io_args) -> None:  # noqa: ARG001 - shared s
                    help="auto, exact, faiss-ivf, faiss-ivfpq, native-ivf, faiss-gpu")
     b.add_argument("--nlist", type=int, default=None, help="IVF lists (default: from n)")
     b.add_argument("--nprobe", type=int, default=None, help="default lists probed per query")
+    b.add_argument("--list-dtype", choices=["float32", "float16", "int8"], default=None,
+                   help="native IVF list storage (default float32; float16 half the bytes, int8 "
+                   "a quarter with exact re-ranking; implies --engine native-ivf under auto)")
+    b.add_argument("--rerank", type=int, default=None, metavar="R",
+                   help="int8 lists: re-rank R x k shortlisted candidates per query on float16 "
+                   "rows (default 4; 0: the decoded codes' scores)")
     b.add_argument("--map", choices=["tsne", "umap", "pca", "none"], default="none",
                    help="also store a 2-D map of the cells (and their embeddings) for the web "
                         "page of scatlas serve (default none; tsne needs scatlas[tsne])")

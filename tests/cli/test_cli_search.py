@@ -58,6 +58,20 @@ def test_index_build_from_h5ad_and_info(tmp_path, ref_h5ad, ref, capsys):
     assert info["ntotal"] == 500 and set(info["metadata_columns"]) == set(meta.columns)
 
 
+def test_index_build_int8_lists(tmp_path, ref_h5ad, ref):
+    """--list-dtype/--rerank reach CellIndex.build: the saved index equals the library's."""
+    X, meta = ref
+    out = tmp_path / "idx8"
+    assert main(["index", "build", str(ref_h5ad), "--out", str(out), "--obsm-key", "X_emb",
+                 "--list-dtype", "int8", "--rerank", "2", "--nlist", "8", "--nprobe", "8"]) == 0
+    idx = CellIndex.load(out)
+    direct = CellIndex.build(X, meta, list_dtype="int8", rerank=2, nlist=8, nprobe=8)
+    assert idx.engine == direct.engine == "native-ivf"
+    Q = _queries(6)
+    for a, b in zip(idx.search(Q, 5), direct.search(Q, 5), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_index_build_from_npy_with_metadata(tmp_path, ref):
     X, meta = ref
     np.save(tmp_path / "emb.npy", X)
