@@ -1,4 +1,5 @@
-"""``scatlas pca``, ``scatlas cca`` and ``scatlas synthetic``: a tool or a dataset per file."""
+"""``scatlas pca``, ``scatlas cca``, ``scatlas snf`` and ``scatlas synthetic``: a tool or a
+dataset per file."""
 
 from __future__ import annotations
 
@@ -62,6 +63,20 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snf(args: argparse.Namespace) -> int:
+    from .. import tl
+
+    t0 = time.perf_counter()
+    adata = _read(args.input)
+    keys = [k.strip() for k in args.obsm_keys.split(",") if k.strip()]
+    tl.snf(adata, keys, K=args.k, mu=args.mu, t=args.t, metric=args.metric,
+           n_clusters=args.n_clusters, key_added=args.key_added, device=args.device,
+           seed=args.seed)
+    _write(adata, args.output)
+    _done("snf", args.output, t0)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Callable) -> None:
     p = sub.add_parser("pca", help="PCA of an .h5ad (obsm['X_pca'], varm['PCs'], uns['pca'])")
     io_args(p)
@@ -81,6 +96,25 @@ def register(sub: argparse._SubParsersAction, *, common: Callable, io_args: Call
     p.add_argument("--key-added", default="X_cca", help="obsm key (default X_cca)")
     common(p)
     p.set_defaults(func=cmd_cca, seed=42)
+
+    p = sub.add_parser("snf", help="similarity network fusion of obsm views, and clusters "
+                       "(obsp[KEY_connectivities], obs[KEY_cluster])")
+    p.add_argument("input", help="input .h5ad holding the views in .obsm")
+    p.add_argument("output", help="output .h5ad (written atomically)")
+    p.add_argument("--obsm-keys", required=True, metavar="A,B",
+                   help="comma-separated obsm keys, one view each (at least two)")
+    p.add_argument("--k", type=int, default=20, help="neighbours K (default 20, snfpy's)")
+    p.add_argument("--mu", type=float, default=0.5, help="kernel width mu (default 0.5)")
+    p.add_argument("--t", type=int, default=20, help="diffusion iterations (default 20)")
+    p.add_argument("--metric", default="sqeuclidean",
+                   help="sqeuclidean (default), euclidean or cosine")
+    p.add_argument("--n-clusters", type=int, default=None,
+                   help="spectral clusters (default: the eigengap estimate)")
+    p.add_argument("--key-added", default="snf", help="result keys' prefix (default snf)")
+    p.add_argument("--device", choices=["cpu", "gpu", "auto"], default=None,
+                   help="where to compute (default: where the views are)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the spectral clustering")
+    p.set_defaults(func=cmd_snf, param_flags={"K": "--k", "obsm_keys": "--obsm-keys"})
 
     p = sub.add_parser("synthetic", help="write a synthetic single-cell atlas (.h5ad or .zarr)")
     p.add_argument("output", help="output .h5ad, or .zarr (generated on Dask, chunk by chunk)")

@@ -197,3 +197,20 @@ def test_tl_snf_anndata_and_mudata():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_cli_snf_equals_the_library(tmp_path, capsys):
+    from scatlas.cli import main
+
+    x1, x2, _ = views(100, seed=5)
+    adata = ad.AnnData(np.zeros((100, 2), dtype=np.float32))
+    adata.obsm["A"], adata.obsm["B"] = x1, x2
+    src, out = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
+    adata.write_h5ad(src)
+    assert main(["snf", str(src), str(out), "--obsm-keys", "A,B", "--k", "15",
+                 "--n-clusters", "3"]) == 0
+    got = ad.read_h5ad(out)
+    np.testing.assert_allclose(got.obsp["snf_connectivities"], snf([x1, x2], K=15), rtol=1e-6)
+    assert got.obs["snf_cluster"].nunique() == 3
+    assert main(["snf", str(src), str(out), "--obsm-keys", "A,C"]) == 2
+    assert "--obsm-keys" in capsys.readouterr().err
