@@ -130,7 +130,9 @@ VIEW_TERMS = {"graph_view": {"g_nll", "g_kl"}, "align": {"dsc"},
               "contrastive": {"pair", "aug"}, "fine_grained": set()}
 
 
-@pytest.mark.parametrize("view", sorted(VIEW_TERMS))
+# "align" compiles the discriminator too (13 s): opt in with -m slow
+@pytest.mark.parametrize("view", [pytest.param(v, marks=pytest.mark.slow) if v == "align" else v
+                                  for v in sorted(VIEW_TERMS)])
 def test_masking_a_view_removes_exactly_its_terms(view):
     cfg, arrays, batch = _tiny(paired=True, fine_grained=True)
     on = CoVELTask(cfg, arrays)

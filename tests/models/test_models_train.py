@@ -399,6 +399,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 11 s: opt in with -m slow (default suite under 10 min)
 def test_sharded_step_agrees_with_single_device(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
