@@ -116,6 +116,8 @@ class Options:
     values: tuple[Any, ...]
 
     def error(self, value: Any, name: str) -> str | None:
+        if isinstance(value, np.bool_):  # NumPy's booleans are Python's for an option
+            value = bool(value)
         try:
             ok = any(value == v and type(value) is type(v) for v in self.values)
         except (TypeError, ValueError):  # arrays compare element-wise

@@ -115,6 +115,7 @@ def test_invalid_value_is_refused_by_name(case):
     (Interval("real", 0, 1, closed="left"), [0, 0.5], [1, 1.0, -0.1]),
     (Interval("int", 0, 10, closed="neither"), [1, 9], [0, 10]),
     (Options(("bpp", "hals")), ["bpp", "hals"], ["BPP", 1, None]),
+    (Options((False, True)), [True, False, np.bool_(True)], [1, 0, "True", None]),
     (Each(Interval("real", 0)), [1.0, [1, 2], np.array([0.0, 3.0])], [-1, [1, -1], ["a"]]),
 ])
 def test_rules_accept_and_refuse(rule, good, bad):
